@@ -1,0 +1,94 @@
+"""The default config: a synthetic task that trains in minutes on a CPU, nothing to download.
+
+    python main.py --workdir=runs/demo                          # reverse digit strings
+    python main.py --config=configs/default.py:task=generation --workdir=runs/lm
+    python main.py --config=configs/default.py:size=small,accel=gpu --workdir=runs/x
+    python main.py --workdir=runs/demo --config.num_train_steps=500
+
+Variant keys: task (translation, generation, classification), size (tiny, small, base,
+big), accel (cpu, gpu, tpu). Every field below has one comment; `--config.<field>=<value>`
+overrides any of them after the presets are applied.
+"""
+
+import ml_collections
+
+from configs import presets
+
+TASKS = ("translation", "generation", "classification")
+
+# What each task learns from synthetic digit strings x (see input_pipeline/synthetic.py).
+SYNTHETIC_DEFAULTS = {
+    "translation": "reverse",  # inputs x, targets f(x)
+    "generation": "reverse",  # one stream "x SEP f(x)", modelled left to right
+    "classification": "majority",  # label: are most digits >= 5?
+}
+
+
+def get_config(arg=None) -> ml_collections.ConfigDict:
+  """Returns the config for the variant string `arg` (see module docstring)."""
+  variant = presets.parse_variant(arg, {"task": TASKS, "size": tuple(presets.SIZES),
+                                        "accel": tuple(presets.ACCELERATORS)})
+  task = variant.get("task", "translation")
+  c = ml_collections.ConfigDict()
+
+  # ---- Task and data
+  c.task = task  # model family, loss and metrics: translation, generation, classification
+  c.dataset = "synthetic"  # data source; "synthetic" generates examples on the fly
+  c.synthetic_task = SYNTHETIC_DEFAULTS[task]  # reverse, sort, copy (seq2seq/LM); majority
+  c.min_digits = 1  # shortest synthetic digit string
+  c.max_digits = 12  # longest synthetic digit string
+  c.max_input_length = 16  # inputs are padded (and never truncated) to this many tokens
+  c.max_target_length = 16  # targets (the whole stream for generation) are padded to this
+  c.num_eval_examples = 1000  # held-out examples scored at each evaluation
+  c.shuffle_seed = 0  # order of training examples
+  c.seed = 0  # parameter initialisation and dropout
+
+  # ---- Model (sizes from presets.SIZES)
+  c.size = "tiny"  # the size preset applied (tiny, small, base, big)
+  c.num_encoder_layers = 2  # N for the encoder (translation, classification)
+  c.num_decoder_layers = 2  # N for the decoder (translation, generation)
+  c.d_model = 64  # model width
+  c.d_ff = 256  # feed-forward inner width
+  c.num_heads = 4  # attention heads h
+  c.head_dim = 0  # per-head size d_k = d_v; 0 = d_model // num_heads
+  c.dropout_rate = 0.0  # residual, embedding and feed-forward dropout
+  c.attention_dropout_rate = 0.0  # dropout on attention weights (reference path only)
+  c.norm_placement = "post"  # "post" (paper: LN(x + f(x))) or "pre" (x + f(LN(x)))
+  c.positional_encoding = "sinusoidal"  # "sinusoidal" (paper) or "learned"
+  c.fused_qkv = False  # one projection for q, k and v instead of three
+  c.share_embeddings = True  # one embedding matrix for source and target
+  c.tie_output = True  # output projection = target embedding transposed
+  c.activation = "relu"  # feed-forward non-linearity: relu (paper) or gelu
+  c.pooling = "mean"  # classification pooling: "mean" over tokens or a learned "cls"
+  c.layer_norm_epsilon = 1e-6  # added to the variance in layer norm
+
+  # ---- Accelerator (presets.ACCELERATORS)
+  c.accel = "cpu"  # the accelerator preset applied (cpu, gpu, tpu)
+  c.dtype = "float32"  # compute dtype; params, softmax, norms, logits, loss stay float32
+  c.attention_impl = "reference"  # "reference" (written here) or "fused" (jax/cuDNN)
+
+  # ---- Optimization
+  c.optimizer = "adam"  # "adam" (paper) or "adamw" (decay skips biases and norms)
+  c.learning_rate = 3e-3  # peak learning rate, reached at the end of warmup
+  c.schedule = "rsqrt"  # rsqrt (paper), cosine, linear, constant; all with linear warmup
+  c.warmup_steps = 200  # linear warmup length
+  c.adam_b1 = 0.9  # Adam beta1
+  c.adam_b2 = 0.98  # Adam beta2 (paper: 0.98)
+  c.adam_eps = 1e-9  # Adam epsilon (paper: 1e-9)
+  c.weight_decay = 0.0  # AdamW decoupled weight decay
+  c.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables it
+  c.label_smoothing = 0.1 if task == "translation" else 0.0  # paper: 0.1
+  c.batch_size = 64  # global batch size, split over all devices
+  c.grad_accum_steps = 1  # micro-batches accumulated per update
+  c.num_train_steps = 3000  # total optimizer updates
+
+  # ---- Evaluation, logging and checkpoints
+  c.eval_batch_size = 128  # global batch size for evaluation and decoding
+  c.log_every_steps = 100  # progress line and training metrics
+  c.eval_every_steps = 1000  # held-out evaluation
+  c.checkpoint_every_steps = 1000  # asynchronous checkpoint
+  c.keep_checkpoints = 3  # checkpoints kept on disk (the newest ones)
+  c.num_print_examples = 5  # decoded examples printed at the final evaluation
+
+  presets.apply_presets(c, variant.get("size", "tiny"), variant.get("accel", "cpu"))
+  return c

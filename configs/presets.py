@@ -1,0 +1,71 @@
+"""Presets shared by the config files: model sizes, accelerators, and the variant string.
+
+A config file's `get_config(arg)` takes a variant string such as
+`"task=generation,size=small,accel=gpu"`: comma-separated `key=value` pairs, parsed by
+`parse_variant`. Presets only set fields; `--config.<field>=<value>` flags still override
+anything afterwards.
+"""
+
+import ml_collections
+
+# Model sizes. `base` and `big` are table 3 of the paper; `tiny` and `small` fit a CPU.
+# The learning rate is the peak reached at the end of warmup; for base and big it is the
+# paper's d_model^-0.5 * warmup_steps^-0.5.
+SIZES = {
+    "tiny": dict(num_encoder_layers=2, num_decoder_layers=2, d_model=64, d_ff=256,
+                 num_heads=4, dropout_rate=0.0, learning_rate=3e-3, warmup_steps=200),
+    "small": dict(num_encoder_layers=3, num_decoder_layers=3, d_model=256, d_ff=1024,
+                  num_heads=4, dropout_rate=0.1, learning_rate=1.5e-3, warmup_steps=1000),
+    "base": dict(num_encoder_layers=6, num_decoder_layers=6, d_model=512, d_ff=2048,
+                 num_heads=8, dropout_rate=0.1, learning_rate=512**-0.5 * 4000**-0.5,
+                 warmup_steps=4000),
+    "big": dict(num_encoder_layers=6, num_decoder_layers=6, d_model=1024, d_ff=4096,
+                num_heads=16, dropout_rate=0.3, learning_rate=1024**-0.5 * 4000**-0.5,
+                warmup_steps=4000),
+}
+
+# Accelerators: compute dtype, attention implementation and batch sizes (global).
+ACCELERATORS = {
+    "cpu": dict(dtype="float32", attention_impl="reference", batch_size=64,
+                eval_batch_size=128),
+    "gpu": dict(dtype="bfloat16", attention_impl="fused", batch_size=256,
+                eval_batch_size=512),
+    "tpu": dict(dtype="bfloat16", attention_impl="fused", batch_size=512,
+                eval_batch_size=1024),
+}
+
+
+class VariantError(ValueError):
+  """A malformed variant string or an unknown key or preset name in it."""
+
+
+def parse_variant(arg, allowed):
+  """`"a=1,b=x"` -> `{"a": "1", "b": "x"}`, checking keys and values.
+
+  Args:
+    arg: the string after the colon in `--config=file.py:arg`, or None/empty.
+    allowed: dict key -> collection of allowed values (None = any value).
+  """
+  out = {}
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    key, value = key.strip(), value.strip()
+    if not sep or not key or not value:
+      raise VariantError(f"config variant item {item!r} is not of the form key=value "
+                         f"(keys: {', '.join(allowed)})")
+    if key not in allowed:
+      raise VariantError(f"unknown config variant key {key!r}; expected one of "
+                         f"{', '.join(allowed)}")
+    if allowed[key] is not None and value not in allowed[key]:
+      raise VariantError(f"config variant {key}={value!r} is unknown; expected one of "
+                         f"{', '.join(allowed[key])}")
+    out[key] = value
+  return out
+
+
+def apply_presets(config: ml_collections.ConfigDict, size: str, accel: str) -> None:
+  """Sets the size and accelerator fields (and records the preset names)."""
+  config.size = size
+  config.update(SIZES[size])
+  config.accel = accel
+  config.update(ACCELERATORS[accel])

@@ -1,0 +1,1 @@
+"""Data: sources of examples and the batching path to device-shaped numpy batches."""

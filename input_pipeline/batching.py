@@ -1,0 +1,96 @@
+"""From a random-access source to device-shaped numpy batches, with grain.
+
+    source -> this process's shard -> shuffle -> (repeat) -> pad -> batch
+           -> reshape to [local_devices, per_device_batch, ...] -> prefetching iterator
+
+Every step is a grain `MapDataset` transformation, so the batch at step k is a pure
+function of (source, seed, k): a run resumed at step k reads exactly the batches the
+uninterrupted run would have read, without replaying the first k.
+"""
+
+from typing import Dict, Iterator, Mapping, Optional
+
+import grain
+import numpy as np
+
+Batch = Dict[str, np.ndarray]
+
+
+class ExampleTooLongError(ValueError):
+  """An example does not fit the padded length configured for its field."""
+
+
+def pad_example(example: Mapping[str, np.ndarray], lengths: Mapping[str, int]) -> Batch:
+  """Pads each sequence field to its length with 0; scalar fields pass through.
+
+  Raises ExampleTooLongError instead of truncating silently.
+  """
+  out = {}
+  for key, value in example.items():
+    value = np.asarray(value, np.int32)
+    if key in lengths:
+      if value.shape[0] > lengths[key]:
+        raise ExampleTooLongError(
+            f"an example's {key!r} has {value.shape[0]} tokens, more than the padded length "
+            f"{lengths[key]}; raise the config's max length for {key!r} or filter the data")
+      value = np.pad(value, (0, lengths[key] - value.shape[0]))
+    out[key] = value
+  return out
+
+
+def _stack_for_devices(examples, batch_size: int, num_devices: int) -> Batch:
+  """Stacks examples into `[num_devices, batch_size // num_devices, ...]` arrays.
+
+  A short final batch (evaluation) is filled with all-zero examples: token 0 is padding,
+  so they carry no weight in any metric.
+  """
+  out = {}
+  for key in examples[0]:
+    stacked = np.stack([e[key] for e in examples])
+    if stacked.shape[0] < batch_size:
+      fill = np.zeros((batch_size - stacked.shape[0],) + stacked.shape[1:], stacked.dtype)
+      stacked = np.concatenate([stacked, fill])
+    out[key] = stacked.reshape((num_devices, batch_size // num_devices) + stacked.shape[1:])
+  return out
+
+
+def batched_dataset(source, *, batch_size: int, num_devices: int,
+                    lengths: Mapping[str, int], shuffle: bool, seed: int = 0,
+                    repeat: bool = False, process_index: int = 0,
+                    process_count: int = 1) -> grain.MapDataset:
+  """A grain MapDataset of device-shaped batches (see module docstring).
+
+  Args:
+    source: random-access source of example dicts (len + getitem).
+    batch_size: examples per batch for this process (global batch / process count).
+    num_devices: local devices; batch_size must be divisible by it.
+    lengths: padded length per sequence field, e.g. {"inputs": 32, "targets": 32}.
+    shuffle: shuffle (each epoch differently when repeating).
+    seed: shuffle seed.
+    repeat: cycle forever (training); otherwise one pass, last batch zero-filled.
+    process_index, process_count: this process's shard of the source.
+  """
+  if batch_size % num_devices:
+    raise ValueError(f"batch size {batch_size} is not divisible by {num_devices} devices")
+  ds = grain.MapDataset.source(source)
+  if process_count > 1:
+    ds = ds[process_index::process_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  if repeat:
+    ds = ds.repeat(None)
+  ds = ds.map(lambda example: pad_example(example, lengths))
+  return ds.batch(batch_size, drop_remainder=repeat,
+                  batch_fn=lambda examples: _stack_for_devices(examples, batch_size,
+                                                               num_devices))
+
+
+def iterate(dataset: grain.MapDataset, start: int = 0, num_threads: int = 2,
+            prefetch: int = 4, limit: Optional[int] = None) -> Iterator[Batch]:
+  """Iterates batches `start, start+1, ...` (up to `limit` of them), prefetched by threads."""
+  if limit is not None:
+    dataset = dataset[start:start + limit]
+  elif start:
+    dataset = dataset[start:]
+  options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
+  return iter(dataset.to_iter_dataset(options))

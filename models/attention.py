@@ -1,0 +1,245 @@
+"""Scaled dot-product attention, attention masks and multi-head attention.
+
+Section 3.2 of "Attention Is All You Need":
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k)) V
+
+Shapes follow the Flax convention: queries, keys and values are
+`[batch, length, heads, head_dim]`; masks are boolean `[batch, heads or 1, q_length,
+kv_length]` with True where attention is allowed.
+
+The reference path (`implementation="reference"`) is written out here and is the one that
+exposes attention weights (sown into the `intermediates` collection). The fused path
+(`implementation="fused"`) calls `jax.nn.dot_product_attention`, which uses cuDNN's
+flash attention on GPU where shapes and dtypes allow; tests check it equals the reference.
+"""
+
+from typing import Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+# Masked logits get this large *finite* value instead of -inf: a row whose keys are all
+# masked (a padding query) then gets a uniform distribution instead of NaN, and padding
+# positions stay finite through every layer.
+MASK_VALUE = -1e10
+
+IMPLEMENTATIONS = ("reference", "fused")
+
+
+# ----------------------------------------------------------------------------- masks
+
+
+def padding_mask(query_tokens: Array, key_tokens: Array) -> Array:
+  """Allows attention only between non-padding positions (token id 0 is padding).
+
+  Args:
+    query_tokens: `[batch, q_length]` int tokens (or any array where 0 marks padding).
+    key_tokens: `[batch, kv_length]`.
+
+  Returns:
+    `[batch, 1, q_length, kv_length]` bool.
+  """
+  return (query_tokens > 0)[:, None, :, None] & (key_tokens > 0)[:, None, None, :]
+
+
+def causal_mask(length: int) -> Array:
+  """Position i may attend to positions j <= i. Returns `[1, 1, length, length]` bool."""
+  idx = jnp.arange(length)
+  return (idx[:, None] >= idx[None, :])[None, None]
+
+
+def segment_mask(query_segments: Array, key_segments: Array) -> Array:
+  """Packed sequences: attend only within the same segment id. `[batch, 1, q, kv]` bool."""
+  return query_segments[:, None, :, None] == key_segments[:, None, None, :]
+
+
+def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
+  """Logical AND of the given masks (broadcasting); None entries are skipped."""
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  out = masks[0]
+  for m in masks[1:]:
+    out = jnp.logical_and(out, m)
+  return out
+
+
+# ------------------------------------------------------------------- dot-product attention
+
+
+def stable_softmax(logits: Array, axis: int = -1) -> Array:
+  """softmax(x) = exp(x - max x) / sum exp(x - max x): subtracting the max avoids overflow."""
+  shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=axis, keepdims=True))
+  unnormalized = jnp.exp(shifted)
+  return unnormalized / jnp.sum(unnormalized, axis=axis, keepdims=True)
+
+
+def attention_weights(query: Array, key: Array, mask: Optional[Array] = None) -> Array:
+  """softmax(Q K^T / sqrt(d_k)) in float32.
+
+  Args:
+    query: `[batch, q_length, heads, head_dim]`.
+    key: `[batch, kv_length, heads, head_dim]`.
+    mask: bool, broadcastable to `[batch, heads, q_length, kv_length]`.
+
+  Returns:
+    `[batch, heads, q_length, kv_length]` float32 weights; each row sums to 1.
+  """
+  depth = query.shape[-1]
+  logits = jnp.einsum("bqhd,bkhd->bhqk", query, key, preferred_element_type=jnp.float32)
+  logits = logits / jnp.sqrt(jnp.float32(depth))
+  if mask is not None:
+    logits = jnp.where(mask, logits, MASK_VALUE)
+  return stable_softmax(logits, axis=-1)
+
+
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Optional[Array] = None,
+    *,
+    implementation: str = "reference",
+    dropout_rate: float = 0.0,
+    dropout_rng: Optional[Array] = None,
+    deterministic: bool = True,
+    return_weights: bool = False,
+):
+  """Scaled dot-product attention.
+
+  Args:
+    query: `[batch, q_length, heads, head_dim]`.
+    key, value: `[batch, kv_length, heads, head_dim]`.
+    mask: bool, broadcastable to `[batch, heads, q_length, kv_length]`; True = attend.
+    implementation: "reference" (written here) or "fused" (jax.nn.dot_product_attention).
+    dropout_rate: dropout on the attention weights (reference path only).
+    dropout_rng: PRNG key for that dropout.
+    deterministic: disables dropout.
+    return_weights: also return the `[batch, heads, q, kv]` float32 weights (reference only).
+
+  Returns:
+    `[batch, q_length, heads, head_dim]` in the dtype of `value`, and the weights if asked.
+  """
+  if implementation == "fused":
+    if return_weights:
+      raise ValueError("the fused attention path does not expose weights; use 'reference'")
+    if dropout_rate > 0.0 and not deterministic:
+      raise ValueError("the fused attention path has no attention dropout; use 'reference'")
+    return jax.nn.dot_product_attention(query, key, value, mask=mask)
+  if implementation != "reference":
+    raise ValueError(f"unknown attention implementation {implementation!r}; "
+                     f"expected one of {IMPLEMENTATIONS}")
+
+  weights = attention_weights(query, key, mask)
+  probs = weights
+  if dropout_rate > 0.0 and not deterministic:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+  out = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(value.dtype), value)
+  return (out, weights) if return_weights else out
+
+
+# ------------------------------------------------------------------- multi-head attention
+
+
+class MultiHeadAttention(nn.Module):
+  """Multi-head attention (section 3.2.2): h parallel heads of size d_k, then W^O.
+
+  Attributes:
+    num_heads: h.
+    head_dim: d_k = d_v, the size of each head (need not equal d_model / h).
+    fused_qkv: one [d_model, 3, h, d_k] projection for self-attention (one [d_model, 2, h,
+      d_k] for keys and values in cross-attention) instead of separate W^Q, W^K, W^V.
+    dropout_rate: dropout on the attention weights.
+    implementation: "reference" or "fused" (see `dot_product_attention`).
+    decode: keep a key/value cache for incremental (one token at a time) decoding.
+    dtype: compute dtype; parameters are always float32.
+  """
+
+  num_heads: int
+  head_dim: int
+  fused_qkv: bool = False
+  dropout_rate: float = 0.0
+  implementation: str = "reference"
+  decode: bool = False
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None,
+               mask: Optional[Array] = None, deterministic: bool = True) -> Array:
+    """Args:
+      inputs_q: `[batch, q_length, d_model]`.
+      inputs_kv: `[batch, kv_length, d_model]`, or None for self-attention.
+      mask: bool `[batch, 1 or heads, q_length, kv_length]`.
+      deterministic: disables dropout.
+
+    Returns:
+      `[batch, q_length, d_model]`.
+    """
+    self_attention = inputs_kv is None
+    if self_attention:
+      inputs_kv = inputs_q
+    d_model = inputs_q.shape[-1]
+    dense = lambda features, name: nn.DenseGeneral(  # noqa: E731
+        features, axis=-1, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=self.kernel_init, name=name)
+    heads = (self.num_heads, self.head_dim)
+    if self.fused_qkv and self_attention:
+      query, key, value = jnp.moveaxis(dense((3,) + heads, "qkv")(inputs_q), -3, 0)
+    elif self.fused_qkv:
+      query = dense(heads, "query")(inputs_q)
+      key, value = jnp.moveaxis(dense((2,) + heads, "kv")(inputs_kv), -3, 0)
+    else:
+      query = dense(heads, "query")(inputs_q)
+      key = dense(heads, "key")(inputs_kv)
+      value = dense(heads, "value")(inputs_kv)
+
+    if self.decode and self_attention:
+      key, value, mask = self._update_cache(key, value, mask)
+
+    dropout_rng = None
+    if self.dropout_rate > 0.0 and not deterministic:
+      dropout_rng = self.make_rng("dropout")
+    use_reference = self.implementation == "reference"
+    result = dot_product_attention(
+        query, key, value, mask, implementation=self.implementation,
+        dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
+        deterministic=deterministic, return_weights=use_reference)
+    if use_reference:
+      out, weights = result
+      # Available through apply(..., mutable=["intermediates"]) for inspection.
+      self.sow("intermediates", "attention_weights", weights)
+    else:
+      out = result
+    return nn.DenseGeneral(d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
+                           kernel_init=self.kernel_init, name="out")(out)
+
+  def _update_cache(self, key: Array, value: Array, mask: Optional[Array]):
+    """Writes this step's key/value at the cache index and masks the unwritten slots.
+
+    The cache is created (zeros, full length) when the module is initialised with a
+    full-length input and `decode=True`; every later call must pass one position.
+    """
+    initialized = self.has_variable("cache", "cached_key")
+    cached_key = self.variable("cache", "cached_key", jnp.zeros, key.shape, key.dtype)
+    cached_value = self.variable("cache", "cached_value", jnp.zeros, value.shape, value.dtype)
+    cache_index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not initialized:
+      return key, value, mask
+    batch, max_length, num_heads, head_dim = cached_key.value.shape
+    if key.shape != (batch, 1, num_heads, head_dim):
+      raise ValueError(f"incremental decoding takes one position at a time; got keys of "
+                       f"shape {key.shape}, cache of shape {cached_key.value.shape}")
+    index = cache_index.value
+    cached_key.value = jax.lax.dynamic_update_slice(cached_key.value, key, (0, index, 0, 0))
+    cached_value.value = jax.lax.dynamic_update_slice(cached_value.value, value,
+                                                      (0, index, 0, 0))
+    cache_index.value = index + 1
+    # The query at position `index` may see cache slots 0..index (causality comes free).
+    written = (jnp.arange(max_length) <= index)[None, None, None, :]
+    return cached_key.value, cached_value.value, combine_masks(mask, written)

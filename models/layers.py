@@ -1,0 +1,126 @@
+"""The small pieces of the Transformer: layer norm, feed-forward, embeddings, positions."""
+
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
+
+
+class LayerNorm(nn.Module):
+  """Layer normalization (Ba et al., 2016): (x - mean) / sqrt(var + eps) * scale + bias.
+
+  Statistics are computed in float32 whatever the compute dtype, because bfloat16's 8-bit
+  mantissa loses the variance of activations with a large mean.
+  """
+
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """`[..., features]` -> `[..., features]`."""
+    features = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
+    return (y * scale + bias).astype(self.dtype)
+
+
+class FeedForward(nn.Module):
+  """Position-wise feed-forward network (section 3.3): FFN(x) = max(0, x W1 + b1) W2 + b2."""
+
+  d_ff: int
+  dropout_rate: float = 0.0
+  activation: str = "relu"
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Callable = nn.initializers.xavier_uniform()
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    """`[batch, length, d_model]` -> `[batch, length, d_model]`."""
+    d_model = x.shape[-1]
+    h = nn.Dense(self.d_ff, dtype=self.dtype, param_dtype=jnp.float32,
+                 kernel_init=self.kernel_init, bias_init=nn.initializers.zeros,
+                 name="wi")(x)
+    h = ACTIVATIONS[self.activation](h)
+    # Dropout on the hidden activations, as in tensor2tensor's "relu_dropout".
+    h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+    return nn.Dense(d_model, dtype=self.dtype, param_dtype=jnp.float32,
+                    kernel_init=self.kernel_init, bias_init=nn.initializers.zeros,
+                    name="wo")(h)
+
+
+class Embed(nn.Module):
+  """Token embedding; `attend` reuses the same matrix as the output projection (tying).
+
+  Initialised with stddev d_model^-1/2 so that, after the paper's multiplication by
+  sqrt(d_model), embeddings have unit variance, and tied logits start at a sane scale.
+  """
+
+  vocab_size: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.initializers.normal(stddev=self.features**-0.5),
+        (self.vocab_size, self.features), jnp.float32)
+
+  def __call__(self, tokens: Array) -> Array:
+    """`[batch, length]` int -> `[batch, length, features]`."""
+    return jnp.take(self.embedding, tokens, axis=0).astype(self.dtype)
+
+  def attend(self, x: Array) -> Array:
+    """`[batch, length, features]` -> float32 logits `[batch, length, vocab_size]`."""
+    return jnp.einsum("bld,vd->blv", x, self.embedding.astype(x.dtype),
+                      preferred_element_type=jnp.float32)
+
+
+def sinusoidal_encoding(positions: Array, features: int, max_timescale: float = 1e4) -> Array:
+  """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
+
+  Args:
+    positions: `[batch, length]` int positions (they restart at 0 in each packed segment).
+    features: d_model (even).
+
+  Returns:
+    `[batch, length, features]` float32, sin and cos interleaved as in the paper.
+  """
+  i = np.arange(features // 2, dtype=np.float32)
+  inv_timescale = jnp.asarray(max_timescale ** (-2.0 * i / features))
+  angles = positions.astype(jnp.float32)[..., None] * inv_timescale
+  enc = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  return enc.reshape(positions.shape + (features,))
+
+
+class PositionalEncoding(nn.Module):
+  """Adds position information (section 3.5): fixed sinusoids or a learned table."""
+
+  kind: str = "sinusoidal"
+  max_length: int = 512
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, positions: Array) -> Array:
+    """x: `[batch, length, d]`; positions: `[batch, length]` int -> x + PE(positions)."""
+    features = x.shape[-1]
+    if self.kind == "sinusoidal":
+      enc = sinusoidal_encoding(positions, features)
+    elif self.kind == "learned":
+      table = self.param("table", nn.initializers.normal(stddev=0.02),
+                         (self.max_length, features), jnp.float32)
+      enc = jnp.take(table, positions, axis=0)
+    else:
+      raise ValueError(f"unknown positional encoding {self.kind!r}; "
+                       f"expected one of {POSITIONAL_ENCODINGS}")
+    return x + enc.astype(x.dtype)

@@ -1,0 +1,331 @@
+"""Encoder and decoder blocks and the three model families built from them.
+
+- `EncoderDecoder`: the paper's translation model (section 3.1, figure 1).
+- `DecoderOnly`: a causal language model (the decoder without cross-attention).
+- `Classifier`: the encoder with a pooled classification head.
+
+Every family takes int32 token batches (0 = padding) and, for packed batches, per-token
+positions and segment ids (0 = padding); masks are built here from those.
+"""
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from models import attention
+from models.layers import Embed, FeedForward, LayerNorm, PositionalEncoding
+
+Array = jax.Array
+
+NORM_PLACEMENTS = ("post", "pre")
+POOLINGS = ("mean", "cls")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters of one model; built from the run config by the task modules."""
+
+  vocab_size: int  # source (or only) vocabulary size
+  output_vocab_size: int = 0  # target vocabulary; 0 = same as vocab_size
+  num_classes: int = 0  # classifier outputs
+  d_model: int = 512
+  d_ff: int = 2048
+  num_heads: int = 8
+  head_dim: int = 64
+  num_encoder_layers: int = 6
+  num_decoder_layers: int = 6
+  dropout_rate: float = 0.1  # residual, embedding and feed-forward dropout
+  attention_dropout_rate: float = 0.0
+  norm_placement: str = "post"  # "post" (paper): LN(x + f(x)); "pre": x + f(LN(x))
+  positional_encoding: str = "sinusoidal"
+  max_length: int = 512  # longest position (learned table size, decoding cache length)
+  fused_qkv: bool = False
+  share_embeddings: bool = True  # one embedding for source and target
+  tie_output: bool = True  # logits use the target embedding matrix
+  pooling: str = "mean"
+  activation: str = "relu"
+  layer_norm_epsilon: float = 1e-6
+  attention_impl: str = "reference"
+  dtype: Any = jnp.float32
+  decode: bool = False  # incremental decoding with a key/value cache
+
+  @property
+  def target_vocab_size(self) -> int:
+    return self.output_vocab_size or self.vocab_size
+
+
+def shift_right(tokens: Array, segmentation: Optional[Array] = None) -> Array:
+  """Decoder inputs: targets moved one step right, with 0 (the start symbol) in front.
+
+  With packing, each segment starts with 0 so no token leaks from the previous segment.
+  `[batch, length]` -> `[batch, length]`.
+  """
+  shifted = jnp.pad(tokens, ((0, 0), (1, 0)))[:, :-1]
+  if segmentation is not None:
+    previous = jnp.pad(segmentation, ((0, 0), (1, 0)))[:, :-1]
+    shifted = jnp.where(segmentation != previous, 0, shifted)
+  return shifted
+
+
+def default_positions(tokens: Array) -> Array:
+  return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
+
+
+def _attention(cfg: TransformerConfig, name: str, decode: bool = False):
+  return attention.MultiHeadAttention(
+      num_heads=cfg.num_heads, head_dim=cfg.head_dim, fused_qkv=cfg.fused_qkv,
+      dropout_rate=cfg.attention_dropout_rate, implementation=cfg.attention_impl,
+      decode=decode, dtype=cfg.dtype, name=name)
+
+
+def _sublayer(cfg: TransformerConfig, x: Array, fn: Callable[[Array], Array], name: str,
+              deterministic: bool) -> Array:
+  """Residual connection around `fn`, with dropout and layer norm (section 5.4).
+
+  post-norm (paper): LN(x + Dropout(fn(x)));  pre-norm: x + Dropout(fn(LN(x))).
+  """
+  norm = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name=f"{name}_norm")
+  pre = cfg.norm_placement == "pre"
+  y = fn(norm(x) if pre else x)
+  y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+  return x + y if pre else norm(x + y)
+
+
+class EncoderBlock(nn.Module):
+  """Self-attention then feed-forward, each wrapped in a residual sublayer."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Optional[Array], deterministic: bool) -> Array:
+    """x: `[batch, length, d_model]`; mask: `[batch, 1, length, length]`."""
+    cfg = self.config
+    x = _sublayer(cfg, x, lambda h: _attention(cfg, "self_attention")(
+        h, mask=mask, deterministic=deterministic), "self_attention", deterministic)
+    return _sublayer(cfg, x, lambda h: FeedForward(
+        cfg.d_ff, cfg.dropout_rate, cfg.activation, cfg.dtype, name="ffn")(
+            h, deterministic=deterministic), "ffn", deterministic)
+
+
+class DecoderBlock(nn.Module):
+  """Masked self-attention, cross-attention over the encoder output (if any), feed-forward."""
+
+  config: TransformerConfig
+  cross_attention: bool = True
+
+  @nn.compact
+  def __call__(self, y: Array, self_mask: Optional[Array], encoded: Optional[Array],
+               cross_mask: Optional[Array], deterministic: bool) -> Array:
+    """y: `[batch, tgt_length, d_model]`; encoded: `[batch, src_length, d_model]`."""
+    cfg = self.config
+    y = _sublayer(cfg, y, lambda h: _attention(cfg, "self_attention", decode=cfg.decode)(
+        h, mask=self_mask, deterministic=deterministic), "self_attention", deterministic)
+    if self.cross_attention:
+      y = _sublayer(cfg, y, lambda h: _attention(cfg, "cross_attention")(
+          h, encoded, mask=cross_mask, deterministic=deterministic),
+                    "cross_attention", deterministic)
+    return _sublayer(cfg, y, lambda h: FeedForward(
+        cfg.d_ff, cfg.dropout_rate, cfg.activation, cfg.dtype, name="ffn")(
+            h, deterministic=deterministic), "ffn", deterministic)
+
+
+class Encoder(nn.Module):
+  """Embedding * sqrt(d_model) + positions -> N encoder blocks.
+
+  Attributes:
+    config: model hyper-parameters.
+    embed: a shared embedding module, or None to own one.
+    cls_token: prepend a learned classification vector at position 0.
+  """
+
+  config: TransformerConfig
+  embed: Optional[Embed] = None
+  cls_token: bool = False
+
+  @nn.compact
+  def __call__(self, inputs: Array, positions: Optional[Array] = None,
+               segmentation: Optional[Array] = None, deterministic: bool = True) -> Array:
+    """inputs: `[batch, length]` int -> `[batch, length (+1 with cls_token), d_model]`."""
+    cfg = self.config
+    embed = self.embed if self.embed is not None else Embed(
+        cfg.vocab_size, cfg.d_model, cfg.dtype, name="embed")
+    positions = default_positions(inputs) if positions is None else positions
+    x = embed(inputs) * jnp.sqrt(jnp.float32(cfg.d_model)).astype(cfg.dtype)
+    valid = inputs > 0
+    if self.cls_token:
+      cls = self.param("cls", nn.initializers.normal(1.0), (cfg.d_model,), jnp.float32)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), x[:, :1].shape), x], axis=1)
+      positions = jnp.pad(positions + 1, ((0, 0), (1, 0)))
+      valid = jnp.pad(valid, ((0, 0), (1, 0)), constant_values=True)
+      if segmentation is not None:
+        raise ValueError("a classification token does not combine with packed inputs")
+    x = PositionalEncoding(cfg.positional_encoding, cfg.max_length, cfg.dtype,
+                           name="positions")(x, positions)
+    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    mask = attention.padding_mask(valid, valid)
+    if segmentation is not None:
+      mask = attention.combine_masks(mask, attention.segment_mask(segmentation, segmentation))
+    for i in range(cfg.num_encoder_layers):
+      x = EncoderBlock(cfg, name=f"block_{i}")(x, mask, deterministic)
+    if cfg.norm_placement == "pre":
+      x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="final_norm")(x)
+    return x
+
+
+class Decoder(nn.Module):
+  """Embedding + positions -> N decoder blocks -> float32 logits over the target vocabulary.
+
+  In decode mode (`config.decode`) it takes one token per call and keeps the position and
+  every layer's keys/values in the "cache" collection.
+  """
+
+  config: TransformerConfig
+  embed: Optional[Embed] = None
+  cross_attention: bool = True
+
+  @nn.compact
+  def __call__(self, decoder_inputs: Array, self_mask: Optional[Array],
+               encoded: Optional[Array] = None, cross_mask: Optional[Array] = None,
+               positions: Optional[Array] = None, deterministic: bool = True) -> Array:
+    """decoder_inputs: `[batch, length]` int (length 1 when decoding) ->
+    `[batch, length, target_vocab_size]` float32 logits."""
+    cfg = self.config
+    embed = self.embed if self.embed is not None else Embed(
+        cfg.target_vocab_size, cfg.d_model, cfg.dtype, name="embed")
+    if cfg.decode:
+      is_init = not self.has_variable("cache", "position")
+      position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+      if positions is None:
+        positions = jnp.broadcast_to(position.value, decoder_inputs.shape)
+        if is_init:  # initialising the cache with a full-length input
+          positions = default_positions(decoder_inputs)
+      if not is_init:
+        position.value = position.value + 1
+    elif positions is None:
+      positions = default_positions(decoder_inputs)
+    y = embed(decoder_inputs) * jnp.sqrt(jnp.float32(cfg.d_model)).astype(cfg.dtype)
+    y = PositionalEncoding(cfg.positional_encoding, cfg.max_length, cfg.dtype,
+                           name="positions")(y, positions)
+    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    for i in range(cfg.num_decoder_layers):
+      y = DecoderBlock(cfg, self.cross_attention, name=f"block_{i}")(
+          y, self_mask, encoded, cross_mask, deterministic)
+    if cfg.norm_placement == "pre":
+      y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="final_norm")(y)
+    if cfg.tie_output:
+      return embed.attend(y)
+    return nn.Dense(cfg.target_vocab_size, dtype=jnp.float32, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.xavier_uniform(), name="logits")(
+                        y.astype(jnp.float32))
+
+
+def _decoder_self_mask(cfg: TransformerConfig, targets: Array,
+                       segmentation: Optional[Array]) -> Optional[Array]:
+  """Causal & target padding & same segment; None when decoding (the cache masks)."""
+  if cfg.decode:
+    return None
+  return attention.combine_masks(
+      attention.causal_mask(targets.shape[1]),
+      attention.padding_mask(targets, targets),
+      None if segmentation is None else attention.segment_mask(segmentation, segmentation))
+
+
+class EncoderDecoder(nn.Module):
+  """The translation Transformer: encode the source once, decode the target."""
+
+  config: TransformerConfig
+
+  def setup(self):
+    cfg = self.config
+    shared = (Embed(cfg.vocab_size, cfg.d_model, cfg.dtype, name="shared_embed")
+              if cfg.share_embeddings else None)
+    self.encoder = Encoder(cfg, embed=shared)
+    self.decoder = Decoder(cfg, embed=shared, cross_attention=True)
+
+  def encode(self, inputs: Array, inputs_positions: Optional[Array] = None,
+             inputs_segmentation: Optional[Array] = None,
+             deterministic: bool = True) -> Array:
+    """`[batch, src_length]` -> `[batch, src_length, d_model]`."""
+    return self.encoder(inputs, inputs_positions, inputs_segmentation, deterministic)
+
+  def decode(self, encoded: Array, inputs: Array, targets: Array,
+             targets_positions: Optional[Array] = None,
+             inputs_segmentation: Optional[Array] = None,
+             targets_segmentation: Optional[Array] = None,
+             deterministic: bool = True) -> Array:
+    """Logits for `targets` given the encoding of `inputs`.
+
+    Training: `targets` `[batch, tgt_length]` are shifted right here (teacher forcing).
+    Decoding: `targets` is the previous token `[batch, 1]`, fed as is.
+    Returns `[batch, tgt_length, target_vocab_size]` float32.
+    """
+    cfg = self.config
+    if cfg.decode:
+      decoder_inputs = targets
+      cross_mask = attention.padding_mask(jnp.ones_like(targets), inputs)
+    else:
+      decoder_inputs = shift_right(targets, targets_segmentation)
+      cross_mask = attention.padding_mask(targets, inputs)
+      if targets_segmentation is not None:
+        cross_mask = attention.combine_masks(
+            cross_mask, attention.segment_mask(targets_segmentation, inputs_segmentation))
+    self_mask = _decoder_self_mask(cfg, targets, targets_segmentation)
+    return self.decoder(decoder_inputs, self_mask, encoded, cross_mask, targets_positions,
+                        deterministic)
+
+  def __call__(self, inputs: Array, targets: Array,
+               inputs_positions: Optional[Array] = None,
+               targets_positions: Optional[Array] = None,
+               inputs_segmentation: Optional[Array] = None,
+               targets_segmentation: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    """Teacher-forced logits `[batch, tgt_length, target_vocab_size]` float32."""
+    encoded = self.encode(inputs, inputs_positions, inputs_segmentation, deterministic)
+    return self.decode(encoded, inputs, targets, targets_positions, inputs_segmentation,
+                       targets_segmentation, deterministic)
+
+
+class DecoderOnly(nn.Module):
+  """A causal language model: logits at position t predict token t from tokens < t."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, inputs: Array, positions: Optional[Array] = None,
+               segmentation: Optional[Array] = None, deterministic: bool = True) -> Array:
+    """inputs: `[batch, length]` (one token when decoding) ->
+    `[batch, length, vocab_size]` float32 logits."""
+    cfg = self.config
+    decoder_inputs = inputs if cfg.decode else shift_right(inputs, segmentation)
+    self_mask = _decoder_self_mask(cfg, inputs, segmentation)
+    return Decoder(cfg, cross_attention=False, name="decoder")(
+        decoder_inputs, self_mask, positions=positions, deterministic=deterministic)
+
+
+class Classifier(nn.Module):
+  """Encoder, then mean pooling over real tokens or a learned [CLS] vector, then a linear head."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, inputs: Array, positions: Optional[Array] = None,
+               deterministic: bool = True) -> Array:
+    """inputs: `[batch, length]` -> `[batch, num_classes]` float32 logits."""
+    cfg = self.config
+    use_cls = cfg.pooling == "cls"
+    x = Encoder(cfg, cls_token=use_cls, name="encoder")(inputs, positions, None,
+                                                         deterministic)
+    x = x.astype(jnp.float32)
+    if use_cls:
+      pooled = x[:, 0]
+    elif cfg.pooling == "mean":
+      weights = (inputs > 0).astype(jnp.float32)[..., None]
+      pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    else:
+      raise ValueError(f"unknown pooling {cfg.pooling!r}; expected one of {POOLINGS}")
+    pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=deterministic)
+    return nn.Dense(cfg.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.xavier_uniform(), name="head")(pooled)

@@ -1,0 +1,106 @@
+"""The seam between the generic train loop and what differs per task family.
+
+train.py only calls the methods of `Task`: it builds the model, gets the data sources,
+computes summed loss metrics, runs a jittable `predict` under pmap and asks the task to
+score and summarise. A task module implements these for one family.
+"""
+
+import math
+from typing import Any, Dict, List, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from input_pipeline import synthetic
+from models import TransformerConfig
+
+Array = jax.Array
+Batch = Mapping[str, Array]
+
+
+class Task:
+  """Base class: the model config and data sources shared by every family."""
+
+  name: str = ""
+  synthetic_kind: str = ""  # record layout of input_pipeline.synthetic for this family
+
+  def __init__(self, config):
+    self.config = config
+    self.vocab_size = synthetic.VOCAB_SIZE
+    self.eos_id = synthetic.EOS
+    self.model = self.build_model(decode=False)
+
+  # ---- model
+  def model_config(self, decode: bool = False) -> TransformerConfig:
+    c = self.config
+    return TransformerConfig(
+        vocab_size=self.vocab_size, num_classes=self.num_classes, d_model=c.d_model,
+        d_ff=c.d_ff, num_heads=c.num_heads, head_dim=c.head_dim or c.d_model // c.num_heads,
+        num_encoder_layers=c.num_encoder_layers, num_decoder_layers=c.num_decoder_layers,
+        dropout_rate=c.dropout_rate, attention_dropout_rate=c.attention_dropout_rate,
+        norm_placement=c.norm_placement, positional_encoding=c.positional_encoding,
+        max_length=max(self.lengths.values()) + 1, fused_qkv=c.fused_qkv,
+        share_embeddings=c.share_embeddings, tie_output=c.tie_output, pooling=c.pooling,
+        activation=c.activation, layer_norm_epsilon=c.layer_norm_epsilon,
+        attention_impl=c.attention_impl, dtype=jnp.dtype(c.dtype), decode=decode)
+
+  @property
+  def num_classes(self) -> int:
+    return 0
+
+  def build_model(self, decode: bool = False):
+    raise NotImplementedError
+
+  def init_params(self, rng: Array) -> Any:
+    """Float32 parameters, initialised from shapes of one dummy example."""
+    dummy = {k: jnp.ones((1, n), jnp.int32) for k, n in self.lengths.items()}
+    return self.model.init({"params": rng}, **self.model_inputs(dummy))["params"]
+
+  def model_inputs(self, batch: Batch) -> Dict[str, Array]:
+    """The keyword arguments of the model's __call__ taken from a batch."""
+    raise NotImplementedError
+
+  # ---- data
+  @property
+  def lengths(self) -> Dict[str, int]:
+    """Padded length of every sequence field of a batch."""
+    raise NotImplementedError
+
+  def data_source(self, split: str):
+    c = self.config
+    size = synthetic.TRAIN_SIZE if split == "train" else c.num_eval_examples
+    return synthetic.SyntheticDigits(self.synthetic_kind, c.synthetic_task, split, size,
+                                     c.min_digits, c.max_digits, seed=c.shuffle_seed)
+
+  # ---- loss and evaluation
+  def loss(self, params: Any, batch: Batch, dropout_rng, train: bool) -> Dict[str, Array]:
+    """Summed loss metrics (see tasks.losses); `loss` is what training minimises."""
+    raise NotImplementedError
+
+  def predict(self, params: Any, batch: Batch) -> Array:
+    """Model outputs to score (decoded tokens or class ids); jittable, per device."""
+    raise NotImplementedError
+
+  def score(self, batch: Mapping[str, np.ndarray], predictions: np.ndarray) -> Dict[str, float]:
+    """Sums over the real examples of a batch of predictions (host side)."""
+    raise NotImplementedError
+
+  def summarize(self, sums: Mapping[str, float]) -> Dict[str, float]:
+    """Final metrics from summed loss metrics and scores; each is divided exactly once."""
+    weight = max(sums["weight"], 1.0)
+    out = {"loss": sums["loss"] / weight, "accuracy": sums["correct"] / weight}
+    if "nll" in sums:
+      out["perplexity"] = math.exp(min(sums["nll"] / weight, 50.0))
+    if "exact_match" in sums:
+      out["exact_match"] = sums["exact_match"] / max(sums["examples"], 1.0)
+    return out
+
+  def format_examples(self, batch: Mapping[str, np.ndarray], predictions: np.ndarray,
+                      limit: int) -> List[str]:
+    """Readable lines for a few examples of a batch."""
+    raise NotImplementedError
+
+
+def rngs(dropout_rng, train: bool) -> Dict[str, Array]:
+  return {"dropout": dropout_rng} if train else {}

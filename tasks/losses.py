@@ -1,0 +1,46 @@
+"""Losses and metrics as token-weighted *sums*.
+
+Every function returns sums and a `weight` (the number of real tokens or examples). The
+train step adds them across micro-batches and devices and divides once, so a batch's loss
+is normalised by the global token count, never a mean of per-device means.
+"""
+
+from typing import Dict
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+
+def cross_entropy_sums(logits: Array, targets: Array, weights: Array,
+                       label_smoothing: float = 0.0) -> Dict[str, Array]:
+  """Label-smoothed cross-entropy (section 5.4), summed over weighted positions.
+
+  Args:
+    logits: `[..., vocab]` (computed in float32 here whatever their dtype).
+    targets: `[...]` int class ids.
+    weights: `[...]` float, 0 for padding.
+    label_smoothing: epsilon_ls; the target distribution puts 1 - eps on the true class
+      and eps / (vocab - 1) on each other class.
+
+  Returns:
+    dict of scalars: `loss` (smoothed cross-entropy minus the entropy of the smoothed
+    target, so a perfect model scores 0), `nll` (unsmoothed negative log-likelihood, for
+    perplexity), `correct` (argmax hits) and `weight`.
+  """
+  logits = logits.astype(jnp.float32)
+  vocab = logits.shape[-1]
+  log_probs = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  if label_smoothing > 0.0:
+    confidence = 1.0 - label_smoothing
+    low = label_smoothing / (vocab - 1)
+    # Entropy of the smoothed target: the lowest loss reachable.
+    floor = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
+    loss = confidence * nll - low * (jnp.sum(log_probs, axis=-1) + nll) - floor
+  else:
+    loss = nll
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return {"loss": jnp.sum(loss * weights), "nll": jnp.sum(nll * weights),
+          "correct": jnp.sum(correct * weights), "weight": jnp.sum(weights)}

@@ -1,0 +1,318 @@
+"""The one generic training loop: state, pmapped steps, evaluation, checkpoints, logs.
+
+    train_and_evaluate(config, workdir)  train (resuming from the newest checkpoint), then
+                                         evaluate and print a few examples
+    evaluate_checkpoint(config, workdir) restore the newest checkpoint and evaluate it
+
+Everything task-specific goes through the `tasks.base.Task` interface. The steps are pure
+functions of (state, batch); pmap and the axis name are applied in one place
+(`compile_steps`), so a jit-with-sharding wrapper could serve the same functions later.
+"""
+
+import functools
+import json
+import os
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import flax
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+import tasks
+import validation
+from input_pipeline import batching
+from training import checkpointing, optimizers, reporting
+
+AXIS = "devices"  # the pmap axis name, used by every collective
+
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradients became NaN/inf; the offending update was not applied."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; checkpoints hold it with host arrays."""
+  step: jax.Array  # number of updates applied
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # base key; dropout keys are folded from it per step and device
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int):
+  """One optimizer update on this device's shard of the batch.
+
+  The loss is summed over tokens, the gradient and the token count are summed across
+  micro-batches and devices, and the gradient is divided once by the global count.
+  An update whose loss or gradient is not finite is not applied.
+  """
+  step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                jax.lax.axis_index(AXIS))
+
+  def grads_and_sums(micro_batch, rng):
+    def loss_fn(params):
+      sums = task.loss(params, micro_batch, rng, train=True)
+      return sums["loss"], sums
+    return jax.grad(loss_fn, has_aux=True)(state.params)
+
+  if grad_accum_steps == 1:
+    grads, sums = grads_and_sums(batch, step_rng)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
+
+    def accumulate(carry, xs):
+      index, micro_batch = xs
+      new = grads_and_sums(micro_batch, jax.random.fold_in(step_rng, index))
+      return jax.tree.map(jnp.add, carry, new), None
+
+    zeros = jax.tree.map(jnp.zeros_like,
+                         jax.eval_shape(grads_and_sums, jax.tree.map(lambda x: x[0], micro),
+                                        step_rng))
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+
+  grads, sums = jax.lax.psum((grads, sums), AXIS)
+  grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa
+  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                            opt_state=keep(opt_state, state.opt_state))
+  stats = {"grad_norm": grad_norm, "param_norm": optax.global_norm(params),
+           "nonfinite": 1.0 - finite.astype(jnp.float32)}
+  return new_state, {**sums, **stats}
+
+
+def eval_step(params, batch, *, task):
+  """Summed loss metrics of one batch, summed over devices."""
+  return jax.lax.psum(task.loss(params, batch, None, train=False), AXIS)
+
+
+def compile_steps(task, tx, config, devices: Sequence[jax.Device]):
+  """The pmapped train, eval and predict functions (the one place pmap appears)."""
+  p_train = jax.pmap(functools.partial(train_step, task=task, tx=tx,
+                                       grad_accum_steps=config.grad_accum_steps),
+                     axis_name=AXIS, devices=devices, donate_argnums=(0,))
+  p_eval = jax.pmap(functools.partial(eval_step, task=task), axis_name=AXIS, devices=devices)
+  p_predict = jax.pmap(task.predict, axis_name=AXIS, devices=devices)
+  return p_train, p_eval, p_predict
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def create_state(task, tx, seed: int) -> TrainState:
+  """A fresh state on the host (device 0 of this process)."""
+  params_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+  params = jax.jit(task.init_params)(params_rng)
+  return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=dropout_rng)
+
+
+def parameter_table(params, depth: int = 2) -> str:
+  """Parameter counts grouped by the first `depth` levels of module names."""
+  counts: Dict[str, int] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = [str(getattr(k, "key", k)) for k in path]
+    key = "/".join(names[:depth])
+    counts[key] = counts.get(key, 0) + int(np.prod(leaf.shape))
+  width = max(len(k) for k in counts)
+  lines = [f"{'module':<{width}}  {'parameters':>12}"]
+  lines += [f"{k:<{width}}  {v:>12,}" for k, v in counts.items()]
+  lines.append(f"{'total':<{width}}  {sum(counts.values()):>12,}")
+  return "\n".join(lines)
+
+
+def count_parameters(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def _sum_dicts(dicts: List[Dict[str, float]]) -> Dict[str, float]:
+  out: Dict[str, float] = {}
+  for d in dicts:
+    for k, v in d.items():
+      out[k] = out.get(k, 0.0) + float(v)
+  return out
+
+
+def evaluate(task, p_eval, p_predict, params, eval_dataset, num_examples: int = 0):
+  """Loss metrics and prediction scores over the whole eval split.
+
+  Returns (metrics, example_lines) with metrics from `task.summarize`.
+  """
+  loss_sums, score_sums, lines = [], [], []
+  for batch in batching.iterate(eval_dataset):
+    loss_sums.append(p_eval(params, batch))
+    predictions = np.asarray(p_predict(params, batch))
+    flat_batch = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
+    flat_predictions = predictions.reshape((-1,) + predictions.shape[2:])
+    score_sums.append(task.score(flat_batch, flat_predictions))
+    if len(lines) < num_examples:
+      lines += task.format_examples(flat_batch, flat_predictions, num_examples - len(lines))
+  sums = _sum_dicts([jax.tree.map(lambda x: x[0], s) for s in jax.device_get(loss_sums)])
+  sums.update(_sum_dicts(score_sums))
+  return task.summarize(sums), lines
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def _setup(config: ml_collections.ConfigDict, workdir: str,
+           devices: Optional[Sequence[jax.Device]]):
+  reporting.quiet_library_logs()
+  devices = list(devices or jax.local_devices())
+  validation.validate(config, num_devices=len(devices) * jax.process_count())
+  task = tasks.get_task(config)
+  tx = optimizers.make_optimizer(config)
+  eval_dataset = batching.batched_dataset(
+      task.data_source("eval"), batch_size=config.eval_batch_size // jax.process_count(),
+      num_devices=len(devices), lengths=task.lengths, shuffle=False,
+      process_index=jax.process_index(), process_count=jax.process_count())
+  return devices, task, tx, eval_dataset
+
+
+def _log_metrics(prefix: str, metrics: Dict[str, float]) -> str:
+  return "  ".join(f"{prefix}{k} {v:.4g}" for k, v in metrics.items())
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       devices: Optional[Sequence[jax.Device]] = None) -> Dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final
+  evaluation metrics. `devices` defaults to all local devices."""
+  devices, task, tx, eval_dataset = _setup(config, workdir, devices)
+  is_chief = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_chief:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json(indent=2))
+  logging.info("config:\n%s", config)
+  writer = reporting.MetricWriter(workdir, enabled=is_chief)
+  checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+
+  state = create_state(task, tx, config.seed)
+  logging.info("parameters:\n%s", parameter_table(state.params))
+  if checkpoints.latest_step() is not None:
+    state = checkpoints.restore(jax.device_get(state))
+    logging.info("resumed from the checkpoint at step %d in %s", int(state.step),
+                 checkpoints.directory)
+  start = int(state.step)
+  total = config.num_train_steps
+  schedule = optimizers.learning_rate_schedule(config.schedule, config.learning_rate,
+                                               config.warmup_steps, total)
+  p_train, p_eval, p_predict = compile_steps(task, tx, config, devices)
+  p_state = flax.jax_utils.replicate(state, devices)
+  del state
+
+  train_dataset = batching.batched_dataset(
+      task.data_source("train"), batch_size=config.batch_size // jax.process_count(),
+      num_devices=len(devices), lengths=task.lengths, shuffle=True, seed=config.shuffle_seed,
+      repeat=True, process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = batching.iterate(train_dataset, start=start)
+  progress = reporting.Progress(start, total)
+  history: List[Dict[str, jax.Array]] = []
+  config_dict = json.loads(config.to_json())
+  last_saved = checkpoints.latest_step()
+
+  def save(step):
+    nonlocal last_saved
+    checkpoints.save(step, jax.device_get(flax.jax_utils.unreplicate(p_state)), config_dict)
+    last_saved = step
+
+  if start >= total:
+    logging.info("training already finished (step %d of %d)", start, total)
+  for step in range(start, total):
+    batch = next(train_iter)
+    p_state, metrics = p_train(p_state, batch)
+    history.append(metrics)
+    done = step + 1
+
+    if done % config.log_every_steps == 0 or done == total:
+      fetched = [jax.tree.map(lambda x: float(x[0]), m) for m in jax.device_get(history)]
+      first = done - len(fetched) + 1
+      bad = [first + i for i, m in enumerate(fetched) if m["nonfinite"]]
+      if bad:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient at step {bad[0]}; the update was skipped and "
+            f"nothing was saved after it. Last good checkpoint: "
+            f"{last_saved if last_saved is not None else 'none'} in {checkpoints.directory}. "
+            f"Lower config.learning_rate or raise config.warmup_steps.")
+      sums = _sum_dicts(fetched)
+      speed = progress.update(done, sums["weight"])
+      train_metrics = {
+          "loss": sums["loss"] / max(sums["weight"], 1.0),
+          "accuracy": sums["correct"] / max(sums["weight"], 1.0),
+          "learning_rate": float(schedule(done - 1)),
+          "grad_norm": sums["grad_norm"] / len(fetched),
+          "param_norm": fetched[-1]["param_norm"],
+          "tokens_per_sec": speed["tokens_per_sec"],
+          "steps_per_sec": speed["steps_per_sec"],
+      }
+      writer.write_scalars(done, {f"train/{k}": v for k, v in train_metrics.items()})
+      eta = reporting.format_duration(speed["eta_seconds"])
+      logging.info(
+          "step %d/%d  loss %.4f  acc %.4f  lr %.3g  |g| %.3g  %s tok/s  %.1f steps/s  "
+          "ETA %s%s", done, total, train_metrics["loss"], train_metrics["accuracy"],
+          train_metrics["learning_rate"], train_metrics["grad_norm"],
+          f"{speed['tokens_per_sec']:,.0f}", speed["steps_per_sec"], eta,
+          " (includes compilation)" if speed["includes_compile"] else "")
+      history = []
+
+    if done % config.eval_every_steps == 0 and done != total:
+      t0 = time.perf_counter()
+      eval_metrics, _ = evaluate(task, p_eval, p_predict, p_state.params, eval_dataset)
+      writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
+      logging.info("eval at step %d: %s", done, _log_metrics("", eval_metrics))
+      progress.exclude(time.perf_counter() - t0)
+
+    if done % config.checkpoint_every_steps == 0 or done == total:
+      t0 = time.perf_counter()
+      save(done)
+      progress.exclude(time.perf_counter() - t0)
+
+  checkpoints.wait()
+  final_step = int(jax.device_get(p_state.step)[0])
+  eval_metrics, lines = evaluate(task, p_eval, p_predict, p_state.params, eval_dataset,
+                                 num_examples=config.num_print_examples)
+  writer.write_scalars(final_step, {f"eval/{k}": v for k, v in eval_metrics.items()})
+  if lines:
+    writer.write_text(final_step, "eval/examples", "\n\n".join(lines))
+  logging.info("final evaluation at step %d: %s\n%s", final_step,
+               _log_metrics("", eval_metrics), "\n".join(lines))
+  checkpoints.close()
+  writer.close()
+  return eval_metrics
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        devices: Optional[Sequence[jax.Device]] = None,
+                        step: Optional[int] = None) -> Dict[str, float]:
+  """Restores the newest (or `step`'s) checkpoint in `workdir` and evaluates it."""
+  devices, task, tx, eval_dataset = _setup(config, workdir, devices)
+  checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  if checkpoints.latest_step() is None:
+    raise checkpointing.CheckpointError(
+        f"no checkpoint to evaluate in {checkpoints.directory}; train first with "
+        f"--mode=train and the same --workdir")
+  template = jax.eval_shape(lambda: create_state(task, tx, config.seed))
+  state = checkpoints.restore(template, step)
+  _, p_eval, p_predict = compile_steps(task, tx, config, devices)
+  params = flax.jax_utils.replicate(state.params, devices)
+  metrics, lines = evaluate(task, p_eval, p_predict, params, eval_dataset,
+                            num_examples=config.num_print_examples)
+  logging.info("evaluation of step %d: %s\n%s", int(state.step), _log_metrics("", metrics),
+               "\n".join(lines))
+  checkpoints.close()
+  return metrics

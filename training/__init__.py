@@ -1,0 +1,1 @@
+"""Pieces of the training system that train.py assembles: optimizer, checkpoints, reporting."""

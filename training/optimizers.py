@@ -1,0 +1,65 @@
+"""Learning-rate schedules and the optax optimizer.
+
+Every schedule ramps up linearly over `warmup_steps` to `peak`, then:
+  rsqrt     peak * sqrt(warmup / step)       -- the paper's (section 5.3)
+  cosine    cosine decay to 0 at num_train_steps
+  linear    linear decay to 0 at num_train_steps
+  constant  stays at peak
+
+The paper writes its schedule as d_model^-0.5 * min(step^-0.5, step * warmup^-1.5);
+with peak = d_model^-0.5 * warmup^-0.5 the two are the same function (tested).
+Steps count from 1 inside the formulas, so the first update does not use a zero rate.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+SCHEDULES = ("rsqrt", "cosine", "linear", "constant")
+OPTIMIZERS = ("adam", "adamw")
+
+
+def learning_rate_schedule(name: str, peak: float, warmup_steps: int,
+                           total_steps: int) -> optax.Schedule:
+  """Returns step (0-based count of updates done) -> learning rate."""
+  if name not in SCHEDULES:
+    raise ValueError(f"unknown schedule {name!r}; expected one of {SCHEDULES}")
+  warmup = max(warmup_steps, 1)
+  decay_steps = max(total_steps - warmup_steps, 1)
+
+  def schedule(count):
+    step = jnp.asarray(count, jnp.float32) + 1.0
+    ramp = jnp.minimum(step / warmup, 1.0)
+    after = jnp.clip(step - warmup_steps, 0.0, decay_steps) / decay_steps
+    if name == "rsqrt":
+      decay = jnp.sqrt(warmup / jnp.maximum(step, warmup))
+    elif name == "cosine":
+      decay = 0.5 * (1.0 + jnp.cos(jnp.pi * after))
+    elif name == "linear":
+      decay = 1.0 - after
+    else:
+      decay = 1.0
+    return peak * ramp * decay
+
+  return schedule
+
+
+def decay_mask(params):
+  """True for weight matrices (decayed); False for biases, norm scales and other vectors."""
+  return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  """Clipping + Adam/AdamW with the configured schedule (paper: Adam 0.9/0.98/1e-9)."""
+  if config.optimizer not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {config.optimizer!r}; expected one of {OPTIMIZERS}")
+  schedule = learning_rate_schedule(config.schedule, config.learning_rate,
+                                    config.warmup_steps, config.num_train_steps)
+  if config.optimizer == "adamw":
+    opt = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
+                      weight_decay=config.weight_decay, mask=decay_mask)
+  else:
+    opt = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
+  if config.max_grad_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), opt)
+  return opt

@@ -1,0 +1,100 @@
+"""Where metrics go: TensorBoard event files, a JSON-lines file, and the progress line."""
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Mapping, Optional
+
+from tensorboardX import SummaryWriter
+
+
+class _QuietLibraries(logging.Filter):
+  """Drops INFO/DEBUG records from orbax (dozens per save); warnings still pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def quiet_library_logs() -> None:
+  """Keeps the progress lines readable; call once before training."""
+  absl_logger = logging.getLogger("absl")
+  if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
+    absl_logger.addFilter(_QuietLibraries())
+
+
+class MetricWriter:
+  """Writes scalars to TensorBoard (`tensorboard --logdir <workdir>`) and metrics.jsonl.
+
+  Only process 0 writes; other processes get a writer that does nothing.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    for name, value in scalars.items():
+      self._tb.add_scalar(name, value, global_step=step)
+    record = {"step": int(step), "time": time.time()}
+    record.update({k: float(v) for k, v in scalars.items()})
+    self._jsonl.write(json.dumps(record) + "\n")
+    self._jsonl.flush()
+    self._tb.flush()
+
+  def write_text(self, step: int, name: str, text: str) -> None:
+    if self.enabled:
+      self._tb.add_text(name, text, global_step=step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def format_duration(seconds: float) -> str:
+  """12345 -> '3h25m45s'; 75 -> '1m15s'; 4.2 -> '4s'."""
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  hours, rest = divmod(seconds, 3600)
+  minutes, secs = divmod(rest, 60)
+  if hours:
+    return f"{hours}h{minutes:02d}m{secs:02d}s"
+  if minutes:
+    return f"{minutes}m{secs:02d}s"
+  return f"{secs}s"
+
+
+class Progress:
+  """Throughput and ETA between log steps; the first interval (compilation) is excluded
+  from the rate so the ETA is not skewed by it."""
+
+  def __init__(self, first_step: int, total_steps: int):
+    self.total_steps = total_steps
+    self._last_step = first_step
+    self._last_time = time.perf_counter()
+    self._rate: Optional[float] = None  # steps per second, excluding compile time
+
+  def update(self, step: int, tokens: float) -> dict:
+    """Call at a log step with the tokens processed since the last call."""
+    now = time.perf_counter()
+    elapsed = max(now - self._last_time, 1e-9)
+    steps = step - self._last_step
+    rate = steps / elapsed
+    first_interval = self._rate is None
+    self._rate = rate
+    self._last_step, self._last_time = step, now
+    remaining = (self.total_steps - step) / rate if rate > 0 else float("inf")
+    return {"steps_per_sec": rate, "tokens_per_sec": tokens / elapsed,
+            "eta_seconds": remaining, "includes_compile": first_interval}
+
+  def exclude(self, seconds: float) -> None:
+    """Leaves `seconds` of work that is not training (evaluation, saves) out of the rate."""
+    self._last_time += seconds

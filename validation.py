@@ -1,0 +1,128 @@
+"""Checks a run config before any compute; the first problem stops the run with a message
+that names the field, the value and what is allowed.
+
+It sits beside train.py (floor 3) because it needs the names that models/, tasks/ and
+training/ accept; main.py and train.train_and_evaluate both call `validate`.
+"""
+
+from configs import presets
+from input_pipeline import synthetic
+from models import attention, layers, transformer
+from tasks import TASKS
+from training import optimizers
+
+DTYPES = ("float32", "bfloat16")
+DATASETS = ("synthetic",)
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message is meant for the user as is."""
+
+
+def _fail(field, value, allowed):
+  raise ConfigError(f"config.{field}={value!r} is invalid: {allowed}")
+
+
+def _choice(config, field, allowed):
+  value = config[field]
+  if value not in allowed:
+    _fail(field, value, f"expected one of {', '.join(map(str, allowed))}")
+
+
+def _int(config, field, minimum):
+  value = config[field]
+  if isinstance(value, bool) or not isinstance(value, int):
+    _fail(field, value, f"expected an integer >= {minimum}")
+  if value < minimum:
+    _fail(field, value, f"expected an integer >= {minimum}")
+
+
+def _rate(config, field, upper_inclusive=False):
+  value = config[field]
+  ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 and (
+      value <= 1 if upper_inclusive else value < 1)
+  if not ok:
+    _fail(field, value, f"expected a number in [0, 1{']' if upper_inclusive else ')'}")
+
+
+def _positive(config, field):
+  value = config[field]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+    _fail(field, value, "expected a number > 0")
+
+
+def validate(config, num_devices: int = 1) -> None:
+  """Raises ConfigError for the first invalid field of `config` (an ml_collections config)."""
+  _choice(config, "task", tuple(TASKS))
+  _choice(config, "dataset", DATASETS)
+  _choice(config, "size", tuple(presets.SIZES))
+  _choice(config, "accel", tuple(presets.ACCELERATORS))
+  _choice(config, "dtype", DTYPES)
+  _choice(config, "attention_impl", attention.IMPLEMENTATIONS)
+  _choice(config, "norm_placement", transformer.NORM_PLACEMENTS)
+  _choice(config, "positional_encoding", layers.POSITIONAL_ENCODINGS)
+  _choice(config, "activation", tuple(layers.ACTIVATIONS))
+  _choice(config, "pooling", transformer.POOLINGS)
+  _choice(config, "optimizer", optimizers.OPTIMIZERS)
+  _choice(config, "schedule", optimizers.SCHEDULES)
+  if config.dataset == "synthetic":
+    allowed = (synthetic.CLASSIFICATION_TASKS if config.task == "classification"
+               else synthetic.SEQ2SEQ_TASKS)
+    _choice(config, "synthetic_task", allowed)
+
+  for field in ("d_model", "d_ff", "num_heads", "batch_size", "eval_batch_size",
+                "num_train_steps", "log_every_steps", "eval_every_steps",
+                "checkpoint_every_steps", "keep_checkpoints", "grad_accum_steps",
+                "min_digits", "max_digits", "max_input_length", "max_target_length",
+                "num_eval_examples"):
+    _int(config, field, 1)
+  for field in ("head_dim", "warmup_steps", "num_print_examples", "seed", "shuffle_seed"):
+    _int(config, field, 0)
+  needs_encoder = config.task in ("translation", "classification")
+  needs_decoder = config.task in ("translation", "generation")
+  _int(config, "num_encoder_layers", 1 if needs_encoder else 0)
+  _int(config, "num_decoder_layers", 1 if needs_decoder else 0)
+  for field in ("dropout_rate", "attention_dropout_rate", "label_smoothing", "adam_b1",
+                "adam_b2", "weight_decay"):
+    _rate(config, field)
+  for field in ("learning_rate", "adam_eps", "layer_norm_epsilon"):
+    _positive(config, field)
+  if config.max_grad_norm < 0:
+    _fail("max_grad_norm", config.max_grad_norm, "expected a number >= 0 (0 = no clipping)")
+
+  if config.head_dim == 0 and config.d_model % config.num_heads:
+    _fail("num_heads", config.num_heads,
+          f"it must divide d_model={config.d_model} (or set config.head_dim explicitly)")
+  if config.positional_encoding == "sinusoidal" and config.d_model % 2:
+    _fail("d_model", config.d_model, "sinusoidal positions need an even d_model")
+  if config.attention_impl == "fused" and config.attention_dropout_rate > 0:
+    _fail("attention_impl", config.attention_impl,
+          "the fused path has no attention dropout; set attention_dropout_rate=0 or use "
+          "attention_impl='reference'")
+  if config.optimizer != "adamw" and config.weight_decay > 0:
+    _fail("weight_decay", config.weight_decay, "weight decay needs optimizer='adamw'")
+  if config.min_digits > config.max_digits:
+    _fail("min_digits", config.min_digits, f"must be <= max_digits={config.max_digits}")
+
+  # Synthetic records: seq2seq "x EOS"; LM "x SEP f(x) EOS"; classification "x".
+  if config.dataset == "synthetic":
+    need = {"translation": ("max_input_length", config.max_digits + 1),
+            "generation": ("max_target_length", 2 * config.max_digits + 2),
+            "classification": ("max_input_length", config.max_digits)}[config.task]
+    field, length = need
+    if config[field] < length:
+      _fail(field, config[field], f"examples of max_digits={config.max_digits} need "
+                                  f"at least {length} tokens")
+    if config.task == "translation" and config.max_target_length < config.max_digits + 1:
+      _fail("max_target_length", config.max_target_length,
+            f"examples of max_digits={config.max_digits} need at least "
+            f"{config.max_digits + 1} tokens")
+
+  per_update = num_devices * config.grad_accum_steps
+  if config.batch_size % per_update:
+    _fail("batch_size", config.batch_size,
+          f"it must be divisible by devices x grad_accum_steps = {num_devices} x "
+          f"{config.grad_accum_steps} = {per_update}")
+  if config.eval_batch_size % num_devices:
+    _fail("eval_batch_size", config.eval_batch_size,
+          f"it must be divisible by the number of devices ({num_devices})")
