@@ -81,14 +81,14 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int):
 
   grads, sums = jax.lax.psum((grads, sums), AXIS)
   grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa
   new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                             opt_state=keep(opt_state, state.opt_state))
-  stats = {"grad_norm": grad_norm, "param_norm": optax.global_norm(params),
+  stats = {"grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
            "nonfinite": 1.0 - finite.astype(jnp.float32)}
   return new_state, {**sums, **stats}
 
@@ -117,6 +117,12 @@ def create_state(task, tx, seed: int) -> TrainState:
   params = jax.jit(task.init_params)(params_rng)
   return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                     rng=dropout_rng)
+
+
+def unreplicate_to_host(tree):
+  """Device 0's copy of a pmapped pytree, as numpy arrays (what checkpoints hold)."""
+  return jax.tree.map(
+      lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), tree)
 
 
 def parameter_table(params, depth: int = 2) -> str:
@@ -184,6 +190,18 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
   return devices, task, tx, eval_dataset
 
 
+def _raise_if_nonfinite(flags: List[float], done: int, last_saved: Optional[int],
+                        directory: str) -> None:
+  """`flags` are the `nonfinite` metrics of the steps ending at `done`."""
+  bad = [done - len(flags) + 1 + i for i, flag in enumerate(flags) if flag]
+  if bad:
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {bad[0]}; that update was skipped and no "
+        f"checkpoint was written after it. Last good checkpoint: step "
+        f"{last_saved if last_saved is not None else '(none)'} in {directory}. Lower "
+        f"config.learning_rate, raise config.warmup_steps or enable config.max_grad_norm.")
+
+
 def _log_metrics(prefix: str, metrics: Dict[str, float]) -> str:
   return "  ".join(f"{prefix}{k} {v:.4g}" for k, v in metrics.items())
 
@@ -228,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
   def save(step):
     nonlocal last_saved
-    checkpoints.save(step, jax.device_get(flax.jax_utils.unreplicate(p_state)), config_dict)
+    checkpoints.save(step, unreplicate_to_host(p_state), config_dict)
     last_saved = step
 
   if start >= total:
@@ -241,14 +259,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     if done % config.log_every_steps == 0 or done == total:
       fetched = [jax.tree.map(lambda x: float(x[0]), m) for m in jax.device_get(history)]
-      first = done - len(fetched) + 1
-      bad = [first + i for i, m in enumerate(fetched) if m["nonfinite"]]
-      if bad:
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient at step {bad[0]}; the update was skipped and "
-            f"nothing was saved after it. Last good checkpoint: "
-            f"{last_saved if last_saved is not None else 'none'} in {checkpoints.directory}. "
-            f"Lower config.learning_rate or raise config.warmup_steps.")
+      _raise_if_nonfinite([m["nonfinite"] for m in fetched], done, last_saved,
+                          checkpoints.directory)
       sums = _sum_dicts(fetched)
       speed = progress.update(done, sums["weight"])
       train_metrics = {
@@ -279,6 +291,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     if done % config.checkpoint_every_steps == 0 or done == total:
       t0 = time.perf_counter()
+      _raise_if_nonfinite([float(m["nonfinite"][0]) for m in history], done, last_saved,
+                          checkpoints.directory)
       save(done)
       progress.exclude(time.perf_counter() - t0)
 

@@ -38,7 +38,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.min_digits = 1  # shortest synthetic digit string
   c.max_digits = 12  # longest synthetic digit string
   c.max_input_length = 16  # inputs are padded (and never truncated) to this many tokens
-  c.max_target_length = 16  # targets (the whole stream for generation) are padded to this
+  c.max_target_length = 32 if task == "generation" else 16  # targets (LM: the whole stream)
   c.num_eval_examples = 1000  # held-out examples scored at each evaluation
   c.shuffle_seed = 0  # order of training examples
   c.seed = 0  # parameter initialisation and dropout
@@ -70,7 +70,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # ---- Optimization
   c.optimizer = "adam"  # "adam" (paper) or "adamw" (decay skips biases and norms)
   c.learning_rate = 3e-3  # peak learning rate, reached at the end of warmup
-  c.schedule = "rsqrt"  # rsqrt (paper), cosine, linear, constant; all with linear warmup
+  c.schedule = "cosine"  # rsqrt (paper), cosine, linear, constant; all with linear warmup
   c.warmup_steps = 200  # linear warmup length
   c.adam_b1 = 0.9  # Adam beta1
   c.adam_b2 = 0.98  # Adam beta2 (paper: 0.98)

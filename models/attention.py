@@ -185,8 +185,11 @@ class MultiHeadAttention(nn.Module):
     if self_attention:
       inputs_kv = inputs_q
     d_model = inputs_q.shape[-1]
+    # No biases, as in the paper's W^Q, W^K, W^V, W^O. A key bias would be worse than
+    # useless: softmax ignores it (it adds the same q.b to every logit of a row), so its
+    # gradient is rounding noise that Adam would scale up into random updates.
     dense = lambda features, name: nn.DenseGeneral(  # noqa: E731
-        features, axis=-1, dtype=self.dtype, param_dtype=jnp.float32,
+        features, axis=-1, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=self.kernel_init, name=name)
     heads = (self.num_heads, self.head_dim)
     if self.fused_qkv and self_attention:
@@ -216,8 +219,9 @@ class MultiHeadAttention(nn.Module):
       self.sow("intermediates", "attention_weights", weights)
     else:
       out = result
-    return nn.DenseGeneral(d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
-                           kernel_init=self.kernel_init, name="out")(out)
+    return nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                           param_dtype=jnp.float32, kernel_init=self.kernel_init,
+                           name="out")(out)
 
   def _update_cache(self, key: Array, value: Array, mask: Optional[Array]):
     """Writes this step's key/value at the cache index and masks the unwritten slots.

@@ -56,7 +56,17 @@ class Checkpointer:
       raise CheckpointError(
           f"checkpoint step {step} in {self.directory} cannot be restored into this model "
           f"(was it written by a different config?): {e}") from e
-    return restored["state"]
+    # Orbax checks shapes only for templates with a sharding (jax arrays); numpy arrays and
+    # ShapeDtypeStructs come back in the saved shape, whatever the template says.
+    restored = restored["state"]
+    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(abstract),
+                                 jax.tree.leaves(restored)):
+      if tuple(got.shape) != tuple(want.shape):
+        raise CheckpointError(
+            f"checkpoint step {step} in {self.directory} cannot be restored into this model "
+            f"(was it written by a different config?): {jax.tree_util.keystr(path)} has "
+            f"shape {tuple(got.shape)} in the checkpoint, {tuple(want.shape)} in the model")
+    return restored
 
   def restore_config(self, step: Optional[int] = None) -> dict:
     step = self.latest_step() if step is None else step
