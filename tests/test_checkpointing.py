@@ -1,0 +1,248 @@
+"""Checkpoints (round trip, retention, interrupted saves, mismatched templates) and the
+metric writers (TensorBoard event file, metrics.jsonl)."""
+
+import glob
+import json
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+import tasks
+import train
+from configs import default
+from training import checkpointing, optimizers, reporting
+
+CONFIG = {"task": "translation", "d_model": 16, "learning_rate": 0.5, "size": "tiny"}
+
+
+def _state(step, scale=1.0):
+  return {
+      "step": np.array(step, np.int32),
+      "params": {"dense": {"kernel": np.arange(12, dtype=np.float32).reshape(3, 4) * scale,
+                           "bias": np.full((4,), -1.5 * scale, np.float32)}},
+      "opt_state": [np.zeros((3, 4), np.float32) + step, np.array(step, np.int32)],
+      "rng": np.array([123456789, 4000000000], np.uint32),  # > int32 max on purpose
+  }
+
+
+def _assert_same(a, b):
+  flat_a, tree_a = jax.tree.flatten(a)
+  flat_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(flat_a, flat_b):
+    x, y = np.asarray(x), np.asarray(y)
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture
+def checkpointer(tmp_path):
+  c = checkpointing.Checkpointer(str(tmp_path), keep=2)
+  yield c
+  c.close()
+
+
+def test_round_trip(tmp_path, checkpointer):
+  state = _state(7, scale=2.0)
+  checkpointer.save(7, state, CONFIG)
+  checkpointer.wait()
+  assert checkpointer.latest_step() == 7
+  template = _state(0)  # values differ, shapes and dtypes match
+  restored = checkpointer.restore(template)
+  _assert_same(restored, state)
+  assert checkpointer.restore_config() == CONFIG
+  # A new Checkpointer (a resumed run) sees the same checkpoint.
+  again = checkpointing.Checkpointer(str(tmp_path), keep=2)
+  assert again.latest_step() == 7
+  _assert_same(again.restore(template), state)
+  again.close()
+
+
+def test_keep_only_newest(checkpointer):
+  for step in (1, 2, 3, 4, 5):
+    checkpointer.save(step, _state(step), dict(CONFIG, step=step))
+  checkpointer.wait()
+  assert checkpointer.all_steps() == [4, 5]
+  assert checkpointer.latest_step() == 5
+  assert sorted(os.listdir(checkpointer.directory)) == ["4", "5"]
+  _assert_same(checkpointer.restore(_state(0), step=4), _state(4))
+  _assert_same(checkpointer.restore(_state(0)), _state(5))
+  assert checkpointer.restore_config(step=4)["step"] == 4
+  assert checkpointer.restore_config()["step"] == 5
+
+
+def test_no_checkpoint(checkpointer):
+  assert checkpointer.latest_step() is None
+  assert checkpointer.all_steps() == []
+  with pytest.raises(checkpointing.CheckpointError, match="no checkpoint"):
+    checkpointer.restore(_state(0))
+
+
+@pytest.mark.parametrize("change", ["shape", "missing_leaf", "extra_leaf"])
+def test_mismatched_template_raises(checkpointer, change):
+  checkpointer.save(3, _state(3), CONFIG)
+  checkpointer.wait()
+  template = _state(0)
+  if change == "shape":
+    template["params"]["dense"]["kernel"] = np.zeros((3, 5), np.float32)
+  elif change == "missing_leaf":
+    del template["params"]["dense"]["bias"]
+  else:
+    template["params"]["norm"] = {"scale": np.ones((4,), np.float32)}
+  with pytest.raises(checkpointing.CheckpointError) as info:
+    checkpointer.restore(template)
+  assert "step 3" in str(info.value)
+  assert checkpointer.directory in str(info.value)
+
+
+def test_interrupted_save_is_not_a_checkpoint(tmp_path, checkpointer):
+  checkpointer.save(2, _state(2), CONFIG)
+  checkpointer.wait()
+  for name in ("9.orbax-checkpoint-tmp", "8.orbax-checkpoint-tmp-1712345678"):
+    partial = os.path.join(checkpointer.directory, name, "state")
+    os.makedirs(partial)
+    with open(os.path.join(partial, "_METADATA"), "w") as f:
+      f.write("{")  # half-written
+  resumed = checkpointing.Checkpointer(str(tmp_path), keep=2)
+  assert resumed.latest_step() == 2
+  assert resumed.all_steps() == [2]
+  _assert_same(resumed.restore(_state(0)), _state(2))
+  resumed.close()
+
+
+def test_saving_does_not_alias_the_live_state(checkpointer):
+  """save() returns before the write finishes; changing the arrays afterwards (the next
+  training step) must not change what is written."""
+  state = _state(1)
+  checkpointer.save(1, state, CONFIG)
+  state["params"]["dense"]["kernel"][...] = 99.0
+  checkpointer.wait()
+  _assert_same(checkpointer.restore(_state(0)), _state(1))
+
+
+def _train_state(d_model, abstract):
+  """A real TrainState (flax dataclass, optax state): as host arrays (what a resumed run
+  restores into) or as ShapeDtypeStructs (what train.evaluate_checkpoint restores into)."""
+  config = default.get_config()
+  config.update(dict(d_model=d_model, d_ff=32, num_heads=2, num_encoder_layers=1,
+                     num_decoder_layers=1, max_digits=4, max_input_length=6,
+                     max_target_length=6))
+  task, tx = tasks.get_task(config), optimizers.make_optimizer(config)
+  shapes = jax.eval_shape(lambda: train.create_state(task, tx, 0))
+  if abstract:
+    return shapes
+  rng = np.random.default_rng(d_model)
+  return jax.tree.map(lambda s: rng.normal(size=s.shape).astype(s.dtype), shapes)
+
+
+def test_train_state_round_trip_and_config_mismatch(checkpointer):
+  """The real state restores into both kinds of template; a checkpoint of another model
+  size is refused up front instead of being loaded in the wrong shapes."""
+  state = _train_state(16, abstract=False)
+  state = state.replace(step=np.array(42, np.int32),
+                        rng=np.array([7, 4000000000], np.uint32))
+  checkpointer.save(42, state, CONFIG)
+  checkpointer.wait()
+  _assert_same(checkpointer.restore(jax.tree.map(np.zeros_like, state)), state)
+  restored = checkpointer.restore(_train_state(16, abstract=True))
+  _assert_same(restored, state)
+  assert int(restored.step) == 42 and restored.rng.dtype == np.uint32
+  for abstract in (False, True):
+    with pytest.raises(checkpointing.CheckpointError, match="step 42.*shape"):
+      checkpointer.restore(_train_state(32, abstract=abstract))
+
+
+# ----------------------------------------------------------------------------- reporting
+
+
+@pytest.mark.parametrize("seconds,text", [
+    (0, "0s"), (4.2, "4s"), (59.6, "1m00s"), (75, "1m15s"), (3600, "1h00m00s"),
+    (12345, "3h25m45s"), (90061, "25h01m01s"), (float("inf"), "?"), (float("nan"), "?"),
+])
+def test_format_duration(seconds, text):
+  assert reporting.format_duration(seconds) == text
+
+
+def _tfrecords(path):
+  """Records of a TFRecord file: length (8 bytes), crc (4), data, crc (4)."""
+  with open(path, "rb") as f:
+    data = f.read()
+  out, offset = [], 0
+  while offset < len(data):
+    (length,) = struct.unpack("<Q", data[offset:offset + 8])
+    out.append(data[offset + 12:offset + 12 + length])
+    offset += 12 + length + 4
+  assert offset == len(data), "truncated event file"
+  return out
+
+
+def _scalars(workdir):
+  files = glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*"))
+  assert len(files) == 1, files
+  found = {}
+  for record in _tfrecords(files[0]):
+    event = event_pb2.Event.FromString(record)
+    for value in event.summary.value:
+      if value.HasField("simple_value"):
+        found[(value.tag, event.step)] = value.simple_value
+      elif value.HasField("tensor") and value.tensor.float_val:
+        found[(value.tag, event.step)] = value.tensor.float_val[0]
+  return found
+
+
+def test_metric_writer(tmp_path):
+  workdir = str(tmp_path / "run")
+  writer = reporting.MetricWriter(workdir)
+  writer.write_scalars(10, {"train/loss": 2.5, "train/accuracy": np.float32(0.25)})
+  writer.write_scalars(20, {"train/loss": 1.25, "eval/bleu": 31.0})
+  writer.write_text(20, "eval/examples", "input: 1 2  prediction: 2 1")
+  writer.close()
+
+  scalars = _scalars(workdir)
+  assert scalars[("train/loss", 10)] == pytest.approx(2.5)
+  assert scalars[("train/accuracy", 10)] == pytest.approx(0.25)
+  assert scalars[("train/loss", 20)] == pytest.approx(1.25)
+  assert scalars[("eval/bleu", 20)] == pytest.approx(31.0)
+
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    lines = [json.loads(line) for line in f]
+  assert [line["step"] for line in lines] == [10, 20]
+  assert lines[0]["train/loss"] == 2.5 and lines[0]["train/accuracy"] == 0.25
+  assert lines[1]["train/loss"] == 1.25 and lines[1]["eval/bleu"] == 31.0
+  assert all("time" in line for line in lines)
+
+  # A resumed run appends to metrics.jsonl instead of overwriting it.
+  writer = reporting.MetricWriter(workdir)
+  writer.write_scalars(30, {"train/loss": 1.0})
+  writer.close()
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    assert [json.loads(line)["step"] for line in f] == [10, 20, 30]
+
+
+def test_disabled_metric_writer_writes_nothing(tmp_path):
+  workdir = str(tmp_path / "other_process")
+  writer = reporting.MetricWriter(workdir, enabled=False)
+  writer.write_scalars(1, {"train/loss": 1.0})
+  writer.write_text(1, "x", "y")
+  writer.close()
+  assert not os.path.exists(workdir)
+
+
+def test_progress_excludes_compilation_from_the_rate(monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(reporting.time, "perf_counter", lambda: now[0])
+  progress = reporting.Progress(first_step=0, total_steps=1000)
+  now[0] += 50.0  # 100 steps incl. a slow compile
+  first = progress.update(100, tokens=1000.0)
+  assert first["includes_compile"] and first["steps_per_sec"] == pytest.approx(2.0)
+  now[0] += 10.0
+  progress.exclude(5.0)  # 5 s of evaluation
+  second = progress.update(200, tokens=4000.0)
+  assert not second["includes_compile"]
+  assert second["steps_per_sec"] == pytest.approx(20.0)
+  assert second["tokens_per_sec"] == pytest.approx(800.0)
+  assert second["eta_seconds"] == pytest.approx(800 / 20.0)

@@ -1,0 +1,224 @@
+"""Configs, presets, variant strings and validation: every shipped variant validates, the
+paper's sizes are the paper's, and every bad value stops the run with a message that starts
+with `config.<field>=<value>`."""
+
+import itertools
+import json
+
+import ml_collections
+import pytest
+
+import validation
+from configs import default, presets
+
+VARIANTS = list(itertools.product(default.TASKS, presets.SIZES, presets.ACCELERATORS))
+
+
+def _config(variant=None, **overrides):
+  """A config for `variant` with `overrides` applied without ConfigDict's type checks
+  (so a test can put a bool where an int belongs)."""
+  values = default.get_config(variant).to_dict()
+  for key in overrides:
+    assert key in values, f"test bug: {key} is not a config field"
+  values.update(overrides)
+  return ml_collections.ConfigDict(values)
+
+
+def test_default_config_validates():
+  config = default.get_config()
+  validation.validate(config, num_devices=1)
+  validation.validate(config, num_devices=8)
+  assert (config.task, config.size, config.accel) == ("translation", "tiny", "cpu")
+  json.loads(config.to_json())  # train.py writes it as JSON beside the checkpoints
+
+
+@pytest.mark.parametrize("task,size,accel", VARIANTS)
+def test_every_variant_validates(task, size, accel):
+  config = default.get_config(f"task={task},size={size},accel={accel}")
+  assert (config.task, config.size, config.accel) == (task, size, accel)
+  for key, value in {**presets.SIZES[size], **presets.ACCELERATORS[accel]}.items():
+    assert config[key] == value, key
+  validation.validate(config, num_devices=1)
+  validation.validate(config, num_devices=8)
+
+
+def test_variants_share_one_set_of_fields():
+  """A preset key with a typo would silently add a new field to some variants only."""
+  fields = set(default.get_config().to_dict())
+  for task, size, accel in VARIANTS:
+    variant = set(default.get_config(f"task={task},size={size},accel={accel}").to_dict())
+    assert variant == fields, (task, size, accel, variant ^ fields)
+
+
+def test_variant_order_and_spaces_do_not_matter():
+  a = default.get_config("task=generation,size=small,accel=gpu")
+  b = default.get_config(" accel=gpu , size=small,task=generation ")
+  assert a.to_dict() == b.to_dict()
+
+
+@pytest.mark.parametrize("arg,names", [
+    ("colour=red", ["'colour'", "task", "size", "accel"]),
+    ("size=huge", ["size", "'huge'", "tiny", "big"]),
+    ("accel=fpga", ["accel", "'fpga'", "gpu"]),
+    ("task=summarize", ["task", "'summarize'", "translation"]),
+    ("task", ["'task'", "key=value"]),
+    ("size=", ["'size='", "key=value"]),
+    ("=small", ["'=small'", "key=value"]),
+    ("task=translation,size", ["'size'", "key=value"]),
+])
+def test_parse_variant_errors(arg, names):
+  with pytest.raises(presets.VariantError) as info:
+    default.get_config(arg)
+  for name in names:
+    assert name in str(info.value)
+
+
+def test_parse_variant_direct():
+  assert presets.parse_variant(None, {"a": None}) == {}
+  assert presets.parse_variant("", {"a": None}) == {}
+  assert presets.parse_variant("a=anything,b=x", {"a": None, "b": ("x",)}) == {
+      "a": "anything", "b": "x"}
+  assert issubclass(presets.VariantError, ValueError)
+
+
+@pytest.mark.parametrize("size,d_model,d_ff,heads,dropout", [
+    ("base", 512, 2048, 8, 0.1),
+    ("big", 1024, 4096, 16, 0.3),
+])
+def test_paper_sizes(size, d_model, d_ff, heads, dropout):
+  """Table 3 of the paper; the peak rate is that of the paper's schedule (section 5.3)."""
+  config = default.get_config(f"size={size}")
+  assert config.num_encoder_layers == config.num_decoder_layers == 6
+  assert (config.d_model, config.d_ff, config.num_heads) == (d_model, d_ff, heads)
+  assert config.d_model // config.num_heads == 64  # d_k = d_v = 64 in both
+  assert config.dropout_rate == dropout
+  assert config.warmup_steps == 4000
+  assert config.learning_rate == pytest.approx(d_model**-0.5 * 4000**-0.5, rel=1e-12)
+  assert config.schedule == "rsqrt"
+  assert (config.adam_b1, config.adam_b2, config.adam_eps) == (0.9, 0.98, 1e-9)
+  assert default.get_config().label_smoothing == 0.1  # translation: epsilon_ls = 0.1
+
+
+@pytest.mark.parametrize("accel", ["gpu", "tpu"])
+def test_accelerator_presets(accel):
+  config = default.get_config(f"accel={accel}")
+  assert config.dtype == "bfloat16"
+  assert config.attention_impl == "fused"
+  assert config.attention_dropout_rate == 0.0  # the fused path has none
+  cpu = default.get_config("accel=cpu")
+  assert (cpu.dtype, cpu.attention_impl) == ("float32", "reference")
+
+
+def test_fused_with_attention_dropout_is_invalid_by_design():
+  config = _config("accel=gpu", attention_dropout_rate=0.1)
+  with pytest.raises(validation.ConfigError, match=r"^config\.attention_impl='fused'"):
+    validation.validate(config)
+  # ... while the reference path accepts attention dropout.
+  validation.validate(_config("accel=gpu", attention_dropout_rate=0.1,
+                              attention_impl="reference"))
+
+
+# (variant, overrides, num_devices, field, substring of the message)
+INVALID = [
+    ("unknown_task", None, dict(task="summarize"), 1, "task", "translation"),
+    ("unknown_dataset", None, dict(dataset="wmt14"), 1, "dataset", "synthetic"),
+    ("unknown_size", None, dict(size="huge"), 1, "size", "tiny"),
+    ("unknown_accel", None, dict(accel="fpga"), 1, "accel", "gpu"),
+    ("bad_dtype", None, dict(dtype="float16"), 1, "dtype", "bfloat16"),
+    ("unknown_attention_impl", None, dict(attention_impl="flash"), 1, "attention_impl",
+     "reference"),
+    ("unknown_schedule", None, dict(schedule="step"), 1, "schedule", "rsqrt"),
+    ("unknown_optimizer", None, dict(optimizer="sgd"), 1, "optimizer", "adamw"),
+    ("unknown_norm_placement", None, dict(norm_placement="sandwich"), 1, "norm_placement",
+     "pre"),
+    ("unknown_positional_encoding", None, dict(positional_encoding="rope"), 1,
+     "positional_encoding", "sinusoidal"),
+    ("heads_not_dividing", None, dict(num_heads=3), 1, "num_heads", "d_model=64"),
+    ("zero_d_model", None, dict(d_model=0), 1, "d_model", ">= 1"),
+    ("negative_d_ff", None, dict(d_ff=-4), 1, "d_ff", ">= 1"),
+    ("zero_d_ff", None, dict(d_ff=0), 1, "d_ff", ">= 1"),
+    ("zero_num_train_steps", None, dict(num_train_steps=0), 1, "num_train_steps", ">= 1"),
+    ("zero_batch_size", None, dict(batch_size=0), 1, "batch_size", ">= 1"),
+    ("negative_warmup", None, dict(warmup_steps=-1), 1, "warmup_steps", ">= 0"),
+    ("dropout_one", None, dict(dropout_rate=1.0), 1, "dropout_rate", "[0, 1)"),
+    ("dropout_negative", None, dict(dropout_rate=-0.1), 1, "dropout_rate", "[0, 1)"),
+    ("label_smoothing_one", None, dict(label_smoothing=1.0), 1, "label_smoothing", "[0, 1)"),
+    ("batch_not_divisible_by_devices", None, dict(batch_size=12), 8, "batch_size",
+     "8 x 1 = 8"),
+    ("batch_not_divisible_by_accum", None, dict(batch_size=64, grad_accum_steps=3), 8,
+     "batch_size", "8 x 3 = 24"),
+    ("batch_not_divisible_by_accum_1dev", None, dict(batch_size=10, grad_accum_steps=4), 1,
+     "batch_size", "grad_accum_steps"),
+    ("eval_batch_not_divisible", None, dict(eval_batch_size=12), 8, "eval_batch_size",
+     "number of devices (8)"),
+    ("fused_attention_dropout", None, dict(attention_impl="fused",
+                                           attention_dropout_rate=0.1), 1,
+     "attention_impl", "attention_dropout_rate=0"),
+    ("weight_decay_with_adam", None, dict(weight_decay=0.01), 1, "weight_decay", "adamw"),
+    ("min_above_max_digits", None, dict(min_digits=5, max_digits=3), 1, "min_digits",
+     "max_digits=3"),
+    ("input_too_short", None, dict(max_digits=20), 1, "max_input_length", "21 tokens"),
+    ("translation_target_too_short", None, dict(max_target_length=12), 1,
+     "max_target_length", "13 tokens"),
+    ("generation_target_too_short", "task=generation", dict(max_target_length=20), 1,
+     "max_target_length", "26 tokens"),
+    ("classification_input_too_short", "task=classification", dict(max_input_length=11), 1,
+     "max_input_length", "12 tokens"),
+    ("no_encoder_for_translation", None, dict(num_encoder_layers=0), 1,
+     "num_encoder_layers", ">= 1"),
+    ("no_decoder_for_translation", None, dict(num_decoder_layers=0), 1,
+     "num_decoder_layers", ">= 1"),
+    ("no_encoder_for_classification", "task=classification", dict(num_encoder_layers=0), 1,
+     "num_encoder_layers", ">= 1"),
+    ("no_decoder_for_generation", "task=generation", dict(num_decoder_layers=0), 1,
+     "num_decoder_layers", ">= 1"),
+    ("bool_for_int", None, dict(d_model=True), 1, "d_model", "integer"),
+    ("float_for_int", None, dict(batch_size=64.0), 1, "batch_size", "integer"),
+    ("odd_d_model_sinusoidal", None, dict(d_model=63, num_heads=3), 1, "d_model",
+     "even d_model"),
+    ("classification_synthetic_reverse", "task=classification",
+     dict(synthetic_task="reverse"), 1, "synthetic_task", "majority"),
+    ("translation_synthetic_majority", None, dict(synthetic_task="majority"), 1,
+     "synthetic_task", "reverse"),
+    ("zero_learning_rate", None, dict(learning_rate=0.0), 1, "learning_rate", "> 0"),
+    ("negative_max_grad_norm", None, dict(max_grad_norm=-1.0), 1, "max_grad_norm", ">= 0"),
+    ("adam_b2_one", None, dict(adam_b2=1.0), 1, "adam_b2", "[0, 1)"),
+]
+
+
+@pytest.mark.parametrize("variant,overrides,num_devices,field,expected",
+                         [pytest.param(*case[1:], id=case[0]) for case in INVALID])
+def test_invalid_config(variant, overrides, num_devices, field, expected):
+  config = _config(variant, **overrides)
+  with pytest.raises(validation.ConfigError) as info:
+    validation.validate(config, num_devices=num_devices)
+  message = str(info.value)
+  assert message.startswith(f"config.{field}={config[field]!r} "), message
+  assert expected in message, message
+  if field == "num_heads":
+    assert "d_model" in message
+
+
+def test_config_error_is_a_value_error():
+  assert issubclass(validation.ConfigError, ValueError)
+
+
+@pytest.mark.parametrize("variant,overrides", [
+    (None, dict(num_heads=3, head_dim=16)),  # explicit head_dim: heads need not divide
+    (None, dict(d_model=63, num_heads=3, positional_encoding="learned")),
+    ("task=generation", dict(num_encoder_layers=0)),  # decoder-only needs no encoder
+    ("task=classification", dict(num_decoder_layers=0)),  # encoder-only needs no decoder
+    (None, dict(optimizer="adamw", weight_decay=0.01)),
+    (None, dict(label_smoothing=0.0, dropout_rate=0.0, warmup_steps=0, max_grad_norm=0.0)),
+    (None, dict(batch_size=48, grad_accum_steps=3, eval_batch_size=8)),
+    (None, dict(min_digits=15, max_digits=15)),  # 15 digits + EOS = 16 tokens: just fits
+])
+def test_valid_edge_cases(variant, overrides):
+  validation.validate(_config(variant, **overrides),
+                      num_devices=8 if overrides.get("eval_batch_size") == 8 else 1)
+
+
+def test_valid_edge_case_tight_lengths():
+  # The minimum lengths the messages ask for are accepted.
+  validation.validate(_config("task=generation", max_digits=12, max_target_length=26))
+  validation.validate(_config("task=classification", max_digits=16, max_input_length=16))

@@ -1,0 +1,274 @@
+"""Losses as token-weighted sums, and their normalisation in the pmapped train step: the
+update is the gradient of the *global* token-weighted mean whatever the number of devices,
+the padding per device or the number of accumulated micro-batches."""
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tasks
+import train
+import validation
+from configs import default
+from input_pipeline import synthetic
+from tasks import losses
+from training import optimizers
+
+# ----------------------------------------------------------------------------- cross-entropy
+
+
+def _numpy_sums(logits, targets, weights, eps):
+  """Soft-target cross-entropy minus the soft target's entropy, in float64."""
+  logits = logits.astype(np.float64)
+  vocab = logits.shape[-1]
+  log_p = logits - logits.max(-1, keepdims=True)
+  log_p = log_p - np.log(np.exp(log_p).sum(-1, keepdims=True))
+  onehot = np.eye(vocab)[targets]
+  q = onehot * (1 - eps) + (1 - onehot) * eps / (vocab - 1)
+  cross = -(q * log_p).sum(-1)
+  entropy = -(q * np.log(np.where(q > 0, q, 1.0))).sum(-1)
+  nll = -(onehot * log_p).sum(-1)
+  return {"loss": ((cross - entropy) * weights).sum(), "nll": (nll * weights).sum(),
+          "correct": ((logits.argmax(-1) == targets) * weights).sum(),
+          "weight": weights.sum()}
+
+
+def _random_case(seed=0, shape=(3, 7), vocab=11, scale=3.0):
+  rng = np.random.default_rng(seed)
+  logits = rng.normal(size=shape + (vocab,)).astype(np.float32) * scale
+  targets = rng.integers(0, vocab, size=shape).astype(np.int32)
+  weights = (rng.random(shape) < 0.7).astype(np.float32)
+  return logits, targets, weights
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1, 0.3])
+def test_cross_entropy_matches_numpy(eps):
+  logits, targets, weights = _random_case()
+  got = losses.cross_entropy_sums(jnp.asarray(logits), jnp.asarray(targets),
+                                  jnp.asarray(weights), eps)
+  want = _numpy_sums(logits, targets, weights, eps)
+  assert set(got) == set(want)
+  for key in want:
+    np.testing.assert_allclose(float(got[key]), want[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_nll_ignores_label_smoothing():
+  logits, targets, weights = _random_case(seed=1)
+  plain = losses.cross_entropy_sums(logits, targets, weights, 0.0)
+  smooth = losses.cross_entropy_sums(logits, targets, weights, 0.1)
+  assert float(smooth["nll"]) == pytest.approx(float(plain["nll"]), rel=1e-6)
+  assert float(plain["loss"]) == pytest.approx(float(plain["nll"]), rel=1e-6)
+  assert abs(float(smooth["loss"]) - float(smooth["nll"])) > 1e-2
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_predicting_the_smoothed_target_scores_zero(eps):
+  """The minimum of the smoothed loss is 0, reached by predicting the smoothed target;
+  a confident one-hot prediction scores worse."""
+  vocab = 16
+  targets = jnp.array([[1, 5, 9, 15]], jnp.int32)
+  onehot = jax.nn.one_hot(targets, vocab)
+  q = onehot * (1 - eps) + (1 - onehot) * eps / (vocab - 1)
+  weights = jnp.ones(targets.shape)
+  best = losses.cross_entropy_sums(jnp.log(q), targets, weights, eps)
+  assert abs(float(best["loss"])) < 1e-5
+  assert float(best["correct"]) == 4.0
+  confident = losses.cross_entropy_sums(onehot * 20.0, targets, weights, eps)
+  assert float(confident["loss"]) > 0.1
+
+
+def test_weights_zero_out_padding():
+  logits, targets, weights = _random_case(seed=2)
+  base = losses.cross_entropy_sums(logits, targets, weights, 0.1)
+  rng = np.random.default_rng(3)
+  pad = weights == 0
+  logits2 = np.where(pad[..., None], rng.normal(size=logits.shape) * 100, logits)
+  targets2 = np.where(pad, rng.integers(0, logits.shape[-1], size=targets.shape), targets)
+  other = losses.cross_entropy_sums(logits2.astype(np.float32), targets2.astype(np.int32),
+                                    weights, 0.1)
+  for key in base:
+    assert float(other[key]) == pytest.approx(float(base[key]), rel=1e-6), key
+  assert float(base["weight"]) == weights.sum()
+
+
+def test_sums_are_additive_across_batch_splits():
+  logits, targets, weights = _random_case(seed=4, shape=(6, 5))
+  sums = jax.jit(losses.cross_entropy_sums, static_argnums=3)
+  whole = sums(logits, targets, weights, 0.1)
+  parts = [sums(logits[i:i + 2], targets[i:i + 2], weights[i:i + 2], 0.1) for i in (0, 2, 4)]
+  for key in whole:
+    assert sum(float(p[key]) for p in parts) == pytest.approx(float(whole[key]), rel=1e-5)
+
+
+def test_low_precision_logits_are_scored_in_float32():
+  logits, targets, weights = _random_case(seed=5)
+  got = losses.cross_entropy_sums(jnp.asarray(logits, jnp.bfloat16), targets, weights, 0.1)
+  assert all(v.dtype == jnp.float32 for v in got.values())
+  want = _numpy_sums(np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32)),
+                     targets, weights, 0.1)
+  np.testing.assert_allclose(float(got["loss"]), want["loss"], rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- train step
+
+GLOBAL_BATCH = 32
+LR = 1.0
+EPS = 1.0  # Adam's first update is -lr * g / (|g| + eps): smooth in g, so comparable
+
+
+def _tiny_config(grad_accum_steps=1):
+  c = default.get_config()
+  c.update(dict(d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
+                num_decoder_layers=1, dropout_rate=0.0, attention_dropout_rate=0.0,
+                min_digits=1, max_digits=4, max_input_length=6, max_target_length=6,
+                label_smoothing=0.1, optimizer="adam", schedule="constant",
+                learning_rate=LR, warmup_steps=0, adam_eps=EPS, max_grad_norm=0.0,
+                batch_size=GLOBAL_BATCH, grad_accum_steps=grad_accum_steps))
+  validation.validate(c, num_devices=8)
+  return c
+
+
+def _uneven_batch():
+  """32 examples in device order (8 devices x 4): devices 0-5 hold 1-digit strings, device 6
+  full-length ones, device 7 one full-length example and three all-padding rows (as in a
+  zero-filled final batch). Token counts per device: 8, ..., 8, 20, 5."""
+  rng = np.random.default_rng(0)
+  inputs = np.zeros((GLOBAL_BATCH, 6), np.int32)
+  targets = np.zeros((GLOBAL_BATCH, 6), np.int32)
+  for i in range(GLOBAL_BATCH):
+    device = i // 4
+    if device == 7 and i % 4:
+      continue  # an all-padding example
+    n = 1 if device < 6 else 4
+    digits = rng.integers(0, 10, size=n) + synthetic.FIRST_DIGIT
+    inputs[i, :n + 1] = np.append(digits, synthetic.EOS)
+    targets[i, :n + 1] = np.append(digits[::-1], synthetic.EOS)
+  return {"inputs": inputs, "targets": targets}
+
+
+def _shard(batch, num_devices):
+  return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
+
+def _adam_first_step(params, grads):
+  """Adam's first update for gradient g: -lr * g / (|g| + eps) (b1, b2 cancel)."""
+  return jax.tree.map(lambda p, g: np.asarray(p, np.float64) - LR * g / (np.abs(g) + EPS),
+                      params, grads)
+
+
+@pytest.fixture(scope="module")
+def case():
+  """State, uneven batch and, computed outside the train step, the per-device loss sums
+  and gradients, the update of the global token mean and that of a mean of means."""
+  config = _tiny_config()
+  task = tasks.get_task(config)
+  tx = optimizers.make_optimizer(config)
+  state = train.create_state(task, tx, seed=0)
+  # Larger weights make per-token losses differ more between examples, so a mean of
+  # per-device means is further from the global mean.
+  params = jax.tree.map(lambda p: p * 3.0, state.params)
+  state = state.replace(params=params, opt_state=tx.init(params))
+  batch = _uneven_batch()
+  sharded = _shard(batch, 8)
+  shards = [{k: v[d] for k, v in sharded.items()} for d in range(8)]
+
+  def loss_fn(params, shard):
+    sums = task.loss(params, shard, None, train=False)
+    return sums["loss"], sums
+
+  grad_fn = jax.jit(jax.grad(loss_fn, has_aux=True))
+  grads, per_device = zip(*[jax.device_get(grad_fn(params, shard)) for shard in shards])
+  grads = [jax.tree.map(lambda g: np.asarray(g, np.float64), g) for g in grads]
+  per_device = [jax.tree.map(float, d) for d in per_device]
+  sums = {k: sum(d[k] for d in per_device) for k in per_device[0]}
+  # The gradient of a sum is the sum of the gradients: the global token-mean gradient.
+  global_grads = jax.tree.map(lambda *g: sum(g) / sums["weight"], *grads)
+  mean_of_means_grads = jax.tree.map(
+      lambda *g: np.mean([gd / d["weight"] for gd, d in zip(g, per_device)], axis=0), *grads)
+  return dict(config=config, task=task, tx=tx, state=state, batch=batch, sums=sums,
+              per_device=per_device, grads=global_grads,
+              expected=_adam_first_step(params, global_grads),
+              mean_of_means=_adam_first_step(params, mean_of_means_grads))
+
+
+def _run_step(case, num_devices, grad_accum_steps=1):
+  config = _tiny_config(grad_accum_steps)
+  devices = jax.local_devices()[:num_devices]
+  assert len(devices) == num_devices, "conftest should give 8 CPU devices"
+  p_train, _, _ = train.compile_steps(case["task"], case["tx"], config, devices)
+  p_state = flax.jax_utils.replicate(case["state"], devices)
+  p_state, metrics = p_train(p_state, _shard(case["batch"], num_devices))
+  # Not flax.jax_utils.unreplicate: on 1 of 8 local devices it keeps the leading axis.
+  params = jax.tree.map(lambda x: np.asarray(x)[0], p_state.params)
+  metrics = jax.device_get(metrics)
+  for key, value in metrics.items():  # every device reports the same (reduced) metrics
+    np.testing.assert_allclose(value, value[0], rtol=1e-6, err_msg=key)
+  return params, {k: float(v[0]) for k, v in metrics.items()}, p_state
+
+
+def _assert_params_close(got, want, old):
+  """Compares the updates `got - old` and `want - old` leaf by leaf, relative to the size
+  of the expected update (float32 sums in a different order differ by <1e-4 of it; a
+  mean of per-device means is off by >5%)."""
+  flat_got = jax.tree_util.tree_leaves_with_path(got)
+  flat_want, flat_old = jax.tree.leaves(want), jax.tree.leaves(old)
+  assert len(flat_got) == len(flat_want) == len(flat_old)
+  for (path, g), w, o in zip(flat_got, flat_want, flat_old):
+    o = np.asarray(o, np.float64)
+    update_got, update_want = np.asarray(g, np.float64) - o, np.asarray(w, np.float64) - o
+    scale = np.abs(update_want).max()
+    np.testing.assert_allclose(update_got, update_want, rtol=0, atol=1e-3 * scale + 1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
+def test_batch_is_uneven_enough(case):
+  """The premise of the tests below: a mean of per-device means differs from the global
+  token-weighted mean by far more than the tolerances, in the loss and in the update."""
+  per_device, sums = case["per_device"], case["sums"]
+  assert [d["weight"] for d in per_device] == [8.0] * 6 + [20.0, 5.0]
+  mean_of_means = np.mean([d["loss"] / d["weight"] for d in per_device])
+  global_mean = sums["loss"] / sums["weight"]
+  assert abs(mean_of_means - global_mean) > 5e-3 * abs(global_mean)
+  with pytest.raises(AssertionError):
+    _assert_params_close(case["mean_of_means"], case["expected"], case["state"].params)
+
+
+@pytest.mark.parametrize("num_devices", [8, 1])
+def test_update_is_gradient_of_global_token_mean(case, num_devices):
+  params, metrics, p_state = _run_step(case, num_devices)
+  _assert_params_close(params, case["expected"], case["state"].params)
+  # Metrics are the global sums; loss / weight is the global token-weighted mean.
+  sums = case["sums"]
+  assert metrics["weight"] == sums["weight"] == 8 * 6 + 20 + 5
+  assert metrics["loss"] == pytest.approx(sums["loss"], rel=1e-5)
+  assert metrics["nll"] == pytest.approx(sums["nll"], rel=1e-5)
+  assert metrics["correct"] == pytest.approx(sums["correct"], abs=1e-3)
+  grad_norm = np.sqrt(sum(np.sum(g**2) for g in jax.tree.leaves(case["grads"])))
+  assert metrics["grad_norm"] == pytest.approx(grad_norm, rel=1e-4)
+  assert metrics["nonfinite"] == 0.0
+  assert int(jax.device_get(p_state.step)[0]) == 1
+
+
+@pytest.mark.parametrize("num_devices,grad_accum_steps", [(8, 2)])
+def test_gradient_accumulation_matches_one_big_batch(case, num_devices, grad_accum_steps):
+  """Micro-batches with very different token counts still give the global-mean update."""
+  params, metrics, _ = _run_step(case, num_devices, grad_accum_steps)
+  _assert_params_close(params, case["expected"], case["state"].params)
+  assert metrics["weight"] == case["sums"]["weight"]
+  assert metrics["loss"] == pytest.approx(case["sums"]["loss"], rel=1e-5)
+
+
+def test_eval_step_sums_over_devices_and_ignores_zero_filled_rows(case):
+  """The final eval batch is zero-filled: those rows must add nothing (and stay finite)."""
+  task, params, batch = case["task"], case["state"].params, case["batch"]
+  devices = jax.local_devices()[:8]
+  _, p_eval, _ = train.compile_steps(task, case["tx"], case["config"], devices)
+  sums = jax.device_get(p_eval(flax.jax_utils.replicate(params, devices), _shard(batch, 8)))
+  real = batch["inputs"].any(axis=-1)
+  only_real = jax.jit(lambda p, b: task.loss(p, b, None, train=False))(
+      params, {k: v[real] for k, v in batch.items()})
+  for key, value in only_real.items():
+    assert np.all(np.isfinite(sums[key]))
+    np.testing.assert_allclose(sums[key], float(value), rtol=1e-5, err_msg=key)
