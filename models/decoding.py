@@ -30,7 +30,7 @@ def init_cache(decode_model: nn.Module, *example_args, method=None) -> Any:
 
 def greedy_decode(step_fn: StepFn, cache: Any, batch_size: int, max_length: int,
                   eos_id: int, prompt: Optional[Array] = None) -> Array:
-  """Greedy decoding: at each position emit the most likely token.
+  """Greedy decoding: at each position emit the most likely token other than padding (0).
 
   Args:
     step_fn: one decoding step (see module docstring).
@@ -55,7 +55,9 @@ def greedy_decode(step_fn: StepFn, cache: Any, batch_size: int, max_length: int,
     i, cache, token, out, done = state
     logits, cache = step_fn(cache, token[:, None])
     forced = jax.lax.dynamic_index_in_dim(prompt, i, axis=1, keepdims=False)
-    chosen = jnp.where(forced > 0, forced, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    # Token 0 is padding, never a prediction: decoding it would feed padding back in.
+    best = jnp.argmax(logits[:, 1:], axis=-1).astype(jnp.int32) + 1
+    chosen = jnp.where(forced > 0, forced, best)
     chosen = jnp.where(done, 0, chosen)
     out = jax.lax.dynamic_update_index_in_dim(out, chosen, i, axis=1)
     done = done | ((chosen == eos_id) & (forced == 0))

@@ -240,6 +240,9 @@ class EncoderDecoder(nn.Module):
 
   def setup(self):
     cfg = self.config
+    if cfg.share_embeddings and cfg.target_vocab_size != cfg.vocab_size:
+      raise ValueError(f"shared embeddings need one vocabulary; got vocab_size="
+                       f"{cfg.vocab_size}, output_vocab_size={cfg.output_vocab_size}")
     shared = (Embed(cfg.vocab_size, cfg.d_model, cfg.dtype, name="shared_embed")
               if cfg.share_embeddings else None)
     self.encoder = Encoder(cfg, embed=shared)

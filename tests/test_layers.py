@@ -37,13 +37,16 @@ def test_layer_norm_matches_numpy():
                              atol=1e-4)
 
 
-def test_layer_norm_epsilon_is_inside_the_square_root():
-  """A constant row has zero variance: the output is bias, and finite."""
-  x = jnp.full((1, 2, 16), 7.0)
+def test_layer_norm_epsilon_is_added_to_the_variance():
+  """sqrt(var + eps), not sqrt(var) + eps: they differ a lot when var ~ eps."""
+  x = jnp.asarray(np.random.default_rng(2).normal(0.0, 0.1, size=(2, 5, 16)), jnp.float32)
   ln = LayerNorm(epsilon=1e-2)
   params = random_params(ln, 2, x)
-  out = ln.apply(params, x)
-  np.testing.assert_allclose(out, np.broadcast_to(params["params"]["bias"], x.shape), atol=ATOL)
+  p = params["params"]
+  np.testing.assert_allclose(ln.apply(params, x), np_layer_norm(x, p["scale"], p["bias"], 1e-2),
+                             atol=1e-4)
+  constant = ln.apply(params, jnp.full((1, 2, 16), 7.0))  # zero variance: finite, = bias
+  np.testing.assert_allclose(constant, np.broadcast_to(p["bias"], constant.shape), atol=ATOL)
 
 
 def test_layer_norm_default_init_is_identity_affine():
