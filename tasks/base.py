@@ -91,7 +91,8 @@ class Task:
     weight = max(sums["weight"], 1.0)
     out = {"loss": sums["loss"] / weight, "accuracy": sums["correct"] / weight}
     if "nll" in sums:
-      out["perplexity"] = math.exp(min(sums["nll"] / weight, 50.0))
+      nll = sums["nll"] / weight
+      out["perplexity"] = math.exp(nll) if nll < 700 else math.inf  # exp overflows past ~709
     if "exact_match" in sums:
       out["exact_match"] = sums["exact_match"] / max(sums["examples"], 1.0)
     return out
