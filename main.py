@@ -10,6 +10,7 @@ printed as one line without a traceback; 3 a non-finite loss (nothing bad was sa
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
@@ -19,9 +20,19 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf
                                "default.py")
 MODES = ("train", "eval")
 
-config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Config file, optionally with a variant: path.py:key=value,...",
-    lock_config=True)
+def _user_error(message: str) -> None:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+try:  # config_flags reads --config.<field> overrides from sys.argv right here
+  config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG,
+      "Config file, optionally with a variant: path.py:key=value,...", lock_config=True)
+except (KeyError, AttributeError) as e:
+  while isinstance(e, BaseException) and e.args:  # KeyError inside AttributeError inside...
+    e = e.args[0]
+  _user_error(f"unknown config field in the overrides: {' '.join(str(e).split())}")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate; "
                   "eval: evaluate the newest checkpoint.")
@@ -39,12 +50,38 @@ def _user_errors():
   return (ConfigError, VariantError, CheckpointError, ExampleTooLongError)
 
 
+def _one_line(error: BaseException) -> str:
+  """A config or flag error as one line (config_flags embeds tracebacks in its messages)."""
+  lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+  if any(line.startswith("Traceback") for line in lines):
+    lines = lines[-1:]  # the exception line at the end of the embedded traceback
+  return re.sub(r"^[\w.]*(Error|Exception): ", "", " ".join(lines))
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with bad flags reported as user errors."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    _user_error(_one_line(e))
+
+
+def _load_config():
+  """The config, loaded (lazily, by config_flags) from the file named by --config."""
+  try:
+    config = flags.FLAGS.config
+    config.to_json()  # forces the lazy load here, where errors are caught
+    return config
+  except Exception as e:  # pylint: disable=broad-except  # a broken config file
+    _user_error(f"cannot load --config: {_one_line(e)}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   user_errors = _user_errors()
   import train  # pylint: disable=g-import-not-at-top
-  config = flags.FLAGS.config
+  config = _load_config()
   workdir = flags.FLAGS.workdir
   try:
     if flags.FLAGS.mode == "train":
@@ -62,4 +99,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -178,3 +178,21 @@ def test_main_reports_a_bad_config_in_one_line(tmp_path):
   assert last.startswith("error: config.num_heads=3 is invalid"), result.stderr[-2000:]
   assert "Traceback" not in result.stderr
   assert not workdir.exists()
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config=configs/default.py:size=huge"], "config variant size='huge' is unknown"),
+    (["--config=configs/default.py:size"], "is not of the form key=value"),
+    (["--config.d_modl=3"], "unknown config field in the overrides: 'd_modl'"),
+    (["--config.d_model=abc"], "flag --config.d_model=abc"),
+    (["--mode=fly"], "flag --mode=fly"),
+    (["--config=configs/missing.py"], "cannot load --config"),
+    (["--config.batch_size=0"], "config.batch_size=0 is invalid"),
+    (["--mode=eval"], "no checkpoint to evaluate"),
+])
+def test_main_reports_bad_flags_in_one_line(tmp_path, args, expected):
+  result = run_main(f"--workdir={tmp_path / 'run'}", *args)
+  assert result.returncode == 2, result.stderr[-2000:]
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: ") and expected in last, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
