@@ -315,11 +315,15 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: Optional[int] = None) -> Dict[str, float]:
   """Restores the newest (or `step`'s) checkpoint in `workdir` and evaluates it."""
   devices, task, tx, eval_dataset = _setup(config, workdir, devices)
+  directory = checkpointing.checkpoint_directory(workdir)
+  no_checkpoint = checkpointing.CheckpointError(
+      f"no checkpoint to evaluate in {directory}; train first with --mode=train and the "
+      f"same --workdir")
+  if not os.path.isdir(directory):  # checked first: evaluation must not create the workdir
+    raise no_checkpoint
   checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   if checkpoints.latest_step() is None:
-    raise checkpointing.CheckpointError(
-        f"no checkpoint to evaluate in {checkpoints.directory}; train first with "
-        f"--mode=train and the same --workdir")
+    raise no_checkpoint
   template = jax.eval_shape(lambda: create_state(task, tx, config.seed))
   state = checkpoints.restore(template, step)
   _, p_eval, p_predict = compile_steps(task, tx, config, devices)

@@ -18,11 +18,15 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored into the requested state."""
 
 
+def checkpoint_directory(workdir: str) -> str:
+  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+
+
 class Checkpointer:
   """Saves and restores the train state of one workdir (`<workdir>/checkpoints`)."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+    self.directory = checkpoint_directory(workdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,
