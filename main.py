@@ -42,7 +42,6 @@ flags.mark_flags_as_required(["workdir"])
 
 def _user_errors():
   # Imported lazily so that `--help` and flag errors do not pay for importing jax.
-  import train  # noqa: F401  pylint: disable=g-import-not-at-top
   from configs.presets import VariantError
   from input_pipeline.batching import ExampleTooLongError
   from training.checkpointing import CheckpointError

@@ -103,5 +103,13 @@ class Task:
     raise NotImplementedError
 
 
+def exact_match_sums(inputs: np.ndarray, predictions: np.ndarray,
+                     expected: np.ndarray) -> Dict[str, float]:
+  """Counts predicted rows equal to `expected`, over real examples (non-empty inputs)."""
+  real = inputs.any(axis=-1)
+  exact = (predictions == expected).all(axis=-1)
+  return {"exact_match": float(np.sum(exact & real)), "examples": float(np.sum(real))}
+
+
 def rngs(dropout_rng, train: bool) -> Dict[str, Array]:
   return {"dropout": dropout_rng} if train else {}

@@ -55,9 +55,7 @@ class GenerationTask(base.Task):
                                   prompt=prompt_of(tokens, synthetic.SEP))
 
   def score(self, batch, predictions):
-    real = batch["inputs"].any(axis=-1)
-    exact = (predictions == batch["inputs"]).all(axis=-1)
-    return {"exact_match": float(np.sum(exact & real)), "examples": float(np.sum(real))}
+    return base.exact_match_sums(batch["inputs"], predictions, batch["inputs"])
 
   def format_examples(self, batch, predictions, limit) -> List[str]:
     lines = []

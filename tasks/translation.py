@@ -48,9 +48,7 @@ class TranslationTask(base.Task):
     return decoding.greedy_decode(step, cache, batch_size, max_length, self.eos_id)
 
   def score(self, batch, predictions):
-    real = batch["inputs"].any(axis=-1)
-    exact = (predictions == batch["targets"]).all(axis=-1)
-    return {"exact_match": float(np.sum(exact & real)), "examples": float(np.sum(real))}
+    return base.exact_match_sums(batch["inputs"], predictions, batch["targets"])
 
   def format_examples(self, batch, predictions, limit) -> List[str]:
     lines = []

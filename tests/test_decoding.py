@@ -10,6 +10,7 @@ import pytest
 
 from models import attention, decoding
 from models.transformer import DecoderOnly, EncoderDecoder, TransformerConfig, shift_right
+from tests.model_fixtures import init_params, tiny_model_config
 
 ATOL = 1e-5
 
@@ -26,27 +27,6 @@ VARIANTS = {
                                        positional_encoding="learned", **ONE_LAYER),
     "fused_attention": dict(attention_impl="fused", **ONE_LAYER),
 }
-
-
-def tiny_config(**overrides) -> TransformerConfig:
-  base = dict(vocab_size=16, num_classes=3, d_model=16, d_ff=32, num_heads=2, head_dim=8,
-              num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0, max_length=16)
-  return TransformerConfig(**{**base, **overrides})
-
-
-def init_params(model, *args, seed=0):
-  """Random parameters of the right shapes: unit-ish layer-norm scales, small non-zero biases,
-  N(0, 0.25^2) elsewhere (about d_model^-1/2). Filled with NumPy from `eval_shape`: random
-  initialisers would cost a compilation per parameter shape on CPU."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)["params"]
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    noise = rng.normal(size=leaf.shape)
-    name = path[-1].key
-    value = 1.0 + 0.1 * noise if name == "scale" else (0.1 if name == "bias" else 0.25) * noise
-    return jnp.asarray(value, leaf.dtype)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def without_padding_token(logits):
@@ -137,7 +117,7 @@ def assert_cached_steps_match(setup: Setup):
 
 
 def test_init_cache_is_zeros_with_one_slot_per_position():
-  cache = encoder_decoder_setup(tiny_config()).cache
+  cache = encoder_decoder_setup(tiny_model_config()).cache
   self_attention = cache["decoder"]["block_0"]["self_attention"]
   assert self_attention["cached_key"].shape == (2, 6, 2, 8)  # [batch, length, heads, head_dim]
   assert "cross_attention" not in cache["decoder"]["block_0"]  # the encoding is not cached
@@ -146,12 +126,12 @@ def test_init_cache_is_zeros_with_one_slot_per_position():
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_encoder_decoder_cached_decoding_equals_full_forward(variant):
-  assert_cached_steps_match(encoder_decoder_setup(tiny_config(**VARIANTS[variant])))
+  assert_cached_steps_match(encoder_decoder_setup(tiny_model_config(**VARIANTS[variant])))
 
 
 @pytest.mark.parametrize("variant", ["paper", "fused_qkv_pre_norm_learned"])
 def test_decoder_only_cached_decoding_equals_full_forward(variant):
-  assert_cached_steps_match(decoder_only_setup(tiny_config(**VARIANTS[variant])))
+  assert_cached_steps_match(decoder_only_setup(tiny_model_config(**VARIANTS[variant])))
 
 
 def test_attention_cache_equals_causal_self_attention():
@@ -222,13 +202,13 @@ NO_EOS = -1  # never produced: every sequence runs to the full length
 
 @pytest.mark.parametrize("family", list(SETUPS))
 def test_greedy_decode_equals_naive_full_recompute(family):
-  setup = SETUPS[family](tiny_config())
+  setup = SETUPS[family](tiny_model_config())
   np.testing.assert_array_equal(greedy(setup, NO_EOS), naive(setup, NO_EOS))
 
 
 @pytest.mark.parametrize("family", list(SETUPS))
 def test_greedy_decode_stops_at_eos_and_pads_with_zeros(family):
-  setup = SETUPS[family](tiny_config())
+  setup = SETUPS[family](tiny_model_config())
   free_run = greedy(setup, NO_EOS)
   eos_id = int(free_run[0, 1])  # row 0 emits it at position 0 or 1
   expected = truncated_after_eos(free_run, eos_id)
@@ -240,7 +220,7 @@ def test_greedy_decode_stops_at_eos_and_pads_with_zeros(family):
 @pytest.mark.parametrize("family", list(SETUPS))
 def test_greedy_decode_forces_prompt_tokens(family):
   """Prompt tokens are emitted as given (a prompted EOS does not stop); the rest is greedy."""
-  setup = SETUPS[family](tiny_config())
+  setup = SETUPS[family](tiny_model_config())
   prompt = np.zeros(setup.targets.shape, np.int32)
   prompt[0, :2] = [4, 9]
   prompt[1, :1] = [7]

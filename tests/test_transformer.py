@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from models.layers import sinusoidal_encoding
-from models.transformer import (Classifier, DecoderOnly, EncoderDecoder, TransformerConfig,
+from models.transformer import (Classifier, DecoderOnly, EncoderDecoder,
                                 shift_right)
+from tests.model_fixtures import init_params, tiny_model_config
 
 ATOL = 1e-5
 
@@ -20,27 +21,6 @@ ATOL = 1e-5
 SOURCE = jnp.array([[3, 4, 5, 6, 7, 8], [9, 2, 2, 5, 0, 0]])
 TARGET = jnp.array([[5, 6, 7, 8, 9, 4], [1, 2, 3, 0, 0, 0]])
 EXTRA = 3  # padding appended in the padding-invariance tests
-
-
-def tiny_config(**overrides) -> TransformerConfig:
-  base = dict(vocab_size=16, num_classes=3, d_model=16, d_ff=32, num_heads=2, head_dim=8,
-              num_encoder_layers=2, num_decoder_layers=2, dropout_rate=0.0, max_length=16)
-  return TransformerConfig(**{**base, **overrides})
-
-
-def init_params(model, *args, seed=0):
-  """Random parameters of the right shapes: unit-ish layer-norm scales, small non-zero biases,
-  N(0, 0.25^2) elsewhere (about d_model^-1/2). Filled with NumPy from `eval_shape`: random
-  initialisers would cost a compilation per parameter shape on CPU."""
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), *args)["params"]
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    noise = rng.normal(size=leaf.shape)
-    name = path[-1].key
-    value = 1.0 + 0.1 * noise if name == "scale" else (0.1 if name == "bias" else 0.25) * noise
-    return jnp.asarray(value, leaf.dtype)
-  return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
 def dropout_key(seed):
@@ -68,7 +48,7 @@ def change_token(tokens, t):
 
 @pytest.mark.parametrize("norm_placement", ["post", "pre"])
 def test_encoder_decoder_padding_does_not_change_real_positions(norm_placement):
-  model = EncoderDecoder(tiny_config(norm_placement=norm_placement))
+  model = EncoderDecoder(tiny_model_config(norm_placement=norm_placement))
   params = init_params(model, SOURCE, TARGET)
   logits = model.apply({"params": params}, SOURCE, TARGET)
   padded = model.apply({"params": params}, pad(SOURCE, EXTRA), pad(TARGET, EXTRA))
@@ -77,7 +57,7 @@ def test_encoder_decoder_padding_does_not_change_real_positions(norm_placement):
 
 
 def test_decoder_only_padding_does_not_change_real_positions():
-  model = DecoderOnly(tiny_config())
+  model = DecoderOnly(tiny_model_config())
   params = init_params(model, SOURCE)
   logits = model.apply({"params": params}, SOURCE)
   padded = model.apply({"params": params}, pad(SOURCE, EXTRA))
@@ -86,7 +66,7 @@ def test_decoder_only_padding_does_not_change_real_positions():
 
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_classifier_padding_does_not_change_logits(pooling):
-  model = Classifier(tiny_config(pooling=pooling))
+  model = Classifier(tiny_model_config(pooling=pooling))
   inputs = SOURCE if pooling == "mean" else SOURCE[:, 1:]  # [CLS] + 5 tokens: same shapes
   params = init_params(model, inputs)
   logits = model.apply({"params": params}, inputs)
@@ -98,7 +78,7 @@ def test_classifier_padding_does_not_change_logits(pooling):
 
 def test_classifier_rejects_unknown_pooling():
   with pytest.raises(ValueError, match="max"):
-    jax.eval_shape(Classifier(tiny_config(pooling="max")).init, jax.random.PRNGKey(0), SOURCE)
+    jax.eval_shape(Classifier(tiny_model_config(pooling="max")).init, jax.random.PRNGKey(0), SOURCE)
 
 
 # ----------------------------------------------------------------------------- causality
@@ -117,14 +97,14 @@ def assert_causal(logits_fn, tokens):
 
 
 def test_decoder_only_is_causal():
-  model = DecoderOnly(tiny_config())
+  model = DecoderOnly(tiny_model_config())
   tokens = SOURCE.at[1].set(jnp.array([9, 2, 2, 5, 1, 4]))  # no padding
   params = init_params(model, tokens)
   assert_causal(lambda x: model.apply({"params": params}, x), tokens)
 
 
 def test_encoder_decoder_decoder_is_causal():
-  model = EncoderDecoder(tiny_config())
+  model = EncoderDecoder(tiny_model_config())
   targets = TARGET.at[1].set(jnp.array([1, 2, 3, 4, 4, 6]))  # no padding
   params = init_params(model, SOURCE, targets)
   assert_causal(lambda y: model.apply({"params": params}, SOURCE, y), targets)
@@ -132,7 +112,7 @@ def test_encoder_decoder_decoder_is_causal():
 
 def test_encoder_is_bidirectional():
   """The last source token reaches the first target position (no causal mask in the encoder)."""
-  model = EncoderDecoder(tiny_config())
+  model = EncoderDecoder(tiny_model_config())
   params = init_params(model, SOURCE, TARGET)
   logits = model.apply({"params": params}, SOURCE, TARGET)
   changed = model.apply({"params": params}, change_token(SOURCE, 5), TARGET)
@@ -169,7 +149,7 @@ def assert_packed_equals_alone(packed, alone, len_a, len_b):
 
 @pytest.mark.parametrize("positional_encoding", ["sinusoidal", "learned"])
 def test_encoder_decoder_packed_equals_each_sequence_alone(positional_encoding):
-  model = EncoderDecoder(tiny_config(positional_encoding=positional_encoding))
+  model = EncoderDecoder(tiny_model_config(positional_encoding=positional_encoding))
   src_a, src_b, tgt_a, tgt_b = [3, 4, 5], [8, 9, 2, 4], [6, 7], [5, 3, 2]
   inputs, in_seg, in_pos, src_alone = packed_batch(src_a, src_b, SOURCE.shape[1] + EXTRA)
   targets, tg_seg, tg_pos, tgt_alone = packed_batch(tgt_a, tgt_b, TARGET.shape[1] + EXTRA)
@@ -183,7 +163,7 @@ def test_encoder_decoder_packed_equals_each_sequence_alone(positional_encoding):
 
 @pytest.mark.parametrize("positional_encoding", ["sinusoidal", "learned"])
 def test_decoder_only_packed_equals_each_sequence_alone(positional_encoding):
-  model = DecoderOnly(tiny_config(positional_encoding=positional_encoding))
+  model = DecoderOnly(tiny_model_config(positional_encoding=positional_encoding))
   a, b = [3, 4, 5], [8, 9, 2, 4]
   tokens, segments, positions, alone_tokens = packed_batch(a, b, SOURCE.shape[1] + EXTRA)
   params = init_params(model, tokens)
@@ -211,7 +191,7 @@ def captured(model, params, *args, **kwargs):
 
 
 def test_embeddings_are_scaled_by_sqrt_d_model_before_adding_positions():
-  cfg = tiny_config()
+  cfg = tiny_model_config()
   model = EncoderDecoder(cfg)
   params = init_params(model, SOURCE, TARGET)
   table = np.asarray(params["shared_embed"]["embedding"])
@@ -228,7 +208,7 @@ def test_embeddings_are_scaled_by_sqrt_d_model_before_adding_positions():
 
 
 def test_cls_vector_takes_position_zero_and_tokens_shift_by_one():
-  cfg = tiny_config(pooling="cls")
+  cfg = tiny_model_config(pooling="cls")
   model = Classifier(cfg)
   inputs = SOURCE[:, 1:]
   params = init_params(model, inputs)
@@ -243,7 +223,7 @@ def test_cls_vector_takes_position_zero_and_tokens_shift_by_one():
 
 
 def test_tied_output_uses_the_embedding_matrix():
-  model = EncoderDecoder(tiny_config(tie_output=True))
+  model = EncoderDecoder(tiny_model_config(tie_output=True))
   params = init_params(model, SOURCE, TARGET)
   assert "logits" not in params["decoder"]
   acts = captured(model, params, SOURCE, TARGET)
@@ -253,7 +233,7 @@ def test_tied_output_uses_the_embedding_matrix():
 
 
 def test_untied_output_has_its_own_projection():
-  model = EncoderDecoder(tiny_config(tie_output=False))
+  model = EncoderDecoder(tiny_model_config(tie_output=False))
   params = init_params(model, SOURCE, TARGET)
   kernel, bias = params["decoder"]["logits"]["kernel"], params["decoder"]["logits"]["bias"]
   assert kernel.shape == (16, 16)
@@ -264,13 +244,13 @@ def test_untied_output_has_its_own_projection():
 
 
 def test_shared_embeddings_are_one_matrix():
-  params = init_params(EncoderDecoder(tiny_config(share_embeddings=True)), SOURCE, TARGET)
+  params = init_params(EncoderDecoder(tiny_model_config(share_embeddings=True)), SOURCE, TARGET)
   assert params["shared_embed"]["embedding"].shape == (16, 16)
   assert "embed" not in params["encoder"] and "embed" not in params["decoder"]
 
 
 def test_separate_embeddings_allow_a_different_target_vocabulary():
-  model = EncoderDecoder(tiny_config(share_embeddings=False, output_vocab_size=11))
+  model = EncoderDecoder(tiny_model_config(share_embeddings=False, output_vocab_size=11))
   params = init_params(model, SOURCE, TARGET)
   assert "shared_embed" not in params
   assert params["encoder"]["embed"]["embedding"].shape == (16, 16)
@@ -282,8 +262,8 @@ def test_separate_embeddings_allow_a_different_target_vocabulary():
 
 
 def test_pre_norm_differs_from_post_norm_and_adds_final_norms():
-  post = EncoderDecoder(tiny_config(norm_placement="post"))
-  pre = EncoderDecoder(tiny_config(norm_placement="pre"))
+  post = EncoderDecoder(tiny_model_config(norm_placement="post"))
+  pre = EncoderDecoder(tiny_model_config(norm_placement="pre"))
   post_params = init_params(post, SOURCE, TARGET)
   pre_params = init_params(pre, SOURCE, TARGET)
   assert "final_norm" in pre_params["encoder"] and "final_norm" in pre_params["decoder"]
@@ -298,7 +278,7 @@ def test_pre_norm_differs_from_post_norm_and_adds_final_norms():
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
-  cfg = tiny_config()
+  cfg = tiny_model_config()
   for tie_output in (True, False):  # shapes and dtypes only: no compilation
     model = EncoderDecoder(dataclasses.replace(cfg, dtype=jnp.bfloat16, tie_output=tie_output))
     variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), SOURCE, TARGET)
@@ -315,7 +295,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 
 def test_fused_attention_model_equals_reference_model():
-  cfg = tiny_config()
+  cfg = tiny_model_config()
   reference = EncoderDecoder(cfg)
   fused = EncoderDecoder(dataclasses.replace(cfg, attention_impl="fused"))
   params = init_params(reference, SOURCE, TARGET)
@@ -327,7 +307,7 @@ def test_fused_attention_model_equals_reference_model():
 
 
 def test_attention_weights_are_exposed_as_normalised_intermediates():
-  model = EncoderDecoder(tiny_config())
+  model = EncoderDecoder(tiny_model_config())
   inputs = pad(SOURCE, EXTRA)  # a source longer than the target: [.., 6, 9] cross weights
   params = init_params(model, inputs, TARGET)
   _, state = model.apply({"params": params}, inputs, TARGET, mutable=["intermediates"])
@@ -351,9 +331,9 @@ def test_attention_weights_are_exposed_as_normalised_intermediates():
 
 
 def test_dropout_only_when_not_deterministic_and_depends_on_rng():
-  model = DecoderOnly(tiny_config(dropout_rate=0.1, attention_dropout_rate=0.1))
+  model = DecoderOnly(tiny_model_config(dropout_rate=0.1, attention_dropout_rate=0.1))
   params = init_params(model, SOURCE)
-  plain = DecoderOnly(tiny_config()).apply({"params": params}, SOURCE)
+  plain = DecoderOnly(tiny_model_config()).apply({"params": params}, SOURCE)
   np.testing.assert_array_equal(model.apply({"params": params}, SOURCE, deterministic=True),
                                 plain)
 
