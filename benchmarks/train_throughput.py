@@ -1,0 +1,449 @@
+"""Training throughput and MFU of the real pmapped train step, on one local device.
+
+    python -m benchmarks.train_throughput                       # every shape (~6 min on 2 cores)
+    python -m benchmarks.train_throughput --shapes=nanogpt,wmt_small --steps=3
+    python benchmarks/train_throughput.py --shapes=list         # the shape names
+    python -m benchmarks.train_throughput --output=runs/throughput.json
+
+For each shape it builds the task and model from `configs/default.py` plus overrides,
+creates the state with `train.create_state`, and times `train.compile_steps`'s pmapped
+train step (Adam, gradient clipping, the non-finite guard: everything a real step does) on a
+synthetic int32 batch `[1, batch, length]` of random non-zero tokens, so every position is
+a real token (no padding). It reports the compile time (first call, blocked), the second
+call (it compiles again, see `run_shape`), the median step time (each step blocked;
+`--rounds` rounds of at least `--steps` steps, after `--warmup` more), tokens per second,
+model FLOPs per step (`model_flops`), achieved FLOP/s and MFU against a peak measured in
+the same run: the median time of a jitted float32 `[n, n] @ [n, n]` matmul.
+
+Nothing here asserts a timing. Two asserts guard the numbers: the FLOP formula's matmul
+parameter count must equal the model's (`check_matmul_parameters`), and the step's loss
+weight must equal batch x length (every token real).
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from typing import Any, Dict, List, Optional
+
+if __package__ in (None, ""):  # run as a script: put the repository root on the path
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import tasks  # noqa: E402
+import train  # noqa: E402
+import validation  # noqa: E402
+from configs import default as default_config  # noqa: E402
+from models import TransformerConfig  # noqa: E402
+from training import optimizers  # noqa: E402
+
+# CPU buffers cannot be donated; train.compile_steps donates the state for accelerators.
+warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
+
+
+# ----------------------------------------------------------------------------- shapes
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  """One benchmarked configuration.
+
+  `overrides` are config fields set after the `size` preset; `vocab_size` replaces the
+  synthetic vocabulary (16) when non-zero. `src_length` is ignored for generation.
+  """
+  name: str
+  task: str  # "translation" (encoder-decoder) or "generation" (decoder-only)
+  size: str  # the preset of configs/presets.py applied first
+  batch: int
+  tgt_length: int  # target length (translation) or sequence length (generation)
+  src_length: int = 0
+  vocab_size: int = 0  # 0 = the synthetic vocabulary of input_pipeline.synthetic
+  overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  reference: str = ""  # what the reference numbers are for
+  ref_mfu: Optional[float] = None  # percent
+  ref_tokens_per_sec: Optional[float] = None
+  note: str = ""
+
+
+# nanoGPT's shakespeare_char CPU command: pre-norm, GELU, learned positions, tied output.
+_NANOGPT = dict(num_decoder_layers=4, num_heads=4, d_model=128, d_ff=512, dropout_rate=0.0,
+                norm_placement="pre", positional_encoding="learned", activation="gelu",
+                tie_output=True)
+# Flax examples/wmt: pre-norm, sinusoidal positions, ReLU, shared and tied embeddings.
+_WMT = dict(norm_placement="pre", positional_encoding="sinusoidal", activation="relu",
+            share_embeddings=True, tie_output=True, dropout_rate=0.0)
+_WMT_SMALL = dict(_WMT, num_encoder_layers=3, num_decoder_layers=3, d_model=256, d_ff=1024,
+                  num_heads=4)
+_WMT_BASE = dict(_WMT, num_encoder_layers=6, num_decoder_layers=6, d_model=512, d_ff=2048,
+                 num_heads=8)
+
+SHAPES = [
+    Shape("nanogpt", "generation", "tiny", batch=12, tgt_length=64, vocab_size=65,
+          overrides=_NANOGPT, reference="nanoGPT, PyTorch eager CPU", ref_mfu=47.0,
+          ref_tokens_per_sec=17400.0, note="char-level shakespeare shape, vocab 65"),
+    Shape("nanogpt_fused", "generation", "tiny", batch=12, tgt_length=64, vocab_size=65,
+          overrides=dict(_NANOGPT, attention_impl="fused"), reference="nanoGPT",
+          ref_mfu=47.0, ref_tokens_per_sec=17400.0, note="as nanogpt, fused attention"),
+    Shape("wmt_small", "translation", "small", batch=32, src_length=64, tgt_length=64,
+          vocab_size=32000, overrides=_WMT_SMALL, reference="Flax WMT example, small",
+          ref_mfu=37.0, note="vocab 32000 (WMT shared SentencePiece)"),
+    Shape("wmt_small_v16", "translation", "small", batch=32, src_length=64, tgt_length=64,
+          overrides=_WMT_SMALL, note="wmt_small with the synthetic vocab 16"),
+    Shape("wmt_base", "translation", "base", batch=16, src_length=64, tgt_length=64,
+          vocab_size=32000, overrides=_WMT_BASE, reference="Flax WMT example, base",
+          ref_mfu=53.0, note="vocab 32000 (WMT shared SentencePiece)"),
+    Shape("translation_tiny", "translation", "tiny", batch=32, src_length=64, tgt_length=64),
+    Shape("translation_small", "translation", "small", batch=32, src_length=64,
+          tgt_length=64),
+    Shape("translation_small_fused", "translation", "small", batch=32, src_length=64,
+          tgt_length=64, overrides=dict(attention_impl="fused"),
+          note="as translation_small, fused attention"),
+    Shape("translation_base", "translation", "base", batch=16, src_length=64, tgt_length=64),
+    Shape("generation_tiny", "generation", "tiny", batch=32, tgt_length=64),
+    Shape("generation_small", "generation", "small", batch=32, tgt_length=64),
+    Shape("generation_base", "generation", "base", batch=16, tgt_length=64),
+]
+SHAPES_BY_NAME = {s.name: s for s in SHAPES}
+
+
+def build_config(shape: Shape):
+  """The run config of `shape`: default.py's preset, then the shape's fields (validated)."""
+  config = default_config.get_config(f"task={shape.task},size={shape.size},accel=cpu")
+  with config.unlocked():
+    config.update(shape.overrides)
+    config.batch_size = shape.batch
+    config.max_target_length = shape.tgt_length
+    if shape.task == "translation":
+      config.max_input_length = shape.src_length
+      config.max_digits = min(config.max_digits, shape.src_length - 1, shape.tgt_length - 1)
+    else:
+      config.max_digits = min(config.max_digits, (shape.tgt_length - 2) // 2)
+    config.min_digits = min(config.min_digits, config.max_digits)
+  validation.validate(config, num_devices=1)
+  return config
+
+
+def build_task(config, vocab_size: int):
+  """The task of `config`, with its model rebuilt for `vocab_size` when that is non-zero.
+
+  Task.__init__ takes the vocabulary from input_pipeline.synthetic and builds the model;
+  `model_config` reads `self.vocab_size`, so setting it and rebuilding is enough (the
+  decode-mode model of `predict` is built from the same attribute).
+  """
+  task = tasks.get_task(config)
+  if vocab_size:
+    task.vocab_size = vocab_size
+    task.model = task.build_model(decode=False)
+  return task
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def _family(task) -> str:
+  if task.name == "translation":
+    return "enc-dec"
+  if task.name == "generation":
+    return "decoder-only"
+  raise ValueError(f"no FLOP formula for task {task.name!r}")
+
+
+def matmul_parameters(cfg: TransformerConfig, family: str) -> Dict[str, int]:
+  """Matmul weights of the model, from its config.
+
+    d = d_model, A = num_heads * head_dim, F = d_ff, V_t = target vocabulary.
+    encoder layer:       4 d A (W^Q, W^K, W^V, W^O) + 2 d F (W_1, W_2)
+    decoder layer:       8 d A (self- and cross-attention) + 2 d F;  decoder-only: 4 d A + 2 d F
+    untied output layer: d V_t (`output_kernel`; 0 when tied to the embedding)
+  Everything else (embedding and position tables, norm scales, biases) is not a matmul.
+  """
+  d, a, f = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.d_ff
+  enc_layers = cfg.num_encoder_layers if family == "enc-dec" else 0
+  attention = 4 * d * a
+  ffn = 2 * d * f
+  dec_layer = (2 if family == "enc-dec" else 1) * attention + ffn
+  return {"encoder": enc_layers * (attention + ffn),
+          "decoder": cfg.num_decoder_layers * dec_layer,
+          "output_kernel": 0 if cfg.tie_output else d * cfg.target_vocab_size}
+
+
+# Parameter leaves that are not matmul weights: embedding tables, learned position tables,
+# layer-norm scales, biases. Any other non-`kernel` leaf stops the benchmark (see below).
+NON_MATMUL_LEAVES = ("embedding", "table", "scale", "bias")
+
+
+def check_matmul_parameters(cfg: TransformerConfig, family: str, params) -> Dict[str, int]:
+  """Asserts the formula's matmul weights equal the model's: its parameter count minus
+  every embedding, position-table, norm and bias leaf. Returns the counts (and `total`).
+
+  A leaf that is neither a dense `kernel` nor one of NON_MATMUL_LEAVES also fails, so a new
+  kind of weight cannot slip past the FLOP formula unnoticed.
+  """
+  sizes: Dict[str, int] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    name = str(getattr(path[-1], "key", path[-1]))
+    sizes[name] = sizes.get(name, 0) + int(np.prod(leaf.shape))
+  unknown = sorted(set(sizes) - {"kernel", *NON_MATMUL_LEAVES})
+  assert not unknown, f"parameter leaves {unknown} are not covered by the FLOP formula"
+  total = train.count_parameters(params)
+  model_matmul = total - sum(sizes.get(k, 0) for k in NON_MATMUL_LEAVES)
+  counts = matmul_parameters(cfg, family)
+  formula = sum(counts.values())
+  assert model_matmul == formula, (
+      f"FLOP formula drifted from the model: it counts {formula:,} matmul parameters, the "
+      f"model has {model_matmul:,} (= {total:,} minus embeddings, norms and biases)")
+  return {**counts, "matmul": formula, "total": total}
+
+
+def model_flops(cfg: TransformerConfig, family: str, batch: int, src_length: int,
+                tgt_length: int) -> Dict[str, float]:
+  """Model FLOPs of one training step (forward + backward), the PaLM appendix B way.
+
+  A matmul with P weights applied to T tokens costs 2 P T FLOPs forward and 4 P T backward
+  (gradients for its input and for its weights), so 6 P T per step. With d = d_model,
+  A = num_heads * head_dim, V_t = target vocabulary, B = batch, S = source length,
+  T = target (or sequence) length, per step:
+
+    6 * P_enc * B S               encoder layers (4 d A + 2 d F each) over source tokens
+  + 6 * P_dec * B T               decoder layers (8 d A + 2 d F each; 4 d A + 2 d F
+                                  decoder-only) over target tokens
+  + 6 * d V_t * B T               output projection (logits), counted even when tied to the
+                                  embedding: the logits matmul is real compute
+  + 12 * N_enc * A * S * S * B    encoder self-attention: Q K^T and probs V, 2 * 2 L_q L_k A
+  + 12 * N_dec * A * T * T * B    decoder causal self-attention, the full T^2 (as PaLM
+                                  counts; the reference path also computes the masked half)
+  + 12 * N_dec * A * T * S * B    cross-attention (enc-dec only)
+
+  Not counted: the embedding lookup and its scatter-add gradient, softmax, layer norm,
+  biases, activations, residuals, dropout, the loss and the optimizer update.
+  """
+  d, a = cfg.d_model, cfg.num_heads * cfg.head_dim
+  enc_dec = family == "enc-dec"
+  counts = matmul_parameters(cfg, family)
+  src_tokens = batch * src_length if enc_dec else 0
+  tgt_tokens = batch * tgt_length
+  n_enc = cfg.num_encoder_layers if enc_dec else 0
+  n_dec = cfg.num_decoder_layers
+  parts = {
+      "encoder": 6.0 * counts["encoder"] * src_tokens,
+      "decoder": 6.0 * counts["decoder"] * tgt_tokens,
+      "output": 6.0 * d * cfg.target_vocab_size * tgt_tokens,
+      "encoder_attention": 12.0 * n_enc * a * src_length**2 * batch if enc_dec else 0.0,
+      "decoder_attention": 12.0 * n_dec * a * tgt_length**2 * batch,
+      "cross_attention": 12.0 * n_dec * a * tgt_length * src_length * batch if enc_dec else 0.0,
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def measure_peak(n: int, reps: int) -> Dict[str, float]:
+  """FLOP/s of a jitted float32 [n, n] @ [n, n] (2 n^3 FLOPs): median of `reps` timings."""
+  key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
+  a = jax.random.normal(key_a, (n, n), jnp.float32)
+  b = jax.random.normal(key_b, (n, n), jnp.float32)
+  matmul = jax.jit(jnp.matmul)
+  matmul(a, b).block_until_ready()
+  times = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    matmul(a, b).block_until_ready()
+    times.append(time.perf_counter() - t0)
+  seconds = statistics.median(times)
+  return {"n": n, "reps": reps, "median_s": seconds, "flops_per_sec": 2.0 * n**3 / seconds}
+
+
+def synthetic_batch(task, vocab_size: int, batch: int, seed: int) -> Dict[str, np.ndarray]:
+  """Random tokens in [1, vocab) filling every position: `[1, batch, length]` int32."""
+  rng = np.random.default_rng(seed)
+  return {k: rng.integers(1, vocab_size, size=(1, batch, n), dtype=np.int32)
+          for k, n in task.lengths.items()}
+
+
+def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seconds: float,
+              seed: int) -> Dict[str, Any]:
+  """Builds `shape`, compiles its train step and times it; returns one result row (MFU is
+  added by the caller, which owns the peak)."""
+  config = build_config(shape)
+  task = build_task(config, shape.vocab_size)
+  cfg = task.model.config
+  family = _family(task)
+  tx = optimizers.make_optimizer(config)
+  state = train.create_state(task, tx, config.seed)
+  counts = check_matmul_parameters(cfg, family, state.params)
+  devices = jax.local_devices()[:1]
+  p_train, _, _ = train.compile_steps(task, tx, config, devices)
+  p_state = train.replicate(state, devices)
+  del state
+  batch = synthetic_batch(task, task.vocab_size, shape.batch, seed)
+
+  t0 = time.perf_counter()
+  p_state, metrics = p_train(p_state, batch)
+  jax.block_until_ready((p_state, metrics))
+  compile_s = time.perf_counter() - t0
+  scored = batch["targets"] if "targets" in batch else batch["inputs"]
+  assert float(metrics["weight"][0]) == scored.size, "some synthetic tokens were not counted"
+
+  def timed(n: int) -> List[float]:
+    nonlocal p_state
+    out = []
+    for _ in range(n):
+      t = time.perf_counter()
+      p_state, m = p_train(p_state, batch)
+      jax.block_until_ready((p_state, m))
+      out.append(time.perf_counter() - t)
+    return out
+
+  # Reported apart so a recompilation on the second call (a sharding mismatch between the
+  # replicated state and the step's outputs) would show.
+  second_call_s = timed(1)[0]
+  warm = timed(max(warmup, 1))
+  # Fast steps are noisy: run at least `min_round_seconds` per round.
+  per_round = max(steps, math.ceil(min_round_seconds / max(min(warm), 1e-6)))
+  round_times = [timed(per_round) for _ in range(rounds)]
+  all_times = [t for r in round_times for t in r]
+  step_s = statistics.median(all_times)
+
+  src_len = shape.src_length if family == "enc-dec" else 0
+  flops = model_flops(cfg, family, shape.batch, src_len, shape.tgt_length)
+  tgt_tokens = shape.batch * shape.tgt_length
+  all_tokens = tgt_tokens + shape.batch * src_len
+  achieved = flops["total"] / step_s
+  return {
+      "shape": shape.name, "family": family, "task": shape.task, "size": shape.size,
+      "params": counts["total"], "params_matmul": counts["matmul"],
+      "batch": shape.batch, "src_length": src_len, "tgt_length": shape.tgt_length,
+      "vocab_size": task.vocab_size, "dropout_rate": config.dropout_rate,
+      "attention_impl": config.attention_impl, "norm_placement": config.norm_placement,
+      "compile_s": compile_s, "second_call_s": second_call_s, "step_s": step_s,
+      "steps_per_round": per_round,
+      "round_median_s": [statistics.median(r) for r in round_times],
+      "step_s_min": min(all_times), "step_s_max": max(all_times),
+      "tokens_per_sec": tgt_tokens / step_s, "all_tokens_per_sec": all_tokens / step_s,
+      "flops_per_step": flops["total"], "flops_parts": flops,
+      "flops_per_sec": achieved,
+      "reference": shape.reference, "ref_mfu": shape.ref_mfu,
+      "ref_tokens_per_sec": shape.ref_tokens_per_sec, "note": shape.note,
+  }
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def markdown_table(rows: List[Dict[str, Any]]) -> str:
+  head = ("| shape | family | params | batch x lengths | vocab | dropout | attention | "
+          "compile s | 2nd call s | step ms | tokens/s | src+tgt tokens/s | model GFLOP/step | "
+          "GFLOP/s | MFU % | reference MFU % |")
+  lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
+  for r in rows:
+    lengths = (f"{r['batch']} x {r['src_length']}/{r['tgt_length']}"
+               if r["family"] == "enc-dec" else f"{r['batch']} x {r['tgt_length']}")
+    ref = f"{r['ref_mfu']:.0f}" if r["ref_mfu"] is not None else ""
+    lines.append(
+        f"| {r['shape']} | {r['family']} | {r['params'] / 1e6:.2f}M | {lengths} | "
+        f"{r['vocab_size']} | {r['dropout_rate']:g} | {r['attention_impl']} | "
+        f"{r['compile_s']:.1f} | {r['second_call_s']:.1f} | {r['step_s'] * 1e3:.1f} | "
+        f"{r['tokens_per_sec']:,.0f} | "
+        f"{r['all_tokens_per_sec']:,.0f} | {r['flops_per_step'] / 1e9:.2f} | "
+        f"{r['flops_per_sec'] / 1e9:.1f} | {100 * r['mfu']:.1f} | {ref} |")
+  return "\n".join(lines)
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--shapes", default="all",
+                      help="comma-separated shape names, 'all', or 'list' to print them")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per round (minimum)")
+  parser.add_argument("--rounds", type=int, default=3, help="timed rounds per shape")
+  parser.add_argument("--warmup", type=int, default=1,
+                      help="untimed steps after the first two calls")
+  parser.add_argument("--min_round_seconds", type=float, default=1.0,
+                      help="raise the steps of a round until it lasts about this long")
+  parser.add_argument("--peak_size", type=int, default=1024,
+                      help="n of the float32 n x n matmul that defines the peak")
+  parser.add_argument("--peak_reps", type=int, default=30, help="timed peak matmuls")
+  parser.add_argument("--seed", type=int, default=0, help="synthetic batch tokens")
+  parser.add_argument("--output", default="", help="also write the results as JSON here")
+  return parser.parse_args(argv)
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.shapes == "list":
+    for s in SHAPES:
+      print(f"{s.name:<24} {s.task:<12} {s.note or s.size}")
+    return
+  names = [s.name for s in SHAPES] if args.shapes == "all" else [
+      n.strip() for n in args.shapes.split(",") if n.strip()]
+  unknown = [n for n in names if n not in SHAPES_BY_NAME]
+  if unknown:
+    raise SystemExit(f"unknown shapes {unknown}; choose from {', '.join(SHAPES_BY_NAME)}")
+
+  start = time.perf_counter()
+  load_before = os.getloadavg()
+  # The machine may be shared: the peak is measured before every shape and once at the end,
+  # and MFU uses the median of those measurements; their spread shows the noise.
+  peaks = [measure_peak(args.peak_size, args.peak_reps)]
+  print(f"peak (jitted float32 {args.peak_size}x{args.peak_size} matmul, median of "
+        f"{args.peak_reps}): {peaks[0]['flops_per_sec'] / 1e9:.1f} GFLOP/s",
+        file=sys.stderr, flush=True)
+  results = []
+  for i, name in enumerate(names):
+    if i:
+      peaks.append(measure_peak(args.peak_size, args.peak_reps))
+    row = run_shape(SHAPES_BY_NAME[name], args.steps, args.rounds, args.warmup,
+                    args.min_round_seconds, args.seed)
+    row["peak_before"] = peaks[-1]["flops_per_sec"]
+    row["load_average_after"] = os.getloadavg()
+    results.append(row)
+    print(f"{name}: compile {row['compile_s']:.1f} s, 2nd call {row['second_call_s']:.1f} s, "
+          f"step {row['step_s'] * 1e3:.1f} ms, "
+          f"{row['flops_per_sec'] / 1e9:.1f} GFLOP/s (peak just before: "
+          f"{row['peak_before'] / 1e9:.1f})", file=sys.stderr, flush=True)
+  peaks.append(measure_peak(args.peak_size, args.peak_reps))
+  larger = measure_peak(2 * args.peak_size, max(args.peak_reps // 4, 3))
+  peak = statistics.median(p["flops_per_sec"] for p in peaks)
+  for row in results:
+    row["mfu"] = row["flops_per_sec"] / peak
+  total_s = time.perf_counter() - start
+  load_after = os.getloadavg()
+
+  print(f"\njax {jax.__version__}, backend {jax.default_backend()}, "
+        f"{len(jax.local_devices())} local device(s), {os.cpu_count()} CPU(s), "
+        f"{platform.processor() or platform.machine()}")
+  print(f"load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
+        f"{' '.join(f'{x:.2f}' for x in load_after)} after")
+  spread = sorted(p["flops_per_sec"] / 1e9 for p in peaks)
+  print(f"peak for MFU: jitted float32 {args.peak_size}x{args.peak_size} matmul "
+        f"(2 n^3 FLOPs), {peak / 1e9:.1f} GFLOP/s = median of {len(peaks)} measurements "
+        f"(each the median of {args.peak_reps} calls; range {spread[0]:.1f} - "
+        f"{spread[-1]:.1f}); {larger['n']}x{larger['n']}: "
+        f"{larger['flops_per_sec'] / 1e9:.1f} GFLOP/s")
+  print("tokens/s counts target tokens (enc-dec) or sequence tokens (decoder-only); "
+        "src+tgt adds the source tokens.\n")
+  print(markdown_table(results))
+  print(f"\ntotal time {total_s:.0f} s")
+  if args.output:
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with open(args.output, "w", encoding="utf-8") as f:
+      json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"),
+                 "jax": jax.__version__, "backend": jax.default_backend(),
+                 "args": vars(args), "peak_flops_per_sec": peak, "peaks": peaks,
+                 "peak_larger": larger, "load_before": load_before,
+                 "load_after": load_after, "total_s": total_s, "rows": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()
