@@ -217,8 +217,19 @@ def _raise_if_nonfinite(flags: List[float], done: int, last_saved: Optional[int]
         f"config.learning_rate, raise config.warmup_steps or enable config.max_grad_norm.")
 
 
-def _log_metrics(prefix: str, metrics: Dict[str, float]) -> str:
-  return "  ".join(f"{prefix}{k} {v:.4g}" for k, v in metrics.items())
+def _evaluate_and_report(title: str, step: int, task, p_eval, p_predict, params,
+                         eval_dataset, writer: Optional[reporting.MetricWriter],
+                         num_examples: int = 0) -> Dict[str, float]:
+  """Evaluates, writes the metrics (and example lines) to `writer`, and logs them."""
+  metrics, lines = evaluate(task, p_eval, p_predict, params, eval_dataset, num_examples)
+  if writer is not None:
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    if lines:
+      writer.write_text(step, "eval/examples", "\n\n".join(lines))
+  logging.info("%s at step %d: %s%s", title, step,
+               "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+               "".join("\n" + line for line in lines))
+  return metrics
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -259,11 +270,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_dict = json.loads(config.to_json())
   last_saved = checkpoints.latest_step()
 
-  def save(step):
-    nonlocal last_saved
-    checkpoints.save(step, unreplicate_to_host(p_state), config_dict)
-    last_saved = step
-
   if start >= total:
     logging.info("training already finished (step %d of %d)", start, total)
   for step in range(start, total):
@@ -299,27 +305,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     if done % config.eval_every_steps == 0 and done != total:
       t0 = time.perf_counter()
-      eval_metrics, _ = evaluate(task, p_eval, p_predict, p_state.params, eval_dataset)
-      writer.write_scalars(done, {f"eval/{k}": v for k, v in eval_metrics.items()})
-      logging.info("eval at step %d: %s", done, _log_metrics("", eval_metrics))
+      _evaluate_and_report("eval", done, task, p_eval, p_predict, p_state.params,
+                           eval_dataset, writer)
       progress.exclude(time.perf_counter() - t0)
 
     if done % config.checkpoint_every_steps == 0 or done == total:
       t0 = time.perf_counter()
       _raise_if_nonfinite([float(m["nonfinite"][0]) for m in history], done, last_saved,
                           checkpoints.directory)
-      save(done)
+      checkpoints.save(done, unreplicate_to_host(p_state), config_dict)
+      last_saved = done
       progress.exclude(time.perf_counter() - t0)
 
   checkpoints.wait()
-  final_step = int(jax.device_get(p_state.step)[0])
-  eval_metrics, lines = evaluate(task, p_eval, p_predict, p_state.params, eval_dataset,
-                                 num_examples=config.num_print_examples)
-  writer.write_scalars(final_step, {f"eval/{k}": v for k, v in eval_metrics.items()})
-  if lines:
-    writer.write_text(final_step, "eval/examples", "\n\n".join(lines))
-  logging.info("final evaluation at step %d: %s\n%s", final_step,
-               _log_metrics("", eval_metrics), "\n".join(lines))
+  eval_metrics = _evaluate_and_report(
+      "final evaluation", max(start, total), task, p_eval, p_predict, p_state.params,
+      eval_dataset, writer, num_examples=config.num_print_examples)
   checkpoints.close()
   writer.close()
   return eval_metrics
@@ -343,9 +344,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   state = checkpoints.restore(template, step)
   _, p_eval, p_predict = compile_steps(task, tx, config, devices)
   params = replicate(state.params, devices)
-  metrics, lines = evaluate(task, p_eval, p_predict, params, eval_dataset,
-                            num_examples=config.num_print_examples)
-  logging.info("evaluation of step %d: %s\n%s", int(state.step), _log_metrics("", metrics),
-               "\n".join(lines))
+  metrics = _evaluate_and_report("evaluation of the checkpoint", int(state.step), task,
+                                 p_eval, p_predict, params, eval_dataset, writer=None,
+                                 num_examples=config.num_print_examples)
   checkpoints.close()
   return metrics

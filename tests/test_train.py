@@ -167,7 +167,7 @@ def test_main_trains_resumes_and_evaluates(tmp_path):
 
   evaluated = run_main(*flags, "--mode=eval")
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  assert "evaluation of step 9" in evaluated.stderr
+  assert "evaluation of the checkpoint at step 9" in evaluated.stderr
 
 
 def test_main_reports_a_bad_config_in_one_line(tmp_path):
