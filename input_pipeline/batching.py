@@ -74,7 +74,18 @@ def batched_dataset(source, *, batch_size: int, num_devices: int,
     raise ValueError(f"batch size {batch_size} is not divisible by {num_devices} devices")
   ds = grain.MapDataset.source(source)
   if process_count > 1:
-    ds = ds[process_index::process_count]
+    shard = ds[process_index::process_count]
+    if repeat:
+      ds = shard
+    else:
+      # Shards of one pass differ in length by up to one example, which could give the
+      # processes different batch counts and leave a cross-process collective waiting
+      # forever. Every shard is padded with empty examples to the longest shard's length.
+      length = -(-len(source) // process_count)
+      empty = {k: np.zeros_like(np.asarray(v))[:0] if np.ndim(v) else np.zeros_like(v)
+               for k, v in source[0].items()}
+      ds = grain.MapDataset.range(length).map(
+          lambda i: shard[i] if i < len(shard) else empty)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:

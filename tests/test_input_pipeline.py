@@ -253,6 +253,20 @@ def test_processes_partition_the_source(shuffle, repeat):
     assert sorted(a | b) == list(range(20))
 
 
+def test_one_pass_gives_every_process_the_same_number_of_batches():
+  """17 examples over 2 processes in batches of 4: shards of 9 and 8 examples must both
+  make 3 batches, or a cross-process collective in evaluation would wait forever."""
+  counts, ids = [], []
+  for index in range(2):
+    dataset = _dataset(n=17, batch_size=4, num_devices=2, shuffle=False,
+                       process_index=index, process_count=2)
+    batches = list(batching.iterate(dataset))
+    counts.append(len(batches))
+    ids += _ids(batches)
+  assert counts == [3, 3]
+  assert sorted(ids) == list(range(17))
+
+
 def test_batch_size_must_divide_over_devices():
   with pytest.raises(ValueError, match="divisible"):
     _dataset(batch_size=6, num_devices=4, shuffle=False)
