@@ -232,7 +232,8 @@ def test_disabled_metric_writer_writes_nothing(tmp_path):
   assert not os.path.exists(workdir)
 
 
-def test_progress_excludes_compilation_from_the_rate(monkeypatch):
+def test_progress_measures_each_interval_and_flags_the_compile_one(monkeypatch):
+  """The slow first interval does not leak into later rates; excluded eval time is skipped."""
   now = [100.0]
   monkeypatch.setattr(reporting.time, "perf_counter", lambda: now[0])
   progress = reporting.Progress(first_step=0, total_steps=1000)

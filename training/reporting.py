@@ -5,7 +5,7 @@ import logging
 import math
 import os
 import time
-from typing import Mapping, Optional
+from typing import Mapping
 
 from tensorboardX import SummaryWriter
 
@@ -73,27 +73,28 @@ def format_duration(seconds: float) -> str:
 
 
 class Progress:
-  """Throughput and ETA between log steps; the first interval (compilation) is excluded
-  from the rate so the ETA is not skewed by it."""
+  """Throughput and ETA over each interval between log steps.
+
+  Each interval is measured on its own, so the compilation in the first interval slows
+  only that interval's rate and ETA; the first report is flagged `includes_compile`.
+  """
 
   def __init__(self, first_step: int, total_steps: int):
     self.total_steps = total_steps
     self._last_step = first_step
     self._last_time = time.perf_counter()
-    self._rate: Optional[float] = None  # steps per second, excluding compile time
+    self._first = True
 
   def update(self, step: int, tokens: float) -> dict:
     """Call at a log step with the tokens processed since the last call."""
     now = time.perf_counter()
     elapsed = max(now - self._last_time, 1e-9)
-    steps = step - self._last_step
-    rate = steps / elapsed
-    first_interval = self._rate is None
-    self._rate = rate
+    rate = (step - self._last_step) / elapsed
+    includes_compile, self._first = self._first, False
     self._last_step, self._last_time = step, now
     remaining = (self.total_steps - step) / rate if rate > 0 else float("inf")
     return {"steps_per_sec": rate, "tokens_per_sec": tokens / elapsed,
-            "eta_seconds": remaining, "includes_compile": first_interval}
+            "eta_seconds": remaining, "includes_compile": includes_compile}
 
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` of work that is not training (evaluation, saves) out of the rate."""
