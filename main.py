@@ -2,6 +2,13 @@
 
     python main.py --workdir=runs/demo                          # train (or resume), evaluate
     python main.py --workdir=runs/demo --mode=eval              # evaluate the newest checkpoint
+    python main.py --config=configs/translation.py --workdir=runs/m30k \
+        --config.data_dir=../shared/data/multi30k                # Multi30k de->en
+    python main.py --config=configs/translation.py --workdir=runs/m30k \
+        --config.data_dir=../shared/data/multi30k --mode=eval --split=test --checkpoint=best
+    python main.py --config=configs/translation.py --workdir=runs/m30k --mode=average
+    echo "Ein Mann fährt Fahrrad." | python main.py --config=configs/translation.py \
+        --workdir=runs/m30k --config.data_dir=../shared/data/multi30k --mode=decode
     python main.py --config=configs/default.py:task=generation,size=small --workdir=runs/lm
     python main.py --workdir=runs/demo --config.num_train_steps=500 --config.d_model=128
 
@@ -18,7 +25,7 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "default.py")
-MODES = ("train", "eval")
+MODES = ("train", "eval", "decode", "average")
 
 def _user_error(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
@@ -35,8 +42,17 @@ except (KeyError, AttributeError) as e:
   _user_error(f"unknown config field in the overrides: {' '.join(str(e).split())}")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
 flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate; "
-                  "eval: evaluate the newest checkpoint.")
-flags.DEFINE_integer("step", None, "With --mode=eval: the checkpoint step to evaluate.")
+                  "eval: decode and score a split with a checkpoint, writing the scores "
+                  "and hypotheses under <workdir>/eval; decode: translate lines of --input "
+                  "to standard output; average: average the newest --num_average "
+                  "checkpoints into <workdir>/averaged.")
+flags.DEFINE_integer("step", None, "eval/decode: the checkpoint step (default: newest).")
+flags.DEFINE_enum("checkpoint", "latest", ("latest", "best", "averaged"),
+                  "eval/decode: which checkpoint: the regular ones (newest or --step), the "
+                  "best by config.best_metric, or the --mode=average one.")
+flags.DEFINE_string("split", None, "eval: the split to score (default config.eval_split).")
+flags.DEFINE_string("input", "-", "decode: a text file with a sentence a line; - = stdin.")
+flags.DEFINE_integer("num_average", 5, "average: how many of the newest checkpoints.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -44,9 +60,23 @@ def _user_errors():
   # Imported lazily so that `--help` and flag errors do not pay for importing jax.
   from configs.presets import VariantError
   from input_pipeline.batching import ExampleTooLongError
+  from input_pipeline.local_builders import DataError
+  from input_pipeline.tokenizers import TokenizerError
   from training.checkpointing import CheckpointError
   from validation import ConfigError
-  return (ConfigError, VariantError, CheckpointError, ExampleTooLongError)
+  return (ConfigError, VariantError, CheckpointError, ExampleTooLongError, DataError,
+          TokenizerError)
+
+
+def _read_input(path: str):
+  """The lines of --input (a file, or standard input for -)."""
+  if path == "-":
+    return sys.stdin.read().splitlines()
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read().splitlines()
+  except (OSError, UnicodeDecodeError) as e:
+    _user_error(f"--input={path}: cannot read it as UTF-8 text ({e})")
 
 
 def _one_line(error: BaseException) -> str:
@@ -83,10 +113,24 @@ def main(argv):
   config = _load_config()
   workdir = flags.FLAGS.workdir
   try:
-    if flags.FLAGS.mode == "train":
+    mode = flags.FLAGS.mode
+    if mode == "train":
       train.train_and_evaluate(config, workdir)
+    elif mode == "eval":
+      train.evaluate_checkpoint(config, workdir, step=flags.FLAGS.step,
+                                split=flags.FLAGS.split, checkpoint=flags.FLAGS.checkpoint)
+    elif mode == "decode":
+      if config.task != "translation":
+        _user_error(f"--mode=decode translates; config.task={config.task!r} has no decoder "
+                    f"from text to text")
+      lines = _read_input(flags.FLAGS.input)
+      for line in train.decode_lines(config, workdir, lines, step=flags.FLAGS.step,
+                                     checkpoint=flags.FLAGS.checkpoint):
+        print(line, flush=True)
     else:
-      train.evaluate_checkpoint(config, workdir, step=flags.FLAGS.step)
+      step = train.average_checkpoints(config, workdir, flags.FLAGS.num_average)
+      print(f"averaged the newest {flags.FLAGS.num_average} checkpoints (up to step {step}) "
+            f"into {os.path.join(workdir, 'averaged')}")
   except user_errors as e:
     logging.flush()
     print(f"error: {e}", file=sys.stderr)

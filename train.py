@@ -12,6 +12,7 @@ functions of (state, batch); pmap and the axis name are applied in one place
 import functools
 import json
 import os
+import shutil
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -78,6 +79,9 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int):
                                         step_rng))
     (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
 
+  # Throughput counts real tokens of every sequence field (padding excluded).
+  sums = {**sums, "tokens": sum(jnp.sum(batch[k] > 0).astype(jnp.float32)
+                                for k in ("inputs", "targets") if k in batch)}
   grads, sums = jax.lax.psum((grads, sums), AXIS)
   grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
   grad_norm = optax.tree.norm(grads)
@@ -169,39 +173,44 @@ def _sum_dicts(dicts: List[Dict[str, float]]) -> Dict[str, float]:
   return out
 
 
-def evaluate(task, p_eval, p_predict, params, eval_dataset, num_examples: int = 0):
-  """Loss metrics and prediction scores over the whole eval split.
+def evaluate(task, p_eval, p_predict, params, eval_dataset, split: str = "eval",
+             num_examples: int = 0, decode_batches: Optional[int] = None):
+  """Loss metrics over the whole split, and predictions scored on its first
+  `decode_batches` batches (all when None).
 
-  Returns (metrics, example_lines) with metrics from `task.summarize`.
+  Returns (metrics from `task.summarize`, example lines, per-example output records).
   """
-  loss_sums, score_sums, lines = [], [], []
-  for batch in batching.iterate(eval_dataset):
+  loss_sums, score_sums, records, lines = [], [], [], []
+  for index, batch in enumerate(batching.iterate(eval_dataset)):
     loss_sums.append(p_eval(params, batch))
+    if decode_batches is not None and index >= decode_batches:
+      continue
     predictions = np.asarray(p_predict(params, batch))
     flat_batch = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
     flat_predictions = predictions.reshape((-1,) + predictions.shape[2:])
     score_sums.append(task.score(flat_batch, flat_predictions))
+    records += task.outputs(flat_batch, flat_predictions, split)
     if len(lines) < num_examples:
-      lines += task.format_examples(flat_batch, flat_predictions, num_examples - len(lines))
+      lines += task.format_examples(flat_batch, flat_predictions, num_examples - len(lines),
+                                    split=split)
   sums = _sum_dicts([jax.tree.map(lambda x: x[0], s) for s in jax.device_get(loss_sums)])
   sums.update(_sum_dicts(score_sums))
-  return task.summarize(sums), lines
+  return task.summarize(sums, records), lines, records
 
 
 # ----------------------------------------------------------------------------- the loop
 
 
 def _setup(config: ml_collections.ConfigDict, workdir: str,
-           devices: Optional[Sequence[jax.Device]]):
+           devices: Optional[Sequence[jax.Device]], training: bool = True,
+           split: str = "eval"):
   reporting.quiet_library_logs()
   devices = list(devices or jax.local_devices())
   validation.validate(config, num_devices=len(devices) * jax.process_count())
-  task = tasks.get_task(config)
+  task = tasks.get_task(config, workdir, training=training)
   tx = optimizers.make_optimizer(config)
-  eval_dataset = batching.batched_dataset(
-      task.data_source("eval"), batch_size=config.eval_batch_size // jax.process_count(),
-      num_devices=len(devices), lengths=task.lengths, shuffle=False,
-      process_index=jax.process_index(), process_count=jax.process_count())
+  eval_dataset = task.eval_dataset(split, config.eval_batch_size, len(devices),
+                                   jax.process_index(), jax.process_count())
   return devices, task, tx, eval_dataset
 
 
@@ -219,9 +228,14 @@ def _raise_if_nonfinite(flags: List[float], done: int, last_saved: Optional[int]
 
 def _evaluate_and_report(title: str, step: int, task, p_eval, p_predict, params,
                          eval_dataset, writer: Optional[reporting.MetricWriter],
-                         num_examples: int = 0) -> Dict[str, float]:
-  """Evaluates, writes the metrics (and example lines) to `writer`, and logs them."""
-  metrics, lines = evaluate(task, p_eval, p_predict, params, eval_dataset, num_examples)
+                         num_examples: int = 0, decode_batches: Optional[int] = None,
+                         split: str = "eval"):
+  """Evaluates, writes the metrics (and example lines) to `writer`, and logs them.
+
+  Returns (metrics, output records).
+  """
+  metrics, lines, records = evaluate(task, p_eval, p_predict, params, eval_dataset, split,
+                                     num_examples, decode_batches)
   if writer is not None:
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     if lines:
@@ -229,7 +243,45 @@ def _evaluate_and_report(title: str, step: int, task, p_eval, p_predict, params,
   logging.info("%s at step %d: %s%s", title, step,
                "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
                "".join("\n" + line for line in lines))
-  return metrics
+  return metrics, records
+
+
+class BestCheckpoint:
+  """Keeps the checkpoint with the best value of `config.best_metric` in <workdir>/best."""
+
+  LOWER_IS_BETTER = ("loss", "perplexity")
+
+  def __init__(self, config, workdir: str, enabled: bool):
+    self.metric = config.best_metric
+    self.enabled = enabled and bool(self.metric)
+    self.record = os.path.join(workdir, "best", "best.json")
+    self.best = None
+    if self.enabled and os.path.exists(self.record):
+      with open(self.record, encoding="utf-8") as f:
+        self.best = json.load(f)["value"]
+    self.checkpoints = (checkpointing.Checkpointer(workdir, keep=1, subdir="best")
+                        if self.enabled else None)
+
+  def update(self, step: int, metrics: Dict[str, float], host_state, config_dict) -> None:
+    if not self.enabled or self.metric not in metrics:
+      return
+    value = metrics[self.metric]
+    lower = self.metric in self.LOWER_IS_BETTER
+    if self.best is not None and (value >= self.best if lower else value <= self.best):
+      return
+    self.best = value
+    self.checkpoints.save(step, host_state, config_dict)
+    self.checkpoints.wait()  # the record below must never name a checkpoint not on disk
+    tmp = self.record + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump({"metric": self.metric, "value": value, "step": step}, f)
+    os.replace(tmp, self.record)
+    logging.info("new best %s %.4g at step %d (saved in %s)", self.metric, value, step,
+                 self.checkpoints.directory)
+
+  def close(self) -> None:
+    if self.checkpoints is not None:
+      self.checkpoints.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
@@ -260,15 +312,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   p_state = replicate(state, devices)
   del state
 
-  train_dataset = batching.batched_dataset(
-      task.data_source("train"), batch_size=config.batch_size // jax.process_count(),
-      num_devices=len(devices), lengths=task.lengths, shuffle=True, seed=config.shuffle_seed,
-      repeat=True, process_index=jax.process_index(), process_count=jax.process_count())
+  train_dataset = task.train_dataset(config.batch_size, len(devices), jax.process_index(),
+                                     jax.process_count())
   train_iter = batching.iterate(train_dataset, start=start)
   progress = reporting.Progress(start, total)
   history: List[Dict[str, jax.Array]] = []
   config_dict = json.loads(config.to_json())
   last_saved = checkpoints.latest_step()
+  best = BestCheckpoint(config, workdir, enabled=is_chief)
+  decode_batches = config.num_decode_batches or None
 
   if start >= total:
     logging.info("training already finished (step %d of %d)", start, total)
@@ -283,7 +335,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       _raise_if_nonfinite([m["nonfinite"] for m in fetched], done, last_saved,
                           checkpoints.directory)
       sums = _sum_dicts(fetched)
-      speed = progress.update(done, sums["weight"])
+      speed = progress.update(done, sums["tokens"])
       train_metrics = {
           "loss": sums["loss"] / max(sums["weight"], 1.0),
           "accuracy": sums["correct"] / max(sums["weight"], 1.0),
@@ -305,8 +357,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
     if done % config.eval_every_steps == 0 and done != total:
       t0 = time.perf_counter()
-      _evaluate_and_report("eval", done, task, p_eval, p_predict, p_state.params,
-                           eval_dataset, writer)
+      metrics, _ = _evaluate_and_report("eval", done, task, p_eval, p_predict,
+                                        p_state.params, eval_dataset, writer,
+                                        decode_batches=decode_batches)
+      best.update(done, metrics, unreplicate_to_host(p_state), config_dict)
       progress.exclude(time.perf_counter() - t0)
 
     if done % config.checkpoint_every_steps == 0 or done == total:
@@ -318,34 +372,165 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       progress.exclude(time.perf_counter() - t0)
 
   checkpoints.wait()
-  eval_metrics = _evaluate_and_report(
+  eval_metrics, _ = _evaluate_and_report(
       "final evaluation", max(start, total), task, p_eval, p_predict, p_state.params,
       eval_dataset, writer, num_examples=config.num_print_examples)
+  if start < total:
+    best.update(total, eval_metrics, unreplicate_to_host(p_state), config_dict)
+  best.close()
   checkpoints.close()
   writer.close()
   return eval_metrics
 
 
+CHECKPOINT_KINDS = {"latest": "checkpoints", "best": "best", "averaged": "averaged"}
+
+
+def _restore_params(task, tx, config, workdir: str, checkpoint: str = "latest",
+                    step: Optional[int] = None):
+  """(step, host params) of a checkpoint of `workdir`: the newest (or `step`'s) regular
+  one, the best one or the averaged one; never creates anything in the workdir."""
+  subdir = CHECKPOINT_KINDS[checkpoint]
+  directory = checkpointing.checkpoint_directory(workdir, subdir)
+  hint = {"latest": "train first with --mode=train and the same --workdir",
+          "best": "set config.best_metric when training to keep the best checkpoint",
+          "averaged": "create it with --mode=average"}[checkpoint]
+  if not os.path.isdir(directory):  # checked first: reading must not create the workdir
+    raise checkpointing.CheckpointError(f"no {checkpoint} checkpoint in {directory}; {hint}")
+  checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                           subdir=subdir)
+  try:
+    if checkpoints.latest_step() is None:
+      raise checkpointing.CheckpointError(f"no {checkpoint} checkpoint in {directory}; {hint}")
+    if step is not None and step not in checkpoints.all_steps():
+      raise checkpointing.CheckpointError(
+          f"no checkpoint of step {step} in {directory}; it has steps "
+          f"{', '.join(map(str, checkpoints.all_steps()))}")
+    template = jax.eval_shape(lambda: create_state(task, tx, config.seed))
+    state = checkpoints.restore(template, step)
+  finally:
+    checkpoints.close()
+  return int(state.step), state.params
+
+
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         devices: Optional[Sequence[jax.Device]] = None,
-                        step: Optional[int] = None) -> Dict[str, float]:
-  """Restores the newest (or `step`'s) checkpoint in `workdir` and evaluates it."""
-  devices, task, tx, eval_dataset = _setup(config, workdir, devices)
-  directory = checkpointing.checkpoint_directory(workdir)
-  no_checkpoint = checkpointing.CheckpointError(
-      f"no checkpoint to evaluate in {directory}; train first with --mode=train and the "
-      f"same --workdir")
-  if not os.path.isdir(directory):  # checked first: evaluation must not create the workdir
-    raise no_checkpoint
-  checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  if checkpoints.latest_step() is None:
-    raise no_checkpoint
-  template = jax.eval_shape(lambda: create_state(task, tx, config.seed))
-  state = checkpoints.restore(template, step)
+                        step: Optional[int] = None, split: Optional[str] = None,
+                        checkpoint: str = "latest") -> Dict[str, float]:
+  """Restores a checkpoint of `workdir` (see `_restore_params`), decodes and scores the
+  whole `split` (default config.eval_split), writes the scores (JSON) and, for tasks that
+  produce text, the predictions (one per line, in dataset order) under <workdir>/eval/,
+  and prints a table. Returns the metrics."""
+  split = split or config.eval_split
+  devices, task, tx, eval_dataset = _setup(config, workdir, devices, training=False,
+                                           split=split)
+  step, params = _restore_params(task, tx, config, workdir, checkpoint, step)
   _, p_eval, p_predict = compile_steps(task, tx, config, devices)
-  params = replicate(state.params, devices)
-  metrics = _evaluate_and_report("evaluation of the checkpoint", int(state.step), task,
-                                 p_eval, p_predict, params, eval_dataset, writer=None,
-                                 num_examples=config.num_print_examples)
-  checkpoints.close()
+  start = time.perf_counter()
+  metrics, records = _evaluate_and_report(
+      f"evaluation of the {checkpoint} checkpoint on {split}", step, task, p_eval, p_predict,
+      replicate(params, devices), eval_dataset, writer=None,
+      num_examples=config.num_print_examples, split=split)
+  seconds = time.perf_counter() - start
+  if jax.process_index() == 0:
+    out_dir = os.path.join(workdir, "eval")
+    os.makedirs(out_dir, exist_ok=True)
+    stem = os.path.join(out_dir, f"{split}-{checkpoint}-step{step}")
+    report = {"split": split, "checkpoint": checkpoint, "step": step,
+              "examples": len(records), "seconds": seconds, "metrics": metrics,
+              **task.score_details()}
+    if records:
+      records.sort(key=lambda r: r["index"])
+      _write_atomically(stem + ".hyp.txt", "".join(r["hypothesis"] + "\n" for r in records))
+      report["hypotheses"] = stem + ".hyp.txt"
+    _write_atomically(stem + ".json", json.dumps(report, indent=2) + "\n")
+    width = max(len(k) for k in metrics)
+    print(f"{split} ({checkpoint} checkpoint, step {step}, {len(records) or ''} examples)")
+    for k, v in metrics.items():
+      print(f"  {k:<{width}}  {v:10.4f}")
+    for name, signature in task.score_details().get("signatures", {}).items():
+      print(f"  {name} signature: {signature}")
+    print(f"scores: {stem}.json" + (f"  hypotheses: {stem}.hyp.txt" if records else ""))
   return metrics
+
+
+def _write_atomically(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def decode_lines(config: ml_collections.ConfigDict, workdir: str, lines: List[str],
+                 devices: Optional[Sequence[jax.Device]] = None,
+                 checkpoint: str = "latest", step: Optional[int] = None) -> List[str]:
+  """Translates `lines` with a checkpoint of `workdir`: one output line per input line
+  (an empty input line gives an empty output line)."""
+  reporting.quiet_library_logs()
+  devices = list(devices or jax.local_devices())
+  validation.validate(config, num_devices=len(devices))
+  task = tasks.get_task(config, workdir, training=False)
+  tx = optimizers.make_optimizer(config)
+  _, params = _restore_params(task, tx, config, workdir, checkpoint, step)
+  _, _, p_predict = compile_steps(task, tx, config, devices)
+  params = replicate(params, devices)
+  wanted = [i for i, line in enumerate(lines) if line.strip()]
+  examples = task.encode_sources([lines[i] for i in wanted])
+  outputs = [""] * len(lines)
+  if examples:
+    dataset = batching.batched_dataset(examples, batch_size=config.eval_batch_size,
+                                       num_devices=len(devices), lengths=task.eval_lengths,
+                                       shuffle=False)
+    for batch in batching.iterate(dataset):
+      predictions = np.asarray(p_predict(params, batch))
+      flat_inputs = batch["inputs"].reshape((-1, batch["inputs"].shape[-1]))
+      flat_index = batch["index"].reshape(-1)
+      flat_predictions = predictions.reshape((-1,) + predictions.shape[2:])
+      for x, index, tokens in zip(flat_inputs, flat_index, flat_predictions):
+        if x.any():
+          outputs[wanted[int(index)]] = task.detokenize(tokens)
+  return outputs
+
+
+def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
+                        num_checkpoints: int) -> int:
+  """Averages the parameters of the newest `num_checkpoints` checkpoints of `workdir` into
+  <workdir>/averaged (as the paper does for its base models); returns the newest step.
+  Evaluate it with `--mode=eval --checkpoint=averaged`."""
+  reporting.quiet_library_logs()
+  validation.validate(config)
+  task = tasks.get_task(config, workdir, training=False)
+  tx = optimizers.make_optimizer(config)
+  directory = checkpointing.checkpoint_directory(workdir)
+  if not os.path.isdir(directory):
+    raise checkpointing.CheckpointError(f"no checkpoints in {directory}; train first")
+  checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  steps = sorted(checkpoints.all_steps())[-num_checkpoints:]
+  if len(steps) < num_checkpoints:
+    checkpoints.close()
+    raise checkpointing.CheckpointError(
+        f"{directory} has {len(steps)} checkpoint(s) ({', '.join(map(str, steps))}), fewer "
+        f"than the {num_checkpoints} to average; lower --num_average or keep more "
+        f"(config.keep_checkpoints)")
+  template = jax.eval_shape(lambda: create_state(task, tx, config.seed))
+  total, state = None, None
+  for step in steps:
+    state = checkpoints.restore(template, step)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float64), state.params)
+    total = params if total is None else jax.tree.map(np.add, total, params)
+  checkpoints.close()
+  averaged = jax.tree.map(lambda t, x: (t / len(steps)).astype(x.dtype), total, state.params)
+  # Written beside the old average and swapped in whole: a failed run leaves the old one.
+  final = checkpointing.checkpoint_directory(workdir, "averaged")
+  partial = checkpointing.checkpoint_directory(workdir, "averaged.partial")
+  shutil.rmtree(partial, ignore_errors=True)
+  out = checkpointing.Checkpointer(workdir, keep=1, subdir="averaged.partial",
+                                   async_save=False)
+  out.save(steps[-1], state.replace(params=averaged),
+           {**json.loads(config.to_json()), "averaged_steps": steps})
+  out.close()
+  if os.path.isdir(final):
+    shutil.rmtree(final)
+  os.replace(partial, final)
+  logging.info("averaged the parameters of steps %s into %s", steps, final)
+  return steps[-1]

@@ -12,7 +12,10 @@ from tasks import TASKS
 from training import optimizers
 
 DTYPES = ("float32", "bfloat16")
-DATASETS = ("synthetic",)
+TOKENIZERS = ("sentencepiece", "bytes")
+BEST_METRICS = ("", "loss", "perplexity", "accuracy", "exact_match", "bleu", "chrf")
+TEXT_METRICS = ("bleu", "chrf")  # need real translation data
+REAL_DATA_TASKS = ("translation",)  # tasks that read real text so far
 
 
 class ConfigError(ValueError):
@@ -54,7 +57,7 @@ def _positive(config, field):
 def validate(config, num_devices: int = 1) -> None:
   """Raises ConfigError for the first invalid field of `config` (an ml_collections config)."""
   _choice(config, "task", tuple(TASKS))
-  _choice(config, "dataset", DATASETS)
+  _dataset(config)
   _choice(config, "size", tuple(presets.SIZES))
   _choice(config, "accel", tuple(presets.ACCELERATORS))
   _choice(config, "dtype", DTYPES)
@@ -118,6 +121,7 @@ def validate(config, num_devices: int = 1) -> None:
             f"examples of max_digits={config.max_digits} need at least "
             f"{config.max_digits + 1} tokens")
 
+  _decoding(config)
   per_update = num_devices * config.grad_accum_steps
   if config.batch_size % per_update:
     _fail("batch_size", config.batch_size,
@@ -126,3 +130,64 @@ def validate(config, num_devices: int = 1) -> None:
   if config.eval_batch_size % num_devices:
     _fail("eval_batch_size", config.eval_batch_size,
           f"it must be divisible by the number of devices ({num_devices})")
+
+
+def _dataset(config) -> None:
+  """The data fields: which dataset, where, which splits and languages, the tokenizer."""
+  dataset = config.dataset
+  if not isinstance(dataset, str) or not dataset.strip():
+    _fail("dataset", dataset, "expected 'synthetic', 'files' or a tensorflow-datasets name")
+  if dataset == "synthetic":
+    return
+  if config.task not in REAL_DATA_TASKS:
+    _fail("dataset", dataset, f"task {config.task!r} trains on synthetic data only so far; "
+                              f"real data is supported for {', '.join(REAL_DATA_TASKS)}")
+  if dataset == "files" and not config.data_dir:
+    _fail("data_dir", config.data_dir, "dataset='files' needs the directory of the files")
+  pair = str(config.language_pair).split("-")
+  if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
+    _fail("language_pair", config.language_pair,
+          "expected two different language codes as source-target, e.g. 'de-en'")
+  if dataset == "files":
+    stems = {}
+    for item in filter(None, (x.strip() for x in config.file_splits.split(","))):
+      split, sep, stem = item.partition("=")
+      if not sep or not split.strip() or not stem.strip():
+        _fail("file_splits", config.file_splits,
+              "expected split=file_stem pairs separated by commas, e.g. 'train=train,"
+              "validation=val'")
+      stems[split.strip()] = stem.strip()
+    for field in ("train_split", "eval_split"):
+      if config[field] not in stems:
+        _fail(field, config[field], f"not a split of config.file_splits "
+                                    f"({', '.join(stems) or 'none'})")
+  for field in ("train_split", "eval_split"):
+    if not isinstance(config[field], str) or not config[field]:
+      _fail(field, config[field], "expected a split name such as 'train' or 'validation'")
+  _choice(config, "tokenizer", TOKENIZERS)
+  _int(config, "vocab_size", 8)
+  _int(config, "tokenizer_max_sentences", 1)
+  _int(config, "max_eval_length", 2)
+  if config.shared_vocab is False and config.share_embeddings:
+    _fail("share_embeddings", config.share_embeddings,
+          "separate source and target vocabularies (shared_vocab=False) need "
+          "share_embeddings=False")
+  if config.tokenizer_path:
+    paths = [p for p in config.tokenizer_path.split(",") if p]
+    if len(paths) != (1 if config.shared_vocab else 2):
+      _fail("tokenizer_path", config.tokenizer_path,
+            "expected one model file with shared_vocab=True, two ('source,target') without")
+
+
+def _decoding(config) -> None:
+  _int(config, "beam_size", 1)
+  _int(config, "decode_extra_length", 0)
+  _int(config, "num_decode_batches", 0)
+  value = config.length_penalty
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    _fail("length_penalty", value, "expected a number >= 0 (0 = no length normalisation)")
+  _choice(config, "best_metric", BEST_METRICS)
+  if config.best_metric in TEXT_METRICS and (config.task != "translation"
+                                             or config.dataset == "synthetic"):
+    _fail("best_metric", config.best_metric,
+          "BLEU and chrF exist for translation on real text only")

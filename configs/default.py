@@ -33,13 +33,26 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
 
   # ---- Task and data
   c.task = task  # model family, loss and metrics: translation, generation, classification
-  c.dataset = "synthetic"  # data source; "synthetic" generates examples on the fly
+  c.dataset = "synthetic"  # "synthetic" (generated), "files" (local files in data_dir) or a tfds name
+  c.data_dir = ""  # directory of the local data files (dataset="files")
+  c.tfds_data_dir = ""  # prepared tfds data; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  c.language_pair = "de-en"  # translation: source-target language codes of the data
+  c.file_splits = "train=train,validation=val,test=test_2016_flickr"  # split=file stem (files)
+  c.train_split = "train"  # split trained on (real data)
+  c.eval_split = "validation"  # split evaluated during training and by default in eval mode
   c.synthetic_task = SYNTHETIC_DEFAULTS[task]  # reverse, sort, copy (seq2seq/LM); majority
   c.min_digits = 1  # shortest synthetic digit string
   c.max_digits = 12  # longest synthetic digit string
   c.max_input_length = 16  # inputs are padded (and never truncated) to this many tokens
   c.max_target_length = 32 if task == "generation" else 16  # targets (LM: the whole stream)
-  c.num_eval_examples = 1000  # held-out examples scored at each evaluation
+  c.max_eval_length = 128  # eval/decode inputs are padded to this (longer ones truncated)
+  c.num_eval_examples = 1000  # held-out examples scored at each evaluation (synthetic)
+  c.tokenizer = "sentencepiece"  # real text: "sentencepiece" (trained on the fly) or "bytes"
+  c.vocab_size = 8000  # sentencepiece vocabulary size (per language unless shared_vocab)
+  c.shared_vocab = True  # translation: one tokenizer for source and target
+  c.tokenizer_path = ""  # existing tokenizer model file(s), "src,tgt" if separate; "" = train
+  c.tokenizer_max_sentences = 1_000_000  # sentences sampled to train sentencepiece
+  c.pack_examples = False  # pack several examples per training row (segment ids, positions)
   c.shuffle_seed = 0  # order of training examples
   c.seed = 0  # parameter initialisation and dropout
 
@@ -89,6 +102,13 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000  # asynchronous checkpoint
   c.keep_checkpoints = 3  # checkpoints kept on disk (the newest ones)
   c.num_print_examples = 5  # decoded examples printed at the final evaluation
+  c.num_decode_batches = 4  # eval batches decoded and scored during training; 0 = all
+  c.best_metric = ""  # keep the best checkpoint by this eval metric (e.g. bleu); "" = off
+
+  # ---- Decoding (translation)
+  c.beam_size = 1  # beam search width; 1 = greedy (paper: 4)
+  c.length_penalty = 0.6  # beam score = log p / ((5 + length) / 6) ** alpha (paper: 0.6)
+  c.decode_extra_length = 50  # decode at most input length + this many tokens (paper: 50)
 
   presets.apply_presets(c, variant.get("size", "tiny"), variant.get("accel", "cpu"))
   return c

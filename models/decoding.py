@@ -1,9 +1,9 @@
-"""Incremental decoding with the key/value cache: cache set-up and greedy search.
+"""Incremental decoding with the key/value cache: cache set-up, greedy and beam search.
 
 A decoding step is a function `step_fn(cache, tokens[batch, 1]) -> (logits[batch, vocab],
 cache)`; the task modules build it from a model in decode mode. The loop is a
 `lax.while_loop`, so a whole decode is one jitted call with no per-token host round trip.
-Beam search and sampling plug into the same step function (task issues).
+Sampling plugs into the same step function (task issues).
 """
 
 from typing import Any, Callable, Optional, Tuple
@@ -11,6 +11,8 @@ from typing import Any, Callable, Optional, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from models.attention import MASK_VALUE
 
 Array = jax.Array
 StepFn = Callable[[Any, Array], Tuple[Array, Any]]
@@ -67,3 +69,126 @@ def greedy_decode(step_fn: StepFn, cache: Any, batch_size: int, max_length: int,
            jnp.zeros((batch_size, max_length), jnp.int32),
            jnp.zeros((batch_size,), bool))
   return jax.lax.while_loop(cond, body, state)[3]
+
+
+def expand_to_beams(x: Array, beam_size: int) -> Array:
+  """Repeats each row `beam_size` times in a row: `[batch, ...]` -> `[batch * beam_size, ...]`.
+
+  Row `b * beam_size + k` is beam k of example b: the layout `beam_search` expects of its
+  cache and of whatever per-example input its step function reads (e.g. the encoding).
+  """
+  return jnp.repeat(x, beam_size, axis=0)
+
+
+def length_penalty(length, alpha: float) -> Array:
+  """The GNMT length penalty `((5 + length) / 6) ** alpha` (Wu et al. 2016); 1 for alpha 0.
+
+  Hypotheses are ranked by sum(log-probs) / length_penalty: alpha > 0 offsets the plain
+  sum's preference for short outputs.
+  """
+  return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def _take_beams(x: Array, beams: Array) -> Array:
+  """`x[b, beams[b]]` for each example: `[batch, n, ...]`, `[batch, k]` -> `[batch, k, ...]`."""
+  return jax.vmap(lambda rows, index: rows[index])(x, beams)
+
+
+def beam_search(step_fn: StepFn, cache: Any, batch_size: int, beam_size: int,
+                max_length: int, eos_id: int, alpha: float = 0.6,
+                max_lengths: Optional[Array] = None) -> Tuple[Array, Array]:
+  """Beam search ranked by sum(log-probs) / length_penalty, with early stopping.
+
+  Each example keeps `beam_size` alive hypotheses (sums of log-probs) and its `beam_size`
+  best finished ones (ended by EOS, scored with the length penalty). A step extends every
+  alive hypothesis by every token and takes the best `2 * beam_size` candidates: at most
+  `beam_size` of them end in EOS (one per parent), so `beam_size` go on; an EOS candidate
+  finishes only when it ranks within the best `beam_size`. With beam size 1 this is
+  exactly greedy decoding.
+
+  Args:
+    step_fn: one decoding step over `batch_size * beam_size` rows (see module docstring).
+    cache: the initial cache for `batch_size * beam_size` rows laid out as `expand_to_beams`
+      does. Leaves with a leading row axis follow their hypotheses from step to step;
+      scalar leaves (cache index, position) are shared by all rows and left as they are.
+    batch_size: number of examples.
+    beam_size: hypotheses kept (and returned) per example.
+    max_length: most tokens per hypothesis (the cache must hold at least this many).
+    eos_id: the token that ends a hypothesis.
+    alpha: length penalty exponent, >= 0 (0 ranks by the plain sum of log-probs).
+    max_lengths: optional `[batch]` int32, >= 1: example b has at most `max_lengths[b]`
+      tokens, EOS included, and position `max_lengths[b] - 1` can only be EOS. None caps
+      every example at `max_length` without forcing EOS; an example that then finished
+      nothing returns its unfinished hypotheses, scored at length `max_length`.
+
+  Returns:
+    tokens: `[batch, beam_size, max_length]` int32, best first, EOS included, 0 after it.
+    scores: `[batch, beam_size]` float32, sum(log-probs) / length_penalty(length incl. EOS).
+      Slots left empty (fewer than `beam_size` hypotheses finished within the search) score
+      -inf and hold only 0s.
+  """
+  rows = batch_size * beam_size
+  if max_lengths is None:
+    max_lengths = jnp.full((batch_size,), max_length + 1, jnp.int32)  # EOS never forced
+
+  def cond(state):
+    i, _, _, alive_log_probs, _, finished_scores = state
+    # An example is done once its finished set is full and its best alive hypothesis,
+    # scored at its current length, is no better than the worst finished one (the usual
+    # heuristic; it makes beam size 1 exactly greedy). Both sets are sorted best first.
+    full = jnp.isfinite(finished_scores[:, -1])
+    best_alive = alive_log_probs[:, 0] / length_penalty(i, alpha)
+    done = full & (best_alive <= finished_scores[:, -1])
+    return (i < max_length) & ~jnp.all(done | ~jnp.isfinite(alive_log_probs[:, 0]))
+
+  def body(state):
+    i, cache, alive_tokens, alive_log_probs, finished_tokens, finished_scores = state
+    # Each row is fed its last token; 0 is the start symbol, as in shift_right.
+    last = jnp.where(i > 0, alive_tokens[:, :, jnp.maximum(i - 1, 0)], 0)
+    logits, cache = step_fn(cache, last.reshape(rows, 1))
+    vocab = logits.shape[-1]
+    logits = logits.astype(jnp.float32).reshape(batch_size, beam_size, vocab)
+    token_ids = jnp.arange(vocab)
+    # Padding is never a prediction, so the distribution is over the other tokens.
+    log_probs = jax.nn.log_softmax(jnp.where(token_ids > 0, logits, MASK_VALUE), axis=-1)
+    # At an example's last position only EOS may follow, at its own probability (a forced
+    # end is not made free). Disallowed candidates are impossible (-inf), not merely
+    # unlikely: with a small vocabulary they would otherwise fill the beam and be returned.
+    allowed = (token_ids > 0) & ((i != max_lengths - 1)[:, None] | (token_ids == eos_id))
+    log_probs = jnp.where(allowed[:, None, :], log_probs, -jnp.inf)  # [batch, beam, vocab]
+
+    candidates = (alive_log_probs[:, :, None] + log_probs).reshape(batch_size, -1)
+    top_log_probs, top = jax.lax.top_k(candidates, 2 * beam_size)  # [batch, 2 * beam]
+    parents, tokens = top // vocab, top % vocab
+    top_tokens = _take_beams(alive_tokens, parents).at[:, :, i].set(tokens)
+    ends = tokens == eos_id
+
+    alive_log_probs, keep = jax.lax.top_k(jnp.where(ends, -jnp.inf, top_log_probs), beam_size)
+    alive_tokens = _take_beams(top_tokens, keep)
+    source_rows = jnp.arange(batch_size)[:, None] * beam_size + _take_beams(parents, keep)
+    cache = jax.tree.map(lambda x: x if x.ndim == 0 else x[source_rows.reshape(rows)], cache)
+
+    # Only a candidate that ranks within the beam may finish: an EOS that is merely the
+    # 5th-best continuation of a beam-4 search is not a hypothesis the beam would keep.
+    finishes = ends & (jnp.arange(2 * beam_size) < beam_size)[None, :]
+    new_scores = jnp.where(finishes, top_log_probs / length_penalty(i + 1, alpha), -jnp.inf)
+    finished_scores, keep = jax.lax.top_k(
+        jnp.concatenate([finished_scores, new_scores], axis=1), beam_size)
+    finished_tokens = _take_beams(jnp.concatenate([finished_tokens, top_tokens], axis=1), keep)
+    return i + 1, cache, alive_tokens, alive_log_probs, finished_tokens, finished_scores
+
+  no_tokens = jnp.zeros((batch_size, beam_size, max_length), jnp.int32)
+  # One real hypothesis (the empty one) per example; copies of it would fill the beam.
+  alive_log_probs = jnp.full((batch_size, beam_size), -jnp.inf).at[:, 0].set(0.0)
+  finished_scores = jnp.full((batch_size, beam_size), -jnp.inf)
+  state = (jnp.array(0, jnp.int32), cache, no_tokens, alive_log_probs, no_tokens,
+           finished_scores)
+  i, _, alive_tokens, alive_log_probs, finished_tokens, finished_scores = (
+      jax.lax.while_loop(cond, body, state))
+
+  # An example with no finished hypothesis ran to max_length (i == max_length).
+  any_finished = jnp.isfinite(finished_scores[:, :1])  # [batch, 1]
+  tokens = jnp.where(any_finished[..., None], finished_tokens, alive_tokens)
+  scores = jnp.where(any_finished, finished_scores, alive_log_probs / length_penalty(i, alpha))
+  tokens = jnp.where(jnp.isfinite(scores)[..., None], tokens, 0)  # empty slots hold leftovers
+  return tokens, scores

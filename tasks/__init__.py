@@ -7,6 +7,6 @@ from tasks.translation import TranslationTask
 TASKS = {t.name: t for t in (TranslationTask, GenerationTask, ClassificationTask)}
 
 
-def get_task(config):
-  """The task object for `config.task` (validated beforehand)."""
-  return TASKS[config.task](config)
+def get_task(config, workdir=None, training: bool = True):
+  """The task object for `config.task` (validated beforehand); see `base.Task`."""
+  return TASKS[config.task](config, workdir, training)

@@ -6,13 +6,14 @@ score and summarise. A task module implements these for one family.
 """
 
 import math
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 import jax
+import grain
 import jax.numpy as jnp
 import numpy as np
 
-from input_pipeline import synthetic
+from input_pipeline import batching, packing, synthetic
 from models import TransformerConfig
 
 Array = jax.Array
@@ -25,11 +26,19 @@ class Task:
   name: str = ""
   synthetic_kind: str = ""  # record layout of input_pipeline.synthetic for this family
 
-  def __init__(self, config):
+  def __init__(self, config, workdir: Optional[str] = None, training: bool = True):
+    """`workdir` holds what the run learns from its data (e.g. a tokenizer); `training`
+    False (eval, decode) means that must exist already rather than be built."""
     self.config = config
+    self.workdir = workdir
+    self.training = training
     self.vocab_size = synthetic.VOCAB_SIZE
     self.eos_id = synthetic.EOS
+    self.setup_data()
     self.model = self.build_model(decode=False)
+
+  def setup_data(self) -> None:
+    """Opens the data and builds what the model's shape depends on (the vocabulary)."""
 
   # ---- model
   def model_config(self, decode: bool = False) -> TransformerConfig:
@@ -67,11 +76,43 @@ class Task:
     """Padded length of every sequence field of a batch."""
     raise NotImplementedError
 
+  @property
+  def eval_lengths(self) -> Dict[str, int]:
+    """Padded lengths of evaluation batches (real data may be longer than training rows)."""
+    return self.lengths
+
   def data_source(self, split: str):
+    """Random-access example dicts of `split` ("train", "eval" or a dataset split name)."""
     c = self.config
     size = synthetic.TRAIN_SIZE if split == "train" else c.num_eval_examples
-    return synthetic.SyntheticDigits(self.synthetic_kind, c.synthetic_task, split, size,
+    return synthetic.SyntheticDigits(self.synthetic_kind, c.synthetic_task,
+                                     "train" if split == "train" else "eval", size,
                                      c.min_digits, c.max_digits, seed=c.shuffle_seed)
+
+  def train_dataset(self, batch_size: int, num_devices: int, process_index: int = 0,
+                    process_count: int = 1) -> grain.MapDataset:
+    """Endless training batches `[num_devices, batch/devices, length]`, packed or padded.
+
+    `batch_size` is the global batch (rows); each process reads its own share.
+    """
+    c = self.config
+    source = self.data_source("train")
+    if c.pack_examples:
+      return grain.MapDataset.source(packing.PackedBatches(
+          source, self.lengths, batch_size=batch_size, num_devices=num_devices,
+          seed=c.shuffle_seed, process_index=process_index, process_count=process_count))
+    return batching.batched_dataset(
+        source, batch_size=batch_size // process_count, num_devices=num_devices,
+        lengths=self.lengths, shuffle=True, seed=c.shuffle_seed, repeat=True,
+        process_index=process_index, process_count=process_count)
+
+  def eval_dataset(self, split: str, batch_size: int, num_devices: int,
+                   process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+    """One pass over `split` in padded batches, the last one filled with empty examples."""
+    return batching.batched_dataset(
+        self.data_source(split), batch_size=batch_size // process_count,
+        num_devices=num_devices, lengths=self.eval_lengths, shuffle=False,
+        process_index=process_index, process_count=process_count)
 
   # ---- loss and evaluation
   def loss(self, params: Any, batch: Batch, dropout_rng, train: bool) -> Dict[str, Array]:
@@ -86,8 +127,17 @@ class Task:
     """Sums over the real examples of a batch of predictions (host side)."""
     raise NotImplementedError
 
-  def summarize(self, sums: Mapping[str, float]) -> Dict[str, float]:
-    """Final metrics from summed loss metrics and scores; each is divided exactly once."""
+  def outputs(self, batch: Mapping[str, np.ndarray], predictions: np.ndarray,
+              split: str = "eval") -> List[dict]:
+    """Per real example of a batch of `split`, a record of what was predicted (written in
+    eval mode; corpus-level metrics such as BLEU are computed from these)."""
+    del batch, predictions, split
+    return []
+
+  def summarize(self, sums: Mapping[str, float],
+                outputs: Optional[List[dict]] = None) -> Dict[str, float]:
+    """Final metrics from summed loss metrics and scores (each divided exactly once) and
+    from the collected `outputs`."""
     weight = max(sums["weight"], 1.0)
     out = {"loss": sums["loss"] / weight, "accuracy": sums["correct"] / weight}
     if "nll" in sums:
@@ -97,8 +147,12 @@ class Task:
       out["exact_match"] = sums["exact_match"] / max(sums["examples"], 1.0)
     return out
 
+  def score_details(self) -> Dict[str, Any]:
+    """What eval mode saves beside the scores (e.g. the sacrebleu signatures)."""
+    return {}
+
   def format_examples(self, batch: Mapping[str, np.ndarray], predictions: np.ndarray,
-                      limit: int) -> List[str]:
+                      limit: int, split: str = "eval") -> List[str]:
     """Readable lines for a few examples of a batch."""
     raise NotImplementedError
 

@@ -44,12 +44,12 @@ class ClassificationTask(base.Task):
     real = batch["inputs"].any(axis=-1)
     return {"examples": float(np.sum(real))}
 
-  def summarize(self, sums):
-    out = super().summarize(sums)
+  def summarize(self, sums, outputs=None):
+    out = super().summarize(sums, outputs)
     out.pop("perplexity", None)  # perplexity is a sequence-model metric
     return out
 
-  def format_examples(self, batch, predictions, limit) -> List[str]:
+  def format_examples(self, batch, predictions, limit, split="eval") -> List[str]:
     lines = []
     for x, y, p in zip(batch["inputs"], batch["label"], predictions):
       if len(lines) == limit or not x.any():

@@ -57,7 +57,7 @@ class GenerationTask(base.Task):
   def score(self, batch, predictions):
     return base.exact_match_sums(batch["inputs"], predictions, batch["inputs"])
 
-  def format_examples(self, batch, predictions, limit) -> List[str]:
+  def format_examples(self, batch, predictions, limit, split="eval") -> List[str]:
     lines = []
     for x, p in zip(batch["inputs"], predictions):
       if len(lines) == limit or not x.any():

@@ -1,29 +1,200 @@
-"""Translation (encoder-decoder): teacher-forced cross-entropy; greedy decoding scored by
-exact match. The synthetic default "translates" a digit string into its reversal."""
+"""Translation (encoder-decoder): teacher-forced, label-smoothed cross-entropy; beam search
+(or greedy) through the key/value cache; BLEU and chrF with sacrebleu on detokenized text.
 
-from typing import Dict, List
+Real data comes from a tfds dataset by name or from local parallel files (read through the
+tfds builder in input_pipeline/local_builders.py); it is tokenized once, filtered to the
+configured lengths (what is dropped is counted) and, for training, packed. The synthetic
+default "translates" a digit string into its reversal and is scored by exact match.
+"""
 
+import dataclasses
+import os
+from typing import Dict, List, Optional
+
+import grain
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from input_pipeline import synthetic
+from input_pipeline import local_builders, sources, synthetic, tokenizers
 from models import EncoderDecoder, decoding
 from tasks import base, losses
+
+DataError = local_builders.DataError
 
 
 class TranslationTask(base.Task):
   name = "translation"
   synthetic_kind = "seq2seq"
 
+  # ---- data
+  def setup_data(self) -> None:
+    c = self.config
+    self.real = c.dataset != "synthetic"
+    if not self.real:
+      return
+    self.source_lang, self.target_lang = c.language_pair.split("-")
+    self._builder = self._make_builder()
+    self._raw: Dict[str, object] = {}
+    self._examples: Dict[str, list] = {}
+    self._texts: Dict[str, tuple] = {}
+    self.source_tokenizer, self.target_tokenizer = self._tokenizers()
+    self.vocab_size = self.source_tokenizer.vocab_size
+    self.output_vocab_size = self.target_tokenizer.vocab_size
+    self.eos_id = self.target_tokenizer.eos_id
+
+  def _make_builder(self):
+    """The tfds builder of config.dataset (local parallel files or a tfds name)."""
+    c = self.config
+    languages = (self.source_lang, self.target_lang)
+    if c.dataset == "files":
+      file_splits = dict(sources.parse_mapping(c.file_splits, "file_splits"))
+      return local_builders.parallel_text_builder(
+          c.data_dir, languages, file_splits, sources.default_data_dir(c.tfds_data_dir))
+    builder = sources.tfds_builder(c.dataset, c.tfds_data_dir)
+    features = list(builder.info.features.keys())
+    missing = [lang for lang in languages if lang not in features]
+    if missing:
+      raise DataError(f"config.language_pair={c.language_pair!r}: dataset {c.dataset} has "
+                      f"no language {', '.join(missing)}; it has {', '.join(features)}")
+    return builder
+
+  def _split_source(self, split: str):
+    """The raw (untokenized) random-access source of a split, prepared on first use."""
+    if split not in self._raw:
+      if self.config.dataset == "files" and split not in dict(self._builder.builder_config.splits):
+        raise DataError(f"split {split!r} is not in config.file_splits="
+                        f"{self.config.file_splits!r}")
+      self._raw.update(sources.open_splits(self._builder, [split],
+                                           needs_tensorflow=self.config.dataset != "files"))
+    return self._raw[split]
+
+  def texts(self, split: str):
+    """(sources, references) of a split as lists of str, in dataset order."""
+    if split not in self._texts:
+      source = self._split_source(split)
+      pairs = grain.MapDataset.source(source).map(
+          lambda ex: (sources.as_text(ex[self.source_lang]),
+                      sources.as_text(ex[self.target_lang])))
+      pairs = list(pairs.to_iter_dataset(grain.ReadOptions(num_threads=4)))
+      self._texts[split] = ([p[0] for p in pairs], [p[1] for p in pairs])
+    return self._texts[split]
+
+  def _tokenizers(self):
+    """(source, target) tokenizers: loaded from config.tokenizer_path or the workdir, or
+    trained on the training split and saved in the workdir."""
+    c = self.config
+    kind = c.tokenizer
+    given = [p for p in c.tokenizer_path.split(",") if p] if c.tokenizer_path else []
+    names = (["tokenizer.model"] if c.shared_vocab else
+             [f"tokenizer_{self.source_lang}.model", f"tokenizer_{self.target_lang}.model"])
+    paths = given or [os.path.join(self.workdir or "", n) for n in names]
+    if kind != "bytes" and not given and not self.training and not all(
+        os.path.exists(p) for p in paths):
+      raise tokenizers.TokenizerError(
+          f"no tokenizer at {', '.join(paths)}: train first with --mode=train in this "
+          f"workdir (it saves the tokenizer there) or set config.tokenizer_path")
+    if given and not all(os.path.exists(p) for p in given):
+      raise tokenizers.TokenizerError(
+          f"config.tokenizer_path={c.tokenizer_path!r}: no such file")
+    if kind != "bytes" and self.workdir and not given:
+      os.makedirs(self.workdir, exist_ok=True)
+
+    def corpus(which):
+      def sentences():
+        src, tgt = self.texts(c.train_split)
+        if which == "source":
+          return src[:c.tokenizer_max_sentences]
+        if which == "target":
+          return tgt[:c.tokenizer_max_sentences]
+        half = c.tokenizer_max_sentences // 2
+        return src[:half] + tgt[:half]
+      return sentences
+
+    if c.shared_vocab:
+      shared = tokenizers.get_or_build(kind, paths[0], corpus("both"), c.vocab_size)
+      return shared, shared
+    return (tokenizers.get_or_build(kind, paths[0], corpus("source"), c.vocab_size),
+            tokenizers.get_or_build(kind, paths[1], corpus("target"), c.vocab_size))
+
+  def _tokenized(self, split: str) -> list:
+    """Examples `{"inputs", "targets", "index"}` with EOS appended, unfiltered."""
+    if split not in self._examples:
+      src, tgt = self.texts(split)
+      eos = np.array([self.eos_id], np.int32)
+      inputs = self.source_tokenizer.encode_batch(src)
+      targets = self.target_tokenizer.encode_batch(tgt)
+      self._examples[split] = [
+          {"inputs": np.concatenate([x, eos]), "targets": np.concatenate([y, eos]),
+           "index": np.int32(i)} for i, (x, y) in enumerate(zip(inputs, targets))]
+    return self._examples[split]
+
+  def data_source(self, split: str):
+    if not self.real:
+      return super().data_source(split)
+    c = self.config
+    if split == "train":
+      examples = self._tokenized(c.train_split)
+      kept = [e for e in examples if len(e["inputs"]) <= c.max_input_length
+              and len(e["targets"]) <= c.max_target_length]
+      logging.info("training split %r: %d examples, %d dropped for being longer than "
+                   "max_input_length=%d or max_target_length=%d tokens (EOS included)",
+                   c.train_split, len(kept), len(examples) - len(kept), c.max_input_length,
+                   c.max_target_length)
+      if not kept:
+        raise DataError(f"no training example fits max_input_length={c.max_input_length} "
+                        f"and max_target_length={c.max_target_length}; raise them")
+      return kept
+    split = c.eval_split if split == "eval" else split
+    # Evaluation keeps every example so scores cover the whole split; the rare input longer
+    # than max_eval_length is cut (ending in EOS), its reference text stays whole.
+    length = c.max_eval_length
+    out, cut = [], 0
+    for e in self._tokenized(split):
+      if len(e["inputs"]) > length or len(e["targets"]) > length:
+        cut += 1
+        e = {"inputs": np.append(e["inputs"][:length - 1], self.eos_id),
+             "targets": np.append(e["targets"][:length - 1], self.eos_id), "index": e["index"]}
+      out.append(e)
+    if cut:
+      logging.warning("split %r: %d examples longer than max_eval_length=%d were truncated",
+                      split, cut, length)
+    return out
+
   @property
   def lengths(self) -> Dict[str, int]:
     return {"inputs": self.config.max_input_length, "targets": self.config.max_target_length}
+
+  @property
+  def eval_lengths(self) -> Dict[str, int]:
+    if not self.real:
+      return self.lengths
+    return {"inputs": self.config.max_eval_length, "targets": self.config.max_eval_length}
+
+  # ---- model
+  def model_config(self, decode: bool = False):
+    cfg = super().model_config(decode)
+    length = max(max(self.lengths.values()), max(self.eval_lengths.values()),
+                 self.decode_length) + 1
+    return dataclasses.replace(cfg, output_vocab_size=getattr(self, "output_vocab_size", 0),
+                               max_length=length)
+
+  @property
+  def decode_length(self) -> int:
+    """Tokens decoded at most: the padded input length plus config.decode_extra_length."""
+    if not self.real:
+      return self.config.max_target_length
+    return self.config.max_eval_length + self.config.decode_extra_length
 
   def build_model(self, decode: bool = False):
     return EncoderDecoder(self.model_config(decode))
 
   def model_inputs(self, batch):
-    return {"inputs": batch["inputs"], "targets": batch["targets"]}
+    keys = ("inputs", "targets", "inputs_position", "targets_position",
+            "inputs_segmentation", "targets_segmentation")
+    names = ("inputs", "targets", "inputs_positions", "targets_positions",
+             "inputs_segmentation", "targets_segmentation")
+    return {name: batch[key] for key, name in zip(keys, names) if key in batch}
 
   def loss(self, params, batch, dropout_rng, train):
     logits = self.model.apply({"params": params}, **self.model_inputs(batch),
@@ -32,26 +203,76 @@ class TranslationTask(base.Task):
     return losses.cross_entropy_sums(logits, targets, (targets > 0).astype(jnp.float32),
                                      self.config.label_smoothing)
 
+  # ---- decoding
   def predict(self, params, batch):
-    """Greedy decoding through the key/value cache: `[batch, max_target_length]` tokens."""
+    """Beam search (greedy when beam_size is 1) through the key/value cache.
+
+    Returns `[batch, decode_length]` tokens; example b stops at its input length plus
+    config.decode_extra_length (the paper's limit).
+    """
+    c = self.config
     inputs = batch["inputs"]
-    batch_size, max_length = inputs.shape[0], self.lengths["targets"]
+    batch_size, max_length = inputs.shape[0], self.decode_length
     encoded = self.model.apply({"params": params}, inputs, method="encode")
     decoder = self.build_model(decode=True)
-    cache = decoding.init_cache(decoder, inputs, jnp.zeros((batch_size, max_length), jnp.int32))
+    beam = c.beam_size
+    if beam > 1:
+      encoded = decoding.expand_to_beams(encoded, beam)
+      inputs = decoding.expand_to_beams(inputs, beam)
+    cache = decoding.init_cache(decoder, inputs,
+                                jnp.zeros((inputs.shape[0], max_length), jnp.int32))
 
     def step(cache, tokens):
       logits, state = decoder.apply({"params": params, "cache": cache}, encoded, inputs,
                                     tokens, method="decode", mutable=["cache"])
       return logits[:, -1], state["cache"]
 
-    return decoding.greedy_decode(step, cache, batch_size, max_length, self.eos_id)
+    if beam == 1 and not self.real:
+      return decoding.greedy_decode(step, cache, batch_size, max_length, self.eos_id)
+    limits = None
+    if self.real:
+      limits = jnp.minimum((batch["inputs"] > 0).sum(-1) + c.decode_extra_length, max_length)
+    tokens, _ = decoding.beam_search(step, cache, batch_size, beam, max_length, self.eos_id,
+                                     alpha=c.length_penalty, max_lengths=limits)
+    return tokens[:, 0]
 
+  # ---- scores
   def score(self, batch, predictions):
+    if self.real:
+      return {}
     return base.exact_match_sums(batch["inputs"], predictions, batch["targets"])
 
-  def format_examples(self, batch, predictions, limit) -> List[str]:
+  def detokenize(self, tokens: np.ndarray) -> str:
+    return self.target_tokenizer.decode(tokens)
+
+  def outputs(self, batch, predictions, split: str = "eval") -> List[dict]:
+    if not self.real:
+      return []
+    split_texts = self.texts(self.config.eval_split if split == "eval" else split)
+    out = []
+    for x, index, p in zip(batch["inputs"], batch["index"], predictions):
+      if x.any():
+        out.append({"index": int(index), "source": split_texts[0][index],
+                    "reference": split_texts[1][index], "hypothesis": self.detokenize(p)})
+    return out
+
+  def summarize(self, sums, outputs: Optional[List[dict]] = None):
+    out = super().summarize(sums, outputs)
+    if outputs:
+      out.update(corpus_scores([o["hypothesis"] for o in outputs],
+                               [o["reference"] for o in outputs]))
+    return out
+
+  def score_details(self):
+    return {"signatures": sacrebleu_signatures()} if self.real else {}
+
+  def format_examples(self, batch, predictions, limit, split: str = "eval") -> List[str]:
     lines = []
+    if self.real:
+      for record in self.outputs(batch, predictions, split)[:limit]:
+        lines.append(f"source: {record['source']}\n  reference: {record['reference']}\n"
+                     f"  hypothesis: {record['hypothesis']}")
+      return lines
     for x, y, p in zip(batch["inputs"], batch["targets"], predictions):
       if len(lines) == limit or not x.any():
         break
@@ -59,3 +280,27 @@ class TranslationTask(base.Task):
       lines.append(f"input: {synthetic.decode_tokens(x)}  target: {synthetic.decode_tokens(y)}"
                    f"  prediction: {synthetic.decode_tokens(p)}  [{mark}]")
     return lines
+
+  # ---- decode mode
+  def encode_sources(self, lines: List[str]) -> list:
+    """Examples for `--mode=decode`: inputs cut to max_eval_length, EOS-terminated."""
+    length = self.config.max_eval_length
+    eos = np.array([self.eos_id], np.int32)
+    return [{"inputs": np.concatenate([x[:length - 1], eos]),
+             "targets": np.zeros(1, np.int32), "index": np.int32(i)}
+            for i, x in enumerate(self.source_tokenizer.encode_batch(lines))]
+
+
+def corpus_scores(hypotheses: List[str], references: List[str]) -> Dict[str, float]:
+  """sacreBLEU BLEU (13a, cased) and chrF of detokenized text against one reference each."""
+  import sacrebleu  # pylint: disable=g-import-not-at-top  # only real-data runs need it
+  bleu = sacrebleu.metrics.BLEU()
+  chrf = sacrebleu.metrics.CHRF()
+  return {"bleu": bleu.corpus_score(hypotheses, [references]).score,
+          "chrf": chrf.corpus_score(hypotheses, [references]).score}
+
+
+def sacrebleu_signatures() -> Dict[str, str]:
+  import sacrebleu  # pylint: disable=g-import-not-at-top
+  return {"bleu": str(sacrebleu.metrics.BLEU().get_signature()),
+          "chrf": str(sacrebleu.metrics.CHRF().get_signature())}

@@ -121,7 +121,7 @@ def test_eval_mode_reproduces_final_evaluation(tmp_path):
 
 
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
-  with pytest.raises(checkpointing.CheckpointError, match="no checkpoint to evaluate"):
+  with pytest.raises(checkpointing.CheckpointError, match="no latest checkpoint in .*train first"):
     train.evaluate_checkpoint(tiny_config(), str(tmp_path), devices=ONE_DEVICE)
 
 
@@ -167,7 +167,7 @@ def test_main_trains_resumes_and_evaluates(tmp_path):
 
   evaluated = run_main(*flags, "--mode=eval")
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  assert "evaluation of the checkpoint at step 9" in evaluated.stderr
+  assert "evaluation of the latest checkpoint on validation at step 9" in evaluated.stderr
 
 
 def test_main_reports_a_bad_config_in_one_line(tmp_path):
@@ -188,7 +188,7 @@ def test_main_reports_a_bad_config_in_one_line(tmp_path):
     (["--mode=fly"], "flag --mode=fly"),
     (["--config=configs/missing.py"], "cannot load --config"),
     (["--config.batch_size=0"], "config.batch_size=0 is invalid"),
-    (["--mode=eval"], "no checkpoint to evaluate"),
+    (["--mode=eval"], "no latest checkpoint in"),
 ])
 def test_main_reports_bad_flags_in_one_line(tmp_path, args, expected):
   result = run_main(f"--workdir={tmp_path / 'run'}", *args)

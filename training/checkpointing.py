@@ -18,15 +18,17 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored into the requested state."""
 
 
-def checkpoint_directory(workdir: str) -> str:
-  return os.path.abspath(os.path.join(workdir, "checkpoints"))
+def checkpoint_directory(workdir: str, subdir: str = "checkpoints") -> str:
+  return os.path.abspath(os.path.join(workdir, subdir))
 
 
 class Checkpointer:
-  """Saves and restores the train state of one workdir (`<workdir>/checkpoints`)."""
+  """Saves and restores the train state of one workdir (`<workdir>/<subdir>`: the regular
+  checkpoints, or "best" and "averaged")."""
 
-  def __init__(self, workdir: str, keep: int, async_save: bool = True):
-    self.directory = checkpoint_directory(workdir)
+  def __init__(self, workdir: str, keep: int, async_save: bool = True,
+               subdir: str = "checkpoints"):
+    self.directory = checkpoint_directory(workdir, subdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
     self._manager = ocp.CheckpointManager(self.directory, options=options,

@@ -1,0 +1,67 @@
+"""Translation on real data: Multi30k from local files, or a tensorflow-datasets set by name.
+
+    python main.py --config=configs/translation.py --workdir=runs/m30k \\
+        --config.data_dir=../shared/data/multi30k               # Multi30k de->en, CPU
+    python main.py --config=configs/translation.py:direction=en-de --workdir=runs/m30k_en_de \\
+        --config.data_dir=../shared/data/multi30k
+    python main.py --config=configs/translation.py:dataset=wmt14_de_en,size=base,accel=gpu \\
+        --workdir=runs/wmt14
+
+Variant keys: dataset (multi30k, wmt14_de_en, wmt17_de_en, ted_pt_en), direction (the
+language pair source-target, e.g. en-de to reverse), size (tiny, small, base, big), accel
+(cpu, gpu, tpu). The multi30k default is the CPU recipe whose results BENCHMARKS.md reports.
+"""
+
+from configs import default, presets
+
+# variant name -> (config.dataset, source-target language pair of the data)
+DATASETS = {
+    "multi30k": ("files", "de-en"),
+    "wmt14_de_en": ("wmt14_translate/de-en", "de-en"),
+    "wmt17_de_en": ("wmt17_translate/de-en", "de-en"),
+    "ted_pt_en": ("ted_hrlr_translate/pt_to_en", "pt-en"),
+}
+
+
+def get_config(arg=None):
+  variant = presets.parse_variant(arg, {"dataset": tuple(DATASETS), "direction": None,
+                                        "size": tuple(presets.SIZES),
+                                        "accel": tuple(presets.ACCELERATORS)})
+  name = variant.get("dataset", "multi30k")
+  c = default.get_config(f"task=translation,size={variant.get('size', 'small')},"
+                         f"accel={variant.get('accel', 'cpu')}")
+  c.dataset, c.language_pair = DATASETS[name]
+  c.language_pair = variant.get("direction", c.language_pair)
+  c.max_input_length = 64  # training rows: examples longer than this are dropped (counted)
+  c.max_target_length = 64
+  c.max_eval_length = 128
+  c.tokenizer = "sentencepiece"
+  c.vocab_size = 8000
+  c.shared_vocab = True
+  c.pack_examples = True
+  c.label_smoothing = 0.1
+  c.beam_size = 4
+  c.length_penalty = 0.6
+  c.decode_extra_length = 50
+  c.best_metric = "bleu"
+  c.num_decode_batches = 4
+  c.num_print_examples = 3
+  if name == "multi30k":
+    # 29k sentence pairs: the small model, packed 64 x 64-token rows, evaluated often.
+    c.file_splits = "train=train,validation=val,test=test_2016_flickr"
+    c.batch_size = 64
+    c.learning_rate = 2e-3
+    c.warmup_steps = 1000
+    c.schedule = "rsqrt"
+    c.num_train_steps = 4000
+    c.eval_every_steps = 500
+    c.checkpoint_every_steps = 500
+    c.keep_checkpoints = 5
+    c.log_every_steps = 50
+  else:
+    c.vocab_size = 32000  # the paper's shared source-target vocabulary size
+    c.max_input_length = c.max_target_length = 256
+    c.max_eval_length = 256
+    c.num_train_steps = 100_000
+    c.eval_every_steps = c.checkpoint_every_steps = 5000
+  return c

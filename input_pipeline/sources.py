@@ -1,0 +1,107 @@
+"""Random-access example sources from tensorflow-datasets, by name or from local files.
+
+Both kinds are tfds builders prepared to array_record files and read through
+`builder.as_data_source(split)`, which needs no TensorFlow. Preparing a public dataset
+does need it for many builders (they read their downloads through tf.io.gfile): when it
+is missing and the data is not prepared yet, the run stops before any work and names the
+command that installs it.
+"""
+
+import importlib
+import importlib.util
+import os
+from typing import Any, Dict, Mapping
+
+import tensorflow_datasets as tfds
+
+from input_pipeline.local_builders import DataError
+
+INSTALL_TENSORFLOW = "pip install tensorflow-cpu"
+# tfds registers some builders only once their package is imported (e.g. wmt14_translate).
+_BUILDER_PACKAGES = ("tensorflow_datasets.translate", "tensorflow_datasets.text")
+
+
+def default_data_dir(data_dir: str = "") -> str:
+  """Where prepared tfds data lives: `data_dir`, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  return os.path.expanduser(data_dir or os.environ.get("TFDS_DATA_DIR", "")
+                            or "~/tensorflow_datasets")
+
+
+def has_tensorflow() -> bool:
+  return importlib.util.find_spec("tensorflow") is not None
+
+
+def tfds_builder(name: str, data_dir: str = ""):
+  """The tfds builder for `name` (e.g. "wmt14_translate/de-en"); DataError if unknown."""
+  tfds.disable_progress_bar()
+  try:
+    return tfds.builder(name, data_dir=default_data_dir(data_dir), file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError:
+    pass
+  for package in _BUILDER_PACKAGES:
+    importlib.import_module(package)
+  try:
+    return tfds.builder(name, data_dir=default_data_dir(data_dir), file_format="array_record")
+  except tfds.core.registered.DatasetNotFoundError as e:
+    raise DataError(f"config.dataset={name!r}: tensorflow-datasets has no such dataset; "
+                    f"see https://www.tensorflow.org/datasets/catalog") from e
+
+
+def prepare(builder, needs_tensorflow: bool = True) -> None:
+  """Downloads and prepares `builder`'s data once (a no-op when already prepared)."""
+  if builder.is_prepared():
+    return
+  if needs_tensorflow and not has_tensorflow():
+    raise DataError(
+        f"the tensorflow-datasets dataset {builder.info.full_name} is not prepared in "
+        f"{builder.data_dir} and preparing it needs TensorFlow: run `{INSTALL_TENSORFLOW}` "
+        f"and start again (training itself never imports TensorFlow)")
+  builder.download_and_prepare(file_format="array_record")
+
+
+def open_splits(builder, splits, needs_tensorflow: bool = True) -> Dict[str, Any]:
+  """`{split: random-access source}` for the named splits of `builder`.
+
+  tfds.testing.mock_data serves `as_data_source` without prepared files, so the builder
+  is only prepared when reading fails for lack of data.
+  """
+  # tfds raises KeyError ("splits is empty") before preparation, ValueError for a split
+  # name the prepared data lacks.
+  try:
+    return {split: builder.as_data_source(split) for split in splits}
+  except (KeyError, ValueError):
+    if builder.is_prepared():
+      _check_splits(builder, splits)
+      raise
+  prepare(builder, needs_tensorflow)
+  try:
+    return {split: builder.as_data_source(split) for split in splits}
+  except (KeyError, ValueError):
+    _check_splits(builder, splits)
+    raise
+
+
+def _check_splits(builder, splits) -> None:
+  """DataError listing the known splits when a split (slices aside) is not one of them."""
+  known = sorted(builder.info.splits)
+  missing = [s for s in splits if str(s).split("[")[0] not in known]
+  if missing:
+    raise DataError(f"dataset {builder.info.full_name} has no split {', '.join(missing)}; "
+                    f"it has {', '.join(known)}") from None
+
+
+def as_text(value) -> str:
+  """A tfds Text feature as str (array_record gives bytes; mock data gives str)."""
+  return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def parse_mapping(spec: str, field: str) -> Mapping[str, str]:
+  """"a=b,c=d" -> {"a": "b", "c": "d"}; DataError naming `field` when malformed."""
+  out = {}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip() or not value.strip():
+      raise DataError(f"config.{field}={spec!r} is invalid: expected name=value pairs "
+                      f"separated by commas")
+    out[key.strip()] = value.strip()
+  return out
