@@ -120,9 +120,10 @@ def main(argv):
       train.evaluate_checkpoint(config, workdir, step=flags.FLAGS.step,
                                 split=flags.FLAGS.split, checkpoint=flags.FLAGS.checkpoint)
     elif mode == "decode":
-      if config.task != "translation":
-        _user_error(f"--mode=decode translates; config.task={config.task!r} has no decoder "
-                    f"from text to text")
+      if config.task != "translation" or config.dataset == "synthetic":
+        _user_error(f"--mode=decode translates text: it needs config.task='translation' on "
+                    f"real data (config.task={config.task!r}, config.dataset="
+                    f"{config.dataset!r})")
       lines = _read_input(flags.FLAGS.input)
       for line in train.decode_lines(config, workdir, lines, step=flags.FLAGS.step,
                                      checkpoint=flags.FLAGS.checkpoint):

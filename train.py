@@ -285,9 +285,11 @@ class BestCheckpoint:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
-                       devices: Optional[Sequence[jax.Device]] = None) -> Dict[str, float]:
+                       devices: Optional[Sequence[jax.Device]] = None,
+                       final_evaluation: bool = True) -> Dict[str, float]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final
-  evaluation metrics. `devices` defaults to all local devices."""
+  evaluation metrics (empty without `final_evaluation`, which benchmarks skip). `devices`
+  defaults to all local devices."""
   devices, task, tx, eval_dataset = _setup(config, workdir, devices)
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -372,6 +374,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       progress.exclude(time.perf_counter() - t0)
 
   checkpoints.wait()
+  if not final_evaluation:
+    best.close()
+    checkpoints.close()
+    writer.close()
+    return {}
   eval_metrics, _ = _evaluate_and_report(
       "final evaluation", max(start, total), task, p_eval, p_predict, p_state.params,
       eval_dataset, writer, num_examples=config.num_print_examples)

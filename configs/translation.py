@@ -47,16 +47,20 @@ def get_config(arg=None):
   c.num_decode_batches = 4
   c.num_print_examples = 3
   if name == "multi30k":
-    # 29k sentence pairs: the small model, packed 64 x 64-token rows, evaluated often.
+    # 29k sentence pairs: the small model (3+3 layers, d=256) on packed 64 x 64-token
+    # rows; 1,500 steps (about 12 epochs) take about an hour on a 2-core CPU. The learning
+    # rate anneals to 0 by the end of that budget, and checkpoints every 100 steps let
+    # --mode=average average the last five.
     c.file_splits = "train=train,validation=val,test=test_2016_flickr"
     c.batch_size = 64
-    c.learning_rate = 2e-3
-    c.warmup_steps = 1000
-    c.schedule = "rsqrt"
-    c.num_train_steps = 4000
-    c.eval_every_steps = 500
-    c.checkpoint_every_steps = 500
-    c.keep_checkpoints = 5
+    c.learning_rate = 1.5e-3
+    c.warmup_steps = 400
+    c.schedule = "cosine"
+    c.num_train_steps = 1500
+    c.eval_every_steps = 250
+    c.num_decode_batches = 2
+    c.checkpoint_every_steps = 100
+    c.keep_checkpoints = 20
     c.log_every_steps = 50
   else:
     c.vocab_size = 32000  # the paper's shared source-target vocabulary size

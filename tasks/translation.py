@@ -42,6 +42,9 @@ class TranslationTask(base.Task):
     self.vocab_size = self.source_tokenizer.vocab_size
     self.output_vocab_size = self.target_tokenizer.vocab_size
     self.eos_id = self.target_tokenizer.eos_id
+    logging.info("%s -> %s: vocabularies of %d and %d pieces; scores: %s", self.source_lang,
+                 self.target_lang, self.vocab_size, self.output_vocab_size,
+                 "  ".join(f"{k} {v}" for k, v in sacrebleu_signatures().items()))
 
   def _make_builder(self):
     """The tfds builder of config.dataset (local parallel files or a tfds name)."""
@@ -97,9 +100,8 @@ class TranslationTask(base.Task):
     if given and not all(os.path.exists(p) for p in given):
       raise tokenizers.TokenizerError(
           f"config.tokenizer_path={c.tokenizer_path!r}: no such file")
-    if kind != "bytes" and self.workdir and not given:
-      os.makedirs(self.workdir, exist_ok=True)
-
+    # The workdir is created by the tokenizer's write, after the data has been read and
+    # checked: bad data leaves no trace in it.
     def corpus(which):
       def sentences():
         src, tgt = self.texts(c.train_split)
@@ -301,6 +303,11 @@ def corpus_scores(hypotheses: List[str], references: List[str]) -> Dict[str, flo
 
 
 def sacrebleu_signatures() -> Dict[str, str]:
+  """The signatures of the metrics `corpus_scores` computes (one reference each)."""
   import sacrebleu  # pylint: disable=g-import-not-at-top
-  return {"bleu": str(sacrebleu.metrics.BLEU().get_signature()),
-          "chrf": str(sacrebleu.metrics.CHRF().get_signature())}
+  out = {}
+  for name, metric in (("bleu", sacrebleu.metrics.BLEU()), ("chrf", sacrebleu.metrics.CHRF())):
+    # sacrebleu 2.x knows the reference count (part of the signature) only after scoring.
+    metric.corpus_score(["a"], [["a"]])
+    out[name] = str(metric.get_signature())
+  return out
