@@ -46,7 +46,8 @@ flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate
                   "and hypotheses under <workdir>/eval; decode: translate lines of --input "
                   "to standard output; average: average the newest --num_average "
                   "checkpoints into <workdir>/averaged.")
-flags.DEFINE_integer("step", None, "eval/decode: the checkpoint step (default: newest).")
+flags.DEFINE_integer("step", None, "eval/decode: the checkpoint step (default: newest); "
+                     "average: the newest step to include.")
 flags.DEFINE_enum("checkpoint", "latest", ("latest", "best", "averaged"),
                   "eval/decode: which checkpoint: the regular ones (newest or --step), the "
                   "best by config.best_metric, or the --mode=average one.")
@@ -129,7 +130,8 @@ def main(argv):
                                      checkpoint=flags.FLAGS.checkpoint):
         print(line, flush=True)
     else:
-      step = train.average_checkpoints(config, workdir, flags.FLAGS.num_average)
+      step = train.average_checkpoints(config, workdir, flags.FLAGS.num_average,
+                                       last_step=flags.FLAGS.step)
       print(f"averaged the newest {flags.FLAGS.num_average} checkpoints (up to step {step}) "
             f"into {os.path.join(workdir, 'averaged')}")
   except user_errors as e:

@@ -229,17 +229,18 @@ def _raise_if_nonfinite(flags: List[float], done: int, last_saved: Optional[int]
 def _evaluate_and_report(title: str, step: int, task, p_eval, p_predict, params,
                          eval_dataset, writer: Optional[reporting.MetricWriter],
                          num_examples: int = 0, decode_batches: Optional[int] = None,
-                         split: str = "eval"):
-  """Evaluates, writes the metrics (and example lines) to `writer`, and logs them.
+                         split: str = "eval", prefix: str = "eval"):
+  """Evaluates, writes the metrics (and example lines) to `writer` under `prefix/`, and
+  logs them.
 
   Returns (metrics, output records).
   """
   metrics, lines, records = evaluate(task, p_eval, p_predict, params, eval_dataset, split,
                                      num_examples, decode_batches)
   if writer is not None:
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in metrics.items()})
     if lines:
-      writer.write_text(step, "eval/examples", "\n\n".join(lines))
+      writer.write_text(step, f"{prefix}/examples", "\n\n".join(lines))
   logging.info("%s at step %d: %s%s", title, step,
                "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
                "".join("\n" + line for line in lines))
@@ -357,7 +358,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           " (includes compilation)" if speed["includes_compile"] else "")
       history = []
 
-    if done % config.eval_every_steps == 0 and done != total:
+    # Periodic evaluations ("eval/" in the logs) decode the same `num_decode_batches`
+    # batches every time, so their scores compare (the best checkpoint relies on that);
+    # the final evaluation below decodes the whole split ("final/").
+    if done % config.eval_every_steps == 0:
       t0 = time.perf_counter()
       metrics, _ = _evaluate_and_report("eval", done, task, p_eval, p_predict,
                                         p_state.params, eval_dataset, writer,
@@ -381,9 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {}
   eval_metrics, _ = _evaluate_and_report(
       "final evaluation", max(start, total), task, p_eval, p_predict, p_state.params,
-      eval_dataset, writer, num_examples=config.num_print_examples)
-  if start < total:
-    best.update(total, eval_metrics, unreplicate_to_host(p_state), config_dict)
+      eval_dataset, writer, num_examples=config.num_print_examples, prefix="final")
   best.close()
   checkpoints.close()
   writer.close()
@@ -500,10 +502,10 @@ def decode_lines(config: ml_collections.ConfigDict, workdir: str, lines: List[st
 
 
 def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
-                        num_checkpoints: int) -> int:
-  """Averages the parameters of the newest `num_checkpoints` checkpoints of `workdir` into
-  <workdir>/averaged (as the paper does for its base models); returns the newest step.
-  Evaluate it with `--mode=eval --checkpoint=averaged`."""
+                        num_checkpoints: int, last_step: Optional[int] = None) -> int:
+  """Averages the parameters of the newest `num_checkpoints` checkpoints of `workdir` (up to
+  `last_step` if given) into <workdir>/averaged (as the paper does for its base models);
+  returns the newest averaged step. Evaluate it with `--mode=eval --checkpoint=averaged`."""
   reporting.quiet_library_logs()
   validation.validate(config)
   task = tasks.get_task(config, workdir, training=False)
@@ -512,7 +514,8 @@ def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
   if not os.path.isdir(directory):
     raise checkpointing.CheckpointError(f"no checkpoints in {directory}; train first")
   checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
-  steps = sorted(checkpoints.all_steps())[-num_checkpoints:]
+  steps = sorted(s for s in checkpoints.all_steps()
+                 if last_step is None or s <= last_step)[-num_checkpoints:]
   if len(steps) < num_checkpoints:
     checkpoints.close()
     raise checkpointing.CheckpointError(

@@ -4,16 +4,18 @@ and training throughput with and without packing.
     # after: python main.py --config=configs/translation.py --workdir=runs/m30k_de_en \\
     #            --config.data_dir=../shared/data/multi30k
     python benchmarks/translation.py bleu --workdir=runs/m30k_de_en \\
-        --steps=200,400,800,1200,1600 --average=5
+        --steps=500,1000,1400,1500 --greedy_steps=1400 --average=5 --average_until=1400,1500
     python benchmarks/translation.py decode --workdir=runs/m30k_de_en
     python benchmarks/translation.py packing --data_dir=../shared/data/multi30k
 
 bleu: sacreBLEU (cased, 13a, detokenized) and chrF on the test split for the checkpoints
-      of the given steps, with beam 4 and greedy, and for the average of the last
-      `--average` checkpoints; the training time of each step comes from the run's
+      of the given steps with beam 4 (and greedy at `--greedy_steps`), and for averages
+      of `--average` checkpoints ending at each of `--average_until`; the training time
+      of each step comes from the run's
       metrics.jsonl (wall clock since the run started, evaluations included).
-decode: sentences/s and tokens/s of greedy and beam-4 decoding of the whole test split
-      (the median of 3 timed passes after a compiling pass).
+decode: sentences/s and tokens/s of greedy and beam-4 decoding of the test split (or its
+      first `--batches` batches): the median of `--repeats` timed passes after a compiling
+      pass, on one device.
 packing: real (non-padding) training tokens/s with packed rows and with one example per
       padded row, measured side by side (the median over logging intervals, compilation
       excluded).
@@ -66,12 +68,14 @@ def bleu_table(args):
   config = load_config(args.workdir)
   times = step_times(args.workdir)
   rows = []
+  averages = [int(s) for s in args.average_until.split(",") if s] or [None]
   for checkpoint, step in [("latest", int(s)) for s in args.steps.split(",")] + (
-      [("averaged", None)] if args.average else []):
+      [("averaged", s) for s in averages] if args.average else []):
     if checkpoint == "averaged":
-      step = train.average_checkpoints(config, args.workdir, args.average)
+      step = train.average_checkpoints(config, args.workdir, args.average, last_step=step)
     row = {"checkpoint": checkpoint, "step": step, "minutes": times.get(step, float("nan")) / 60}
-    for beam in (4, 1):
+    greedy = str(step) in args.greedy_steps.split(",")
+    for beam in (4, 1) if greedy else (4,):
       with config.unlocked():
         config.beam_size = beam
       metrics = train.evaluate_checkpoint(config, args.workdir, split=args.split,
@@ -79,16 +83,17 @@ def bleu_table(args):
                                           checkpoint=checkpoint)
       row[f"bleu_beam{beam}"] = metrics["bleu"]
       row[f"chrf_beam{beam}"] = metrics["chrf"]
-    row["val_loss"] = metrics["loss"]
+      row[f"loss_beam{beam}"] = metrics["loss"]
     rows.append(row)
   print(f"\n| checkpoint | step | training minutes | {args.split} BLEU beam 4 | BLEU greedy "
         f"| chrF beam 4 | {args.split} loss |")
   print("|---|---|---|---|---|---|---|")
   for r in rows:
-    name = (f"average of last {args.average}" if r["checkpoint"] == "averaged"
-            else r["checkpoint"])
+    name = (f"average of {args.average} up to {r['step']}" if r["checkpoint"] == "averaged"
+            else "single")
+    greedy = f"{r['bleu_beam1']:.1f}" if "bleu_beam1" in r else "—"
     print(f"| {name} | {r['step']} | {r['minutes']:.1f} | {r['bleu_beam4']:.1f} | "
-          f"{r['bleu_beam1']:.1f} | {r['chrf_beam4']:.1f} | {r['val_loss']:.3f} |")
+          f"{greedy} | {r['chrf_beam4']:.1f} | {r['loss_beam4']:.3f} |")
 
 
 def decode_speed(args):
@@ -99,7 +104,8 @@ def decode_speed(args):
   _, params = train._restore_params(task, tx, config, args.workdir)  # pylint: disable=protected-access
   params = train.replicate(params, devices)
   examples = task.data_source(args.split)
-  print(f"{len(examples)} {args.split} sentences, eval batch {config.eval_batch_size}")
+  print(f"{args.split}: {len(examples)} sentences, decoded in batches of "
+        f"{config.eval_batch_size} ({args.batches or 'all'} batches)")
   for beam in (1, 4):
     with config.unlocked():
       config.beam_size = beam
@@ -108,16 +114,17 @@ def decode_speed(args):
     dataset = batching.batched_dataset(examples, batch_size=config.eval_batch_size,
                                        num_devices=1, lengths=task.eval_lengths,
                                        shuffle=False)
-    batches = list(batching.iterate(dataset))
+    batches = list(batching.iterate(dataset, limit=args.batches or None))
     times, tokens = [], 0
-    for attempt in range(4):
+    for attempt in range(args.repeats + 1):
       start = time.perf_counter()
       outputs = [np.asarray(p_predict(params, b)) for b in batches]
       if attempt:
         times.append(time.perf_counter() - start)
       tokens = sum(int((o > 0).sum()) for o in outputs)
     seconds = float(np.median(times))
-    print(f"beam {beam}: {len(examples) / seconds:.1f} sentences/s, {tokens / seconds:.0f} "
+    sentences = sum(int((b["inputs"][0] > 0).any(-1).sum()) for b in batches)
+    print(f"beam {beam}: {sentences / seconds:.1f} sentences/s, {tokens / seconds:.0f} "
           f"output tokens/s ({seconds:.1f} s for the split; times {np.round(times, 2)})")
 
 
@@ -154,10 +161,15 @@ def main():
   bleu.add_argument("--workdir", required=True)
   bleu.add_argument("--steps", default="400,800,1200,1600")
   bleu.add_argument("--average", type=int, default=5)
+  bleu.add_argument("--average_until", default="",
+                    help="newest steps of the averages, e.g. 1400,1500; default the newest")
   bleu.add_argument("--split", default="test")
+  bleu.add_argument("--greedy_steps", default="", help="steps also decoded greedily")
   decode = sub.add_parser("decode")
   decode.add_argument("--workdir", required=True)
   decode.add_argument("--split", default="test")
+  decode.add_argument("--repeats", type=int, default=2)
+  decode.add_argument("--batches", type=int, default=0, help="decode this many; 0 = all")
   pack = sub.add_parser("packing")
   pack.add_argument("--data_dir", required=True)
   pack.add_argument("--steps", type=int, default=40)

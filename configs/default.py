@@ -102,7 +102,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 1000  # asynchronous checkpoint
   c.keep_checkpoints = 3  # checkpoints kept on disk (the newest ones)
   c.num_print_examples = 5  # decoded examples printed at the final evaluation
-  c.num_decode_batches = 4  # eval batches decoded and scored during training; 0 = all
+  c.num_decode_batches = 0  # eval batches decoded and scored during training; 0 = all
   c.best_metric = ""  # keep the best checkpoint by this eval metric (e.g. bleu); "" = off
 
   # ---- Decoding (translation)

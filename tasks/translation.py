@@ -105,12 +105,10 @@ class TranslationTask(base.Task):
     def corpus(which):
       def sentences():
         src, tgt = self.texts(c.train_split)
-        if which == "source":
-          return src[:c.tokenizer_max_sentences]
-        if which == "target":
-          return tgt[:c.tokenizer_max_sentences]
-        half = c.tokenizer_max_sentences // 2
-        return src[:half] + tgt[:half]
+        texts = {"source": src, "target": tgt, "both": src + tgt}[which]
+        # An evenly strided sample: large corpora are often concatenations of sources.
+        stride = -(-len(texts) // c.tokenizer_max_sentences)
+        return texts[::stride]
       return sentences
 
     if c.shared_vocab:
