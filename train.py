@@ -447,6 +447,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     stem = os.path.join(out_dir, f"{split}-{checkpoint}-step{step}")
     report = {"split": split, "checkpoint": checkpoint, "step": step,
               "examples": len(records), "seconds": seconds, "metrics": metrics,
+              "beam_size": config.beam_size, "length_penalty": config.length_penalty,
               **task.score_details()}
     if records:
       records.sort(key=lambda r: r["index"])
