@@ -6,7 +6,7 @@ training/ accept; main.py and train.train_and_evaluate both call `validate`.
 """
 
 from configs import presets
-from input_pipeline import synthetic
+from input_pipeline import sources, synthetic
 from models import attention, layers, transformer
 from tasks import TASKS
 from training import optimizers
@@ -149,14 +149,10 @@ def _dataset(config) -> None:
     _fail("language_pair", config.language_pair,
           "expected two different language codes as source-target, e.g. 'de-en'")
   if dataset == "files":
-    stems = {}
-    for item in filter(None, (x.strip() for x in config.file_splits.split(","))):
-      split, sep, stem = item.partition("=")
-      if not sep or not split.strip() or not stem.strip():
-        _fail("file_splits", config.file_splits,
-              "expected split=file_stem pairs separated by commas, e.g. 'train=train,"
-              "validation=val'")
-      stems[split.strip()] = stem.strip()
+    try:  # the one parser of this field; its error names the field already
+      stems = sources.parse_mapping(config.file_splits, "file_splits")
+    except sources.DataError as e:
+      raise ConfigError(str(e)) from None
     for field in ("train_split", "eval_split"):
       if config[field] not in stems:
         _fail(field, config[field], f"not a split of config.file_splits "
