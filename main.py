@@ -9,6 +9,9 @@
     python main.py --config=configs/translation.py --workdir=runs/m30k --mode=average
     echo "Ein Mann fährt Fahrrad." | python main.py --config=configs/translation.py \
         --workdir=runs/m30k --config.data_dir=../shared/data/multi30k --mode=decode
+    python main.py --config=configs/generation.py --workdir=runs/shakespeare  # char-level LM
+    python main.py --config=configs/generation.py --workdir=runs/shakespeare \
+        --mode=generate --prompt="ROMEO:" --config.temperature=0.8 --config.num_samples=3
     python main.py --config=configs/default.py:task=generation,size=small --workdir=runs/lm
     python main.py --workdir=runs/demo --config.num_train_steps=500 --config.d_model=128
 
@@ -25,7 +28,7 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "default.py")
-MODES = ("train", "eval", "decode", "average")
+MODES = ("train", "eval", "decode", "generate", "average")
 
 def _user_error(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
@@ -44,15 +47,19 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metric
 flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate; "
                   "eval: decode and score a split with a checkpoint, writing the scores "
                   "and hypotheses under <workdir>/eval; decode: translate lines of --input "
-                  "to standard output; average: average the newest --num_average "
-                  "checkpoints into <workdir>/averaged.")
+                  "to standard output; generate: continue each --prompt (or each line of "
+                  "--input) with a language model, sampling as config says; average: "
+                  "average the newest --num_average checkpoints into <workdir>/averaged.")
 flags.DEFINE_integer("step", None, "eval/decode: the checkpoint step (default: newest); "
                      "average: the newest step to include.")
 flags.DEFINE_enum("checkpoint", "latest", ("latest", "best", "averaged"),
                   "eval/decode: which checkpoint: the regular ones (newest or --step), the "
                   "best by config.best_metric, or the --mode=average one.")
 flags.DEFINE_string("split", None, "eval: the split to score (default config.eval_split).")
-flags.DEFINE_string("input", "-", "decode: a text file with a sentence a line; - = stdin.")
+flags.DEFINE_string("input", "-", "decode: a text file with a sentence a line; generate: a "
+                    "text file with a prompt a line (when no --prompt); - = stdin.")
+flags.DEFINE_multi_string("prompt", None, "generate: a prompt (repeat the flag for several; "
+                          "\\n stands for a newline; an empty prompt starts from nothing).")
 flags.DEFINE_integer("num_average", 5, "average: how many of the newest checkpoints.")
 flags.mark_flags_as_required(["workdir"])
 
@@ -106,12 +113,28 @@ def _load_config():
     _user_error(f"cannot load --config: {_one_line(e)}")
 
 
+def _set_cpu_devices(config) -> None:
+  """config.cpu_devices > 0: XLA's host platform gets that many devices, so the pmapped
+  step runs data-parallel over the CPU cores (one device per core) instead of splitting
+  each small matmul between them. Set before JAX starts its backends; the GPU and TPU
+  backends ignore it."""
+  count = config.get("cpu_devices", 0)
+  if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+    _user_error(f"config.cpu_devices={count!r} is invalid: expected an integer >= 0")
+  if count:
+    flag = f"--xla_force_host_platform_device_count={count}"
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+    os.environ["XLA_FLAGS"] = " ".join(kept + [flag])
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  config = _load_config()
+  _set_cpu_devices(config)
   user_errors = _user_errors()
   import train  # pylint: disable=g-import-not-at-top
-  config = _load_config()
   workdir = flags.FLAGS.workdir
   try:
     mode = flags.FLAGS.mode
@@ -129,6 +152,20 @@ def main(argv):
       for line in train.decode_lines(config, workdir, lines, step=flags.FLAGS.step,
                                      checkpoint=flags.FLAGS.checkpoint):
         print(line, flush=True)
+    elif mode == "generate":
+      if config.task != "generation" or config.dataset == "synthetic":
+        _user_error(f"--mode=generate continues text: it needs config.task='generation' on "
+                    f"real data (config.task={config.task!r}, config.dataset="
+                    f"{config.dataset!r})")
+      prompts = ([p.replace("\\n", "\n") for p in flags.FLAGS.prompt]
+                 if flags.FLAGS.prompt is not None else _read_input(flags.FLAGS.input))
+      if not prompts:
+        _user_error("--mode=generate: no prompt; give --prompt=TEXT or lines on --input")
+      samples = train.generate_text(config, workdir, prompts, step=flags.FLAGS.step,
+                                    checkpoint=flags.FLAGS.checkpoint)
+      for i, texts in enumerate(samples, 1):
+        for j, text in enumerate(texts, 1):
+          print(f"--- prompt {i}, sample {j}\n{text}", flush=True)
     else:
       step = train.average_checkpoints(config, workdir, flags.FLAGS.num_average,
                                        last_step=flags.FLAGS.step)

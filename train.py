@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import zlib
 from typing import Any, Dict, List, Optional, Sequence
 
 import flax
@@ -174,14 +175,15 @@ def _sum_dicts(dicts: List[Dict[str, float]]) -> Dict[str, float]:
 
 
 def evaluate(task, p_eval, p_predict, params, eval_dataset, split: str = "eval",
-             num_examples: int = 0, decode_batches: Optional[int] = None):
-  """Loss metrics over the whole split, and predictions scored on its first
-  `decode_batches` batches (all when None).
+             num_examples: int = 0, decode_batches: Optional[int] = None,
+             loss_batches: Optional[int] = None):
+  """Loss metrics over the first `loss_batches` batches of the split (all when None), and
+  predictions scored on its first `decode_batches` batches (all when None).
 
   Returns (metrics from `task.summarize`, example lines, per-example output records).
   """
   loss_sums, score_sums, records, lines = [], [], [], []
-  for index, batch in enumerate(batching.iterate(eval_dataset)):
+  for index, batch in enumerate(batching.iterate(eval_dataset, limit=loss_batches)):
     loss_sums.append(p_eval(params, batch))
     if decode_batches is not None and index >= decode_batches:
       continue
@@ -229,16 +231,20 @@ def _raise_if_nonfinite(flags: List[float], done: int, last_saved: Optional[int]
 def _evaluate_and_report(title: str, step: int, task, p_eval, p_predict, params,
                          eval_dataset, writer: Optional[reporting.MetricWriter],
                          num_examples: int = 0, decode_batches: Optional[int] = None,
-                         split: str = "eval", prefix: str = "eval"):
+                         split: str = "eval", prefix: str = "eval",
+                         loss_batches: Optional[int] = None,
+                         elapsed: Optional[float] = None):
   """Evaluates, writes the metrics (and example lines) to `writer` under `prefix/`, and
-  logs them.
+  logs them. `elapsed`: seconds since the run started, logged beside the metrics.
 
   Returns (metrics, output records).
   """
   metrics, lines, records = evaluate(task, p_eval, p_predict, params, eval_dataset, split,
-                                     num_examples, decode_batches)
+                                     num_examples, decode_batches, loss_batches)
   if writer is not None:
-    writer.write_scalars(step, {f"{prefix}/{k}": v for k, v in metrics.items()})
+    extra = {} if elapsed is None else {f"{prefix}/elapsed_seconds": elapsed}
+    writer.write_scalars(step, {**{f"{prefix}/{k}": v for k, v in metrics.items()},
+                                **extra})
     if lines:
       writer.write_text(step, f"{prefix}/examples", "\n\n".join(lines))
   logging.info("%s at step %d: %s%s", title, step,
@@ -291,6 +297,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final
   evaluation metrics (empty without `final_evaluation`, which benchmarks skip). `devices`
   defaults to all local devices."""
+  run_start = time.perf_counter()
   devices, task, tx, eval_dataset = _setup(config, workdir, devices)
   is_chief = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
@@ -363,9 +370,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # the final evaluation below decodes the whole split ("final/").
     if done % config.eval_every_steps == 0:
       t0 = time.perf_counter()
-      metrics, _ = _evaluate_and_report("eval", done, task, p_eval, p_predict,
-                                        p_state.params, eval_dataset, writer,
-                                        decode_batches=decode_batches)
+      metrics, _ = _evaluate_and_report(
+          "eval", done, task, p_eval, p_predict, p_state.params, eval_dataset, writer,
+          num_examples=config.num_print_examples if task.prints_samples else 0,
+          decode_batches=decode_batches, loss_batches=config.num_eval_batches or None,
+          elapsed=t0 - run_start)
       best.update(done, metrics, unreplicate_to_host(p_state), config_dict)
       progress.exclude(time.perf_counter() - t0)
 
@@ -385,11 +394,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     return {}
   eval_metrics, _ = _evaluate_and_report(
       "final evaluation", max(start, total), task, p_eval, p_predict, p_state.params,
-      eval_dataset, writer, num_examples=config.num_print_examples, prefix="final")
+      eval_dataset, writer, num_examples=config.num_print_examples, prefix="final",
+      decode_batches=_final_decode_batches(task, config),
+      elapsed=time.perf_counter() - run_start)
   best.close()
   checkpoints.close()
   writer.close()
   return eval_metrics
+
+
+def _final_decode_batches(task, config) -> Optional[int]:
+  """Batches a whole-split evaluation predicts: all of them where predictions are scored,
+  else only the num_decode_batches shown as samples."""
+  return None if task.scores_predictions else (config.num_decode_batches or None)
 
 
 CHECKPOINT_KINDS = {"latest": "checkpoints", "best": "best", "averaged": "averaged"}
@@ -439,7 +456,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   metrics, records = _evaluate_and_report(
       f"evaluation of the {checkpoint} checkpoint on {split}", step, task, p_eval, p_predict,
       replicate(params, devices), eval_dataset, writer=None,
-      num_examples=config.num_print_examples, split=split)
+      num_examples=config.num_print_examples, split=split,
+      decode_batches=_final_decode_batches(task, config))
   seconds = time.perf_counter() - start
   if jax.process_index() == 0:
     out_dir = os.path.join(workdir, "eval")
@@ -545,3 +563,48 @@ def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
   os.replace(partial, final)
   logging.info("averaged the parameters of steps %s into %s", steps, final)
   return steps[-1]
+
+
+def generate_text(config: ml_collections.ConfigDict, workdir: str, prompts: List[str],
+                  checkpoint: str = "latest", step: Optional[int] = None) -> List[List[str]]:
+  """Continues each prompt config.num_samples times with a checkpoint of `workdir` (a
+  language model on real text), sampling as the config says (temperature, top_k, top_p,
+  greedy, max_new_tokens, stop_text, sample_seed). Returns, per prompt, its samples as
+  text (the prompt included). One jitted call per batch of config.eval_batch_size rows."""
+  reporting.quiet_library_logs()
+  validation.validate(config)
+  task = tasks.get_task(config, workdir, training=False)
+  tx = optimizers.make_optimizer(config)
+  _, params = _restore_params(task, tx, config, workdir, checkpoint, step)
+  encoded = task.encode_prompts(prompts)
+  stop_id = task.stop_id()
+  context = config.max_target_length
+  longest = max(len(p) for p in encoded)
+  length = min(context, longest + config.max_new_tokens)
+  if longest + config.max_new_tokens > context:
+    logging.warning("generating at most %d tokens in all (the model's context, "
+                    "config.max_target_length); fewer than prompt + max_new_tokens=%d", context,
+                    config.max_new_tokens)
+  rows = [p for p in encoded for _ in range(config.num_samples)]
+  prompt = np.zeros((len(rows), length), np.int32)
+  for r, tokens in enumerate(rows):
+    prompt[r, :len(tokens)] = tokens
+  limits = np.array([min(len(t) + config.max_new_tokens, length) for t in rows], np.int32)
+
+  @jax.jit
+  def run(params, prompt, rng, limits):
+    return task.generate(params, prompt, rng, limits, stop_id=stop_id)
+
+  # A key per (prompt text, sample number): a prompt's samples do not depend on the other
+  # prompts of the call or on the batching.
+  seed = jax.random.PRNGKey(config.sample_seed)
+  keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(seed, zlib.crc32(p.encode())), j)
+                    for p in prompts for j in range(config.num_samples)])
+  size = config.eval_batch_size
+  outputs = []
+  for start in range(0, len(rows), size):
+    tokens = run(params, prompt[start:start + size], keys[start:start + size],
+                 limits[start:start + size])
+    outputs += [task.detokenize(t) for t in np.asarray(tokens)]
+  n = config.num_samples
+  return [outputs[i * n:(i + 1) * n] for i in range(len(prompts))]

@@ -6,16 +6,18 @@ training/ accept; main.py and train.train_and_evaluate both call `validate`.
 """
 
 from configs import presets
-from input_pipeline import sources, synthetic
+from input_pipeline import local_builders, sources, synthetic
 from models import attention, layers, transformer
 from tasks import TASKS
 from training import optimizers
 
 DTYPES = ("float32", "bfloat16")
-TOKENIZERS = ("sentencepiece", "bytes")
+TOKENIZERS = {"translation": ("sentencepiece", "bytes"),
+              "generation": ("chars", "bytes", "sentencepiece")}
+LM_BATCHING = ("windows", "documents")
 BEST_METRICS = ("", "loss", "perplexity", "accuracy", "exact_match", "bleu", "chrf")
 TEXT_METRICS = ("bleu", "chrf")  # need real translation data
-REAL_DATA_TASKS = ("translation",)  # tasks that read real text so far
+REAL_DATA_TASKS = ("translation", "generation")  # tasks that read real text so far
 
 
 class ConfigError(ValueError):
@@ -79,7 +81,8 @@ def validate(config, num_devices: int = 1) -> None:
                 "min_digits", "max_digits", "max_input_length", "max_target_length",
                 "num_eval_examples"):
     _int(config, field, 1)
-  for field in ("head_dim", "warmup_steps", "num_print_examples", "seed", "shuffle_seed"):
+  for field in ("head_dim", "warmup_steps", "num_print_examples", "seed", "shuffle_seed",
+                "cpu_devices"):
     _int(config, field, 0)
   needs_encoder = config.task in ("translation", "classification")
   needs_decoder = config.task in ("translation", "generation")
@@ -122,6 +125,7 @@ def validate(config, num_devices: int = 1) -> None:
             f"{config.max_digits + 1} tokens")
 
   _decoding(config)
+  _generation(config)
   per_update = num_devices * config.grad_accum_steps
   if config.batch_size % per_update:
     _fail("batch_size", config.batch_size,
@@ -144,15 +148,24 @@ def _dataset(config) -> None:
                               f"real data is supported for {', '.join(REAL_DATA_TASKS)}")
   if dataset == "files" and not config.data_dir:
     _fail("data_dir", config.data_dir, "dataset='files' needs the directory of the files")
-  pair = str(config.language_pair).split("-")
-  if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
-    _fail("language_pair", config.language_pair,
-          "expected two different language codes as source-target, e.g. 'de-en'")
+  if config.task == "translation":
+    pair = str(config.language_pair).split("-")
+    if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
+      _fail("language_pair", config.language_pair,
+            "expected two different language codes as source-target, e.g. 'de-en'")
+  if config.task == "generation":
+    _language_model_data(config)
   if dataset == "files":
     try:  # the one parser of this field; its error names the field already
-      stems = sources.parse_mapping(config.file_splits, "file_splits")
+      stems = dict(sources.parse_mapping(config.file_splits, "file_splits"))
     except sources.DataError as e:
       raise ConfigError(str(e)) from None
+    if config.task == "generation" and config.validation_fraction > 0:
+      if "train" not in stems or "validation" in stems:
+        _fail("validation_fraction", config.validation_fraction,
+              "it holds out the end of the 'train' split as 'validation', so "
+              "config.file_splits needs a train split and no validation split")
+      stems["validation"] = "(held out)"
     for field in ("train_split", "eval_split"):
       if config[field] not in stems:
         _fail(field, config[field], f"not a split of config.file_splits "
@@ -160,19 +173,58 @@ def _dataset(config) -> None:
   for field in ("train_split", "eval_split"):
     if not isinstance(config[field], str) or not config[field]:
       _fail(field, config[field], "expected a split name such as 'train' or 'validation'")
-  _choice(config, "tokenizer", TOKENIZERS)
+  _choice(config, "tokenizer", TOKENIZERS[config.task])
   _int(config, "vocab_size", 8)
   _int(config, "tokenizer_max_sentences", 1)
   _int(config, "max_eval_length", 2)
-  if config.shared_vocab is False and config.share_embeddings:
+  if config.task == "translation" and config.shared_vocab is False and (
+      config.share_embeddings):
     _fail("share_embeddings", config.share_embeddings,
           "separate source and target vocabularies (shared_vocab=False) need "
           "share_embeddings=False")
   if config.tokenizer_path:
     paths = [p for p in config.tokenizer_path.split(",") if p]
-    if len(paths) != (1 if config.shared_vocab else 2):
+    if len(paths) != (1 if config.shared_vocab or config.task != "translation" else 2):
       _fail("tokenizer_path", config.tokenizer_path,
             "expected one model file with shared_vocab=True, two ('source,target') without")
+
+
+def _language_model_data(config) -> None:
+  """The fields of language modelling on real text."""
+  _choice(config, "lm_batching", LM_BATCHING)
+  _choice(config, "text_documents", local_builders.DOCUMENT_UNITS)
+  _rate(config, "validation_fraction")
+  if config.pack_examples and config.lm_batching == "windows":
+    _fail("pack_examples", config.pack_examples,
+          "windows of one stream are full rows already; packing applies to "
+          "lm_batching='documents'")
+  _int(config, "max_target_length", 2)
+
+
+def _generation(config) -> None:
+  """Sampling fields (generate mode and the samples in the eval logs)."""
+  if not isinstance(config.greedy, bool):
+    _fail("greedy", config.greedy, "expected True or False")
+  value = config.temperature
+  if not config.greedy and (isinstance(value, bool) or not isinstance(value, (int, float))
+                            or not value > 0):
+    _fail("temperature", value, "sampling needs a number > 0 (set config.greedy=True for "
+                                "the most likely tokens)")
+  value = config.top_p
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+    _fail("top_p", value, "expected a number in (0, 1]")
+  _int(config, "top_k", 0)
+  _int(config, "max_new_tokens", 1)
+  _int(config, "num_samples", 1)
+  _int(config, "sample_seed", 0)
+  _int(config, "num_eval_batches", 0)
+  _int(config, "eval_prompt_length", 0)
+  if not isinstance(config.stop_text, str):
+    _fail("stop_text", config.stop_text, "expected a string")
+  if config.task == "generation" and config.dataset != "synthetic" and (
+      config.eval_prompt_length >= config.max_target_length):
+    _fail("eval_prompt_length", config.eval_prompt_length,
+          f"it must be shorter than max_target_length={config.max_target_length}")
 
 
 def _decoding(config) -> None:

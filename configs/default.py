@@ -53,6 +53,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.tokenizer_path = ""  # existing tokenizer model file(s), "src,tgt" if separate; "" = train
   c.tokenizer_max_sentences = 1_000_000  # sentences sampled to train sentencepiece
   c.pack_examples = False  # pack several examples per training row (segment ids, positions)
+  c.validation_fraction = 0.0  # LM text files: hold out this last share of train as validation
+  c.text_documents = "file"  # LM text files: a document is a whole "file" or each "line"
+  c.lm_batching = "windows"  # LM real text: "windows" of one stream, or "documents" (own rows)
   c.shuffle_seed = 0  # order of training examples
   c.seed = 0  # parameter initialisation and dropout
 
@@ -79,6 +82,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.accel = "cpu"  # the accelerator preset applied (cpu, gpu, tpu)
   c.dtype = "float32"  # compute dtype; params, softmax, norms, logits, loss stay float32
   c.attention_impl = "reference"  # "reference" (written here) or "fused" (jax/cuDNN)
+  c.cpu_devices = 0  # CPU: main.py splits the host into this many pmap devices; 0 = one
 
   # ---- Optimization
   c.optimizer = "adam"  # "adam" (paper) or "adamw" (decay skips biases and norms)
@@ -103,12 +107,24 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3  # checkpoints kept on disk (the newest ones)
   c.num_print_examples = 5  # decoded examples printed at the final evaluation
   c.num_decode_batches = 0  # eval batches decoded and scored during training; 0 = all
+  c.num_eval_batches = 0  # eval batches whose loss is computed during training; 0 = all
   c.best_metric = ""  # keep the best checkpoint by this eval metric (e.g. bleu); "" = off
 
   # ---- Decoding (translation)
   c.beam_size = 1  # beam search width; 1 = greedy (paper: 4)
   c.length_penalty = 0.6  # beam score = log p / ((5 + length) / 6) ** alpha (paper: 0.6)
   c.decode_extra_length = 50  # decode at most input length + this many tokens (paper: 50)
+
+  # ---- Generation (decoder-only LM: --mode=generate and the samples in the eval logs)
+  c.greedy = False  # take the most likely token instead of sampling
+  c.temperature = 1.0  # sampling: logits are divided by this (> 0; lower = safer text)
+  c.top_k = 0  # sampling: keep only the k most likely tokens; 0 = all
+  c.top_p = 1.0  # sampling: keep the most likely tokens holding this probability; 1 = all
+  c.max_new_tokens = 256  # tokens generated after the prompt (at most the model's context)
+  c.num_samples = 1  # samples generated per prompt
+  c.sample_seed = 0  # the sampling seed: the same seed and prompt give the same text
+  c.stop_text = ""  # generation also ends after this text (one token); "" = only at EOS
+  c.eval_prompt_length = 16  # LM samples in eval logs continue this many tokens of eval rows
 
   presets.apply_presets(c, variant.get("size", "tiny"), variant.get("accel", "cpu"))
   return c

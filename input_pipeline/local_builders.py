@@ -29,11 +29,11 @@ def text_file_path(directory: str, stem: str) -> str:
   return plain + ".gz"
 
 
-def read_lines(path: str, allow_empty: bool = False) -> List[str]:
-  """The lines of a plain or gzipped UTF-8 text file, without line ends.
+def read_text(path: str) -> str:
+  """The whole text of a plain or gzipped UTF-8 file.
 
-  Raises DataError naming the file (and line) when the file is missing, is not UTF-8,
-  has no lines, or (unless `allow_empty`) has an empty line.
+  Raises DataError naming the file (and, for bad UTF-8, the line) when the file is missing,
+  unreadable or not UTF-8.
   """
   if not os.path.isfile(path):
     raise DataError(f"{path}: no such file")
@@ -44,12 +44,20 @@ def read_lines(path: str, allow_empty: bool = False) -> List[str]:
   except (OSError, EOFError) as e:
     raise DataError(f"{path}: cannot read it ({e})") from e
   try:
-    text = raw.decode("utf-8")
+    return raw.decode("utf-8")
   except UnicodeDecodeError as e:
     line = raw[:e.start].count(b"\n") + 1
     raise DataError(f"{path}, line {line}: not valid UTF-8 (byte {raw[e.start]:#04x}); "
                     f"convert the file to UTF-8") from e
-  lines = text.split("\n")
+
+
+def read_lines(path: str, allow_empty: bool = False) -> List[str]:
+  """The lines of a plain or gzipped UTF-8 text file, without line ends.
+
+  Raises DataError naming the file (and line) when the file is missing, is not UTF-8,
+  has no lines, or (unless `allow_empty`) has an empty line.
+  """
+  lines = read_text(path).split("\n")
   if lines and lines[-1] == "":
     lines.pop()  # the newline that ends the last line
   lines = [line.rstrip("\r") for line in lines]
@@ -158,3 +166,131 @@ def parallel_text_builder(directory: str, languages: Tuple[str, str],
   config = ParallelTextConfig(name=name, directory=os.path.abspath(directory),
                               languages=tuple(languages), splits=tuple(splits.items()))
   return ParallelTextFiles(config=config, data_dir=data_dir, file_format="array_record")
+
+
+# ----------------------------------------------------------------------------- plain text
+
+
+DOCUMENT_UNITS = ("file", "line")
+
+
+@dataclasses.dataclass
+class TextFilesConfig(tfds.core.BuilderConfig):
+  """Plain or gzipped UTF-8 text files for language modelling.
+
+  splits: tfds split name -> file names in `directory` (read in this order).
+  documents: "file" (each file is one document, e.g. a book) or "line" (each non-empty
+    line is one document, e.g. one sentence a line as in lm1b).
+  validation_fraction: when > 0, the last share of the "train" split's text becomes the
+    "validation" split (cut at a character for "file", at a line for "line"), as nanoGPT
+    holds out the last 10% of tiny Shakespeare.
+  """
+  directory: str = ""
+  splits: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+  documents: str = "file"
+  validation_fraction: float = 0.0
+
+
+class TextFiles(tfds.core.GeneratorBasedBuilder):
+  """Documents of text: features `text` and `document` (0-based, in file order)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [TextFilesConfig(name="default")]
+
+  def _info(self):
+    features = {"text": tfds.features.Text(),
+                "document": tfds.features.Scalar(dtype=np.int32)}
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
+                                 disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    return {split: self._generate_examples(documents)
+            for split, documents in read_text_splits(cfg).items()}
+
+  def _generate_examples(self, documents: List[str]):
+    for i, text in enumerate(documents):
+      yield i, {"text": text, "document": i}
+
+
+def _documents(path: str, unit: str) -> List[str]:
+  """The documents of one file: the whole text, or its non-empty lines."""
+  text = read_text(path)
+  if not text.strip():
+    raise DataError(f"{path}: the file is empty (or only whitespace); give it text or "
+                    f"remove it from config.file_splits")
+  if unit == "file":
+    return [text]
+  return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
+
+
+def hold_out(documents: List[str], fraction: float, unit: str) -> Tuple[List[str], List[str]]:
+  """(kept, held out): the last `fraction` of the text, cut at a character ("file") or at
+  a document boundary ("line"). Both parts are non-empty."""
+  if unit == "line":
+    held = max(1, int(round(len(documents) * fraction)))
+    if held >= len(documents):
+      raise DataError(f"validation_fraction={fraction} of {len(documents)} lines leaves no "
+                      f"training text; lower it or give a validation file")
+    return documents[:-held], documents[-held:]
+  total = sum(len(d) for d in documents)
+  cut = int(total * (1.0 - fraction))  # as nanoGPT: train = text[:int(n * 0.9)]
+  if cut <= 0 or cut >= total:
+    raise DataError(f"validation_fraction={fraction} of {total} characters leaves one part "
+                    f"empty; choose a value that leaves text on both sides")
+  kept, held, seen = [], [], 0
+  for document in documents:
+    if seen + len(document) <= cut:
+      kept.append(document)
+    elif seen >= cut:
+      held.append(document)
+    else:  # the document the cut falls in is split in two
+      kept.append(document[:cut - seen])
+      held.append(document[cut - seen:])
+    seen += len(document)
+  return kept, held
+
+
+def read_text_splits(cfg: TextFilesConfig) -> Dict[str, List[str]]:
+  """`{split: documents}` of a TextFilesConfig, every file read and checked."""
+  out = {}
+  for split, names in cfg.splits:
+    documents = []
+    for name in names:
+      documents += _documents(text_file_path(cfg.directory, name), cfg.documents)
+    out[split] = documents
+  if cfg.validation_fraction > 0:
+    out["train"], out["validation"] = hold_out(out["train"], cfg.validation_fraction,
+                                               cfg.documents)
+  return out
+
+
+def text_files_builder(directory: str, splits: Dict[str, List[str]], documents: str,
+                       validation_fraction: float, data_dir: str) -> TextFiles:
+  """The builder for a directory of text files (not prepared yet; see `sources`).
+
+  Missing directories or files raise DataError here, before anything is prepared.
+  """
+  if not os.path.isdir(directory):
+    raise DataError(f"{directory}: no such data directory (config.data_dir)")
+  if validation_fraction > 0 and ("train" not in splits or "validation" in splits):
+    raise DataError("config.validation_fraction holds out part of the 'train' split as "
+                    "'validation': config.file_splits needs a train split and no validation "
+                    "split (or set validation_fraction=0)")
+  paths = []
+  for names in splits.values():
+    for name in names:
+      path = text_file_path(directory, name)
+      if not os.path.exists(path):
+        present = sorted(os.listdir(directory))
+        raise DataError(f"{path}: no such file; {directory} has "
+                        f"{', '.join(present[:20]) or 'no files'}")
+      paths.append(path)
+  layout = hashlib.sha256(repr(sorted(splits.items())).encode()).hexdigest()[:6]
+  name = (f"{documents}-{validation_fraction:g}-{layout}-{_fingerprint(paths)}"
+          .replace(".", "_"))
+  config = TextFilesConfig(name=name, directory=os.path.abspath(directory),
+                           splits=tuple((k, tuple(v)) for k, v in splits.items()),
+                           documents=documents, validation_fraction=float(validation_fraction))
+  return TextFiles(config=config, data_dir=data_dir, file_format="array_record")

@@ -67,6 +67,14 @@ class Tokenizer:
     """Encodes each text; same result as `encode` one by one."""
     return [self.encode(text) for text in texts]
 
+  def text_lengths(self) -> np.ndarray:
+    """`[vocab_size]` float: the characters (bytes, for the byte tokenizer) each id stands
+    for; EOS counts as one (a document's end), padding as zero. Bits per character are
+    summed bits over the summed lengths of the scored tokens."""
+    lengths = np.ones(self.vocab_size, np.float32)
+    lengths[PAD_ID] = 0.0
+    return lengths
+
   def _decode(self, ids: np.ndarray) -> str:
     raise NotImplementedError
 
@@ -227,6 +235,12 @@ class SentencePieceTokenizer(Tokenizer):
     ids = self._sp.encode(list(texts), out_type=int)
     return [np.asarray(x, np.int32) for x in ids]
 
+  def text_lengths(self) -> np.ndarray:
+    lengths = np.array([len(self._sp.id_to_piece(i)) for i in range(self.vocab_size)],
+                       np.float32)  # "▁" (a space) is one character, like the space
+    lengths[[PAD_ID, EOS_ID, UNK_ID]] = (0.0, 1.0, 1.0)
+    return lengths
+
   def _decode(self, ids: np.ndarray) -> str:
     # sentencepiece raises on ids outside its vocabulary
     ids = np.where((ids >= 0) & (ids < self.vocab_size), ids, UNK_ID)
@@ -281,7 +295,8 @@ def _training_error(e: RuntimeError, vocab_size: int, corpus: str) -> TokenizerE
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str, *,
                         model_type: str = "unigram", character_coverage: float = 1.0,
                         max_sentences: int = 1_000_000,
-                        seed_sentencepiece_size: int = 1_000_000) -> SentencePieceTokenizer:
+                        seed_sentencepiece_size: int = 1_000_000,
+                        keep_whitespace: bool = False) -> SentencePieceTokenizer:
   """Trains a SentencePiece model in-process and writes it to `path` atomically.
 
   Args:
@@ -295,12 +310,17 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str, *,
       become unk. 1.0 suits alphabetic languages; ~0.9995 suits CJK.
     max_sentences: at most this many texts (a fixed-seed uniform sample) are trained on.
     seed_sentencepiece_size: the unigram trainer's initial seed vocabulary size.
+    keep_whitespace: keep runs of spaces, give the newline a piece of its own and add no
+      hidden leading space, so decode(encode(text)) == text for multi-line text and the
+      pieces' lengths add up to the text's (language models); by default whitespace is
+      normalised, as translation wants.
 
   The same texts always give the same model bytes.
   """
   model = _train(texts, vocab_size, path, model_type=model_type,
                  character_coverage=character_coverage, max_sentences=max_sentences,
-                 seed_sentencepiece_size=seed_sentencepiece_size)
+                 seed_sentencepiece_size=seed_sentencepiece_size,
+                 keep_whitespace=keep_whitespace)
   tokenizer = SentencePieceTokenizer.from_bytes(model, path)
   _write_atomic(path, model)
   tokenizer.path = path
@@ -309,7 +329,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str, *,
 
 def _train(texts: Iterable[str], vocab_size: int, name: str, *, model_type: str = "unigram",
            character_coverage: float = 1.0, max_sentences: int = 1_000_000,
-           seed_sentencepiece_size: int = 1_000_000) -> bytes:
+           seed_sentencepiece_size: int = 1_000_000, keep_whitespace: bool = False) -> bytes:
   """The serialized model trained on `texts`; `name` stands for its file in errors."""
   if model_type not in ("unigram", "bpe"):
     raise TokenizerError(f"sentencepiece model_type {model_type!r} is not supported; use "
@@ -334,7 +354,9 @@ def _train(texts: Iterable[str], vocab_size: int, name: str, *, model_type: str 
         seed_sentencepiece_size=seed_sentencepiece_size, input_sentence_size=0,
         shuffle_input_sentence=False, num_threads=_TRAIN_THREADS,
         max_sentence_length=_MAX_SENTENCE_BYTES, pad_id=PAD_ID, eos_id=EOS_ID,
-        unk_id=UNK_ID, bos_id=-1, minloglevel=2)
+        unk_id=UNK_ID, bos_id=-1, minloglevel=2,
+        **(dict(user_defined_symbols=["\n"], remove_extra_whitespaces=False,
+                add_dummy_prefix=False) if keep_whitespace else {}))
   except RuntimeError as e:
     raise _training_error(e, vocab_size, corpus) from e
   return model.getvalue()
@@ -352,7 +374,7 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def get_or_build(kind: str, path: Optional[str], texts: Callable[[], Iterable[str]],
-                 vocab_size: int) -> Tokenizer:
+                 vocab_size: int, keep_whitespace: bool = False) -> Tokenizer:
   """The tokenizer of a run: loaded from `path` when it exists, else built and saved there.
 
   Args:
@@ -363,6 +385,7 @@ def get_or_build(kind: str, path: Optional[str], texts: Callable[[], Iterable[st
     vocab_size: the model's vocabulary size (config field `vocab_size`). A sentencepiece
       model must have exactly this many pieces; bytes and chars must fit in it, because a
       model's embedding lookup does not fail on an id past its end.
+    keep_whitespace: sentencepiece only, see `train_sentencepiece`.
   """
   if kind not in KINDS:
     raise TokenizerError(f"unknown tokenizer kind {kind!r}; use one of {KINDS}")
@@ -381,9 +404,11 @@ def get_or_build(kind: str, path: Optional[str], texts: Callable[[], Iterable[st
       if path is not None:
         tokenizer.save(path)
     elif path is not None:
-      tokenizer = train_sentencepiece(texts(), vocab_size, path)
+      tokenizer = train_sentencepiece(texts(), vocab_size, path,
+                                      keep_whitespace=keep_whitespace)
     else:
-      tokenizer = SentencePieceTokenizer.from_bytes(_train(texts(), vocab_size, "in memory"))
+      tokenizer = SentencePieceTokenizer.from_bytes(
+          _train(texts(), vocab_size, "in memory", keep_whitespace=keep_whitespace))
   _check_fits(tokenizer, vocab_size)
   return tokenizer
 

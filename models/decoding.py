@@ -3,7 +3,8 @@
 A decoding step is a function `step_fn(cache, tokens[batch, 1]) -> (logits[batch, vocab],
 cache)`; the task modules build it from a model in decode mode. The loop is a
 `lax.while_loop`, so a whole decode is one jitted call with no per-token host round trip.
-Sampling plugs into the same step function (task issues).
+`generate` fills positions left to right with a prompt forced where given and the rest
+greedy or sampled (temperature, top-k, top-p); `beam_search` keeps the k best hypotheses.
 """
 
 from typing import Any, Callable, Optional, Tuple
@@ -46,8 +47,101 @@ def greedy_decode(step_fn: StepFn, cache: Any, batch_size: int, max_length: int,
   Returns:
     `[batch, max_length]` int32 tokens, EOS included, 0 after it.
   """
+  return generate(step_fn, cache, batch_size, max_length, eos_id, prompt=prompt)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def top_k_mask(logits: Array, k: int) -> Array:
+  """True for the `k` largest logits of each row (ties at the k-th value all kept);
+  k = 0 keeps everything. `[..., vocab]` -> bool `[..., vocab]`."""
+  if k <= 0 or k >= logits.shape[-1]:
+    return jnp.ones(logits.shape, bool)
+  kth = jax.lax.top_k(logits, k)[0][..., -1:]
+  return logits >= kth
+
+
+def top_p_mask(logits: Array, p: float) -> Array:
+  """Nucleus sampling: True for the smallest set of most likely tokens whose probabilities
+  add up to at least `p` (the most likely token always; p = 1 keeps every token with
+  non-zero probability). `[..., vocab]` -> bool `[..., vocab]`."""
+  if p >= 1.0:
+    return jnp.ones(logits.shape, bool)
+  probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+  order = jnp.argsort(-probs, axis=-1)
+  sorted_probs = jnp.take_along_axis(probs, order, axis=-1)
+  # A token is kept when the tokens ranked above it hold less than p.
+  before = jnp.cumsum(sorted_probs, axis=-1) - sorted_probs
+  keep_sorted = before < p
+  inverse = jnp.argsort(order, axis=-1)
+  return jnp.take_along_axis(keep_sorted, inverse, axis=-1)
+
+
+def sampling_picker(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                    greedy: bool = False,
+                    never: Tuple[int, ...] = (0,)) -> Callable[[Array, Array], Array]:
+  """`pick(logits[batch, vocab], keys) -> tokens[batch]` for `generate`.
+
+  Greedy takes the argmax; otherwise logits / temperature are restricted to the top-k and
+  then the top-p tokens and sampled, row b with `keys[b]` (`keys` `[batch]` keys, or one
+  key that is split into one per row). The ids in `never` (padding, and ids a tokenizer
+  reserves) are never picked.
+  """
+  if not greedy and not temperature > 0:
+    raise ValueError(f"sampling needs a temperature > 0, got {temperature}; use greedy "
+                     f"decoding for the most likely tokens")
+  if not 0.0 < top_p <= 1.0:
+    raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+  def pick(logits, keys):
+    logits = logits.astype(jnp.float32).at[:, list(never)].set(MASK_VALUE)
+    if greedy:
+      return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    keep = top_k_mask(logits, top_k) & top_p_mask(logits, top_p)
+    logits = jnp.where(keep, logits, MASK_VALUE)
+    if jnp.ndim(keys) == 1:  # one raw key for the batch
+      keys = jax.random.split(keys, logits.shape[0])
+    # One key a row: a row's sample does not depend on which rows share its batch.
+    return jax.vmap(jax.random.categorical)(keys, logits).astype(jnp.int32)
+
+  return pick
+
+
+def generate(step_fn: StepFn, cache: Any, batch_size: int, max_length: int, eos_id: int,
+             prompt: Optional[Array] = None, pick: Optional[Callable] = None,
+             rng: Optional[Array] = None, limits: Optional[Array] = None,
+             stop_id: int = -1) -> Array:
+  """Left-to-right generation through the cache, one jitted `lax.while_loop`.
+
+  Step i feeds the token of position i - 1 (0, the start token, at i = 0) and fills
+  position i: the prompt's token where `prompt` is non-zero, else `pick(logits, key_i)`.
+
+  Args:
+    step_fn: one decoding step (see module docstring).
+    cache: the initial cache (from `init_cache`), with room for `max_length` positions.
+    batch_size: number of sequences.
+    max_length: positions to fill at most.
+    eos_id: a row is finished once it generates this token; later positions are 0.
+    prompt: optional `[batch, max_length]` left-aligned, zero-padded prompt tokens.
+    pick: `pick(logits[batch, vocab], keys[batch]) -> [batch]` (default greedy; see
+      `sampling_picker`).
+    rng: `[batch]` PRNG keys, one a row (position i of row b uses `fold_in(rng[b], i)`),
+      or one key, from which row b's is `fold_in(rng, b)`.
+    limits: optional `[batch]` int: row b stops after filling `limits[b]` positions.
+    stop_id: a generated token that also finishes its row (kept in the output); -1 = none.
+
+  Returns:
+    `[batch, max_length]` int32 tokens (prompt included), 0 after the end of each row.
+  """
   if prompt is None:
     prompt = jnp.zeros((batch_size, max_length), jnp.int32)
+  pick = pick or sampling_picker(greedy=True)
+  rng = jax.random.PRNGKey(0) if rng is None else rng
+  if jnp.ndim(rng) == 1:  # one raw key
+    rng = jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(batch_size))
+  limits = jnp.full((batch_size,), max_length) if limits is None else limits
 
   def cond(state):
     i, _, _, _, done = state
@@ -57,12 +151,12 @@ def greedy_decode(step_fn: StepFn, cache: Any, batch_size: int, max_length: int,
     i, cache, token, out, done = state
     logits, cache = step_fn(cache, token[:, None])
     forced = jax.lax.dynamic_index_in_dim(prompt, i, axis=1, keepdims=False)
-    # Token 0 is padding, never a prediction: decoding it would feed padding back in.
-    best = jnp.argmax(logits[:, 1:], axis=-1).astype(jnp.int32) + 1
-    chosen = jnp.where(forced > 0, forced, best)
+    keys = jax.vmap(lambda key: jax.random.fold_in(key, i))(rng)
+    chosen = jnp.where(forced > 0, forced, pick(logits, keys))
     chosen = jnp.where(done, 0, chosen)
     out = jax.lax.dynamic_update_index_in_dim(out, chosen, i, axis=1)
-    done = done | ((chosen == eos_id) & (forced == 0))
+    generated = forced == 0
+    done = done | (generated & ((chosen == eos_id) | (chosen == stop_id))) | (i + 1 >= limits)
     return i + 1, cache, chosen, out, done
 
   state = (jnp.array(0), cache, jnp.zeros((batch_size,), jnp.int32),

@@ -117,7 +117,10 @@ class PositionalEncoding(nn.Module):
     if self.kind == "sinusoidal":
       enc = sinusoidal_encoding(positions, features)
     elif self.kind == "learned":
-      table = self.param("table", nn.initializers.normal(stddev=0.02),
+      # At the scale of the sinusoids (variance 1/2) and of the embeddings they are added
+      # to (unit variance after the sqrt(d_model) factor). A GPT-style 0.02 would leave
+      # the positions invisible next to the tokens for hundreds of steps.
+      table = self.param("table", nn.initializers.normal(stddev=0.5**0.5),
                          (self.max_length, features), jnp.float32)
       enc = jnp.take(table, positions, axis=0)
     else:

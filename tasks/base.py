@@ -6,6 +6,7 @@ score and summarise. A task module implements these for one family.
 """
 
 import math
+import os
 from typing import Any, Dict, List, Mapping, Optional
 
 import jax
@@ -13,7 +14,7 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from input_pipeline import batching, packing, synthetic
+from input_pipeline import batching, packing, synthetic, tokenizers
 from models import TransformerConfig
 
 Array = jax.Array
@@ -25,6 +26,11 @@ class Task:
 
   name: str = ""
   synthetic_kind: str = ""  # record layout of input_pipeline.synthetic for this family
+  prints_samples: bool = False  # periodic evaluations also log a few predictions
+  # Predictions are scored (BLEU, exact match): the final evaluation and eval mode then
+  # predict the whole split. When False they are only shown, and num_decode_batches is
+  # what is predicted everywhere.
+  scores_predictions: bool = True
 
   def __init__(self, config, workdir: Optional[str] = None, training: bool = True):
     """`workdir` holds what the run learns from its data (e.g. a tokenizer); `training`
@@ -163,6 +169,24 @@ def exact_match_sums(inputs: np.ndarray, predictions: np.ndarray,
   real = inputs.any(axis=-1)
   exact = (predictions == expected).all(axis=-1)
   return {"exact_match": float(np.sum(exact & real)), "examples": float(np.sum(real))}
+
+
+def tokenizer_paths(config, workdir: Optional[str], names: List[str],
+                    training: bool) -> List[str]:
+  """The tokenizer files of a run: those of config.tokenizer_path, else `names` in the
+  workdir. Outside training (eval, decode, generate) they must exist already; bytes need
+  no file."""
+  given = [p for p in config.tokenizer_path.split(",") if p] if config.tokenizer_path else []
+  paths = given or [os.path.join(workdir or "", n) for n in names]
+  if given and not all(os.path.exists(p) for p in given):
+    raise tokenizers.TokenizerError(f"config.tokenizer_path={config.tokenizer_path!r}: no "
+                                    f"such file")
+  if config.tokenizer != "bytes" and not training and not all(os.path.exists(p)
+                                                               for p in paths):
+    raise tokenizers.TokenizerError(
+        f"no tokenizer at {', '.join(paths)}: train first with --mode=train in this "
+        f"workdir (it saves the tokenizer there) or set config.tokenizer_path")
+  return paths
 
 
 def rngs(dropout_rng, train: bool) -> Dict[str, Array]:

@@ -8,7 +8,6 @@ default "translates" a digit string into its reversal and is scored by exact mat
 """
 
 import dataclasses
-import os
 from typing import Dict, List, Optional
 
 import grain
@@ -88,18 +87,9 @@ class TranslationTask(base.Task):
     trained on the training split and saved in the workdir."""
     c = self.config
     kind = c.tokenizer
-    given = [p for p in c.tokenizer_path.split(",") if p] if c.tokenizer_path else []
     names = (["tokenizer.model"] if c.shared_vocab else
              [f"tokenizer_{self.source_lang}.model", f"tokenizer_{self.target_lang}.model"])
-    paths = given or [os.path.join(self.workdir or "", n) for n in names]
-    if kind != "bytes" and not given and not self.training and not all(
-        os.path.exists(p) for p in paths):
-      raise tokenizers.TokenizerError(
-          f"no tokenizer at {', '.join(paths)}: train first with --mode=train in this "
-          f"workdir (it saves the tokenizer there) or set config.tokenizer_path")
-    if given and not all(os.path.exists(p) for p in given):
-      raise tokenizers.TokenizerError(
-          f"config.tokenizer_path={c.tokenizer_path!r}: no such file")
+    paths = base.tokenizer_paths(c, self.workdir, names, self.training)
     # The workdir is created by the tokenizer's write, after the data has been read and
     # checked: bad data leaves no trace in it.
     def corpus(which):

@@ -1,0 +1,584 @@
+"""Language modelling on real text, end to end: the sampling filters (top-k, top-p), the
+picker (greedy, temperature, never padding) and the generation loop (prompts kept, rows
+ended by EOS, a stop token or a length limit); cached generation equal to recomputing the
+whole prefix; perplexity and bits per character over every token of the held-out split; a
+tiny character-level run on a memorised poem read from a local text file, then generated
+from, evaluated and driven through the command line; bad prompts, sampling settings and
+data refused in one line; and the shipped generation configs."""
+
+import glob
+import json
+import math
+import os
+import struct
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+import tasks
+import train
+import validation
+from configs import default
+from configs import generation as generation_configs
+from configs import presets
+from input_pipeline import batching, tokenizers
+from models import decoding
+from training import optimizers
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ONE_DEVICE = jax.local_devices()[:1]
+
+# Every character follows from the ~15 before it, so a tiny model memorises the text and
+# greedy generation from a prompt must reproduce it.
+POEM = ("twinkle twinkle little star\n"
+        "how i wonder what you are\n"
+        "up above the world so high\n"
+        "like a diamond in the sky\n")
+TEXT = POEM * 40  # 4.3 KB: the last 10% (428 characters) is held out as validation
+
+# The tiny run: every field here is also passed to the command line as --config.<field>.
+TINY = dict(
+    dataset="files", file_splits="train=train.txt", validation_fraction=0.1,
+    tokenizer="chars", vocab_size=128, max_target_length=32, d_model=32, d_ff=64,
+    num_heads=2, num_decoder_layers=2, num_encoder_layers=0, batch_size=16,
+    eval_batch_size=16, learning_rate=5e-3, warmup_steps=20, num_train_steps=300,
+    log_every_steps=50, eval_every_steps=150, checkpoint_every_steps=150,
+    num_decode_batches=1, num_print_examples=1, eval_prompt_length=8, max_new_tokens=16)
+
+
+def write_text(directory, text=TEXT, name="train.txt"):
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, name), "w", encoding="utf-8") as f:
+    f.write(text)
+  return str(directory)
+
+
+def tiny_config(data_dir, tfds_dir, **overrides):
+  c = default.get_config("task=generation")
+  c.update({**TINY, "data_dir": str(data_dir), "tfds_data_dir": str(tfds_dir), **overrides})
+  return c
+
+
+def with_fields(config, **overrides):
+  """A copy of `config` with some fields changed."""
+  c = config.copy_and_resolve_references()
+  c.update(overrides)
+  return c
+
+
+def cli_flags(config, workdir):
+  """The command-line flags that give `config` (built by tiny_config) in main.py."""
+  fields = set(TINY) | {"data_dir", "tfds_data_dir"}
+  return ["--config=configs/default.py:task=generation", f"--workdir={workdir}",
+          *(f"--config.{k}={config[k]}" for k in sorted(fields))]
+
+
+def run_main(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one device, as a user's CPU run
+  return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+
+
+def assert_one_error_line(result, *expected):
+  """Exit 2, stderr ends with a single `error: ...` line holding each of `expected`."""
+  assert result.returncode == 2, result.stderr[-3000:]
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, result.stderr[-3000:]
+  assert result.stderr.strip().splitlines()[-1] == errors[0]
+  for text in expected:
+    assert text in errors[0], (text, errors[0])
+  return errors[0]
+
+
+def snapshot(directory):
+  """{path: (size, mtime)} of every file under `directory`."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for name in files:
+      path = os.path.join(root, name)
+      stat = os.stat(path)
+      out[path] = (stat.st_size, stat.st_mtime_ns)
+  return out
+
+
+def tensorboard_scalars(workdir):
+  """{(tag, step): value} of the scalars in <workdir>/tensorboard (TFRecord framing:
+  length (8 bytes), crc (4), data, crc (4))."""
+  found = {}
+  for path in glob.glob(os.path.join(workdir, "tensorboard", "events.out.tfevents.*")):
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):
+      (length,) = struct.unpack("<Q", data[offset:offset + 8])
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      for value in event.summary.value:
+        if value.HasField("simple_value"):
+          found[(value.tag, event.step)] = value.simple_value
+  return found
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+# Probabilities 0.5, 0.2, 0.15, 0.1, 0.05 at shuffled ids; ranked ids: 1, 3, 4, 0, 2.
+PROBS = np.array([0.1, 0.5, 0.05, 0.2, 0.15])
+LOGITS = jnp.log(jnp.asarray(PROBS, jnp.float32))
+
+
+def kept(mask):
+  return set(np.flatnonzero(np.asarray(mask)).tolist())
+
+
+@pytest.mark.parametrize("p, ids", [
+    (0.6, {1, 3}), (0.7, {1, 3}), (0.71, {1, 3, 4}), (0.9, {1, 3, 4, 0}),
+    (1.0, {0, 1, 2, 3, 4}), (1e-6, {1}), (0.5, {1}), (0.50001, {1, 3})])
+def test_top_p_keeps_the_smallest_most_likely_set_reaching_p(p, ids):
+  assert kept(decoding.top_p_mask(LOGITS, p)) == ids
+  # Row by row in a batch, and unchanged by a shift of the logits (same distribution).
+  batch = jnp.stack([LOGITS, LOGITS[::-1] + 3.0])
+  mask = np.asarray(decoding.top_p_mask(batch, p))
+  assert kept(mask[0]) == ids
+  assert kept(mask[1]) == {4 - i for i in ids}
+
+
+@pytest.mark.parametrize("k, ids", [(1, {1}), (2, {1, 3}), (3, {1, 3, 4}), (0, {0, 1, 2, 3, 4}),
+                                    (5, {0, 1, 2, 3, 4}), (9, {0, 1, 2, 3, 4})])
+def test_top_k_keeps_the_k_largest_logits(k, ids):
+  assert kept(decoding.top_k_mask(LOGITS, k)) == ids
+  mask = np.asarray(decoding.top_k_mask(jnp.stack([LOGITS, -LOGITS]), k))
+  assert kept(mask[0]) == ids
+  expected_reversed = set(np.argsort(PROBS)[:k].tolist()) if 0 < k < 5 else ids
+  assert kept(mask[1]) == expected_reversed
+
+
+# ----------------------------------------------------------------------------- picker
+
+
+def draws(pick, logits, n, seed=0):
+  """`n` picks from the single row `logits`, each with its own key: `[n]` ids."""
+  keys = jax.random.split(jax.random.PRNGKey(seed), n)
+  return np.asarray(jax.jit(jax.vmap(lambda key: pick(logits[None], key)[0]))(keys))
+
+
+def test_greedy_picks_the_argmax_other_than_padding():
+  logits = jax.random.normal(jax.random.PRNGKey(0), (16, 9)) * 3.0
+  logits = logits.at[::2, 0].set(100.0)  # padding is the most likely id in half the rows
+  picked = np.asarray(decoding.sampling_picker(greedy=True)(logits, jax.random.PRNGKey(1)))
+  np.testing.assert_array_equal(picked, np.argmax(np.asarray(logits)[:, 1:], axis=-1) + 1)
+  # Greedy ignores the sampling knobs; top_k=1 sampling is greedy too.
+  for pick in (decoding.sampling_picker(temperature=0.0, greedy=True),
+               decoding.sampling_picker(temperature=5.0, top_k=1)):
+    np.testing.assert_array_equal(np.asarray(pick(logits, jax.random.PRNGKey(2))), picked)
+
+
+def test_sampling_never_picks_padding_or_a_filtered_token():
+  # Padding is the most likely id by far; the filters count only the others.
+  logits = jnp.concatenate([jnp.array([20.0]), LOGITS])  # ids 1..5 hold PROBS
+  for pick, allowed in ((decoding.sampling_picker(), {1, 2, 3, 4, 5}),
+                        (decoding.sampling_picker(top_k=2), {2, 4}),
+                        (decoding.sampling_picker(top_p=0.71), {2, 4, 5}),
+                        (decoding.sampling_picker(top_k=3, top_p=0.6), {2, 4}),
+                        (decoding.sampling_picker(temperature=10.0, top_k=3), {2, 4, 5}),
+                        # top-p applies to the tempered distribution (0.5 -> ~1 at 0.1)
+                        (decoding.sampling_picker(temperature=0.1, top_p=0.6), {2})):
+    picked = draws(pick, logits, 2000)
+    assert set(picked.tolist()) == allowed  # nothing else, and every kept id can occur
+
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 1.0), (0.5, 1.0), (2.0, 1.0),
+                                                (1.0, 0.71)])
+def test_sampling_frequencies_follow_the_softmax_at_the_temperature(temperature, top_p):
+  logits = jnp.concatenate([jnp.array([3.0]), LOGITS])  # id 0 (padding) is never drawn
+  pick = decoding.sampling_picker(temperature=temperature, top_p=top_p)
+  picked = draws(pick, logits, 20000, seed=3)
+  expected = np.asarray(jax.nn.softmax(LOGITS / temperature), np.float64)
+  if top_p < 1:  # 0.5 + 0.2 + 0.15, renormalised
+    expected = np.where(PROBS >= 0.15, expected, 0.0) / np.sum(PROBS[PROBS >= 0.15])
+  frequencies = np.bincount(picked, minlength=6) / len(picked)
+  assert frequencies[0] == 0
+  np.testing.assert_allclose(frequencies[1:], expected, atol=0.015)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(temperature=0.0), "temperature > 0"), (dict(temperature=-1.0), "temperature > 0"),
+    (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_p=-0.1), "top_p")])
+def test_picker_refuses_bad_settings(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    decoding.sampling_picker(**kwargs)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+VOCAB = 12
+
+
+def counting_step(cache, tokens):
+  """A fake model: after the token fed, t, it predicts t + 1 (1 after VOCAB - 1 and after
+  the start token 0)."""
+  token = tokens[:, 0]
+  following = jnp.where(token == 0, 1, token % (VOCAB - 1) + 1)
+  return jax.nn.one_hot(following, VOCAB) * 10.0, cache
+
+
+def run_loop(prompt, eos_id=-5, length=10, **kwargs):
+  """decoding.generate of counting_step after the prompts (lists); eos_id -5: no EOS."""
+  padded = np.zeros((len(prompt), length), np.int32)
+  for r, row in enumerate(prompt):
+    padded[r, :len(row)] = row
+  return np.asarray(decoding.generate(counting_step, 0, len(prompt), length, eos_id,
+                                      prompt=jnp.asarray(padded), **kwargs)).tolist()
+
+
+def test_generate_keeps_the_prompt_and_continues_from_its_last_token():
+  out = run_loop([[], [7], [4, 9, 2]])
+  assert out == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+                 [7, 8, 9, 10, 11, 1, 2, 3, 4, 5],
+                 [4, 9, 2, 3, 4, 5, 6, 7, 8, 9]]
+
+
+def test_generate_threads_the_cache_through_the_steps():
+  def position_step(cache, tokens):
+    """Predicts the (1-based) number of the position it fills, from the cache alone."""
+    del tokens
+    return jax.nn.one_hot(jnp.full((2,), cache + 1), VOCAB) * 10.0, cache + 1
+
+  out = decoding.generate(position_step, 0, 2, 6, -5, prompt=jnp.array(
+      [[5, 5, 0, 0, 0, 0], [0] * 6], jnp.int32))
+  assert np.asarray(out).tolist() == [[5, 5, 3, 4, 5, 6], [1, 2, 3, 4, 5, 6]]
+
+
+def test_generate_ends_rows_at_eos_stop_id_and_limits():
+  # EOS (6) ends a generated row and is kept, zeros after; rows end independently.
+  assert run_loop([[], [8], [5]], eos_id=6) == [
+      [1, 2, 3, 4, 5, 6, 0, 0, 0, 0],
+      [8, 9, 10, 11, 1, 2, 3, 4, 5, 6],
+      [5, 6, 0, 0, 0, 0, 0, 0, 0, 0]]
+  # An EOS written in the prompt is the user's text, not the end of the row.
+  assert run_loop([[6, 6]], eos_id=6)[0] == [6, 6, 7, 8, 9, 10, 11, 1, 2, 3]
+  # stop_id ends a row like EOS does.
+  assert run_loop([[], [9]], eos_id=100, stop_id=3) == [
+      [1, 2, 3, 0, 0, 0, 0, 0, 0, 0],
+      [9, 10, 11, 1, 2, 3, 0, 0, 0, 0]]
+  # limits[b]: row b fills at most that many positions, prompt included.
+  assert run_loop([[], [4, 5], [7]], limits=jnp.array([3, 5, 10])) == [
+      [1, 2, 3, 0, 0, 0, 0, 0, 0, 0],
+      [4, 5, 6, 7, 8, 0, 0, 0, 0, 0],
+      [7, 8, 9, 10, 11, 1, 2, 3, 4, 5]]
+
+
+# ----------------------------------------------------------------------------- the task
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """The poem as a local text file, and a tfds directory to prepare it in (shared)."""
+  root = tmp_path_factory.mktemp("generation")
+  return write_text(root / "text"), str(root / "tfds")
+
+
+@pytest.fixture(scope="module")
+def random_model(corpus, tmp_path_factory):
+  """(task, random params) of the tiny character-level model on the poem."""
+  task = tasks.get_task(tiny_config(*corpus), str(tmp_path_factory.mktemp("random")))
+  return task, task.init_params(jax.random.PRNGKey(0))
+
+
+def prompts_of(task, lengths, length=32):
+  """`[len(lengths), length]` left-aligned, zero-padded prompts: row r holds `lengths[r]`
+  characters of the poem, starting at a different place in each row."""
+  prompt = np.zeros((len(lengths), length), np.int32)
+  for r, n in enumerate(lengths):
+    prompt[r, :n] = task.tokenizer.encode(POEM[9 * r:9 * r + n])
+  return prompt
+
+
+def without_eos(pick):
+  """`pick` that never chooses EOS, so every row is generated to its full length."""
+  return lambda logits, rng: pick(logits.at[:, tokenizers.EOS_ID].set(-1e9), rng)
+
+
+def generations(task, params, prompt, picker, seeds=(0,)):
+  """{(cached, seed): tokens} of task.generate for both cache settings."""
+  out = {}
+  for cached in (True, False):
+    run = jax.jit(lambda p, x, r, cached=cached: task.generate(p, x, r, cached=cached,
+                                                                picker=picker))
+    for seed in seeds:
+      out[cached, seed] = np.asarray(run(params, prompt, jax.random.PRNGKey(seed)))
+  return out
+
+
+def assert_prompts_kept_and_rows_filled(tokens, prompt):
+  real = prompt > 0
+  np.testing.assert_array_equal(tokens[real], prompt[real])
+  assert np.all(tokens > 0)  # without EOS, every position after the prompt is generated
+
+
+def test_cached_generation_equals_recomputing_the_prefix_greedy(random_model):
+  task, params = random_model
+  prompt = prompts_of(task, (0, 1, 5, 12, 31))
+  out = generations(task, params, prompt, without_eos(decoding.sampling_picker(greedy=True)))
+  assert_prompts_kept_and_rows_filled(out[True, 0], prompt)
+  np.testing.assert_array_equal(out[True, 0], out[False, 0])
+
+
+def test_cached_sampling_equals_recomputing_and_follows_the_seed(random_model):
+  task, params = random_model
+  prompt = prompts_of(task, (0, 3, 3, 12))
+  prompt[2] = prompt[1]  # two rows with the same prompt get different samples
+  out = generations(task, params, prompt, without_eos(decoding.sampling_picker()),
+                    seeds=(0, 1))
+  assert_prompts_kept_and_rows_filled(out[True, 0], prompt)
+  np.testing.assert_array_equal(out[True, 0], out[False, 0])
+  np.testing.assert_array_equal(out[True, 1], out[False, 1])
+  assert not np.array_equal(out[True, 1][1], out[True, 1][2])
+  # A different seed gives different text in every row (each has >= 20 sampled tokens).
+  assert all(not np.array_equal(a, b) for a, b in zip(out[True, 0], out[True, 1]))
+  run = jax.jit(lambda p, x, r: task.generate(p, x, r, picker=without_eos(
+      decoding.sampling_picker())))
+  np.testing.assert_array_equal(run(params, prompt, jax.random.PRNGKey(0)), out[True, 0])
+
+
+def test_perplexity_is_exp_of_the_mean_token_loss_over_the_whole_split(random_model):
+  task, params = random_model
+  cut = int(len(TEXT) * 0.9)
+  assert task.documents("train") == [TEXT[:cut]]  # the last 10% is held out, as nanoGPT
+  assert task.documents("validation") == [TEXT[cut:]]
+  stream = task.stream("validation")
+  assert len(stream) == len(TEXT) - cut + 1  # + the document's EOS
+
+  # Direct: every window of the split through the model, NLL of every token.
+  windows = [w["inputs"] for w in task.data_source("eval")]
+  np.testing.assert_array_equal(np.concatenate(windows), stream)  # no gap, no overlap
+  apply = jax.jit(lambda p, x: task.model.apply({"params": p}, x))
+  nll = 0.0
+  for tokens in windows:
+    logits = np.asarray(apply(params, tokens[None])[0], np.float64)
+    log_probs = logits - np.log(np.sum(np.exp(logits), axis=-1, keepdims=True))
+    nll -= np.sum(log_probs[np.arange(len(tokens)), tokens])
+  mean_nll = nll / len(stream)
+
+  # Through train.evaluate on 4 devices, 2 rows each (the last batch partly empty).
+  devices = jax.local_devices()[:4]
+  tx = optimizers.make_optimizer(task.config)
+  _, p_eval, p_predict = train.compile_steps(task, tx, task.config, devices)
+  dataset = task.eval_dataset("eval", 8, len(devices))
+  replicated = train.replicate(params, devices)
+  metrics, _, _ = train.evaluate(task, p_eval, p_predict, replicated, dataset,
+                                 decode_batches=0)
+  sums = [jax.tree.map(lambda x: float(x[0]), p_eval(replicated, b))
+          for b in batching.iterate(dataset)]
+  assert len(sums) == 2 and len(windows) < 16
+  assert sum(s["weight"] for s in sums) == len(stream)
+  assert sum(s["characters"] for s in sums) == len(stream)  # one character a token
+  assert 2.0 < mean_nll < 5.0  # a random model: about log(vocab)
+  assert metrics["loss"] == pytest.approx(mean_nll, rel=1e-5)
+  assert metrics["perplexity"] == pytest.approx(math.exp(mean_nll), rel=1e-5)
+  assert metrics["bits_per_char"] == pytest.approx(mean_nll / math.log(2), rel=1e-5)
+  assert metrics["bits_per_token"] == pytest.approx(mean_nll / math.log(2), rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- one tiny run
+
+
+@pytest.fixture(scope="module")
+def trained(corpus, tmp_path_factory):
+  """One tiny run on the poem (300 steps, evaluations and checkpoints at 150 and 300),
+  shared by the tests of generation, eval mode and the command line."""
+  config = tiny_config(*corpus)
+  workdir = str(tmp_path_factory.mktemp("lm") / "run")
+  metrics = train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  return {"config": config, "workdir": workdir, "metrics": metrics}
+
+
+def test_tiny_run_memorises_the_poem(trained):
+  metrics, workdir = trained["metrics"], trained["workdir"]
+  vocab = 3 + len(set(TEXT))
+  assert {"loss", "accuracy", "perplexity", "bits_per_char", "bits_per_token"} <= set(metrics)
+  assert metrics["loss"] < 0.1 * math.log(vocab), metrics
+  assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-6)
+  assert metrics["bits_per_char"] == pytest.approx(metrics["loss"] / math.log(2), rel=1e-6)
+  with open(os.path.join(workdir, "tokenizer.json"), encoding="utf-8") as f:
+    assert json.load(f)["characters"] == sorted(set(TEXT))
+  scalars = tensorboard_scalars(workdir)
+  assert scalars[("final/perplexity", 300)] == pytest.approx(metrics["perplexity"], rel=1e-5)
+  assert ("eval/bits_per_char", 150) in scalars
+  losses = [scalars[("train/loss", s)] for s in range(50, 301, 50)]
+  assert losses[-1] < losses[0] / 5, losses
+
+
+def generate(trained, prompts, **fields):
+  return train.generate_text(with_fields(trained["config"], **fields), trained["workdir"],
+                             prompts)
+
+
+def test_generate_text_samples_follow_the_seed(trained):
+  # Empty and "twinkle " prompts are ambiguous for the model, so samples vary with the seed.
+  prompts = ["", "twinkle ", "how i wonder"]
+  first = generate(trained, prompts, num_samples=3, temperature=1.0, max_new_tokens=12)
+  assert [len(samples) for samples in first] == [3, 3, 3]
+  for prompt, samples in zip(prompts, first):
+    for text in samples:
+      assert text.startswith(prompt) and len(text) <= len(prompt) + 12, (prompt, text)
+  assert generate(trained, prompts, num_samples=3, temperature=1.0, max_new_tokens=12) == first
+  other = generate(trained, prompts, num_samples=3, temperature=1.0, max_new_tokens=12,
+                   sample_seed=1)
+  assert other != first
+  # Each (prompt, sample) has its own key: a prompt's samples do not change with the other
+  # prompts of the call or with the batching.
+  alone = generate(trained, ["twinkle "], num_samples=3, temperature=1.0, max_new_tokens=12)
+  assert alone == [first[1]]
+  one_row_batches = generate(trained, prompts, num_samples=3, temperature=1.0,
+                             max_new_tokens=12, eval_batch_size=1)
+  assert one_row_batches == first
+
+
+def test_greedy_generation_continues_the_memorised_text(trained):
+  prompts = ["how i wonder", "up above the world", "like a"]
+  texts = generate(trained, prompts, greedy=True, temperature=0.0, max_new_tokens=14)
+  for prompt, (text,) in zip(prompts, texts):
+    start = POEM.index(prompt)
+    assert text == TEXT[start:start + len(prompt) + 14], (prompt, text)
+  # The context caps prompt + new tokens; stop_text ends a sample after that character.
+  long_prompt = TEXT[:31]  # the longest prompt the context takes
+  (long,), (stopped,) = generate(trained, [long_prompt, "how i"], greedy=True,
+                                 max_new_tokens=26, stop_text="\n")
+  assert long == TEXT[:32]  # max_target_length characters in all
+  assert stopped == "how i wonder what you are\n"
+
+
+def test_eval_mode_writes_the_perplexity_of_the_checkpoint(trained):
+  metrics = train.evaluate_checkpoint(trained["config"], trained["workdir"],
+                                      devices=ONE_DEVICE)
+  path = os.path.join(trained["workdir"], "eval", "validation-latest-step300.json")
+  with open(path, encoding="utf-8") as f:
+    report = json.load(f)
+  assert report["step"] == 300 and report["split"] == "validation"
+  assert report["metrics"] == pytest.approx(metrics)
+  for name in ("perplexity", "bits_per_char", "loss"):  # the same params, the same split
+    assert metrics[name] == pytest.approx(trained["metrics"][name], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def test_main_generate_prints_each_sample_of_each_prompt(trained):
+  config, workdir = trained["config"], trained["workdir"]
+  prompts = ["how i", "twinkle "]
+  result = run_main(*cli_flags(config, workdir), "--mode=generate", *(f"--prompt={p}"
+                                                                     for p in prompts),
+                    "--config.num_samples=2", "--config.max_new_tokens=10")
+  assert result.returncode == 0, result.stderr[-3000:]
+  samples = generate(trained, prompts, num_samples=2, max_new_tokens=10)
+  assert result.stdout == "".join(f"--- prompt {i}, sample {j}\n{text}\n"
+                                  for i, texts in enumerate(samples, 1)
+                                  for j, text in enumerate(texts, 1))
+  assert all(text.startswith(p) for p, texts in zip(prompts, samples) for text in texts)
+
+
+def _character_outside_the_vocabulary(trained, data_dir):
+  del data_dir
+  return trained["workdir"], ["--mode=generate", "--prompt=Twinkle"], [
+      "outside the character vocabulary", "'T' (U+0054)"]
+
+
+def _prompt_filling_the_context(trained, data_dir):
+  del data_dir  # 32 characters leave no room to generate (31 do; see the greedy test)
+  return trained["workdir"], ["--mode=generate", "--prompt=how", f"--prompt={POEM[:32]}"], [
+      "prompt 2 has 32 tokens", "context is 32 tokens (config.max_target_length)"]
+
+
+def _zero_temperature_sampling(trained, data_dir):
+  del data_dir
+  return trained["workdir"], ["--mode=generate", "--prompt=how", "--config.temperature=0"], [
+      "config.temperature=0", "sampling needs a number > 0", "greedy"]
+
+
+def _top_p_above_one(trained, data_dir):
+  del data_dir
+  return trained["workdir"], ["--mode=generate", "--prompt=how", "--config.top_p=1.5"], [
+      "config.top_p=1.5", "(0, 1]"]
+
+
+def _empty_text_file(trained, data_dir):
+  del trained
+  write_text(data_dir, "")
+  return None, [], [f"{os.path.join(data_dir, 'train.txt')}: the file is empty"]
+
+
+def _missing_text_file(trained, data_dir):
+  del trained
+  return None, ["--config.file_splits=train=missing.txt"], [
+      f"{os.path.join(data_dir, 'missing.txt')}: no such file"]
+
+
+def _generate_on_synthetic_data(trained, data_dir):
+  del trained, data_dir
+  return None, ["--mode=generate", "--prompt=12", "--config.dataset=synthetic"], [
+      "--mode=generate continues text", "config.dataset='synthetic'"]
+
+
+@pytest.mark.parametrize("make", [_character_outside_the_vocabulary,
+                                  _prompt_filling_the_context, _zero_temperature_sampling,
+                                  _top_p_above_one, _empty_text_file, _missing_text_file,
+                                  _generate_on_synthetic_data],
+                         ids=lambda f: f.__name__[1:])
+def test_main_refuses_bad_input_in_one_line_writing_nothing(trained, tmp_path, make):
+  """Against the trained workdir (left exactly as it was) or a fresh one (not created),
+  with a fresh data directory whose preparation must not have started."""
+  data_dir = str(tmp_path / "text")
+  write_text(data_dir)
+  workdir, args, expected = make(trained, data_dir)
+  workdir = workdir or str(tmp_path / "run")
+  config = tiny_config(data_dir, tmp_path / "tfds")
+  before = snapshot(workdir)
+  result = run_main(*cli_flags(config, workdir), *args)
+  assert_one_error_line(result, *expected)
+  assert snapshot(workdir) == before
+  # tfds may note its builder's config (.config/), but no data was prepared.
+  assert [p for p in snapshot(tmp_path / "tfds") if "/.config/" not in p] == []
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@pytest.mark.parametrize("variant", [None, "dataset=tiny_shakespeare", "dataset=lm1b",
+                                     "tokenizer=bytes", "tokenizer=sentencepiece",
+                                     "size=small", "dataset=lm1b,size=small,accel=gpu"])
+def test_generation_configs_validate(variant):
+  c = generation_configs.get_config(variant)
+  validation.validate(c)
+  assert c.task == "generation" and c.num_encoder_layers == 0 and c.dataset != "synthetic"
+  assert c.label_smoothing == 0.0  # perplexity is of the real distribution
+
+
+def test_default_generation_config_is_nanogpt_on_the_shared_shakespeare():
+  c = generation_configs.get_config()
+  assert os.path.normpath(c.data_dir) == os.path.normpath(
+      os.path.join(REPO, "..", "shared", "data", "tinyshakespeare"))
+  assert (c.dataset, c.file_splits, c.validation_fraction) == ("files", "train=input.txt", 0.1)
+  assert (c.num_decoder_layers, c.num_heads, c.d_model, c.max_target_length) == (4, 4, 128, 64)
+  assert (c.tokenizer, c.lm_batching, c.dropout_rate) == ("chars", "windows", 0.0)
+
+
+def test_generation_config_variants_change_what_they_name():
+  assert generation_configs.get_config("tokenizer=bytes").vocab_size == 259
+  lm1b = generation_configs.get_config("dataset=lm1b")
+  assert (lm1b.dataset, lm1b.tokenizer, lm1b.eval_split) == ("lm1b", "sentencepiece", "test")
+  assert lm1b.lm_batching == "documents" and lm1b.pack_examples
+  assert generation_configs.get_config("dataset=tiny_shakespeare").dataset == "tiny_shakespeare"
+  small = generation_configs.get_config("size=small")
+  assert small.d_model == presets.SIZES["small"]["d_model"] and small.size == "small"
+  assert generation_configs.get_config("accel=gpu").dtype == "bfloat16"
+  with pytest.raises(presets.VariantError, match="dataset='nope' is unknown"):
+    generation_configs.get_config("dataset=nope")
