@@ -13,6 +13,9 @@
     python main.py --config=configs/generation.py --workdir=runs/shakespeare \
         --mode=generate --prompt="ROMEO:" --config.temperature=0.8 --config.num_samples=3
     python main.py --config=configs/default.py:task=generation,size=small --workdir=runs/lm
+    python main.py --config=configs/classification.py --workdir=runs/sst2  # SST-2
+    echo "a gorgeous, witty film" | python main.py --config=configs/classification.py \
+        --workdir=runs/sst2 --mode=predict --checkpoint=best
     python main.py --workdir=runs/demo --config.num_train_steps=500 --config.d_model=128
 
 Exit status: 0 done; 2 a user error (bad config, missing or unusable checkpoint or data),
@@ -28,7 +31,7 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "default.py")
-MODES = ("train", "eval", "decode", "generate", "average")
+MODES = ("train", "eval", "decode", "generate", "predict", "average")
 
 def _user_error(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
@@ -48,16 +51,21 @@ flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate
                   "eval: decode and score a split with a checkpoint, writing the scores "
                   "and hypotheses under <workdir>/eval; decode: translate lines of --input "
                   "to standard output; generate: continue each --prompt (or each line of "
-                  "--input) with a language model, sampling as config says; average: "
+                  "--input) with a language model, sampling as config says; predict: "
+                  "classify each line of --input, printing per line the predicted label, "
+                  "its probability and every class's probability, tab-separated as "
+                  "'label<TAB>p<TAB>name1=p1 name2=p2 ...' (an empty line for an empty "
+                  "line); average: "
                   "average the newest --num_average checkpoints into <workdir>/averaged.")
-flags.DEFINE_integer("step", None, "eval/decode: the checkpoint step (default: newest); "
+flags.DEFINE_integer("step", None, "eval/decode/predict: the checkpoint step (default: newest); "
                      "average: the newest step to include.")
 flags.DEFINE_enum("checkpoint", "latest", ("latest", "best", "averaged"),
-                  "eval/decode: which checkpoint: the regular ones (newest or --step), the "
+                  "eval/decode/predict: which checkpoint: the regular ones (newest or --step), the "
                   "best by config.best_metric, or the --mode=average one.")
 flags.DEFINE_string("split", None, "eval: the split to score (default config.eval_split).")
 flags.DEFINE_string("input", "-", "decode: a text file with a sentence a line; generate: a "
-                    "text file with a prompt a line (when no --prompt); - = stdin.")
+                    "text file with a prompt a line (when no --prompt); predict: a text "
+                    "file with a text to classify a line; - = stdin.")
 flags.DEFINE_multi_string("prompt", None, "generate: a prompt (repeat the flag for several; "
                           "\\n stands for a newline; an empty prompt starts from nothing).")
 flags.DEFINE_integer("num_average", 5, "average: how many of the newest checkpoints.")
@@ -113,6 +121,13 @@ def _load_config():
     _user_error(f"cannot load --config: {_one_line(e)}")
 
 
+def _require_real_data(config, mode: str, task: str, what: str) -> None:
+  """--mode=`mode` `what` (e.g. "translates text"): it needs `task` on real data."""
+  if config.task != task or config.dataset == "synthetic":
+    _user_error(f"--mode={mode} {what}: it needs config.task='{task}' on real data "
+                f"(config.task={config.task!r}, config.dataset={config.dataset!r})")
+
+
 def _set_cpu_devices(config) -> None:
   """config.cpu_devices > 0: XLA's host platform gets that many devices, so the pmapped
   step runs data-parallel over the CPU cores (one device per core) instead of splitting
@@ -144,19 +159,13 @@ def main(argv):
       train.evaluate_checkpoint(config, workdir, step=flags.FLAGS.step,
                                 split=flags.FLAGS.split, checkpoint=flags.FLAGS.checkpoint)
     elif mode == "decode":
-      if config.task != "translation" or config.dataset == "synthetic":
-        _user_error(f"--mode=decode translates text: it needs config.task='translation' on "
-                    f"real data (config.task={config.task!r}, config.dataset="
-                    f"{config.dataset!r})")
+      _require_real_data(config, "decode", "translation", "translates text")
       lines = _read_input(flags.FLAGS.input)
       for line in train.decode_lines(config, workdir, lines, step=flags.FLAGS.step,
                                      checkpoint=flags.FLAGS.checkpoint):
         print(line, flush=True)
     elif mode == "generate":
-      if config.task != "generation" or config.dataset == "synthetic":
-        _user_error(f"--mode=generate continues text: it needs config.task='generation' on "
-                    f"real data (config.task={config.task!r}, config.dataset="
-                    f"{config.dataset!r})")
+      _require_real_data(config, "generate", "generation", "continues text")
       prompts = ([p.replace("\\n", "\n") for p in flags.FLAGS.prompt]
                  if flags.FLAGS.prompt is not None else _read_input(flags.FLAGS.input))
       if not prompts:
@@ -166,6 +175,12 @@ def main(argv):
       for i, texts in enumerate(samples, 1):
         for j, text in enumerate(texts, 1):
           print(f"--- prompt {i}, sample {j}\n{text}", flush=True)
+    elif mode == "predict":
+      _require_real_data(config, "predict", "classification", "labels text")
+      lines = _read_input(flags.FLAGS.input)
+      for line in train.predict_lines(config, workdir, lines, step=flags.FLAGS.step,
+                                      checkpoint=flags.FLAGS.checkpoint):
+        print(line, flush=True)
     else:
       step = train.average_checkpoints(config, workdir, flags.FLAGS.num_average,
                                        last_step=flags.FLAGS.step)

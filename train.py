@@ -183,6 +183,8 @@ def evaluate(task, p_eval, p_predict, params, eval_dataset, split: str = "eval",
   Returns (metrics from `task.summarize`, example lines, per-example output records).
   """
   loss_sums, score_sums, records, lines = [], [], [], []
+  if not task.scores_predictions and not num_examples:
+    decode_batches = 0  # predictions that are neither scored nor shown are not made
   for index, batch in enumerate(batching.iterate(eval_dataset, limit=loss_batches)):
     loss_sums.append(p_eval(params, batch))
     if decode_batches is not None and index >= decode_batches:
@@ -209,6 +211,8 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
   reporting.quiet_library_logs()
   devices = list(devices or jax.local_devices())
   validation.validate(config, num_devices=len(devices) * jax.process_count())
+  logging.info("%d local %s device(s) in process %d of %d", len(devices),
+               devices[0].platform, jax.process_index(), jax.process_count())
   task = tasks.get_task(config, workdir, training=training)
   tx = optimizers.make_optimizer(config)
   eval_dataset = task.eval_dataset(split, config.eval_batch_size, len(devices),
@@ -247,8 +251,15 @@ def _evaluate_and_report(title: str, step: int, task, p_eval, p_predict, params,
                                 **extra})
     if lines:
       writer.write_text(step, f"{prefix}/examples", "\n\n".join(lines))
-  logging.info("%s at step %d: %s%s", title, step,
+    for name, image in task.summary_images(records).items():
+      writer.write_image(step, f"{prefix}/{name}", image)
+  texts = task.summary_texts(records)
+  if writer is not None:
+    for name, text in texts.items():  # TensorBoard renders text as markdown
+      writer.write_text(step, f"{prefix}/{name}", "    " + text.replace("\n", "\n    "))
+  logging.info("%s at step %d: %s%s%s", title, step,
                "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+               "".join(f"\n{name}:\n{text}" for name, text in texts.items()),
                "".join("\n" + line for line in lines))
   return metrics, records
 
@@ -466,11 +477,13 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     report = {"split": split, "checkpoint": checkpoint, "step": step,
               "examples": len(records), "seconds": seconds, "metrics": metrics,
               "beam_size": config.beam_size, "length_penalty": config.length_penalty,
-              **task.score_details()}
-    if records:
-      records.sort(key=lambda r: r["index"])
-      _write_atomically(stem + ".hyp.txt", "".join(r["hypothesis"] + "\n" for r in records))
-      report["hypotheses"] = stem + ".hyp.txt"
+              **task.score_details(), **task.eval_report(records)}
+    records.sort(key=lambda r: r["index"])
+    predictions = task.prediction_file(records)
+    if predictions:
+      key, suffix, text = predictions
+      _write_atomically(stem + suffix, text)
+      report[key] = stem + suffix
     _write_atomically(stem + ".json", json.dumps(report, indent=2) + "\n")
     width = max(len(k) for k in metrics)
     print(f"{split} ({checkpoint} checkpoint, step {step}, {len(records) or ''} examples)")
@@ -478,7 +491,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
       print(f"  {k:<{width}}  {v:10.4f}")
     for name, signature in task.score_details().get("signatures", {}).items():
       print(f"  {name} signature: {signature}")
-    print(f"scores: {stem}.json" + (f"  hypotheses: {stem}.hyp.txt" if records else ""))
+    for name, text in task.summary_texts(records).items():
+      print(f"{name}:\n{text}")
+    print(f"scores: {stem}.json" +
+          (f"  {predictions[0]}: {stem}{predictions[1]}" if predictions else ""))
   return metrics
 
 
@@ -489,10 +505,12 @@ def _write_atomically(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
-def decode_lines(config: ml_collections.ConfigDict, workdir: str, lines: List[str],
-                 devices: Optional[Sequence[jax.Device]] = None,
-                 checkpoint: str = "latest", step: Optional[int] = None) -> List[str]:
-  """Translates `lines` with a checkpoint of `workdir`: one output line per input line
+def _lines_through_predict(config: ml_collections.ConfigDict, workdir: str,
+                           lines: List[str], encode: str, render: str,
+                           devices: Optional[Sequence[jax.Device]], checkpoint: str,
+                           step: Optional[int]) -> List[str]:
+  """Runs the pmapped `task.predict` of a checkpoint of `workdir` on `lines`: examples
+  from `task.<encode>(texts)`, one output line per input line from `task.<render>(output)`
   (an empty input line gives an empty output line)."""
   reporting.quiet_library_logs()
   devices = list(devices or jax.local_devices())
@@ -503,7 +521,7 @@ def decode_lines(config: ml_collections.ConfigDict, workdir: str, lines: List[st
   _, _, p_predict = compile_steps(task, tx, config, devices)
   params = replicate(params, devices)
   wanted = [i for i, line in enumerate(lines) if line.strip()]
-  examples = task.encode_sources([lines[i] for i in wanted])
+  examples = getattr(task, encode)([lines[i] for i in wanted])
   outputs = [""] * len(lines)
   if examples:
     dataset = batching.batched_dataset(examples, batch_size=config.eval_batch_size,
@@ -514,10 +532,29 @@ def decode_lines(config: ml_collections.ConfigDict, workdir: str, lines: List[st
       flat_inputs = batch["inputs"].reshape((-1, batch["inputs"].shape[-1]))
       flat_index = batch["index"].reshape(-1)
       flat_predictions = predictions.reshape((-1,) + predictions.shape[2:])
-      for x, index, tokens in zip(flat_inputs, flat_index, flat_predictions):
+      for x, index, output in zip(flat_inputs, flat_index, flat_predictions):
         if x.any():
-          outputs[wanted[int(index)]] = task.detokenize(tokens)
+          outputs[wanted[int(index)]] = getattr(task, render)(output)
   return outputs
+
+
+def decode_lines(config: ml_collections.ConfigDict, workdir: str, lines: List[str],
+                 devices: Optional[Sequence[jax.Device]] = None,
+                 checkpoint: str = "latest", step: Optional[int] = None) -> List[str]:
+  """Translates `lines` with a checkpoint of `workdir`: one output line per input line
+  (an empty input line gives an empty output line)."""
+  return _lines_through_predict(config, workdir, lines, "encode_sources", "detokenize",
+                                devices, checkpoint, step)
+
+
+def predict_lines(config: ml_collections.ConfigDict, workdir: str, lines: List[str],
+                  devices: Optional[Sequence[jax.Device]] = None,
+                  checkpoint: str = "latest", step: Optional[int] = None) -> List[str]:
+  """Classifies `lines` with a checkpoint of `workdir`: one output line per input line,
+  the predicted class and the class probabilities as `task.format_prediction` writes them
+  (an empty input line gives an empty output line)."""
+  return _lines_through_predict(config, workdir, lines, "encode_texts", "format_prediction",
+                                devices, checkpoint, step)
 
 
 def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,

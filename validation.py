@@ -13,11 +13,13 @@ from training import optimizers
 
 DTYPES = ("float32", "bfloat16")
 TOKENIZERS = {"translation": ("sentencepiece", "bytes"),
-              "generation": ("chars", "bytes", "sentencepiece")}
+              "generation": ("chars", "bytes", "sentencepiece"),
+              "classification": ("sentencepiece", "bytes")}
 LM_BATCHING = ("windows", "documents")
-BEST_METRICS = ("", "loss", "perplexity", "accuracy", "exact_match", "bleu", "chrf")
+BEST_METRICS = ("", "loss", "perplexity", "accuracy", "macro_f1", "exact_match", "bleu",
+                "chrf")
 TEXT_METRICS = ("bleu", "chrf")  # need real translation data
-REAL_DATA_TASKS = ("translation", "generation")  # tasks that read real text so far
+REAL_DATA_TASKS = ("translation", "generation", "classification")  # tasks on real text
 
 
 class ConfigError(ValueError):
@@ -155,6 +157,8 @@ def _dataset(config) -> None:
             "expected two different language codes as source-target, e.g. 'de-en'")
   if config.task == "generation":
     _language_model_data(config)
+  if config.task == "classification":
+    _classification_data(config)
   if dataset == "files":
     try:  # the one parser of this field; its error names the field already
       stems = dict(sources.parse_mapping(config.file_splits, "file_splits"))
@@ -201,6 +205,18 @@ def _language_model_data(config) -> None:
   _int(config, "max_target_length", 2)
 
 
+def _classification_data(config) -> None:
+  """The fields of classification on real text."""
+  for field in ("text_feature", "label_feature"):
+    if not isinstance(config[field], str) or not config[field].strip():
+      _fail(field, config[field], "expected the name of a feature (tfds) or column (files)")
+  if config.text_feature == config.label_feature:
+    _fail("label_feature", config.label_feature, "it must differ from text_feature")
+  if config.pack_examples:
+    _fail("pack_examples", config.pack_examples,
+          "classification examples are padded rows, one example each; set it to False")
+
+
 def _generation(config) -> None:
   """Sampling fields (generate mode and the samples in the eval logs)."""
   if not isinstance(config.greedy, bool):
@@ -239,3 +255,5 @@ def _decoding(config) -> None:
                                              or config.dataset == "synthetic"):
     _fail("best_metric", config.best_metric,
           "BLEU and chrF exist for translation on real text only")
+  if config.best_metric == "macro_f1" and config.task != "classification":
+    _fail("best_metric", config.best_metric, "macro F1 exists for classification only")

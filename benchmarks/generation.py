@@ -9,7 +9,10 @@ nanogpt: trains configs/generation.py (tiny Shakespeare, nanoGPT's CPU model sha
       against wall time since the process started (imports, data, compilation and
       evaluations included), training tokens/s (median over log intervals, the one with
       compilation excluded), the wall time at which validation loss first reaches
-      --target, and the best validation loss. Extra `--config.x=y` overrides pass through.
+      --target, and the best validation loss; then, from the final checkpoint, the
+      validation loss without the first position of each window (predicted without
+      context; nanoGPT's targets always have some). Extra `--config.x=y` overrides pass
+      through.
 speed: tokens/s of sampling with and without the key/value cache (the uncached path
       recomputes the whole prefix for every new token), at each batch size: one jitted
       call generates `--new_tokens` tokens a row after a one-token prompt (EOS is never
@@ -50,7 +53,9 @@ def run_nanogpt(args, overrides):
   train = [r for r in records if "train/tokens_per_sec" in r]
   reached = next((p for p in curve if p["val_loss"] <= args.target), None)
   final = next((r for r in records if "final/loss" in r), None)
+  positions = loss_without_first_positions(workdir, overrides)
   return {
+      "final_val_loss_by_position": positions,
       "command": " ".join(command[1:]), "workdir": workdir, "process_wall_s": total,
       "tokens_per_sec_median": statistics.median(r["train/tokens_per_sec"]
                                                  for r in train[1:]),
@@ -60,6 +65,45 @@ def run_nanogpt(args, overrides):
       "final_val_loss": final["final/loss"] if final else None,
       "curve": curve,
   }
+
+
+def loss_without_first_positions(workdir, overrides):
+  """The final checkpoint's validation loss over every window position but the first.
+
+  Our windows score each token once, the first of each window without context; nanoGPT's
+  targets always have at least one character before them. This is the like-for-like loss.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp
+  import numpy as np
+
+  import tasks
+  import train
+  from configs import generation
+  from training import optimizers
+
+  config = generation.get_config()
+  for item in overrides:  # --config.field=value, as main.py applies them
+    field, value = item[len("--config."):].split("=", 1)
+    kind = type(config[field])
+    config[field] = (value in ("True", "true", "1")) if kind is bool else kind(value)
+  task = tasks.get_task(config, workdir, training=False)
+  _, params = train._restore_params(task, optimizers.make_optimizer(config), config, workdir)
+  windows = np.stack([np.pad(w["inputs"], (0, config.max_target_length - len(w["inputs"])))
+                      for w in task.data_source("eval")])
+
+  @jax.jit
+  def nll(tokens):
+    logits = task.model.apply({"params": params}, tokens)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(logp, tokens[..., None], axis=-1)[..., 0]
+
+  losses = np.concatenate([np.asarray(nll(windows[i:i + 256]))
+                           for i in range(0, len(windows), 256)])
+  real = windows > 0
+  return {"all_positions": float(losses[real].mean()),
+          "without_first": float(losses[:, 1:][real[:, 1:]].mean()),
+          "first_position": float(losses[:, 0][real[:, 0]].mean())}
 
 
 def run_speed(args):
@@ -138,6 +182,10 @@ def main():
         f"step {hit['step']} at {hit['wall_s']:.1f} s" if hit else "no"))
     print(f"best val loss {result['best_val_loss']:.4f}; process wall "
           f"{result['process_wall_s']:.1f} s")
+    by = result["final_val_loss_by_position"]
+    print(f"final val loss {by['all_positions']:.4f} over all positions, "
+          f"{by['without_first']:.4f} without the first of each window "
+          f"(first alone: {by['first_position']:.4f})")
   else:
     if rest:
       parser.error(f"unknown arguments {rest}")

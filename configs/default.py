@@ -40,6 +40,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.file_splits = "train=train,validation=val,test=test_2016_flickr"  # split=file stem (files)
   c.train_split = "train"  # split trained on (real data)
   c.eval_split = "validation"  # split evaluated during training and by default in eval mode
+  c.text_feature = "sentence"  # classification: the text feature (tfds) or column (files)
+  c.label_feature = "label"  # classification: the class-label feature (tfds) or column (files)
   c.synthetic_task = SYNTHETIC_DEFAULTS[task]  # reverse, sort, copy (seq2seq/LM); majority
   c.min_digits = 1  # shortest synthetic digit string
   c.max_digits = 12  # longest synthetic digit string
@@ -108,7 +110,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.num_print_examples = 5  # decoded examples printed at the final evaluation
   c.num_decode_batches = 0  # eval batches decoded and scored during training; 0 = all
   c.num_eval_batches = 0  # eval batches whose loss is computed during training; 0 = all
-  c.best_metric = ""  # keep the best checkpoint by this eval metric (e.g. bleu); "" = off
+  c.best_metric = ""  # keep the best checkpoint by this eval metric (bleu, accuracy); "" = off
 
   # ---- Decoding (translation)
   c.beam_size = 1  # beam search width; 1 = greedy (paper: 4)

@@ -19,10 +19,12 @@ from configs import default, presets
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATASETS = ("shakespeare", "tiny_shakespeare", "lm1b")
-# nanoGPT's shakespeare_char CPU model: 4 layers, 4 heads, d=128, context 64, no dropout,
-# pre-norm, GELU, learned positions, output tied to the embedding.
+# nanoGPT's shakespeare_char CPU model shape: 4 layers, 4 heads, d=128, context 64, no
+# dropout, GELU, learned positions, output tied to the embedding. nanoGPT puts layer norm
+# before each sublayer; the paper's post-norm trained faster per step on this CPU and
+# reached a lower loss in our runs (BENCHMARKS.md), so the recipe keeps the paper's.
 NANOGPT = dict(num_decoder_layers=4, num_encoder_layers=0, d_model=128, d_ff=512,
-               num_heads=4, dropout_rate=0.0, norm_placement="pre", activation="gelu",
+               num_heads=4, dropout_rate=0.0, norm_placement="post", activation="gelu",
                positional_encoding="learned", tie_output=True, max_target_length=64)
 
 
@@ -70,15 +72,19 @@ def get_config(arg=None):
     c.eval_every_steps = c.checkpoint_every_steps = 5000
     c.num_eval_batches = 20
     return c
-  # The tiny Shakespeare recipe (about a minute on a 2-core CPU; see BENCHMARKS.md).
-  c.batch_size = 32
+  # The tiny Shakespeare recipe: about 75 s on a 2-core CPU, validation loss about 1.82
+  # (BENCHMARKS.md). Small per-device batches run best on CPU: the batch of 16 is split
+  # over two pmap devices, one per core.
+  c.batch_size = 16
   c.learning_rate = 3e-3
   c.schedule = "cosine"
   c.warmup_steps = 100
-  c.num_train_steps = 2000
-  c.eval_every_steps = 250
+  c.num_train_steps = 1000
+  c.eval_every_steps = 200
   c.checkpoint_every_steps = 1000
   c.log_every_steps = 50
   c.eval_batch_size = 128
   c.adam_b2 = 0.99
+  if c.accel == "cpu":
+    c.cpu_devices = 2
   return c

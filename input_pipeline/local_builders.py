@@ -7,9 +7,11 @@ file stops the preparation with a `DataError` that names the file and line, befo
 is written to the prepared directory.
 """
 
+import csv
 import dataclasses
 import gzip
 import hashlib
+import io
 import os
 from typing import Dict, List, Tuple
 
@@ -266,6 +268,17 @@ def read_text_splits(cfg: TextFilesConfig) -> Dict[str, List[str]]:
   return out
 
 
+def _existing_file(directory: str, name: str) -> str:
+  """The path of `name` in `directory` (see text_file_path); DataError listing the
+  directory's files when it does not exist."""
+  path = text_file_path(directory, name)
+  if not os.path.exists(path):
+    present = sorted(os.listdir(directory))
+    raise DataError(f"{path}: no such file; {directory} has "
+                    f"{', '.join(present[:20]) or 'no files'}")
+  return path
+
+
 def text_files_builder(directory: str, splits: Dict[str, List[str]], documents: str,
                        validation_fraction: float, data_dir: str) -> TextFiles:
   """The builder for a directory of text files (not prepared yet; see `sources`).
@@ -278,15 +291,7 @@ def text_files_builder(directory: str, splits: Dict[str, List[str]], documents: 
     raise DataError("config.validation_fraction holds out part of the 'train' split as "
                     "'validation': config.file_splits needs a train split and no validation "
                     "split (or set validation_fraction=0)")
-  paths = []
-  for names in splits.values():
-    for name in names:
-      path = text_file_path(directory, name)
-      if not os.path.exists(path):
-        present = sorted(os.listdir(directory))
-        raise DataError(f"{path}: no such file; {directory} has "
-                        f"{', '.join(present[:20]) or 'no files'}")
-      paths.append(path)
+  paths = [_existing_file(directory, name) for names in splits.values() for name in names]
   layout = hashlib.sha256(repr(sorted(splits.items())).encode()).hexdigest()[:6]
   name = (f"{documents}-{validation_fraction:g}-{layout}-{_fingerprint(paths)}"
           .replace(".", "_"))
@@ -294,3 +299,136 @@ def text_files_builder(directory: str, splits: Dict[str, List[str]], documents: 
                            splits=tuple((k, tuple(v)) for k, v in splits.items()),
                            documents=documents, validation_fraction=float(validation_fraction))
   return TextFiles(config=config, data_dir=data_dir, file_format="array_record")
+
+
+# ----------------------------------------------------------------------------- labeled text
+
+
+DELIMITERS = {".tsv": "\t", ".csv": ","}
+
+
+@dataclasses.dataclass
+class LabeledTextConfig(tfds.core.BuilderConfig):
+  """Tables of labeled text (classification): a header row, then a row per example.
+
+  splits: tfds split name -> file name in `directory` (.tsv, .csv, optionally .gz; the
+    plain file wins when both exist).
+  text_column, label_column: header names of the text and label columns. A file without
+    the label column (e.g. an unlabeled test set) is read with label "" everywhere.
+  """
+  directory: str = ""
+  splits: Tuple[Tuple[str, str], ...] = ()
+  text_column: str = "sentence"
+  label_column: str = "label"
+
+
+class LabeledTextFiles(tfds.core.GeneratorBasedBuilder):
+  """Labeled text: features `text`, `label` (the raw label string, "" when the split's file
+  has no label column) and `line` (1-based line of the row in its file)."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  BUILDER_CONFIGS = [LabeledTextConfig(name="default")]
+
+  def _info(self):
+    features = {"text": tfds.features.Text(), "label": tfds.features.Text(),
+                "line": tfds.features.Scalar(dtype=np.int32)}
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict(features),
+                                 disable_shuffling=True)
+
+  def _split_generators(self, dl_manager):
+    del dl_manager
+    cfg = self.builder_config
+    # Every file is read and checked before the first example is written.
+    rows = {split: read_labeled_rows(text_file_path(cfg.directory, name), cfg.text_column,
+                                     cfg.label_column)
+            for split, name in cfg.splits}
+    return {split: self._generate_examples(r) for split, r in rows.items()}
+
+  def _generate_examples(self, rows):
+    for i, (line, text, label) in enumerate(rows):
+      yield i, {"text": text, "label": label, "line": line}
+
+
+def delimiter_of(path: str) -> str:
+  """The column delimiter from the file's extension (.tsv tab, .csv comma; .gz ignored)."""
+  stem = path[:-3] if path.endswith(".gz") else path
+  extension = os.path.splitext(stem)[1].lower()
+  if extension not in DELIMITERS:
+    raise DataError(f"{path}: cannot tell the column delimiter from the extension "
+                    f"{extension or '(none)'!r}; name the file .tsv or .csv (optionally .gz)")
+  return DELIMITERS[extension]
+
+
+def read_labeled_rows(path: str, text_column: str,
+                      label_column: str) -> List[Tuple[int, str, str]]:
+  """`[(line, text, label)]` of a .tsv/.csv file with a header row; label is "" for every
+  row when the header has no `label_column`.
+
+  TSV is split at every tab (no quoting, as GLUE writes it); CSV follows the csv module's
+  quoting (a quoted field may hold commas and newlines). Blank lines are skipped. Raises
+  DataError naming the file, line and field for: a missing or empty file, an unknown text
+  column, a row whose field count differs from the header's, empty text, an empty label.
+  """
+  delimiter = delimiter_of(path)
+  text = read_text(path)
+  quoting = csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+  reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, quoting=quoting,
+                      strict=True)
+  rows, header, header_line = [], None, 0
+  while True:
+    start = reader.line_num + 1
+    try:
+      fields = next(reader)
+    except StopIteration:
+      break
+    except csv.Error as e:
+      raise DataError(f"{path}, line {start}: cannot parse the row ({e})") from None
+    if not fields or (len(fields) == 1 and not fields[0].strip()):
+      continue  # a blank line
+    if header is None:
+      header, header_line = [f.strip() for f in fields], start
+      if text_column not in header:
+        raise DataError(f"{path}, line {start} (header): no column {text_column!r} for the "
+                        f"text; the columns are {', '.join(map(repr, header))} (set "
+                        f"config.text_feature)")
+      continue
+    if len(fields) != len(header):
+      raise DataError(f"{path}, line {start}: the row has {len(fields)} fields but the "
+                      f"header (line {header_line}) has {len(header)} "
+                      f"({', '.join(map(repr, header))}); a stray "
+                      f"{'tab' if delimiter == chr(9) else 'comma or quote'} in the text?")
+    row = dict(zip(header, fields))
+    sentence = row[text_column]
+    if not sentence.strip():
+      raise DataError(f"{path}, line {start}: empty text in column {text_column!r}")
+    label = ""
+    if label_column in row:
+      label = row[label_column].strip()
+      if not label:
+        raise DataError(f"{path}, line {start}: empty label in column {label_column!r}")
+    rows.append((start, sentence, label))
+  if header is None:
+    raise DataError(f"{path}: the file is empty; it needs a header row naming the columns "
+                    f"({text_column!r}, {label_column!r}) and a row per example")
+  if not rows:
+    raise DataError(f"{path}: the file has a header (line {header_line}) but no rows")
+  return rows
+
+
+def labeled_text_builder(directory: str, splits: Dict[str, str], text_column: str,
+                         label_column: str, data_dir: str) -> LabeledTextFiles:
+  """The builder for a directory of labeled .tsv/.csv files (not prepared yet; see
+  `sources`). Missing directories or files, or an unknown extension, raise DataError here,
+  before anything is prepared."""
+  if not os.path.isdir(directory):
+    raise DataError(f"{directory}: no such data directory (config.data_dir)")
+  paths = [_existing_file(directory, name) for name in splits.values()]
+  for path in paths:
+    delimiter_of(path)
+  layout = hashlib.sha256(repr((sorted(splits.items()), text_column, label_column))
+                          .encode()).hexdigest()[:6]
+  name = f"labeled-{layout}-{_fingerprint(paths)}"
+  config = LabeledTextConfig(name=name, directory=os.path.abspath(directory),
+                             splits=tuple(splits.items()), text_column=text_column,
+                             label_column=label_column)
+  return LabeledTextFiles(config=config, data_dir=data_dir, file_format="array_record")

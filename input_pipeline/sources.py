@@ -51,6 +51,7 @@ def prepare(builder, needs_tensorflow: bool = True) -> None:
   """Downloads and prepares `builder`'s data once (a no-op when already prepared)."""
   if builder.is_prepared():
     return
+  tfds.disable_progress_bar()  # logs, not progress bars, in training output
   if needs_tensorflow and not has_tensorflow():
     raise DataError(
         f"the tensorflow-datasets dataset {builder.info.full_name} is not prepared in "

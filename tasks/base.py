@@ -7,7 +7,7 @@ score and summarise. A task module implements these for one family.
 
 import math
 import os
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import jax
 import grain
@@ -157,6 +157,32 @@ class Task:
     """What eval mode saves beside the scores (e.g. the sacrebleu signatures)."""
     return {}
 
+  def summary_texts(self, outputs: List[dict]) -> Dict[str, str]:
+    """Readable tables of an evaluation's `outputs` (e.g. a confusion matrix), logged and
+    written to TensorBoard as text under their names."""
+    del outputs
+    return {}
+
+  def summary_images(self, outputs: List[dict]) -> Dict[str, np.ndarray]:
+    """Pictures of an evaluation's `outputs`, `{name: [height, width, 3] uint8}`, written
+    to TensorBoard."""
+    del outputs
+    return {}
+
+  def eval_report(self, outputs: List[dict]) -> Dict[str, Any]:
+    """What eval mode saves in its JSON report from the `outputs` (e.g. a confusion
+    matrix)."""
+    del outputs
+    return {}
+
+  def prediction_file(self, outputs: List[dict]) -> Optional[Tuple[str, str, str]]:
+    """(report key, file suffix, text) of the predictions file eval mode writes from the
+    `outputs` (sorted by index), or None: hypotheses one a line for tasks that produce
+    text."""
+    if not outputs or "hypothesis" not in outputs[0]:
+      return None
+    return "hypotheses", ".hyp.txt", "".join(o["hypothesis"] + "\n" for o in outputs)
+
   def format_examples(self, batch: Mapping[str, np.ndarray], predictions: np.ndarray,
                       limit: int, split: str = "eval") -> List[str]:
     """Readable lines for a few examples of a batch."""
@@ -172,15 +198,17 @@ def exact_match_sums(inputs: np.ndarray, predictions: np.ndarray,
 
 
 def tokenizer_paths(config, workdir: Optional[str], names: List[str],
-                    training: bool) -> List[str]:
+                    training: bool) -> List[Optional[str]]:
   """The tokenizer files of a run: those of config.tokenizer_path, else `names` in the
-  workdir. Outside training (eval, decode, generate) they must exist already; bytes need
-  no file."""
+  workdir (None each when training without a workdir: built in memory). Outside training
+  (eval, decode, generate) they must exist already; bytes need no file."""
   given = [p for p in config.tokenizer_path.split(",") if p] if config.tokenizer_path else []
-  paths = given or [os.path.join(workdir or "", n) for n in names]
   if given and not all(os.path.exists(p) for p in given):
     raise tokenizers.TokenizerError(f"config.tokenizer_path={config.tokenizer_path!r}: no "
                                     f"such file")
+  if not given and not workdir and training:
+    return [None] * len(names)  # no run directory: built in memory, nothing written
+  paths = given or [os.path.join(workdir or "", n) for n in names]
   if config.tokenizer != "bytes" and not training and not all(os.path.exists(p)
                                                                for p in paths):
     raise tokenizers.TokenizerError(

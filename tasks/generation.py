@@ -11,7 +11,7 @@ streams "x | f(x)": the prompt is "x |", and the continuation is scored by exact
 """
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import grain
 import jax
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from input_pipeline import local_builders, packing, sources, synthetic, tokenizers, windows
+from input_pipeline import local_builders, sources, synthetic, tokenizers, windows
 from models import DecoderOnly, decoding
 from tasks import base, losses
 

@@ -11,8 +11,6 @@ import json
 import math
 import os
 import struct
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +27,7 @@ from configs import presets
 from input_pipeline import batching, tokenizers
 from models import decoding
 from training import optimizers
+from tests.cli_helpers import assert_one_error_line, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = jax.local_devices()[:1]
@@ -76,25 +75,6 @@ def cli_flags(config, workdir):
   fields = set(TINY) | {"data_dir", "tfds_data_dir"}
   return ["--config=configs/default.py:task=generation", f"--workdir={workdir}",
           *(f"--config.{k}={config[k]}" for k in sorted(fields))]
-
-
-def run_main(*args):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one device, as a user's CPU run
-  return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=REPO,
-                        env=env, capture_output=True, text=True, timeout=300)
-
-
-def assert_one_error_line(result, *expected):
-  """Exit 2, stderr ends with a single `error: ...` line holding each of `expected`."""
-  assert result.returncode == 2, result.stderr[-3000:]
-  assert "Traceback" not in result.stderr, result.stderr[-3000:]
-  errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1, result.stderr[-3000:]
-  assert result.stderr.strip().splitlines()[-1] == errors[0]
-  for text in expected:
-    assert text in errors[0], (text, errors[0])
-  return errors[0]
 
 
 def snapshot(directory):

@@ -3,8 +3,6 @@ non-finite losses, and the command line."""
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -14,6 +12,7 @@ import tasks
 import train
 from tests.tiny_configs import tiny_config
 from training import checkpointing, optimizers
+from tests.cli_helpers import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ONE_DEVICE = jax.local_devices()[:1]
@@ -140,13 +139,6 @@ def test_nonfinite_loss_stops_without_saving_it(tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
 
-def run_main(*args, cwd=REPO):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
-  return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=cwd,
-                        env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_main_trains_resumes_and_evaluates(tmp_path):
   workdir = str(tmp_path / "run")
   flags = [f"--workdir={workdir}", "--config.num_train_steps=6",
@@ -168,6 +160,22 @@ def test_main_trains_resumes_and_evaluates(tmp_path):
   evaluated = run_main(*flags, "--mode=eval")
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
   assert "evaluation of the latest checkpoint on validation at step 9" in evaluated.stderr
+
+
+def test_main_splits_the_cpu_into_config_cpu_devices(tmp_path):
+  flags = [f"--workdir={tmp_path / 'run'}", "--config.num_train_steps=2",
+           "--config.log_every_steps=1", "--config.d_model=32", "--config.num_heads=2",
+           "--config.num_eval_examples=32", "--config.batch_size=12"]
+  default = run_main(*flags)
+  assert default.returncode == 0, default.stderr[-3000:]
+  assert "1 local cpu device(s)" in default.stderr
+  split = run_main(*flags, "--config.cpu_devices=3", "--config.eval_batch_size=12",
+                   f"--workdir={tmp_path / 'run3'}")
+  assert split.returncode == 0, split.stderr[-3000:]
+  assert "3 local cpu device(s)" in split.stderr
+  bad = run_main(*flags, "--config.cpu_devices=-1", f"--workdir={tmp_path / 'bad'}")
+  assert bad.returncode == 2 and "config.cpu_devices=-1 is invalid" in bad.stderr
+  assert not (tmp_path / "bad").exists()
 
 
 def test_main_reports_a_bad_config_in_one_line(tmp_path):

@@ -52,6 +52,12 @@ class MetricWriter:
     if self.enabled:
       self._tb.add_text(name, text, global_step=step)
 
+  def write_image(self, step: int, name: str, image) -> None:
+    """`image`: `[height, width, 3]` uint8 (e.g. a rendered confusion matrix)."""
+    if self.enabled:
+      self._tb.add_image(name, image, global_step=step, dataformats="HWC")
+      self._tb.flush()
+
   def close(self) -> None:
     if self.enabled:
       self._tb.close()
