@@ -158,11 +158,14 @@ def main(argv):
     elif mode == "eval":
       train.evaluate_checkpoint(config, workdir, step=flags.FLAGS.step,
                                 split=flags.FLAGS.split, checkpoint=flags.FLAGS.checkpoint)
-    elif mode == "decode":
-      _require_real_data(config, "decode", "translation", "translates text")
+    elif mode in ("decode", "predict"):  # a line out for each line in
+      task, what, run = {
+          "decode": ("translation", "translates text", train.decode_lines),
+          "predict": ("classification", "labels text", train.predict_lines)}[mode]
+      _require_real_data(config, mode, task, what)
       lines = _read_input(flags.FLAGS.input)
-      for line in train.decode_lines(config, workdir, lines, step=flags.FLAGS.step,
-                                     checkpoint=flags.FLAGS.checkpoint):
+      for line in run(config, workdir, lines, step=flags.FLAGS.step,
+                      checkpoint=flags.FLAGS.checkpoint):
         print(line, flush=True)
     elif mode == "generate":
       _require_real_data(config, "generate", "generation", "continues text")
@@ -175,12 +178,6 @@ def main(argv):
       for i, texts in enumerate(samples, 1):
         for j, text in enumerate(texts, 1):
           print(f"--- prompt {i}, sample {j}\n{text}", flush=True)
-    elif mode == "predict":
-      _require_real_data(config, "predict", "classification", "labels text")
-      lines = _read_input(flags.FLAGS.input)
-      for line in train.predict_lines(config, workdir, lines, step=flags.FLAGS.step,
-                                      checkpoint=flags.FLAGS.checkpoint):
-        print(line, flush=True)
     else:
       step = train.average_checkpoints(config, workdir, flags.FLAGS.num_average,
                                        last_step=flags.FLAGS.step)

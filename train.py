@@ -245,18 +245,17 @@ def _evaluate_and_report(title: str, step: int, task, p_eval, p_predict, params,
   """
   metrics, lines, records = evaluate(task, p_eval, p_predict, params, eval_dataset, split,
                                      num_examples, decode_batches, loss_batches)
+  texts = task.summary_texts(records)
   if writer is not None:
     extra = {} if elapsed is None else {f"{prefix}/elapsed_seconds": elapsed}
     writer.write_scalars(step, {**{f"{prefix}/{k}": v for k, v in metrics.items()},
                                 **extra})
     if lines:
       writer.write_text(step, f"{prefix}/examples", "\n\n".join(lines))
-    for name, image in task.summary_images(records).items():
-      writer.write_image(step, f"{prefix}/{name}", image)
-  texts = task.summary_texts(records)
-  if writer is not None:
     for name, text in texts.items():  # TensorBoard renders text as markdown
       writer.write_text(step, f"{prefix}/{name}", "    " + text.replace("\n", "\n    "))
+    for name, image in task.summary_images(records).items():
+      writer.write_image(step, f"{prefix}/{name}", image)
   logging.info("%s at step %d: %s%s%s", title, step,
                "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
                "".join(f"\n{name}:\n{text}" for name, text in texts.items()),

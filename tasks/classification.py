@@ -51,10 +51,8 @@ class ClassificationTask(base.Task):
     names = self._label_names_of_run()  # read and checked before anything is written
     paths = base.tokenizer_paths(c, self.workdir, [TOKENIZER_FILES[c.tokenizer]],
                                  self.training)
-    # Without a workdir (tests, benchmarks) and a given file, the tokenizer stays in memory.
-    saved = c.tokenizer != "bytes" and (self.workdir or c.tokenizer_path)
-    self.tokenizer = tokenizers.get_or_build(
-        c.tokenizer, paths[0] if saved else None, self._tokenizer_texts, c.vocab_size)
+    self.tokenizer = tokenizers.get_or_build(c.tokenizer, paths[0], self._tokenizer_texts,
+                                             c.vocab_size)
     self.vocab_size = self.tokenizer.vocab_size
     self.label_names = names
     if self.training and self.workdir and not os.path.exists(self.labels_path):

@@ -59,8 +59,7 @@ class GenerationTask(base.Task):
     paths = base.tokenizer_paths(c, self.workdir, [TOKENIZER_FILES[c.tokenizer]],
                                  self.training)
     self.tokenizer = tokenizers.get_or_build(
-        c.tokenizer, paths[0] if c.tokenizer != "bytes" else None, self._tokenizer_texts,
-        c.vocab_size, keep_whitespace=True)
+        c.tokenizer, paths[0], self._tokenizer_texts, c.vocab_size, keep_whitespace=True)
     self.vocab_size = self.tokenizer.vocab_size
     self.eos_id = self.tokenizer.eos_id
     logging.info("language model on %s: %s tokenizer with %d ids", c.dataset,
@@ -211,9 +210,9 @@ class GenerationTask(base.Task):
         tokens, index = cache
         # Position `index` of the model's input is the token fed now (shifted right by the
         # model, so its logits there predict position `index`).
-        written = jax.lax.dynamic_update_index_in_dim(tokens, token[:, 0],
-                                                      jnp.maximum(index - 1, 0), axis=1)
-        tokens = jnp.where(index > 0, written, tokens)
+        # (At index 0 the start token 0 lands on position 0, which is still 0.)
+        tokens = jax.lax.dynamic_update_index_in_dim(tokens, token[:, 0],
+                                                     jnp.maximum(index - 1, 0), axis=1)
         # Positions from `index` on are not generated yet: causality hides them from
         # position `index`, but a 0 there would mark that query as padding.
         logits = self.model.apply({"params": params},
