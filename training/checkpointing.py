@@ -1,16 +1,28 @@
 """Checkpoints with orbax: asynchronous saves, the newest K kept, resolved config beside them.
 
-A checkpoint step directory holds two items:
+A checkpoint step directory holds three items:
   state/   the train state as host (unreplicated) arrays, so it loads on any device count
   config/  the resolved run config as JSON
-Orbax writes each step into a temporary directory and renames it when complete, so an
-interrupted save never leaves a step that looks finished. No pickle is involved.
+  data/    each process's training-data iterator position (grain's iterator state, JSON:
+           process_<i>-of-<n>.json), so a resumed run reads the batches the uninterrupted
+           run would have read
+Orbax writes each step into a temporary directory and renames it when complete, so a save
+that is interrupted (a kill, a full disk) never leaves a step that looks finished, and the
+earlier steps are untouched. Nothing is pickled: arrays, JSON and text only.
+
+Errors name what is wrong: `CheckpointError` for a checkpoint that is missing, damaged or
+written by a different model (with the differing parameters), `CheckpointWriteError` for a
+save that failed (an unwritable directory, a full disk).
 """
 
+import json
 import os
-from typing import Any, Mapping, Optional
+from typing import Any, List, Mapping, Optional
 
+import grain
+import grain.checkpoint  # noqa: F401  (registers grain's orbax handler)
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 
@@ -18,8 +30,72 @@ class CheckpointError(RuntimeError):
   """A checkpoint that cannot be restored into the requested state."""
 
 
+class CheckpointWriteError(RuntimeError):
+  """A checkpoint could not be written; the earlier ones are intact."""
+
+
 def checkpoint_directory(workdir: str, subdir: str = "checkpoints") -> str:
   return os.path.abspath(os.path.join(workdir, subdir))
+
+
+def _cause(error: BaseException, limit: int = 240) -> str:
+  """An exception as one short line (tensorstore messages run to kilobytes)."""
+  text = " ".join(str(error).split()) or type(error).__name__
+  return text if len(text) <= limit else text[:limit] + "..."
+
+
+class _IteratorPosition:
+  """A data iterator's state captured when the save starts, written and read by grain's
+  orbax handler (bytes stand for a JSON state there), so a save that finishes in the
+  background records the position of its step, not a later one."""
+
+  def __init__(self, state: Optional[Mapping] = None):
+    self.state = None if state is None else dict(state)
+
+  def get_state(self) -> bytes:
+    return json.dumps(self.state, sort_keys=True).encode()
+
+  def set_state(self, state: bytes) -> None:
+    self.state = json.loads(state)
+
+  def start_prefetch(self) -> None:  # the handler calls it after set_state
+    pass
+
+
+def _key_name(key) -> str:
+  for field in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+    if hasattr(key, field):
+      return str(getattr(key, field))
+  return str(key)
+
+
+def _leaf_paths(tree) -> dict:
+  """{"params/decoder/block_0/...": leaf}: the same names for a TrainState and for the
+  nested dicts orbax's metadata holds."""
+  return {"/".join(_key_name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def tree_differences(saved, wanted, limit: int = 4) -> List[str]:
+  """What differs between two trees of arrays (or shape/dtype metadata): missing or
+  extra entries and shape or dtype changes, at most `limit` of each kind."""
+  saved, wanted = _leaf_paths(saved), _leaf_paths(wanted)
+  out = []
+  missing = [k for k in wanted if k not in saved]
+  extra = [k for k in saved if k not in wanted]
+  for keys, what in ((missing, "not in the checkpoint"), (extra, "not in the model")):
+    if keys:
+      more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+      out.append(f"{', '.join(keys[:limit])}{more} {what}")
+  changed = [(k, saved[k], wanted[k]) for k in wanted if k in saved
+             and (tuple(saved[k].shape) != tuple(wanted[k].shape)
+                  or np.dtype(saved[k].dtype) != np.dtype(wanted[k].dtype))]
+  for k, s, w in changed[:limit]:
+    out.append(f"{k} is {np.dtype(s.dtype).name}{list(s.shape)} in the checkpoint, "
+               f"{np.dtype(w.dtype).name}{list(w.shape)} in the model")
+  if len(changed) > limit:
+    out.append(f"{len(changed) - limit} more differ")
+  return out
 
 
 class Checkpointer:
@@ -31,8 +107,15 @@ class Checkpointer:
     self.directory = checkpoint_directory(workdir, subdir)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    self._manager = ocp.CheckpointManager(self.directory, options=options,
-                                          item_names=("state", "config"))
+    try:
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "config": ocp.JsonCheckpointHandler(),
+                         "data": grain.checkpoint.CheckpointHandler()})
+    except OSError as e:
+      raise CheckpointWriteError(
+          f"cannot create the checkpoint directory {self.directory}: {_cause(e)}") from e
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -40,49 +123,116 @@ class Checkpointer:
   def all_steps(self):
     return list(self._manager.all_steps())
 
-  def save(self, step: int, host_state: Any, config: Mapping) -> None:
-    """Starts saving `host_state` (numpy arrays, not device buffers) at `step`.
+  def step_directory(self, step: int) -> str:
+    return os.path.join(self.directory, str(step))
 
-    Returns once the arrays are captured; the write finishes in the background.
+  def save(self, step: int, host_state: Any, config: Mapping,
+           data_state: Optional[Mapping] = None) -> None:
+    """Starts saving `host_state` (numpy arrays, not device buffers) at `step`, with the
+    data iterator's state `data_state` (a JSON-able dict) if given.
+
+    Returns once the arrays are captured; the write finishes in the background. A failed
+    write (this one's or the previous background one's) raises CheckpointWriteError.
     """
-    self._manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(host_state), config=ocp.args.JsonSave(dict(config))),
-                       force=True)
+    items = {"state": ocp.args.StandardSave(host_state),
+             "config": ocp.args.JsonSave(dict(config))}
+    if data_state is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(_IteratorPosition(data_state))
+    try:
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)
+    except Exception as e:  # pylint: disable=broad-except  # orbax re-raises OSError etc.
+      raise self._write_error(step, e) from e
+
+  def _write_error(self, step: int, error: BaseException) -> CheckpointWriteError:
+    kept = self.all_steps()
+    return CheckpointWriteError(
+        f"could not write the checkpoint of step {step} in {self.directory} "
+        f"({_cause(error)}); the earlier checkpoints are intact (steps: "
+        f"{', '.join(map(str, kept)) or 'none'}). Free disk space or fix the directory's "
+        f"permissions, then rerun the same command to resume")
+
+  def _metadata(self, step: int):
+    try:
+      return self._manager.item_metadata(step)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._damaged(step, e) from e
+
+  def _damaged(self, step: int, error: BaseException) -> CheckpointError:
+    older = [s for s in self.all_steps() if s < step]
+    hint = (f"move {self.step_directory(step)} away to use the previous checkpoint "
+            f"(step {older[-1]})" if older else "no earlier checkpoint remains")
+    return CheckpointError(
+        f"checkpoint step {step} in {self.directory} is damaged or incomplete "
+        f"({_cause(error)}); {hint}")
 
   def restore(self, template: Any, step: Optional[int] = None) -> Any:
-    """Restores the state at `step` (default: the newest) shaped like `template`."""
+    """Restores the state at `step` (default: the newest) shaped like `template`.
+
+    Raises CheckpointError naming the differing parameters when the checkpoint holds a
+    different model, and the damaged step when its files cannot be read.
+    """
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+    saved = self._metadata(step)["state"]
+    if saved is None:
+      raise self._damaged(step, FileNotFoundError("no state item"))
+    saved_tree = getattr(saved, "tree", saved)
+    differences = tree_differences(saved_tree, abstract)
+    if differences:
+      raise CheckpointError(
+          f"checkpoint step {step} in {self.directory} holds a different model than the "
+          f"config describes: {'; '.join(differences)}. Use the config it was trained "
+          f"with (saved in the checkpoint and in the workdir's config.json) or another "
+          f"--workdir")
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise CheckpointError(
-          f"checkpoint step {step} in {self.directory} cannot be restored into this model "
-          f"(was it written by a different config?): {e}") from e
-    # Orbax checks shapes only for templates with a sharding (jax arrays); numpy arrays and
-    # ShapeDtypeStructs come back in the saved shape, whatever the template says.
-    restored = restored["state"]
-    for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(abstract),
-                                 jax.tree.leaves(restored)):
-      if tuple(got.shape) != tuple(want.shape):
-        raise CheckpointError(
-            f"checkpoint step {step} in {self.directory} cannot be restored into this model "
-            f"(was it written by a different config?): {jax.tree_util.keystr(path)} has "
-            f"shape {tuple(got.shape)} in the checkpoint, {tuple(want.shape)} in the model")
+          state=ocp.args.StandardRestore(abstract)))["state"]
+    except Exception as e:  # pylint: disable=broad-except  # tensorstore, json, OS errors
+      raise self._damaged(step, e) from e
+    # Checked again on the arrays read: numpy templates come back in the saved shape.
+    differences = tree_differences(restored, abstract)
+    if differences:
+      raise self._damaged(step, ValueError("; ".join(differences)))
     return restored
 
-  def restore_config(self, step: Optional[int] = None) -> dict:
+  def restore_config(self, step: Optional[int] = None) -> Optional[dict]:
+    """The run config saved with `step` (default: the newest); None if it has none."""
     step = self.latest_step() if step is None else step
-    return self._manager.restore(step, args=ocp.args.Composite(
-        config=ocp.args.JsonRestore()))["config"]
+    if step is None:
+      return None
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))["config"]
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._damaged(step, e) from e
+
+  def restore_data_state(self, step: int) -> Optional[dict]:
+    """This process's data iterator state saved with `step`; None when the checkpoint has
+    none (it was written before iterator states were saved, or by another process count).
+    """
+    if not os.path.isdir(os.path.join(self.step_directory(step), "data")):
+      return None
+    position = _IteratorPosition()
+    try:
+      self._manager.restore(step, args=ocp.args.Composite(
+          data=grain.checkpoint.CheckpointRestore(position)))
+    except ValueError:  # grain: no file for this process index and count
+      return None
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._damaged(step, e) from e
+    return position.state
 
   def wait(self) -> None:
-    """Blocks until every started save is on disk."""
-    self._manager.wait_until_finished()
+    """Blocks until every started save is on disk (CheckpointWriteError if one failed)."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._write_error(self.latest_step() or -1, e) from e
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self._manager.wait_until_finished()
+    finally:
+      self._manager.close()

@@ -24,6 +24,17 @@ def quiet_library_logs() -> None:
     absl_logger.addFilter(_QuietLibraries())
 
 
+def _drop_partial_line(path: str) -> None:
+  """A run killed while writing a line leaves it unfinished; the resumed run's records
+  would be glued to it. Cut the file back to its last complete line."""
+  if not os.path.exists(path):
+    return
+  with open(path, "rb+") as f:
+    data = f.read()
+    if data and not data.endswith(b"\n"):
+      f.truncate(data.rfind(b"\n") + 1)
+
+
 class MetricWriter:
   """Writes scalars to TensorBoard (`tensorboard --logdir <workdir>`) and metrics.jsonl.
 
@@ -35,7 +46,9 @@ class MetricWriter:
     if enabled:
       os.makedirs(workdir, exist_ok=True)
       self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = os.path.join(workdir, "metrics.jsonl")
+      _drop_partial_line(path)
+      self._jsonl = open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
