@@ -17,14 +17,22 @@
     echo "a gorgeous, witty film" | python main.py --config=configs/classification.py \
         --workdir=runs/sst2 --mode=predict --checkpoint=best
     python main.py --workdir=runs/demo --config.num_train_steps=500 --config.d_model=128
+    srun --ntasks-per-node=8 --gpus-per-node=8 python main.py --workdir=/shared/runs/x \
+        --distributed           # one process per GPU (SLURM, Open MPI, TPU pod: detected)
+    python main.py --workdir=runs/two --coordinator_address=10.0.0.1:1234 \
+        --num_processes=2 --process_id=0   # (and --process_id=1 on the other host)
 
-Exit status: 0 done; 2 a user error (bad config, missing or unusable checkpoint or data),
-printed as one line without a traceback; 3 a non-finite loss (nothing bad was saved).
+Exit status: 0 done; 2 a user error (bad config, missing, damaged or incompatible
+checkpoint or data, a workdir that cannot be written, a full disk), printed as one line
+without a traceback; 3 a non-finite loss (nothing bad was saved); 4 stopped by SIGTERM or
+SIGINT after writing a complete checkpoint (rerun the same command to resume); 128+N killed
+by a second signal N before the checkpoint was complete (the earlier ones are intact).
 """
 
 import os
 import re
 import sys
+import traceback
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -69,6 +77,14 @@ flags.DEFINE_string("input", "-", "decode: a text file with a sentence a line; g
 flags.DEFINE_multi_string("prompt", None, "generate: a prompt (repeat the flag for several; "
                           "\\n stands for a newline; an empty prompt starts from nothing).")
 flags.DEFINE_integer("num_average", 5, "average: how many of the newest checkpoints.")
+flags.DEFINE_bool("distributed", False, "train/eval in several processes (jax.distributed), "
+                  "the cluster detected from the environment: SLURM, Open MPI or a Cloud TPU "
+                  "pod slice; the three flags below, when given, override what is detected.")
+flags.DEFINE_string("coordinator_address", None, "Several processes: host:port of process 0's "
+                    "coordinator service, the same in every process.")
+flags.DEFINE_integer("num_processes", None, "Several processes: how many take part.")
+flags.DEFINE_integer("process_id", None, "Several processes: this one's index, 0 to "
+                     "num_processes - 1.")
 flags.mark_flags_as_required(["workdir"])
 
 
@@ -78,10 +94,10 @@ def _user_errors():
   from input_pipeline.batching import ExampleTooLongError
   from input_pipeline.local_builders import DataError
   from input_pipeline.tokenizers import TokenizerError
-  from training.checkpointing import CheckpointError
+  from training.checkpointing import CheckpointError, CheckpointWriteError
   from validation import ConfigError
-  return (ConfigError, VariantError, CheckpointError, ExampleTooLongError, DataError,
-          TokenizerError)
+  return (ConfigError, VariantError, CheckpointError, CheckpointWriteError,
+          ExampleTooLongError, DataError, TokenizerError)
 
 
 def _read_input(path: str):
@@ -104,11 +120,30 @@ def _one_line(error: BaseException) -> str:
 
 
 def _parse_flags(argv):
-  """absl's flag parsing, with bad flags reported as user errors."""
+  """absl's flag parsing, with bad flags, overrides of fields the config lacks and config
+  files that fail to load (config_flags lets their own errors through) as user errors."""
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:
     _user_error(_one_line(e))
+  except Exception as e:  # pylint: disable=broad-except
+    where, inner = _where_in_config(argv, e), e
+    while not where and isinstance(inner, (KeyError, AttributeError)) and inner.args:
+      if isinstance(inner, KeyError):  # ml_collections: an override's unknown field path
+        _user_error(f"unknown config field in the overrides: "
+                    f"{' '.join(str(inner.args[0]).split())}")
+      inner = inner.args[0]
+    kind = "" if isinstance(e, OSError) else f"{type(e).__name__}: "  # OSError: no such file
+    _user_error(f"cannot load --config: {kind}{_one_line(e)}{where}")
+
+
+def _where_in_config(argv, error: BaseException) -> str:
+  """' (<config file>, line N)': where the config file's code raised `error`, if it did."""
+  paths = [a.split("=", 1)[1] for a in argv[1:] if a.startswith(("--config=", "-config="))]
+  path = os.path.abspath((paths[-1] if paths else _DEFAULT_CONFIG).split(":", 1)[0])
+  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+           if os.path.abspath(f.filename) == path]
+  return f" ({path}, line {lines[-1]})" if lines else ""
 
 
 def _load_config():
@@ -143,13 +178,61 @@ def _set_cpu_devices(config) -> None:
     os.environ["XLA_FLAGS"] = " ".join(kept + [flag])
 
 
+_PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id")
+
+
+def _start_processes(mode: str) -> None:
+  """--distributed or the explicit process flags: joins this process to the others with
+  jax.distributed, before anything touches JAX's devices (the pmapped steps then span
+  every process's devices). Bad values are user errors, checked before connecting."""
+  f = flags.FLAGS
+  given = [name for name in _PROCESS_FLAGS if getattr(f, name) is not None]
+  if not f.distributed and not given:
+    return
+  if mode not in ("train", "eval"):
+    _user_error(f"--mode={mode} runs in one process; --distributed and "
+                f"--{', --'.join(_PROCESS_FLAGS)} are for --mode=train and --mode=eval")
+  if not f.distributed and len(given) < len(_PROCESS_FLAGS):
+    missing = [name for name in _PROCESS_FLAGS if name not in given]
+    _user_error(f"--{' and --'.join(missing)} missing: several processes need "
+                f"--{', --'.join(_PROCESS_FLAGS)}, or --distributed to detect them from "
+                f"the cluster (SLURM, Open MPI, TPU pod slice)")
+  address, count, index = f.coordinator_address, f.num_processes, f.process_id
+  if address is not None and not re.fullmatch(r"[^\s:]+:\d+|\[[0-9a-fA-F:.]+\]:\d+",
+                                              address):
+    _user_error(f"--coordinator_address={address!r} is invalid: expected host:port, "
+                f"e.g. 10.0.0.1:1234")
+  if count is not None and count < 1:
+    _user_error(f"--num_processes={count} is invalid: expected an integer >= 1")
+  if index is not None and (index < 0 or (count is not None and index >= count)):
+    allowed = f"0 to {count - 1}" if count is not None else "an integer >= 0"
+    _user_error(f"--process_id={index} is invalid: expected {allowed} "
+                f"(--num_processes={count})")
+  import jax  # pylint: disable=g-import-not-at-top
+  # Cross-process collectives between CPU devices need an implementation (gloo over TCP,
+  # jax's default today); the GPU and TPU backends ignore it.
+  if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  try:
+    jax.distributed.initialize(coordinator_address=address, num_processes=count,
+                               process_id=index)
+  except Exception as e:  # pylint: disable=broad-except  # no cluster found, no coordinator
+    hint = (" (no SLURM, Open MPI or TPU pod slice detected? give --coordinator_address, "
+            "--num_processes and --process_id)" if f.distributed and not given else "")
+    _user_error(f"cannot start the multi-process runtime (jax.distributed): "
+                f"{_one_line(e)}{hint}")
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _user_error(f"unexpected arguments: {' '.join(argv[1:])} (options are --flags, e.g. "
+                f"--config.batch_size=32)")
   config = _load_config()
   _set_cpu_devices(config)
+  _start_processes(flags.FLAGS.mode)
   user_errors = _user_errors()
   import train  # pylint: disable=g-import-not-at-top
+  from training import preemption  # pylint: disable=g-import-not-at-top
   workdir = flags.FLAGS.workdir
   try:
     mode = flags.FLAGS.mode
@@ -184,13 +267,27 @@ def main(argv):
       print(f"averaged the newest {flags.FLAGS.num_average} checkpoints (up to step {step}) "
             f"into {os.path.join(workdir, 'averaged')}")
   except user_errors as e:
-    logging.flush()
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit(f"error: {e}", 2)
   except train.NonFiniteLossError as e:
-    logging.flush()
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(3)
+    _exit(f"error: {e}", 3)
+  except preemption.Preempted as e:
+    _exit(f"stopped: {e}", preemption.EXIT_PREEMPTED)
+
+
+def _exit(message: str, status: int) -> None:
+  """Prints `message` as the last line and exits at once. The train loop has closed its
+  checkpoints by now; what is skipped is the interpreter's teardown, in which tensorstore
+  callbacks of a failed checkpoint read or write print 'Event loop is closed' tracebacks
+  (they can also come earlier, from tensorstore's threads; the message stays last)."""
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  # Other threads' last words would land after the message: stderr goes to /dev/null
+  # first, and the message to a copy of the real stderr.
+  real_stderr = os.dup(2)
+  os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+  os.write(real_stderr, (message + "\n").encode("utf-8", "replace"))
+  os._exit(status)  # pylint: disable=protected-access
 
 
 if __name__ == "__main__":

@@ -24,11 +24,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 import tasks
 import validation
 from input_pipeline import batching
-from training import checkpointing, optimizers, reporting
+from training import checkpointing, optimizers, preemption, reporting
 
 AXIS = "devices"  # the pmap axis name, used by every collective
 
@@ -106,8 +107,26 @@ def eval_step(params, batch, *, task):
   return jax.lax.psum(task.loss(params, batch, None, train=False), AXIS)
 
 
+def step_devices(devices: Sequence[jax.Device]) -> List[jax.Device]:
+  """The devices a pmapped step spans: `devices` in one process; with several processes
+  (jax.distributed), every process's local devices, process by process. Each process
+  then calls the step with its own `[local_devices, ...]` arrays (host-local: its rows of
+  the global batch) and gets its devices' outputs back; the collectives (psum) span all.
+
+  (pmap given only this process's devices would run each process on its own, silently:
+  no gradient would be summed across processes.)
+  """
+  if jax.process_count() == 1:
+    return list(devices)
+  if set(devices) != set(jax.local_devices()):
+    raise ValueError(f"with {jax.process_count()} processes every process steps on all its "
+                     f"local devices ({len(jax.local_devices())}), not {len(devices)}")
+  return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
+
+
 def compile_steps(task, tx, config, devices: Sequence[jax.Device]):
   """The pmapped train, eval and predict functions (the one place pmap appears)."""
+  devices = step_devices(devices)
   p_train = jax.pmap(functools.partial(train_step, task=task, tx=tx,
                                        grad_accum_steps=config.grad_accum_steps),
                      axis_name=AXIS, devices=devices, donate_argnums=(0,))
@@ -131,7 +150,9 @@ def replicate(tree, devices: Sequence[jax.Device]):
   """One copy of `tree` per device, laid out as the pmapped step returns its outputs.
 
   (flax.jax_utils.replicate uses another mesh axis name, so the step's second call would
-  see a different input sharding and compile again.)
+  see a different input sharding and compile again.) `devices` are this process's: with
+  several processes, pmap takes and returns such host-local arrays, each process's share
+  of a global array over every process's devices (see `step_devices`).
   """
   sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
                                         jax.sharding.PartitionSpec(AXIS))
@@ -174,6 +195,14 @@ def _sum_dicts(dicts: List[Dict[str, float]]) -> Dict[str, float]:
   return out
 
 
+def _gather_processes(tree):
+  """Every process's `[local_devices, ...]` arrays of `tree`, concatenated in process
+  order into `[all devices, ...]`: the global batch (and its predictions), the same in
+  every process. A collective: every process must call it."""
+  gathered = multihost_utils.process_allgather(tree)  # [processes, local_devices, ...]
+  return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), gathered)
+
+
 def evaluate(task, p_eval, p_predict, params, eval_dataset, split: str = "eval",
              num_examples: int = 0, decode_batches: Optional[int] = None,
              loss_batches: Optional[int] = None):
@@ -181,6 +210,8 @@ def evaluate(task, p_eval, p_predict, params, eval_dataset, split: str = "eval",
   predictions scored on its first `decode_batches` batches (all when None).
 
   Returns (metrics from `task.summarize`, example lines, per-example output records).
+  With several processes, each scores the whole split: every process calls this with the
+  same number of batches (its rows of each global batch) and gets the same results.
   """
   loss_sums, score_sums, records, lines = [], [], [], []
   if not task.scores_predictions and not num_examples:
@@ -190,6 +221,8 @@ def evaluate(task, p_eval, p_predict, params, eval_dataset, split: str = "eval",
     if decode_batches is not None and index >= decode_batches:
       continue
     predictions = np.asarray(p_predict(params, batch))
+    if jax.process_count() > 1:
+      batch, predictions = _gather_processes((batch, predictions))
     flat_batch = {k: v.reshape((-1,) + v.shape[2:]) for k, v in batch.items()}
     flat_predictions = predictions.reshape((-1,) + predictions.shape[2:])
     score_sums.append(task.score(flat_batch, flat_predictions))
@@ -205,6 +238,22 @@ def evaluate(task, p_eval, p_predict, params, eval_dataset, split: str = "eval",
 # ----------------------------------------------------------------------------- the loop
 
 
+def _chief_first(build, barrier: str):
+  """`build()` in process 0 first, then in the others (after a barrier named `barrier`):
+  what it writes to shared files (a tokenizer or labels in the workdir, prepared tfds
+  data) is written by one process, and the others read it. Process 0 reaches the barrier
+  even when `build` fails, so the others never wait for it forever."""
+  if jax.process_count() == 1:
+    return build()
+  if jax.process_index() == 0:
+    try:
+      return build()
+    finally:
+      multihost_utils.sync_global_devices(barrier)
+  multihost_utils.sync_global_devices(barrier)
+  return build()
+
+
 def _setup(config: ml_collections.ConfigDict, workdir: str,
            devices: Optional[Sequence[jax.Device]], training: bool = True,
            split: str = "eval"):
@@ -213,23 +262,15 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
   validation.validate(config, num_devices=len(devices) * jax.process_count())
   logging.info("%d local %s device(s) in process %d of %d", len(devices),
                devices[0].platform, jax.process_index(), jax.process_count())
-  task = tasks.get_task(config, workdir, training=training)
-  tx = optimizers.make_optimizer(config)
-  eval_dataset = task.eval_dataset(split, config.eval_batch_size, len(devices),
+
+  def task_and_eval_data():  # opening the eval split may prepare the tfds data
+    task = tasks.get_task(config, workdir, training=training)
+    return task, task.eval_dataset(split, config.eval_batch_size, len(devices),
                                    jax.process_index(), jax.process_count())
+
+  task, eval_dataset = _chief_first(task_and_eval_data, "task files written")
+  tx = optimizers.make_optimizer(config)
   return devices, task, tx, eval_dataset
-
-
-def _raise_if_nonfinite(flags: List[float], done: int, last_saved: Optional[int],
-                        directory: str) -> None:
-  """`flags` are the `nonfinite` metrics of the steps ending at `done`."""
-  bad = [done - len(flags) + 1 + i for i, flag in enumerate(flags) if flag]
-  if bad:
-    raise NonFiniteLossError(
-        f"non-finite loss or gradient at step {bad[0]}; that update was skipped and no "
-        f"checkpoint was written after it. Last good checkpoint: step "
-        f"{last_saved if last_saved is not None else '(none)'} in {directory}. Lower "
-        f"config.learning_rate, raise config.warmup_steps or enable config.max_grad_norm.")
 
 
 def _evaluate_and_report(title: str, step: int, task, p_eval, p_predict, params,
@@ -264,13 +305,18 @@ def _evaluate_and_report(title: str, step: int, task, p_eval, p_predict, params,
 
 
 class BestCheckpoint:
-  """Keeps the checkpoint with the best value of `config.best_metric` in <workdir>/best."""
+  """Keeps the checkpoint with the best value of `config.best_metric` in <workdir>/best.
+
+  Every process calls `update` (an orbax save involves them all); process 0 (`is_chief`)
+  decides and writes the record best.json.
+  """
 
   LOWER_IS_BETTER = ("loss", "perplexity")
 
-  def __init__(self, config, workdir: str, enabled: bool):
+  def __init__(self, config, workdir: str, is_chief: bool = True):
     self.metric = config.best_metric
-    self.enabled = enabled and bool(self.metric)
+    self.enabled = bool(self.metric)
+    self.is_chief = is_chief
     self.record = os.path.join(workdir, "best", "best.json")
     self.best = None
     if self.enabled and os.path.exists(self.record):
@@ -284,15 +330,17 @@ class BestCheckpoint:
       return
     value = metrics[self.metric]
     lower = self.metric in self.LOWER_IS_BETTER
-    if self.best is not None and (value >= self.best if lower else value <= self.best):
+    better = self.best is None or (value < self.best if lower else value > self.best)
+    if jax.process_count() > 1:  # all save or none: process 0's decision
+      better = bool(multihost_utils.broadcast_one_to_all(np.int32(better)))
+    if not better:
       return
     self.best = value
     self.checkpoints.save(step, host_state, config_dict)
     self.checkpoints.wait()  # the record below must never name a checkpoint not on disk
-    tmp = self.record + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump({"metric": self.metric, "value": value, "step": step}, f)
-    os.replace(tmp, self.record)
+    if self.is_chief:
+      _write_atomically(self.record, json.dumps(
+          {"metric": self.metric, "value": value, "step": step}))
     logging.info("new best %s %.4g at step %d (saved in %s)", self.metric, value, step,
                  self.checkpoints.directory)
 
@@ -301,27 +349,112 @@ class BestCheckpoint:
       self.checkpoints.close()
 
 
+def _prepare_workdir(workdir: str, config, is_chief: bool) -> None:
+  """Creates `workdir` and writes its config.json (atomically: a kill never leaves half a
+  file). An unwritable workdir stops the run here, before any compute."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    if is_chief:
+      _write_atomically(os.path.join(workdir, "config.json"), config.to_json(indent=2))
+  except OSError as e:
+    raise checkpointing.CheckpointWriteError(
+        f"cannot write to --workdir={workdir} ({e.strerror or e}); give a directory this "
+        f"user can create and write") from e
+
+
+class NonFiniteGuard:
+  """Acts on the steps whose loss or gradient was not finite (their update was never
+  applied, see train_step): config.nonfinite_updates="stop" stops the run at the first,
+  "skip" counts them and stops once more than config.max_skipped_updates were skipped."""
+
+  def __init__(self, config, directory: str):
+    self.skip = config.nonfinite_updates == "skip"
+    self.limit = config.max_skipped_updates
+    self.directory = directory
+    self.skipped = 0
+
+  def check(self, flags: List[float], done: int, last_saved: Optional[int]) -> None:
+    """`flags` are the `nonfinite` metrics of the steps ending at `done`."""
+    bad = [done - len(flags) + 1 + i for i, flag in enumerate(flags) if flag]
+    if not bad:
+      return
+    saved = (f"step {last_saved} in {self.directory}" if last_saved is not None
+             else f"(none) in {self.directory}")
+    if self.skip:
+      self.skipped += len(bad)
+      logging.warning("non-finite loss or gradient: skipped the update of step(s) %s "
+                      "(%d skipped in this run)", ", ".join(map(str, bad)), self.skipped)
+      if self.skipped <= self.limit:
+        return
+      raise NonFiniteLossError(
+          f"{self.skipped} updates skipped for a non-finite loss or gradient in this run, "
+          f"more than config.max_skipped_updates={self.limit} (the last at step {bad[-1]}); "
+          f"no checkpoint holds a non-finite value. Last good checkpoint: {saved}. Lower "
+          f"config.learning_rate, raise config.warmup_steps or enable config.max_grad_norm.")
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {bad[0]}; that update was skipped and no "
+        f"checkpoint was written after it. Last good checkpoint: {saved}. Lower "
+        f"config.learning_rate, raise config.warmup_steps or enable config.max_grad_norm "
+        f"(or set config.nonfinite_updates='skip' to skip such updates).")
+
+
+def _stop_signal(stop: preemption.StopRequest, step: int, every: int) -> int:
+  """The signal that asks this run to stop after `step` (0: none), the same on every
+  process: they must all stop after the same step, or the others would wait forever in
+  the next one. With several processes that agreement is a blocking collective, made
+  only every `every` steps."""
+  if jax.process_count() == 1:
+    return stop.signum or 0
+  if step % every:
+    return 0
+  return int(np.max(multihost_utils.process_allgather(np.int32(stop.signum or 0))))
+
+
+def _close_all(*closables) -> None:
+  """Closes each (waiting for pending checkpoint writes) even if an earlier one fails."""
+  for item in closables:
+    try:
+      item.close()
+    except Exception as e:  # pylint: disable=broad-except  # do not hide the first error
+      logging.error("while closing %s: %s", type(item).__name__, e)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        devices: Optional[Sequence[jax.Device]] = None,
                        final_evaluation: bool = True) -> Dict[str, float]:
   """Trains `config` in `workdir`, resuming from its newest checkpoint; returns the final
   evaluation metrics (empty without `final_evaluation`, which benchmarks skip). `devices`
-  defaults to all local devices."""
+  defaults to all local devices.
+
+  SIGTERM or SIGINT stop it after the current step with a complete checkpoint
+  (preemption.Preempted is raised); a resumed run continues from that checkpoint's
+  parameters, optimizer state and data position exactly.
+  """
   run_start = time.perf_counter()
-  devices, task, tx, eval_dataset = _setup(config, workdir, devices)
+  fresh = not os.path.exists(workdir)
+  try:  # the training data is checked before anything is written into the workdir
+    devices, task, tx, eval_dataset = _setup(config, workdir, devices)
+    train_dataset = task.train_dataset(config.batch_size, len(devices),
+                                       jax.process_index(), jax.process_count())
+  except Exception:
+    if fresh and jax.process_index() == 0:  # e.g. a tokenizer trained on unusable data
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise
   is_chief = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
-  if is_chief:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json(indent=2))
-  logging.info("config:\n%s", config)
-  writer = reporting.MetricWriter(workdir, enabled=is_chief)
   checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  start_step = checkpoints.latest_step()
+  if start_step is not None:  # checked before config.json is replaced by this config
+    validation.check_same_model(checkpoints.restore_config(start_step) or {}, config,
+                                checkpoints.directory)
+  _prepare_workdir(workdir, config, is_chief)
+  logging.info("config:\n%s", config)
 
   state = create_state(task, tx, config.seed)
   logging.info("parameters:\n%s", parameter_table(state.params))
-  if checkpoints.latest_step() is not None:
-    state = checkpoints.restore(jax.device_get(state))
+  data_state = None
+  if start_step is not None:
+    state = checkpoints.restore(jax.device_get(state), start_step)
+    data_state = checkpoints.restore_data_state(start_step)
     logging.info("resumed from the checkpoint at step %d in %s", int(state.step),
                  checkpoints.directory)
   start = int(state.step)
@@ -332,85 +465,99 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   p_state = replicate(state, devices)
   del state
 
-  train_dataset = task.train_dataset(config.batch_size, len(devices), jax.process_index(),
-                                     jax.process_count())
-  train_iter = batching.iterate(train_dataset, start=start)
+  train_iter = batching.iterate(train_dataset)
+  if data_state is None and start:
+    logging.warning("the checkpoint of step %d holds no data iterator state (it predates "
+                    "them or another process count wrote it); continuing at batch %d",
+                    start, start)
+    data_state = {"next_index": start}
+  if data_state is not None:
+    train_iter.set_state(data_state)
+  writer = reporting.MetricWriter(workdir, enabled=is_chief)
+  best = BestCheckpoint(config, workdir, is_chief=is_chief)
   progress = reporting.Progress(start, total)
   history: List[Dict[str, jax.Array]] = []
   config_dict = json.loads(config.to_json())
   last_saved = checkpoints.latest_step()
-  best = BestCheckpoint(config, workdir, enabled=is_chief)
+  guard = NonFiniteGuard(config, checkpoints.directory)
   decode_batches = config.num_decode_batches or None
 
   if start >= total:
     logging.info("training already finished (step %d of %d)", start, total)
-  for step in range(start, total):
-    batch = next(train_iter)
-    p_state, metrics = p_train(p_state, batch)
-    history.append(metrics)
-    done = step + 1
+  try:
+    with preemption.StopRequest() as stop:
+      for step in range(start, total):
+        batch = next(train_iter)
+        p_state, metrics = p_train(p_state, batch)
+        history.append(metrics)
+        done = step + 1
+        stopping = _stop_signal(stop, done, config.signal_check_every_steps)
 
-    if done % config.log_every_steps == 0 or done == total:
-      fetched = [jax.tree.map(lambda x: float(x[0]), m) for m in jax.device_get(history)]
-      _raise_if_nonfinite([m["nonfinite"] for m in fetched], done, last_saved,
-                          checkpoints.directory)
-      sums = _sum_dicts(fetched)
-      speed = progress.update(done, sums["tokens"])
-      train_metrics = {
-          "loss": sums["loss"] / max(sums["weight"], 1.0),
-          "accuracy": sums["correct"] / max(sums["weight"], 1.0),
-          "learning_rate": float(schedule(done - 1)),
-          "grad_norm": sums["grad_norm"] / len(fetched),
-          "param_norm": fetched[-1]["param_norm"],
-          "tokens_per_sec": speed["tokens_per_sec"],
-          "steps_per_sec": speed["steps_per_sec"],
-      }
-      writer.write_scalars(done, {f"train/{k}": v for k, v in train_metrics.items()})
-      eta = reporting.format_duration(speed["eta_seconds"])
-      logging.info(
-          "step %d/%d  loss %.4f  acc %.4f  lr %.3g  |g| %.3g  %s tok/s  %.1f steps/s  "
-          "ETA %s%s", done, total, train_metrics["loss"], train_metrics["accuracy"],
-          train_metrics["learning_rate"], train_metrics["grad_norm"],
-          f"{speed['tokens_per_sec']:,.0f}", speed["steps_per_sec"], eta,
-          " (includes compilation)" if speed["includes_compile"] else "")
-      history = []
+        if done % config.log_every_steps == 0 or done == total or stopping:
+          fetched = [jax.tree.map(lambda x: float(x[0]), m) for m in jax.device_get(history)]
+          guard.check([m["nonfinite"] for m in fetched], done, last_saved)
+          sums = _sum_dicts(fetched)
+          speed = progress.update(done, sums["tokens"])
+          train_metrics = {
+              "loss": sums["loss"] / max(sums["weight"], 1.0),
+              "accuracy": sums["correct"] / max(sums["weight"], 1.0),
+              "learning_rate": float(schedule(done - 1)),
+              "grad_norm": sums["grad_norm"] / len(fetched),
+              "param_norm": fetched[-1]["param_norm"],
+              "tokens_per_sec": speed["tokens_per_sec"],
+              "steps_per_sec": speed["steps_per_sec"],
+          }
+          if guard.skip:
+            train_metrics["skipped_updates"] = guard.skipped
+          writer.write_scalars(done, {f"train/{k}": v for k, v in train_metrics.items()})
+          eta = reporting.format_duration(speed["eta_seconds"])
+          logging.info(
+              "step %d/%d  loss %.4f  acc %.4f  lr %.3g  |g| %.3g  %s tok/s  %.1f steps/s  "
+              "ETA %s%s", done, total, train_metrics["loss"], train_metrics["accuracy"],
+              train_metrics["learning_rate"], train_metrics["grad_norm"],
+              f"{speed['tokens_per_sec']:,.0f}", speed["steps_per_sec"], eta,
+              " (includes compilation)" if speed["includes_compile"] else "")
+          history = []
 
-    # Periodic evaluations ("eval/" in the logs) decode the same `num_decode_batches`
-    # batches every time, so their scores compare (the best checkpoint relies on that);
-    # the final evaluation below decodes the whole split ("final/").
-    if done % config.eval_every_steps == 0:
-      t0 = time.perf_counter()
-      metrics, _ = _evaluate_and_report(
-          "eval", done, task, p_eval, p_predict, p_state.params, eval_dataset, writer,
-          num_examples=config.num_print_examples if task.prints_samples else 0,
-          decode_batches=decode_batches, loss_batches=config.num_eval_batches or None,
-          elapsed=t0 - run_start)
-      best.update(done, metrics, unreplicate_to_host(p_state), config_dict)
-      progress.exclude(time.perf_counter() - t0)
+        # Periodic evaluations ("eval/" in the logs) decode the same `num_decode_batches`
+        # batches every time, so their scores compare (the best checkpoint relies on that);
+        # the final evaluation below decodes the whole split ("final/").
+        if done % config.eval_every_steps == 0 and not stopping:
+          t0 = time.perf_counter()
+          metrics, _ = _evaluate_and_report(
+              "eval", done, task, p_eval, p_predict, p_state.params, eval_dataset, writer,
+              num_examples=config.num_print_examples if task.prints_samples else 0,
+              decode_batches=decode_batches, loss_batches=config.num_eval_batches or None,
+              elapsed=t0 - run_start)
+          best.update(done, metrics, unreplicate_to_host(p_state), config_dict)
+          progress.exclude(time.perf_counter() - t0)
 
-    if done % config.checkpoint_every_steps == 0 or done == total:
-      t0 = time.perf_counter()
-      _raise_if_nonfinite([float(m["nonfinite"][0]) for m in history], done, last_saved,
-                          checkpoints.directory)
-      checkpoints.save(done, unreplicate_to_host(p_state), config_dict)
-      last_saved = done
-      progress.exclude(time.perf_counter() - t0)
+        if done % config.checkpoint_every_steps == 0 or done == total or stopping:
+          t0 = time.perf_counter()
+          if not guard.skip:
+            guard.check([float(m["nonfinite"][0]) for m in history], done, last_saved)
+          # The iterator's state now is the position after this step's batch.
+          checkpoints.save(done, unreplicate_to_host(p_state), config_dict,
+                           data_state=train_iter.get_state())
+          last_saved = done
+          progress.exclude(time.perf_counter() - t0)
 
-  checkpoints.wait()
-  if not final_evaluation:
-    best.close()
-    checkpoints.close()
-    writer.close()
-    return {}
-  eval_metrics, _ = _evaluate_and_report(
-      "final evaluation", max(start, total), task, p_eval, p_predict, p_state.params,
-      eval_dataset, writer, num_examples=config.num_print_examples, prefix="final",
-      decode_batches=_final_decode_batches(task, config),
-      elapsed=time.perf_counter() - run_start)
-  best.close()
-  checkpoints.close()
-  writer.close()
-  return eval_metrics
+        if stopping:
+          checkpoints.wait()
+          logging.warning("stopped by signal %d after step %d; checkpoint complete in %s",
+                          stopping, done, checkpoints.directory)
+          raise preemption.Preempted(done, stopping, checkpoints.directory)
+    checkpoints.wait()
+    if not final_evaluation:
+      return {}
+    eval_metrics, _ = _evaluate_and_report(
+        "final evaluation", max(start, total), task, p_eval, p_predict, p_state.params,
+        eval_dataset, writer, num_examples=config.num_print_examples, prefix="final",
+        decode_batches=_final_decode_batches(task, config),
+        elapsed=time.perf_counter() - run_start)
+    return eval_metrics
+  finally:
+    _close_all(best, checkpoints, writer)
 
 
 def _final_decode_batches(task, config) -> Optional[int]:
@@ -442,8 +589,10 @@ def _restore_params(task, tx, config, workdir: str, checkpoint: str = "latest",
       raise checkpointing.CheckpointError(
           f"no checkpoint of step {step} in {directory}; it has steps "
           f"{', '.join(map(str, checkpoints.all_steps()))}")
+    wanted = checkpoints.latest_step() if step is None else step
+    validation.check_same_model(checkpoints.restore_config(wanted) or {}, config, directory)
     template = jax.eval_shape(lambda: create_state(task, tx, config.seed))
-    state = checkpoints.restore(template, step)
+    state = checkpoints.restore(template, wanted)
   finally:
     checkpoints.close()
   return int(state.step), state.params

@@ -20,6 +20,12 @@ BEST_METRICS = ("", "loss", "perplexity", "accuracy", "macro_f1", "exact_match",
                 "chrf")
 TEXT_METRICS = ("bleu", "chrf")  # need real translation data
 REAL_DATA_TASKS = ("translation", "generation", "classification")  # tasks on real text
+NONFINITE_UPDATES = ("stop", "skip")
+# The longest row a length field may ask for: one row's [length, length] attention scores
+# (a head, float32) are 16 GiB there already, and longer asks fail in an allocation.
+MAX_LENGTH = 65536
+LENGTH_FIELDS = ("max_input_length", "max_target_length", "max_eval_length",
+                 "decode_extra_length")
 
 
 class ConfigError(ValueError):
@@ -72,6 +78,11 @@ def validate(config, num_devices: int = 1) -> None:
   _choice(config, "pooling", transformer.POOLINGS)
   _choice(config, "optimizer", optimizers.OPTIMIZERS)
   _choice(config, "schedule", optimizers.SCHEDULES)
+  _choice(config, "nonfinite_updates", NONFINITE_UPDATES)
+  _int(config, "max_skipped_updates", 0)
+  _int(config, "signal_check_every_steps", 1)
+  if not isinstance(config.get("allow_config_change", False), bool):
+    _fail("allow_config_change", config.allow_config_change, "expected True or False")
   if config.dataset == "synthetic":
     allowed = (synthetic.CLASSIFICATION_TASKS if config.task == "classification"
                else synthetic.SEQ2SEQ_TASKS)
@@ -128,6 +139,10 @@ def validate(config, num_devices: int = 1) -> None:
 
   _decoding(config)
   _generation(config)
+  for field in LENGTH_FIELDS:
+    if isinstance(config[field], int) and config[field] > MAX_LENGTH:
+      _fail(field, config[field], f"expected at most {MAX_LENGTH} tokens (a row's attention "
+                                  f"scores grow with its length squared)")
   per_update = num_devices * config.grad_accum_steps
   if config.batch_size % per_update:
     _fail("batch_size", config.batch_size,
@@ -257,3 +272,25 @@ def _decoding(config) -> None:
           "BLEU and chrF exist for translation on real text only")
   if config.best_metric == "macro_f1" and config.task != "classification":
     _fail("best_metric", config.best_metric, "macro F1 exists for classification only")
+
+
+# Fields that change what the parameters compute: a checkpoint trained under other values
+# would load (or fail to load) into a different model. The other fields (optimizer,
+# schedule, steps, evaluation, decoding) may change between runs of one workdir.
+MODEL_FIELDS = ("task", "language_pair", "tokenizer", "vocab_size", "shared_vocab",
+                "num_encoder_layers", "num_decoder_layers", "d_model", "d_ff", "num_heads",
+                "head_dim", "norm_placement", "positional_encoding", "fused_qkv",
+                "share_embeddings", "tie_output", "activation", "pooling",
+                "layer_norm_epsilon")
+
+
+def check_same_model(saved: dict, config, where: str) -> None:
+  """Raises ConfigError when `config` differs from the config `saved` with a checkpoint
+  (in `where`) in a MODEL_FIELDS field, unless config.allow_config_change is set."""
+  changed = [f"{k}: {saved[k]!r} there, {config[k]!r} now" for k in MODEL_FIELDS
+             if k in saved and k in config and saved[k] != config[k]]
+  if changed and not config.get("allow_config_change", False):
+    raise ConfigError(
+        f"the config differs from the one the checkpoint in {where} was trained with in "
+        f"model fields ({'; '.join(changed)}); use that config, another --workdir, or "
+        f"--config.allow_config_change=True to load the checkpoint anyway")

@@ -111,6 +111,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.num_decode_batches = 0  # eval batches decoded and scored during training; 0 = all
   c.num_eval_batches = 0  # eval batches whose loss is computed during training; 0 = all
   c.best_metric = ""  # keep the best checkpoint by this eval metric (bleu, accuracy); "" = off
+  c.nonfinite_updates = "stop"  # NaN/inf loss or gradient: "stop" the run, or "skip" the update
+  c.max_skipped_updates = 100  # nonfinite_updates="skip": stop once a run has skipped more
+  c.allow_config_change = False  # load a checkpoint whose model fields differ from this config
+  c.signal_check_every_steps = 10  # several processes: steps between agreeing to stop on a signal
 
   # ---- Decoding (translation)
   c.beam_size = 1  # beam search width; 1 = greedy (paper: 4)

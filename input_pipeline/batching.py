@@ -1,11 +1,13 @@
 """From a random-access source to device-shaped numpy batches, with grain.
 
-    source -> this process's shard -> shuffle -> (repeat) -> pad -> batch
-           -> reshape to [local_devices, per_device_batch, ...] -> prefetching iterator
+    source -> shuffle -> (repeat) -> this process's rows of each global batch -> pad
+           -> batch -> reshape to [local_devices, per_device_batch, ...] -> prefetching iterator
 
 Every step is a grain `MapDataset` transformation, so the batch at step k is a pure
 function of (source, seed, k): a run resumed at step k reads exactly the batches the
-uninterrupted run would have read, without replaying the first k.
+uninterrupted run would have read, without replaying the first k. With several processes,
+process p reads rows [p * b, (p + 1) * b) of the global batch a single process would read
+(b = global batch / processes), so the global batch does not depend on the process count.
 """
 
 from typing import Dict, Iterator, Mapping, Optional
@@ -68,32 +70,42 @@ def batched_dataset(source, *, batch_size: int, num_devices: int,
     shuffle: shuffle (each epoch differently when repeating).
     seed: shuffle seed.
     repeat: cycle forever (training); otherwise one pass, last batch zero-filled.
-    process_index, process_count: this process's shard of the source.
+    process_index, process_count: this process reads rows [process_index * batch_size,
+      (process_index + 1) * batch_size) of each global batch (see module docstring).
   """
   if batch_size % num_devices:
     raise ValueError(f"batch size {batch_size} is not divisible by {num_devices} devices")
   ds = grain.MapDataset.source(source)
-  if process_count > 1:
-    shard = ds[process_index::process_count]
-    if repeat:
-      ds = shard
-    else:
-      # Shards of one pass differ in length by up to one example, which could give the
-      # processes different batch counts and leave a cross-process collective waiting
-      # forever. Every shard is padded with empty examples to the longest shard's length.
-      length = -(-len(source) // process_count)
-      empty = {k: np.zeros_like(np.asarray(v))[:0] if np.ndim(v) else np.zeros_like(v)
-               for k, v in source[0].items()}
-      ds = grain.MapDataset.range(length).map(
-          lambda i: shard[i] if i < len(shard) else empty)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat(None)
+  if process_count > 1:
+    ds = _rows_of_process(ds, source, batch_size, process_index, process_count, repeat)
   ds = ds.map(lambda example: pad_example(example, lengths))
   return ds.batch(batch_size, drop_remainder=repeat,
                   batch_fn=lambda examples: _stack_for_devices(examples, batch_size,
                                                                num_devices))
+
+
+def _rows_of_process(ds: grain.MapDataset, source, rows: int, process_index: int,
+                     process_count: int, repeat: bool) -> grain.MapDataset:
+  """The examples of `ds` this process batches: its `rows` of each global batch of
+  `rows * process_count`. One pass (evaluation) has the same number of batches in every
+  process, as a cross-process collective needs: a process's rows past the end of the
+  data are empty examples (padding, no weight in any metric)."""
+  total = rows * process_count
+  first = process_index * rows
+  batches = len(ds) // total if repeat else -(-len(ds) // total)
+  empty = {k: np.zeros_like(np.asarray(v))[:0] if np.ndim(v) else np.zeros_like(v)
+           for k, v in source[0].items()}
+
+  def pick(i: int):
+    batch, row = divmod(i, rows)
+    index = batch * total + first + row
+    return ds[index] if index < len(ds) else empty
+
+  return grain.MapDataset.range(batches * rows).map(pick)
 
 
 def iterate(dataset: grain.MapDataset, start: int = 0, num_threads: int = 2,

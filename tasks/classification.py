@@ -49,6 +49,11 @@ class ClassificationTask(base.Task):
     self._rows: Dict[str, Tuple[list, list, list]] = {}
     self._examples: Dict[str, list] = {}
     names = self._label_names_of_run()  # read and checked before anything is written
+    if self.training and self.workdir:
+      # So are the eval split's labels: one outside `names` stops the run before the
+      # tokenizer and the label names are saved in the workdir.
+      self.label_names = names
+      self.label_ids("eval")
     paths = base.tokenizer_paths(c, self.workdir, [TOKENIZER_FILES[c.tokenizer]],
                                  self.training)
     self.tokenizer = tokenizers.get_or_build(c.tokenizer, paths[0], self._tokenizer_texts,

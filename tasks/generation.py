@@ -151,8 +151,9 @@ class GenerationTask(base.Task):
           self.stream(c.train_split), c.max_target_length, batch_size=batch_size,
           num_devices=num_devices, seed=c.shuffle_seed, process_index=process_index,
           process_count=process_count)
-    except ValueError as e:
-      raise DataError(str(e)) from None
+    except ValueError as e:  # the fields to change, by name
+      raise DataError(f"{e} (config.batch_size={batch_size}, config.max_target_length="
+                      f"{c.max_target_length})") from None
     logging.info("training stream: %d tokens, %d windows of %d a epoch (%d batches)",
                  len(source.stream), len(source.stream) // c.max_target_length,
                  c.max_target_length, source.batches_per_epoch)

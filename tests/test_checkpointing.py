@@ -68,7 +68,8 @@ def test_keep_only_newest(checkpointer):
   checkpointer.wait()
   assert checkpointer.all_steps() == [4, 5]
   assert checkpointer.latest_step() == 5
-  assert sorted(os.listdir(checkpointer.directory)) == ["4", "5"]
+  assert sorted(os.listdir(checkpointer.directory)) == ["4", "5", checkpointing.TRASH]
+  assert not os.listdir(os.path.join(checkpointer.directory, checkpointing.TRASH))
   _assert_same(checkpointer.restore(_state(0), step=4), _state(4))
   _assert_same(checkpointer.restore(_state(0)), _state(5))
   assert checkpointer.restore_config(step=4)["step"] == 4

@@ -8,7 +8,8 @@ A checkpoint step directory holds three items:
            run would have read
 Orbax writes each step into a temporary directory and renames it when complete, so a save
 that is interrupted (a kill, a full disk) never leaves a step that looks finished, and the
-earlier steps are untouched. Nothing is pickled: arrays, JSON and text only.
+earlier steps are untouched; steps beyond the newest K are renamed into `deleted/` before
+their files are removed, for the same reason. Nothing is pickled: arrays, JSON and text.
 
 Errors name what is wrong: `CheckpointError` for a checkpoint that is missing, damaged or
 written by a different model (with the differing parameters), `CheckpointWriteError` for a
@@ -17,6 +18,8 @@ save that failed (an unwritable directory, a full disk).
 
 import json
 import os
+import re
+import shutil
 from typing import Any, List, Mapping, Optional
 
 import grain
@@ -24,6 +27,9 @@ import grain.checkpoint  # noqa: F401  (registers grain's orbax handler)
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+TRASH = "deleted"  # subdirectory where retired steps wait to be deleted
 
 
 class CheckpointError(RuntimeError):
@@ -105,8 +111,13 @@ class Checkpointer:
   def __init__(self, workdir: str, keep: int, async_save: bool = True,
                subdir: str = "checkpoints"):
     self.directory = checkpoint_directory(workdir, subdir)
+    # Old steps are renamed into TRASH (atomic) and deleted from there: orbax's own
+    # deletion removes a step's files one by one, so a kill in the middle would leave a
+    # half-deleted step that still looks finished. Temporary directories of saves that
+    # were interrupted are removed when the manager starts.
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        todelete_subdir=TRASH, cleanup_tmp_directories=True)
     try:
       self._manager = ocp.CheckpointManager(
           self.directory, options=options,
@@ -116,6 +127,13 @@ class Checkpointer:
     except OSError as e:
       raise CheckpointWriteError(
           f"cannot create the checkpoint directory {self.directory}: {_cause(e)}") from e
+    self._empty_trash()
+
+  def _empty_trash(self) -> None:
+    """Deletes the steps orbax retired into TRASH (only process 0 retires steps)."""
+    trash = os.path.join(self.directory, TRASH)
+    for name in os.listdir(trash) if os.path.isdir(trash) else ():
+      shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
@@ -134,6 +152,7 @@ class Checkpointer:
     Returns once the arrays are captured; the write finishes in the background. A failed
     write (this one's or the previous background one's) raises CheckpointWriteError.
     """
+    self._empty_trash()
     items = {"state": ocp.args.StandardSave(host_state),
              "config": ocp.args.JsonSave(dict(config))}
     if data_state is not None:
@@ -144,6 +163,10 @@ class Checkpointer:
       raise self._write_error(step, e) from e
 
   def _write_error(self, step: int, error: BaseException) -> CheckpointWriteError:
+    # A background write's error surfaces at the next save; its temporary directory
+    # ("<step>.orbax-checkpoint-tmp") names the step that failed.
+    failed = re.search(r"[/\\](\d+)\.orbax-checkpoint-tmp", str(error))
+    step = int(failed.group(1)) if failed else step
     kept = self.all_steps()
     return CheckpointWriteError(
         f"could not write the checkpoint of step {step} in {self.directory} "
@@ -230,9 +253,11 @@ class Checkpointer:
       self._manager.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
       raise self._write_error(self.latest_step() or -1, e) from e
+    self._empty_trash()
 
   def close(self) -> None:
     try:
       self._manager.wait_until_finished()
     finally:
       self._manager.close()
+    self._empty_trash()

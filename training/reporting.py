@@ -11,10 +11,16 @@ from tensorboardX import SummaryWriter
 
 
 class _QuietLibraries(logging.Filter):
-  """Drops INFO/DEBUG records from orbax (dozens per save); warnings still pass."""
+  """Drops INFO/DEBUG records from orbax (dozens per save); warnings still pass, without
+  tracebacks."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    if "/orbax/" not in record.pathname:
+      return True
+    # A failed background save is reported once, as one line, by the CheckpointWriteError
+    # it raises; orbax's own records keep their message but not their tracebacks.
+    record.exc_info, record.exc_text = None, None
+    return record.levelno >= logging.WARNING
 
 
 def quiet_library_logs() -> None:

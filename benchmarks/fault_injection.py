@@ -1,0 +1,213 @@
+"""Interrupts a training run again and again, then checks that nothing was lost.
+
+    python benchmarks/fault_injection.py --workdir=/tmp/faults --faults=30 -- \
+        --config=configs/default.py --config.num_train_steps=400 \
+        --config.checkpoint_every_steps=2
+
+Starts `python main.py --workdir=W <flags after -->` and, each time, injects one fault:
+  sigterm            SIGTERM once training has written a new checkpoint (expect exit 4)
+  sigterm_twice      two SIGTERMs 1 ms apart (exit 128+15, or 4 if the first finished)
+  kill_during_write  SIGKILL while a checkpoint's temporary directory exists
+  kill_random        SIGKILL 0-0.3 s after a new checkpoint appeared
+  kill_starting      SIGKILL 0.5-6 s after the start (imports, restore, compilation)
+After each fault every checkpoint on disk must restore (finite parameters, the right
+step) and the newest step must not go back. Then the run is finished with one more start,
+and (with --reference) compared bitwise with an uninterrupted run of the same flags.
+Prints a table and writes it as JSON to --output. tests/test_faults.py runs this on a
+tiny model.
+"""
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import List, Optional
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+FAULTS = ("sigterm", "kill_during_write", "kill_random", "kill_starting", "sigterm_twice")
+
+
+def start(workdir: str, flags: List[str], log) -> subprocess.Popen:
+  """`python main.py` on one CPU device (XLA_FLAGS cleared), output to `log`."""
+  env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
+  env.pop("XLA_FLAGS", None)
+  return subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"),
+                           f"--workdir={workdir}", *flags], cwd=REPO, env=env,
+                          stdout=log, stderr=subprocess.STDOUT)
+
+
+def entries(directory: str) -> List[str]:
+  return os.listdir(directory) if os.path.isdir(directory) else []
+
+
+def wait_for(predicate, process: subprocess.Popen, timeout: float = 300.0) -> bool:
+  """Polls `predicate` every 2 ms; False if the process ended first."""
+  end = time.time() + timeout
+  while time.time() < end:
+    if predicate():
+      return True
+    if process.poll() is not None:
+      return False
+    time.sleep(0.002)
+  raise TimeoutError("the training process made no progress")
+
+
+def saved_config(workdir: str):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+def restore(workdir: str, step: Optional[int] = None):
+  """A checkpoint of `workdir` as a host TrainState (the model from its config.json)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import tasks  # pylint: disable=g-import-not-at-top
+  import train  # pylint: disable=g-import-not-at-top
+  from training import checkpointing, optimizers  # pylint: disable=g-import-not-at-top
+  config = saved_config(workdir)
+  template = jax.device_get(train.create_state(
+      tasks.get_task(config, workdir, training=False), optimizers.make_optimizer(config),
+      config.seed))
+  checkpoints = checkpointing.Checkpointer(workdir, keep=1000)
+  try:
+    return checkpoints.restore(template, step)
+  finally:
+    checkpoints.close()
+
+
+def readable_steps(workdir: str) -> List[int]:
+  """Every checkpoint step of `workdir`, each restored and checked (raises if one fails)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from training import checkpointing  # pylint: disable=g-import-not-at-top
+  checkpoints = checkpointing.Checkpointer(workdir, keep=1000)
+  steps = checkpoints.all_steps()
+  checkpoints.close()
+  for step in steps:
+    state = restore(workdir, step)
+    if int(state.step) != step:
+      raise AssertionError(f"checkpoint {step} holds step {int(state.step)}")
+    if not all(np.isfinite(x).all() for x in jax.tree.leaves(state.params)):
+      raise AssertionError(f"checkpoint {step} holds non-finite parameters")
+  return sorted(steps)
+
+
+def inject(fault: str, workdir: str, flags: List[str], rng: random.Random, newest: int,
+           log_path: str) -> dict:
+  """Starts training, injects `fault`, waits for the process; returns what happened."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  writing = None
+  with open(log_path, "w", encoding="utf-8") as log:
+    process = start(workdir, flags, log)
+    try:
+      if fault == "kill_starting":
+        time.sleep(rng.uniform(0.5, 6.0))
+        process.kill()
+      else:
+        progressed = wait_for(lambda: any(e.isdigit() and int(e) > newest
+                                          for e in entries(directory)), process)
+        if not progressed:  # it ended (finished, or failed): reported below
+          pass
+        elif fault == "kill_during_write":
+          wait_for(lambda: any("tmp" in e for e in entries(directory)), process)
+          writing = any("tmp" in e for e in entries(directory))
+          process.kill()
+        elif fault == "kill_random":
+          time.sleep(rng.uniform(0.0, 0.3))
+          process.kill()
+        elif fault == "sigterm":
+          process.send_signal(signal.SIGTERM)
+        elif fault == "sigterm_twice":
+          process.send_signal(signal.SIGTERM)
+          time.sleep(0.001)
+          process.send_signal(signal.SIGTERM)
+        else:
+          raise ValueError(f"unknown fault {fault!r}")
+      code = process.wait(timeout=300)
+    finally:
+      if process.poll() is None:
+        process.kill()
+  with open(log_path, encoding="utf-8") as f:
+    output = f.read()
+  expected = {"sigterm": (4,), "sigterm_twice": (128 + signal.SIGTERM, 4)}.get(
+      fault, (-signal.SIGKILL,))
+  steps = readable_steps(workdir)
+  return {"fault": fault, "exit": code, "expected_exit": code in expected,
+          "checkpoint_being_written": writing, "steps": steps,
+          "newest_went_back": bool(steps) and steps[-1] < newest,
+          "stopped_line": next((line for line in output.splitlines()
+                                if line.startswith("stopped:")), ""),
+          "tail": output[-2000:] if code not in expected else ""}
+
+
+def run(workdir: str, flags: List[str], faults: List[str], seed: int = 0,
+        log_path: Optional[str] = None) -> dict:
+  """Injects each of `faults` in turn (stopping early if training finishes), then runs to
+  the end. Returns {"faults": [per-fault records], "final_exit": ..., "lost": ...}."""
+  rng = random.Random(seed)
+  log_path = log_path or os.path.join(tempfile.mkdtemp(prefix="faults-"), "log.txt")
+  records, newest, lost = [], 0, 0
+  for fault in faults:
+    record = inject(fault, workdir, flags, rng, newest, log_path)
+    records.append(record)
+    # A checkpoint is lost if a step that was on disk is gone and nothing newer replaced
+    # it; retention (keep_checkpoints) removes old steps only after newer ones exist.
+    if record["steps"]:
+      lost += int(record["newest_went_back"])
+      newest = max(newest, record["steps"][-1])
+    if record["exit"] == 0:
+      break
+  with open(log_path, "w", encoding="utf-8") as log:
+    final = start(workdir, flags, log)
+    code = final.wait()
+  return {"faults": records, "final_exit": code, "lost": lost,
+          "final_steps": readable_steps(workdir)}
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--faults", type=int, default=20, help="how many faults to inject")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--reference", default="",
+                      help="also train uninterrupted in this workdir and compare bitwise")
+  parser.add_argument("--output", default="")
+  args, flags = parser.parse_known_args()
+  flags = [f for f in flags if f != "--"]
+  rng = random.Random(args.seed)
+  faults = [FAULTS[i % len(FAULTS)] for i in range(args.faults)]
+  rng.shuffle(faults)
+  started = time.time()
+  result = run(args.workdir, flags, faults, seed=args.seed)
+  result["seconds"] = time.time() - started
+  if args.reference:
+    with open(os.devnull, "w", encoding="utf-8") as log:
+      if start(args.reference, flags, log).wait() != 0:
+        raise SystemExit("the uninterrupted reference run failed")
+    import jax  # pylint: disable=g-import-not-at-top
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    a, b = restore(args.workdir), restore(args.reference)
+    result["bitwise_equal_to_uninterrupted"] = all(
+        np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  print(f"{'fault':<18} {'exit':>5}  {'as expected':<11} {'mid-write':<9} steps on disk")
+  for r in result["faults"]:
+    print(f"{r['fault']:<18} {r['exit']:>5}  {str(r['expected_exit']):<11} "
+          f"{str(r['checkpoint_being_written']):<9} {r['steps']}")
+  print(f"final run: exit {result['final_exit']}, steps {result['final_steps']}; "
+        f"checkpoints lost: {result['lost']}; {result['seconds']:.0f} s"
+        + (f"; bitwise equal to the uninterrupted run: "
+           f"{result['bitwise_equal_to_uninterrupted']}" if args.reference else ""))
+  if args.output:
+    with open(args.output, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+  main()

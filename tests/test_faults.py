@@ -1,0 +1,414 @@
+"""Faults during training: signals, hard kills, non-finite losses, damaged or incompatible
+checkpoints, an unwritable workdir and a full disk. Each test checks that the run stops
+with a clear message, that no checkpoint on disk is left unreadable, and that a resumed
+run ends exactly where the uninterrupted one does."""
+
+import glob
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tasks
+import train
+import validation
+from benchmarks import fault_injection
+from tests import test_classification, test_generation, test_translation
+from tests.cli_helpers import REPO, assert_one_error_line, run_main
+from tests.tiny_configs import tiny_config
+from training import checkpointing, optimizers, preemption
+
+ONE_DEVICE = jax.local_devices()[:1]
+TWO_DEVICES = jax.local_devices()[:2]
+
+
+def host_state(config, workdir, step=None):
+  """A checkpoint of `workdir` (the newest, or `step`'s) as a host TrainState."""
+  template = jax.device_get(train.create_state(
+      tasks.get_task(config), optimizers.make_optimizer(config), config.seed))
+  checkpoints = checkpointing.Checkpointer(workdir, keep=100)
+  try:
+    return checkpoints.restore(template, step)
+  finally:
+    checkpoints.close()
+
+
+def assert_bitwise_equal(a, b):
+  leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+  assert len(leaves_a) == len(leaves_b)
+  for x, y in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def losses(workdir):
+  """{step: train loss} from metrics.jsonl (a resumed run's records replace older ones)."""
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return {r["step"]: r["train/loss"] for r in map(json.loads, f) if "train/loss" in r}
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def test_first_signal_sets_the_flag_and_the_second_exits_at_once():
+  code = ("import signal, sys\n"
+          f"sys.path.insert(0, {REPO!r})\n"
+          "from training import preemption\n"
+          "with preemption.StopRequest() as stop:\n"
+          "  signal.raise_signal(signal.SIGTERM)\n"
+          "  print('flag', stop.signum, flush=True)\n"
+          "  signal.raise_signal(signal.SIGINT)\n"
+          "  print('still running', flush=True)\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode == 128 + signal.SIGINT, result.stderr
+  assert result.stdout.split() == ["flag", str(int(signal.SIGTERM))]
+  assert "SIGTERM received" in result.stderr
+
+
+def test_stop_request_restores_the_previous_handlers():
+  before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+  with preemption.StopRequest() as stop:
+    assert signal.getsignal(signal.SIGTERM) == stop._handle  # pylint: disable=protected-access
+  assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+def _translation(tmp_path):
+  test_translation.write_corpus(tmp_path / "data", {"train": 120, "val": 16, "test": 8})
+  return test_translation.tiny_config(
+      tmp_path / "data", tmp_path / "tfds", d_model=32, d_ff=64, num_heads=2,
+      num_train_steps=14, log_every_steps=3, eval_every_steps=100,
+      checkpoint_every_steps=5, dropout_rate=0.1, best_metric="", num_print_examples=0)
+
+
+def _generation(tmp_path):
+  test_generation.write_text(tmp_path / "data")
+  return test_generation.tiny_config(
+      tmp_path / "data", tmp_path / "tfds", num_train_steps=14, log_every_steps=3,
+      eval_every_steps=100, checkpoint_every_steps=5, dropout_rate=0.1,
+      num_print_examples=0)
+
+
+def _classification(tmp_path):
+  test_classification.write_corpus(tmp_path / "data", sizes=(("train", 100), ("dev", 16)))
+  return test_classification.tiny_config(
+      tmp_path / "data", tmp_path / "tfds", num_train_steps=14, log_every_steps=3,
+      eval_every_steps=100, checkpoint_every_steps=5, dropout_rate=0.1, best_metric="",
+      num_print_examples=0)
+
+
+def _stop_at(monkeypatch, step):
+  """Makes the loop see a SIGTERM right after `step` (the signal handler's effect)."""
+  calls = []
+
+  def fake(stop, step_done, every):
+    del stop, step_done, every
+    calls.append(1)
+    return int(signal.SIGTERM) if len(calls) >= step else 0
+
+  monkeypatch.setattr(train, "_stop_signal", fake)
+
+
+@pytest.mark.parametrize("make", [_translation, _generation, _classification],
+                         ids=["translation", "generation", "classification"])
+def test_a_run_stopped_by_a_signal_resumes_bitwise(tmp_path, monkeypatch, make):
+  """Stopped after step 7 (between checkpoints and log steps, with dropout), the resumed
+  run ends with the same parameters, optimizer state and losses as the uninterrupted one
+  (two devices in both): the checkpoint holds the data position, the optimizer state and
+  the dropout key."""
+  config = make(tmp_path)
+  whole, parts = str(tmp_path / "whole"), str(tmp_path / "parts")
+  train.train_and_evaluate(config, whole, devices=TWO_DEVICES, final_evaluation=False)
+
+  with monkeypatch.context() as patch:
+    _stop_at(patch, 7)
+    with pytest.raises(preemption.Preempted, match="SIGTERM after step 7") as stopped:
+      train.train_and_evaluate(config, parts, devices=TWO_DEVICES, final_evaluation=False)
+  assert stopped.value.step == 7
+  checkpoints = checkpointing.Checkpointer(parts, keep=100)
+  assert checkpoints.all_steps() == [5, 7]
+  assert checkpoints.restore_data_state(7) == {"next_index": 7}
+  checkpoints.close()
+  train.train_and_evaluate(config, parts, devices=TWO_DEVICES, final_evaluation=False)
+
+  a, b = host_state(config, whole), host_state(config, parts)
+  assert int(a.step) == int(b.step) == 14
+  assert_bitwise_equal(a, b)
+  # Step 9's loss averages steps 7-9 in one run and 8-9 in the other; the rest match.
+  assert ({s: v for s, v in losses(whole).items() if s != 9} ==
+          {s: v for s, v in losses(parts).items() if s not in (7, 9)})
+
+
+# ----------------------------------------------------------------------------- hard kills
+
+KILL_FLAGS = [
+    "--config.num_train_steps=60", "--config.log_every_steps=1",
+    "--config.eval_every_steps=1000", "--config.checkpoint_every_steps=1",
+    "--config.keep_checkpoints=3", "--config.dropout_rate=0.1", "--config.d_model=32",
+    "--config.d_ff=64", "--config.num_heads=2", "--config.num_encoder_layers=1",
+    "--config.num_decoder_layers=1", "--config.max_digits=5", "--config.max_input_length=8",
+    "--config.max_target_length=8", "--config.batch_size=16", "--config.eval_batch_size=32",
+    "--config.num_eval_examples=64", "--config.warmup_steps=5",
+    "--config.num_print_examples=0"]
+
+
+def test_random_kills_and_signals_never_lose_a_checkpoint(tmp_path):
+  """SIGKILL at random moments (while starting, training, or writing a checkpoint),
+  SIGTERM once and twice in a row (benchmarks/fault_injection.py): after each, every
+  checkpoint on disk restores, the newest step never goes back, and the run finally ends
+  bitwise equal to an uninterrupted one (one device in both)."""
+  config = tiny_config(num_train_steps=60, log_every_steps=1, eval_every_steps=1000,
+                       checkpoint_every_steps=1, keep_checkpoints=3, dropout_rate=0.1)
+  reference = str(tmp_path / "reference")
+  train.train_and_evaluate(config, reference, devices=ONE_DEVICE, final_evaluation=False)
+
+  faults = ["sigterm", "kill_during_write", "kill_random", "kill_starting", "sigterm_twice",
+            "kill_during_write", "kill_random"]
+  workdir = str(tmp_path / "run")
+  result = fault_injection.run(workdir, KILL_FLAGS, faults, seed=0,
+                               log_path=str(tmp_path / "log.txt"))
+  print("faults:", [(r["fault"], r["exit"], r["checkpoint_being_written"], r["steps"])
+                    for r in result["faults"]])
+  records = result["faults"]
+  assert [r["fault"] for r in records] == faults, "training finished before every fault"
+  for r in records:
+    assert r["expected_exit"], r
+    assert r["steps"] and not r["newest_went_back"], r
+  assert records[0]["stopped_line"].startswith("stopped: stopped by SIGTERM after step")
+  assert records[1]["checkpoint_being_written"]
+  assert result["lost"] == 0 and result["final_exit"] == 0
+  assert result["final_steps"][-1] == 60
+  assert_bitwise_equal(host_state(config, workdir), host_state(config, reference))
+
+
+# ----------------------------------------------------------------------------- NaN
+
+
+def _poisoned_task(monkeypatch, poisoned_batches):
+  """The real task, whose training loss is NaN on the given batch indices (0-based) while
+  its gradient stays finite: only the loss check can catch it."""
+  real_get_task = tasks.get_task
+
+  def get_task(config, workdir=None, training=True):
+    task = real_get_task(config, workdir, training)
+    real_loss, real_dataset = task.loss, task.train_dataset
+
+    def loss(params, batch, rng, train):
+      sums = real_loss(params, batch, rng, train)
+      if "poison" in batch:
+        sums = {**sums, "loss": sums["loss"] + jnp.where(batch["poison"].any(), jnp.nan, 0.0)}
+      return sums
+
+    def train_dataset(*args, **kwargs):
+      return real_dataset(*args, **kwargs).map_with_index(
+          lambda i, b: {**b, "poison": np.full(b["inputs"].shape[:2],
+                                               int(i in poisoned_batches), np.int32)})
+
+    task.loss, task.train_dataset = loss, train_dataset
+    return task
+
+  monkeypatch.setattr(tasks, "get_task", get_task)
+
+
+def test_skipped_nonfinite_updates_are_counted_and_never_saved(tmp_path, monkeypatch):
+  _poisoned_task(monkeypatch, {3, 7})
+  config = tiny_config(num_train_steps=10, log_every_steps=5, checkpoint_every_steps=2,
+                       eval_every_steps=100, nonfinite_updates="skip")
+  train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE, final_evaluation=False)
+  with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+    skipped = {r["step"]: r["train/skipped_updates"] for r in map(json.loads, f)
+               if "train/skipped_updates" in r}
+  assert skipped == {5: 1, 10: 2}  # steps 4 and 8
+  steps = fault_injection.readable_steps(str(tmp_path))
+  assert steps[-1] == 10
+  # A skipped update is not applied: the optimizer counted 8 updates in 10 steps.
+  state = host_state(config, str(tmp_path))
+  counts = [int(x) for x in jax.tree.leaves(state.opt_state) if np.ndim(x) == 0]
+  assert 8 in counts, counts
+
+
+def test_too_many_skipped_updates_stop_the_run(tmp_path, monkeypatch):
+  _poisoned_task(monkeypatch, {3, 7})
+  config = tiny_config(num_train_steps=10, log_every_steps=5, checkpoint_every_steps=2,
+                       eval_every_steps=100, nonfinite_updates="skip",
+                       max_skipped_updates=1)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"2 updates skipped.*max_skipped_updates=1.*step 8.*Last good "
+                           r"checkpoint: step 8"):
+    train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
+
+
+def test_a_nonfinite_loss_names_its_step_and_the_last_checkpoint(tmp_path, monkeypatch):
+  _poisoned_task(monkeypatch, {6})
+  config = tiny_config(num_train_steps=10, log_every_steps=5, checkpoint_every_steps=4,
+                       eval_every_steps=100)
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"at step 7;.*Last good checkpoint: step 4 in"):
+    train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
+  assert fault_injection.readable_steps(str(tmp_path)) == [4]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A tiny run with checkpoints at steps 5 and 10."""
+  workdir = str(tmp_path_factory.mktemp("trained"))
+  config = tiny_config(num_train_steps=10, checkpoint_every_steps=5, eval_every_steps=100)
+  train.train_and_evaluate(config, workdir, devices=ONE_DEVICE, final_evaluation=False)
+  return config, workdir
+
+
+def _copy(trained, tmp_path):
+  config, workdir = trained
+  copy = str(tmp_path / "copy")
+  shutil.copytree(workdir, copy)
+  return config.copy_and_resolve_references(), copy
+
+
+def test_a_model_field_that_differs_from_the_workdir_is_refused(trained, tmp_path):
+  config, workdir = _copy(trained, tmp_path)
+  before = open(os.path.join(workdir, "config.json"), encoding="utf-8").read()
+  config.num_train_steps = 20  # a training field: allowed
+  config.num_heads = 4  # a model field: refused, though the shapes would load
+  with pytest.raises(validation.ConfigError,
+                     match=r"model fields \(num_heads: 2 there, 4 now\).*allow_config_change"):
+    train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  assert open(os.path.join(workdir, "config.json"), encoding="utf-8").read() == before
+  with pytest.raises(validation.ConfigError, match="num_heads: 2 there, 4 now"):
+    train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
+  config.num_heads = 2
+  config.activation = "gelu"  # the same parameters, another function
+  with pytest.raises(validation.ConfigError, match="activation: 'relu' there, 'gelu' now"):
+    train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
+  config.allow_config_change = True  # the same shapes: it loads
+  assert "loss" in train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
+
+
+def test_an_incompatible_checkpoint_names_the_differing_parameters(trained, tmp_path):
+  config, workdir = _copy(trained, tmp_path)
+  config.update(d_model=48, allow_config_change=True)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"step 10 .* holds a different model than the config describes: "
+                           r"params/.* is float32\[.*32.*\] in the checkpoint, "
+                           r"float32\[.*48.*\] in the model"):
+    train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage_metadata", "delete_arrays"])
+def test_a_damaged_checkpoint_is_named_and_the_previous_one_still_resumes(trained, tmp_path,
+                                                                          damage):
+  config, workdir = _copy(trained, tmp_path)
+  step_dir = os.path.join(workdir, "checkpoints", "10")
+  if damage == "truncate":
+    for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
+      with open(path, "r+b") as f:
+        f.truncate(7)
+  elif damage == "garbage_metadata":
+    with open(os.path.join(step_dir, "state", "_METADATA"), "w", encoding="utf-8") as f:
+      f.write("{not json")
+  else:
+    shutil.rmtree(os.path.join(step_dir, "state"))
+    os.mkdir(os.path.join(step_dir, "state"))
+  flags = ["--config.num_train_steps=10", "--config.checkpoint_every_steps=5",
+           "--config.eval_every_steps=100", "--config.d_model=32", "--config.d_ff=64",
+           "--config.num_heads=2", "--config.num_encoder_layers=1",
+           "--config.num_decoder_layers=1", "--config.max_digits=5",
+           "--config.max_input_length=8", "--config.max_target_length=8",
+           "--config.batch_size=16", "--config.eval_batch_size=32",
+           "--config.num_eval_examples=64", "--config.warmup_steps=5"]
+  result = run_main(f"--workdir={workdir}", "--mode=eval", *flags)
+  # Not assert_one_error_line: when orbax gives up reading, tensorstore's threads may print
+  # 'Event loop is closed' tracebacks before the message (noise from inside orbax).
+  assert result.returncode == 2, result.stderr[-3000:]
+  last = result.stderr.strip().splitlines()[-1]
+  for text in ("error: checkpoint step 10", "is damaged or incomplete",
+               "to use the previous checkpoint (step 5)"):
+    assert text in last, last
+  with pytest.raises(checkpointing.CheckpointError, match="step 10 .* damaged"):
+    train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  shutil.move(step_dir, str(tmp_path / "damaged-10"))  # what the message advises
+  config.num_train_steps = 12
+  train.train_and_evaluate(config, workdir, devices=ONE_DEVICE, final_evaluation=False)
+  assert fault_injection.readable_steps(workdir)[-1] == 12
+
+
+# ----------------------------------------------------------------------------- the disk
+
+
+def test_an_unwritable_workdir_is_one_clear_line(tmp_path):
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a directory")
+  result = run_main(f"--workdir={blocker}/run", "--config.num_train_steps=2")
+  assert_one_error_line(result, f"{blocker}/run", "Not a directory")
+
+
+def test_a_full_disk_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
+  """Files may not grow past 50 kB once step 20 is saved (RLIMIT_FSIZE: EFBIG stands in
+  for ENOSPC; the tiny model's checkpoint is ~250 kB, the logs stay smaller): the save of
+  step 40 fails, the run stops with one line naming it, step 20 is intact, and the same
+  command resumes from it once space is back."""
+  workdir = str(tmp_path / "run")
+  directory = checkpointing.checkpoint_directory(workdir)
+  flags = [f"--workdir={workdir}", "--config.num_train_steps=100",
+           "--config.checkpoint_every_steps=20", "--config.log_every_steps=50",
+           "--config.eval_every_steps=1000", "--config.d_model=32", "--config.d_ff=64",
+           "--config.num_heads=2", "--config.num_encoder_layers=1",
+           "--config.num_decoder_layers=1", "--config.max_digits=5",
+           "--config.max_input_length=8", "--config.max_target_length=8",
+           "--config.batch_size=16", "--config.num_print_examples=0",
+           "--config.num_eval_examples=64"]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  # With SIGXFSZ ignored, writes past the limit fail with EFBIG instead of killing.
+  code = ("import runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+          f"sys.argv = ['main.py'] + {flags!r}; "
+          f"runpy.run_path({os.path.join(REPO, 'main.py')!r}, run_name='__main__')")
+  process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  try:
+    fault_injection.wait_for(lambda: "20" in fault_injection.entries(directory), process)
+    resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (50_000, 50_000))
+    _, stderr = process.communicate(timeout=300)
+  finally:
+    if process.poll() is None:
+      process.kill()
+  assert process.returncode == 2, stderr[-3000:]
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith("error: could not write the checkpoint of step 40 in"), last
+  assert "the earlier checkpoints are intact (steps: 20)" in last
+  assert fault_injection.readable_steps(workdir) == [20]
+  result = run_main(*flags)  # space is back
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert fault_injection.readable_steps(workdir)[-1] == 100
+
+
+# ----------------------------------------------------------------------------- security
+
+
+def test_nothing_loaded_from_files_is_unpickled_or_executed():
+  """Workdirs and data files are read as data (JSON, text, arrays, SentencePiece models):
+  no module of the project unpickles or evaluates what it reads."""
+  banned = ("import pickle", "from pickle", "cPickle", "allow_pickle=True", "dill",
+            "np.load(", "eval(", "exec(", "yaml.load(", "marshal")
+  offenders = []
+  for path in glob.glob(os.path.join(REPO, "**", "*.py"), recursive=True):
+    if "/.venv/" in path or "/tests/" in path:
+      continue
+    with open(path, encoding="utf-8") as f:
+      for number, line in enumerate(f, 1):
+        code = line.split("#")[0]
+        if any(b in code for b in banned) and ".eval(" not in code and "_eval(" not in code:
+          offenders.append(f"{os.path.relpath(path, REPO)}:{number}: {line.strip()}")
+  assert not offenders, offenders
