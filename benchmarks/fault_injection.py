@@ -6,7 +6,7 @@
 
 Starts `python main.py --workdir=W <flags after -->` and, each time, injects one fault:
   sigterm            SIGTERM once training has written a new checkpoint (expect exit 4)
-  sigterm_twice      two SIGTERMs 1 ms apart (exit 128+15, or 4 if the first finished)
+  sigterm_twice      two SIGTERMs 0.1 s apart (exit 128+15, or 4 if the first finished)
   kill_during_write  SIGKILL while a checkpoint's temporary directory exists
   kill_random        SIGKILL 0-0.3 s after a new checkpoint appeared
   kill_starting      SIGKILL 0.5-6 s after the start (imports, restore, compilation)
@@ -125,8 +125,10 @@ def inject(fault: str, workdir: str, flags: List[str], rng: random.Random, newes
         elif fault == "sigterm":
           process.send_signal(signal.SIGTERM)
         elif fault == "sigterm_twice":
+          # 1 ms apart, both would reach Python's handler as one signal; 0.1 s lets the
+          # first be handled, so the second lands during the step or the save.
           process.send_signal(signal.SIGTERM)
-          time.sleep(0.001)
+          time.sleep(0.1)
           process.send_signal(signal.SIGTERM)
         else:
           raise ValueError(f"unknown fault {fault!r}")
