@@ -9,6 +9,13 @@
     python main.py --config=configs/translation.py --workdir=runs/m30k --mode=average
     echo "Ein Mann fährt Fahrrad." | python main.py --config=configs/translation.py \
         --workdir=runs/m30k --config.data_dir=../shared/data/multi30k --mode=decode
+    python main.py --config=configs/translation.py --workdir=runs/m30k \
+        --config.data_dir=../shared/data/multi30k --mode=attention \
+        --prompt="Ein Mann fährt Fahrrad." --reference="A man rides a bike." \
+        --attention_head=cross:0:1   # heatmaps of every head in <workdir>/attention/
+    python main.py --workdir=runs/demo --mode=attention --example=3  # an eval example
+    python main.py --config=configs/translation.py --workdir=runs/m30k \
+        --config.data_dir=../shared/data/multi30k --mode=head_importance  # heads ablated
     python main.py --config=configs/generation.py --workdir=runs/shakespeare  # char-level LM
     python main.py --config=configs/generation.py --workdir=runs/shakespeare \
         --mode=generate --prompt="ROMEO:" --config.temperature=0.8 --config.num_samples=3
@@ -17,6 +24,10 @@
     echo "a gorgeous, witty film" | python main.py --config=configs/classification.py \
         --workdir=runs/sst2 --mode=predict --checkpoint=best
     python main.py --workdir=runs/demo --config.num_train_steps=500 --config.d_model=128
+    python main.py --mode=sweep --sweep=configs/sweeps/table3_multi30k.py \
+        --workdir=runs/table3    # Table 3's ablations; --config.<field>=... on every variant
+    python main.py --mode=sweep_report --sweep=configs/sweeps/table3_multi30k.py \
+        --workdir=runs/table3    # the comparison of what has run so far, no training
     srun --ntasks-per-node=8 --gpus-per-node=8 python main.py --workdir=/shared/runs/x \
         --distributed           # one process per GPU (SLURM, Open MPI, TPU pod: detected)
     python main.py --workdir=runs/two --coordinator_address=10.0.0.1:1234 \
@@ -39,7 +50,9 @@ from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "default.py")
-MODES = ("train", "eval", "decode", "generate", "predict", "average")
+MODES = ("train", "eval", "decode", "generate", "predict", "average", "attention",
+         "head_importance")
+SWEEP_MODES = ("sweep", "sweep_report")  # --sweep=FILE: configs/sweeps/__init__.py
 
 def _user_error(message: str) -> None:
   print(f"error: {message}", file=sys.stderr)
@@ -55,7 +68,7 @@ except (KeyError, AttributeError) as e:
     e = e.args[0]
   _user_error(f"unknown config field in the overrides: {' '.join(str(e).split())}")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and metrics.")
-flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate; "
+flags.DEFINE_enum("mode", "train", MODES + SWEEP_MODES, "train: train (resuming) then evaluate; "
                   "eval: decode and score a split with a checkpoint, writing the scores "
                   "and hypotheses under <workdir>/eval; decode: translate lines of --input "
                   "to standard output; generate: continue each --prompt (or each line of "
@@ -63,20 +76,41 @@ flags.DEFINE_enum("mode", "train", MODES, "train: train (resuming) then evaluate
                   "classify each line of --input, printing per line the predicted label, "
                   "its probability and every class's probability, tab-separated as "
                   "'label<TAB>p<TAB>name1=p1 name2=p2 ...' (an empty line for an empty "
-                  "line); average: "
-                  "average the newest --num_average checkpoints into <workdir>/averaged.")
-flags.DEFINE_integer("step", None, "eval/decode/predict: the checkpoint step (default: newest); "
+                  "line); attention: draw every head's attention on one input (--prompt, "
+                  "a line of --input or --example) as PNGs with per-head statistics in "
+                  "<workdir>/attention/; head_importance: the loss with each head removed "
+                  "in turn, a table and a heatmap in <workdir>/attention/; average: "
+                  "average the newest --num_average checkpoints into <workdir>/averaged; "
+                  "sweep: train each variant of --sweep in <workdir>/<variant> (skipping "
+                  "finished ones), then compare them in <workdir>/comparison.md, .csv and "
+                  "validation_loss.png; sweep_report: only the comparison, of what is there.")
+flags.DEFINE_integer("step", None, "eval/decode/predict/attention/head_importance: the "
+                     "checkpoint step (default: newest); "
                      "average: the newest step to include.")
 flags.DEFINE_enum("checkpoint", "latest", ("latest", "best", "averaged"),
-                  "eval/decode/predict: which checkpoint: the regular ones (newest or --step), the "
+                  "eval/decode/predict/attention/head_importance: which checkpoint: the "
+                  "regular ones (newest or --step), the "
                   "best by config.best_metric, or the --mode=average one.")
-flags.DEFINE_string("split", None, "eval: the split to score (default config.eval_split).")
+flags.DEFINE_string("split", None, "eval, head_importance: the split to score (default "
+                    "config.eval_split).")
 flags.DEFINE_string("input", "-", "decode: a text file with a sentence a line; generate: a "
                     "text file with a prompt a line (when no --prompt); predict: a text "
-                    "file with a text to classify a line; - = stdin.")
+                    "file with a text to classify a line; attention: its first non-empty "
+                    "line is drawn (when no --prompt); - = stdin.")
 flags.DEFINE_multi_string("prompt", None, "generate: a prompt (repeat the flag for several; "
-                          "\\n stands for a newline; an empty prompt starts from nothing).")
+                          "\\n stands for a newline; an empty prompt starts from nothing); "
+                          "attention: the text to draw (the first one).")
+flags.DEFINE_string("reference", None, "attention, translation: the target text the decoder "
+                    "reads (default: the model's own translation).")
+flags.DEFINE_integer("example", None, "attention: draw example N of the eval split (its "
+                     "reference included) instead of --prompt/--input text.")
+flags.DEFINE_multi_string("attention_head", None, "attention: also draw this head at full "
+                          "size: LAYER:HEAD (in every kind of attention) or KIND:LAYER:HEAD, "
+                          "KIND one of encoder_self, decoder_self, cross; repeatable.")
 flags.DEFINE_integer("num_average", 5, "average: how many of the newest checkpoints.")
+flags.DEFINE_string("sweep", None, "sweep/sweep_report: the sweep file (configs/sweeps/*.py): "
+                    "a base config and its variants; --config.<field>=<value> flags apply "
+                    "to every variant.")
 flags.DEFINE_bool("distributed", False, "train/eval in several processes (jax.distributed), "
                   "the cluster detected from the environment: SLURM, Open MPI or a Cloud TPU "
                   "pod slice; the three flags below, when given, override what is detected.")
@@ -91,13 +125,14 @@ flags.mark_flags_as_required(["workdir"])
 def _user_errors():
   # Imported lazily so that `--help` and flag errors do not pay for importing jax.
   from configs.presets import VariantError
+  from configs.sweeps import SweepError
   from input_pipeline.batching import ExampleTooLongError
   from input_pipeline.local_builders import DataError
   from input_pipeline.tokenizers import TokenizerError
   from training.checkpointing import CheckpointError, CheckpointWriteError
   from validation import ConfigError
   return (ConfigError, VariantError, CheckpointError, CheckpointWriteError,
-          ExampleTooLongError, DataError, TokenizerError)
+          ExampleTooLongError, DataError, TokenizerError, SweepError)
 
 
 def _read_input(path: str):
@@ -154,6 +189,54 @@ def _load_config():
     return config
   except Exception as e:  # pylint: disable=broad-except  # a broken config file
     _user_error(f"cannot load --config: {_one_line(e)}")
+
+
+def _load_sweep():
+  """(the --sweep file's Sweep, the --config.<field> overrides) for the sweep modes, else
+  (None, None). The sweep file holds the base config; the overrides, typed by config_flags
+  against the default config (every config has its fields), apply to every variant."""
+  mode, path = flags.FLAGS.mode, flags.FLAGS.sweep
+  if mode not in SWEEP_MODES:
+    if path:
+      _user_error(f"--sweep is for --mode={' and --mode='.join(SWEEP_MODES)}")
+    return None, None
+  if not path:
+    _user_error(f"--mode={mode} needs --sweep=FILE, e.g. configs/sweeps/table3_multi30k.py")
+  if flags.FLAGS["config"].present:
+    _user_error(f"--mode={mode} takes the base config from the --sweep file; drop --config= "
+                f"(--config.<field>=<value> flags still apply to every variant)")
+  if mode == "sweep_report" and not os.path.isdir(flags.FLAGS.workdir):
+    _user_error(f"--workdir={flags.FLAGS.workdir}: no such directory (no sweep ran there)")
+  from configs import sweeps as sweep_files  # pylint: disable=g-import-not-at-top
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  try:
+    sweep = sweep_files.load_sweep(path)
+    sweep.check(overrides)
+  except sweep_files.SweepError as e:
+    _user_error(str(e))
+  return sweep, overrides
+
+
+def _attention_text(config):
+  """--mode=attention: the text to draw (the first --prompt, else the first non-empty line
+  of --input), or None with --example; one-line errors for flags that do not fit."""
+  f = flags.FLAGS
+  if f.reference is not None and config.task != "translation":
+    _user_error(f"--reference is for translation (the decoder's target text); "
+                f"config.task={config.task!r}")
+  if f.example is not None:
+    if f.prompt is not None or f.reference is not None:
+      _user_error("--example=N draws an eval example as it is; drop --prompt and --reference")
+    return None
+  if f.prompt is not None:
+    if not f.prompt[0].strip():
+      _user_error("--prompt is empty: give the text to draw")
+    return f.prompt[0].replace("\\n", "\n")
+  lines = [line for line in _read_input(f.input) if line.strip()]
+  if not lines:
+    _user_error("--mode=attention: no input; give --prompt=TEXT, a line on --input or "
+                "--example=N (an eval example)")
+  return lines[0]
 
 
 def _require_real_data(config, mode: str, task: str, what: str) -> None:
@@ -228,7 +311,8 @@ def main(argv):
     _user_error(f"unexpected arguments: {' '.join(argv[1:])} (options are --flags, e.g. "
                 f"--config.batch_size=32)")
   config = _load_config()
-  _set_cpu_devices(config)
+  sweep, overrides = _load_sweep()
+  _set_cpu_devices(config if sweep is None else sweep.config(sweep.variants[0], overrides))
   _start_processes(flags.FLAGS.mode)
   user_errors = _user_errors()
   import train  # pylint: disable=g-import-not-at-top
@@ -261,6 +345,27 @@ def main(argv):
       for i, texts in enumerate(samples, 1):
         for j, text in enumerate(texts, 1):
           print(f"--- prompt {i}, sample {j}\n{text}", flush=True)
+    elif mode == "attention":
+      text = _attention_text(config)
+      paths, table = train.attention_report(
+          config, workdir, text=text, reference=flags.FLAGS.reference,
+          example=flags.FLAGS.example, heads=flags.FLAGS.attention_head or (),
+          step=flags.FLAGS.step, checkpoint=flags.FLAGS.checkpoint)
+      print(f"{table}\nwrote:\n" + "\n".join(paths), flush=True)
+    elif mode == "head_importance":
+      from tasks import attention_maps  # pylint: disable=g-import-not-at-top
+      baseline, increase, paths = train.head_importance(
+          config, workdir, step=flags.FLAGS.step, split=flags.FLAGS.split,
+          checkpoint=flags.FLAGS.checkpoint)
+      print(f"{attention_maps.importance_markdown(baseline, increase, limit=10)}\nwrote:\n"
+            + "\n".join(paths), flush=True)
+    elif mode in SWEEP_MODES:
+      import sweeps  # pylint: disable=g-import-not-at-top
+      rows = (sweeps.run_sweep(sweep, workdir, overrides) if mode == "sweep" else
+              sweeps.write_comparison(sweep, workdir, overrides))
+      print(f"sweep {sweep.name}: {sum(r['status'] == 'done' for r in rows)} of {len(rows)} "
+            f"variants done; comparison in {os.path.join(workdir, 'comparison.md')}, "
+            f"comparison.csv and validation_loss.png", flush=True)
     else:
       step = train.average_checkpoints(config, workdir, flags.FLAGS.num_average,
                                        last_step=flags.FLAGS.step)

@@ -29,6 +29,7 @@ from jax.experimental import multihost_utils
 import tasks
 import validation
 from input_pipeline import batching
+from tasks import attention_maps
 from training import checkpointing, optimizers, preemption, reporting
 
 AXIS = "devices"  # the pmap axis name, used by every collective
@@ -102,9 +103,11 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int):
   return new_state, {**sums, **stats}
 
 
-def eval_step(params, batch, *, task):
-  """Summed loss metrics of one batch, summed over devices."""
-  return jax.lax.psum(task.loss(params, batch, None, train=False), AXIS)
+def eval_step(params, batch, head_mask=None, *, task):
+  """Summed loss metrics of one batch, summed over devices; `head_mask`: the heads to
+  remove (see tasks.attention_maps.head_mask_tree), None for the whole model."""
+  masked = {} if head_mask is None else {"head_mask": head_mask}  # the plain call otherwise
+  return jax.lax.psum(task.loss(params, batch, None, train=False, **masked), AXIS)
 
 
 def step_devices(devices: Sequence[jax.Device]) -> List[jax.Device]:
@@ -133,6 +136,13 @@ def compile_steps(task, tx, config, devices: Sequence[jax.Device]):
   p_eval = jax.pmap(functools.partial(eval_step, task=task), axis_name=AXIS, devices=devices)
   p_predict = jax.pmap(task.predict, axis_name=AXIS, devices=devices)
   return p_train, p_eval, p_predict
+
+
+def compile_masked_eval(task, devices: Sequence[jax.Device]):
+  """The pmapped eval step taking a head mask, the same on every device, as a third
+  argument (head importance)."""
+  return jax.pmap(functools.partial(eval_step, task=task), axis_name=AXIS,
+                  devices=step_devices(devices), in_axes=(0, 0, None))
 
 
 # ----------------------------------------------------------------------------- state
@@ -278,28 +288,38 @@ def _evaluate_and_report(title: str, step: int, task, p_eval, p_predict, params,
                          num_examples: int = 0, decode_batches: Optional[int] = None,
                          split: str = "eval", prefix: str = "eval",
                          loss_batches: Optional[int] = None,
-                         elapsed: Optional[float] = None):
+                         elapsed: Optional[float] = None, attention_examples: int = 0):
   """Evaluates, writes the metrics (and example lines) to `writer` under `prefix/`, and
   logs them. `elapsed`: seconds since the run started, logged beside the metrics.
+  `attention_examples`: also the attention maps of that many eval examples (images), the
+  per-head statistics (a text table) and their means (scalars and a log table).
 
   Returns (metrics, output records).
   """
   metrics, lines, records = evaluate(task, p_eval, p_predict, params, eval_dataset, split,
                                      num_examples, decode_batches, loss_batches)
   texts = task.summary_texts(records)
+  attention = attention_maps.EvalSummaries({}, {}, {}, "")
+  if attention_examples and writer is not None and writer.enabled:
+    device_0 = jax.tree.map(lambda x: x.addressable_shards[0].data.reshape(x.shape[1:]),
+                            params)
+    attention = attention_maps.eval_summaries(task, device_0, attention_examples)
   if writer is not None:
     extra = {} if elapsed is None else {f"{prefix}/elapsed_seconds": elapsed}
     writer.write_scalars(step, {**{f"{prefix}/{k}": v for k, v in metrics.items()},
-                                **extra})
+                                **extra,
+                                **{f"{prefix}/{k}": v for k, v in attention.scalars.items()}})
     if lines:
       writer.write_text(step, f"{prefix}/examples", "\n\n".join(lines))
-    for name, text in texts.items():  # TensorBoard renders text as markdown
+    for name, text in {**texts, **attention.texts}.items():  # rendered as markdown
       writer.write_text(step, f"{prefix}/{name}", "    " + text.replace("\n", "\n    "))
-    for name, image in task.summary_images(records).items():
+    for name, image in {**task.summary_images(records), **attention.images}.items():
       writer.write_image(step, f"{prefix}/{name}", image)
-  logging.info("%s at step %d: %s%s%s", title, step,
+  logging.info("%s at step %d: %s%s%s%s", title, step,
                "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
                "".join(f"\n{name}:\n{text}" for name, text in texts.items()),
+               f"\nattention (means over layers and heads):\n{attention.log}"
+               if attention.log else "",
                "".join("\n" + line for line in lines))
   return metrics, records
 
@@ -443,20 +463,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   is_chief = jax.process_index() == 0
   checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
   start_step = checkpoints.latest_step()
-  if start_step is not None:  # checked before config.json is replaced by this config
-    validation.check_same_model(checkpoints.restore_config(start_step) or {}, config,
-                                checkpoints.directory)
-  _prepare_workdir(workdir, config, is_chief)
-  logging.info("config:\n%s", config)
-
   state = create_state(task, tx, config.seed)
-  logging.info("parameters:\n%s", parameter_table(state.params))
   data_state = None
-  if start_step is not None:
-    state = checkpoints.restore(jax.device_get(state), start_step)
-    data_state = checkpoints.restore_data_state(start_step)
-    logging.info("resumed from the checkpoint at step %d in %s", int(state.step),
-                 checkpoints.directory)
+  try:
+    if start_step is not None:  # checked before config.json is replaced by this config
+      validation.check_same_model(checkpoints.restore_config(start_step) or {}, config,
+                                  checkpoints.directory)
+    _prepare_workdir(workdir, config, is_chief)
+    logging.info("config:\n%s", config)
+    logging.info("parameters:\n%s", parameter_table(state.params))
+    if start_step is not None:
+      state = checkpoints.restore(jax.device_get(state), start_step)
+      data_state = checkpoints.restore_data_state(start_step)
+      logging.info("resumed from the checkpoint at step %d in %s", int(state.step),
+                   checkpoints.directory)
+  except BaseException:
+    _close_all(checkpoints)
+    raise
   start = int(state.step)
   total = config.num_train_steps
   schedule = optimizers.learning_rate_schedule(config.schedule, config.learning_rate,
@@ -528,7 +551,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
               "eval", done, task, p_eval, p_predict, p_state.params, eval_dataset, writer,
               num_examples=config.num_print_examples if task.prints_samples else 0,
               decode_batches=decode_batches, loss_batches=config.num_eval_batches or None,
-              elapsed=t0 - run_start)
+              elapsed=t0 - run_start, attention_examples=config.num_attention_images)
           best.update(done, metrics, unreplicate_to_host(p_state), config_dict)
           progress.exclude(time.perf_counter() - t0)
 
@@ -554,7 +577,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         "final evaluation", max(start, total), task, p_eval, p_predict, p_state.params,
         eval_dataset, writer, num_examples=config.num_print_examples, prefix="final",
         decode_batches=_final_decode_batches(task, config),
-        elapsed=time.perf_counter() - run_start)
+        elapsed=time.perf_counter() - run_start, attention_examples=config.num_attention_images)
     return eval_metrics
   finally:
     _close_all(best, checkpoints, writer)
@@ -793,3 +816,82 @@ def generate_text(config: ml_collections.ConfigDict, workdir: str, prompts: List
     outputs += [task.detokenize(t) for t in np.asarray(tokens)]
   n = config.num_samples
   return [outputs[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+# ----------------------------------------------------------------------------- attention
+
+
+def attention_report(config: ml_collections.ConfigDict, workdir: str,
+                     text: Optional[str] = None, reference: Optional[str] = None,
+                     example: Optional[int] = None, heads: Sequence[str] = (),
+                     checkpoint: str = "latest", step: Optional[int] = None):
+  """Draws the attention of a checkpoint of `workdir` on one input: `text` (for
+  translation with the target `reference`, or else the model's own translation) or
+  example number `example` of the eval split. Writes into <workdir>/attention/<checkpoint>-
+  step<N>-<name>/ an overview, a grid of the heads of every layer of every kind, a
+  full-size map for each of `heads` ('LAYER:HEAD' or 'KIND:LAYER:HEAD') and the per-head
+  statistics (stats.txt, stats.json). Returns (the paths written, the statistics table)."""
+  reporting.quiet_library_logs()
+  validation.validate(config)
+  task = tasks.get_task(config, workdir, training=False)
+  tx = optimizers.make_optimizer(config)
+  single = [h for spec in heads for h in attention_maps.parse_head(spec,
+                                                                   attention_maps.layout(task))]
+  step, params = _restore_params(task, tx, config, workdir, checkpoint, step)
+  if example is not None:
+    source = task.data_source("eval")
+    if not 0 <= example < len(source):
+      raise attention_maps.DataError(
+          f"--example={example}: the eval split ({config.eval_split}) has examples 0 to "
+          f"{len(source) - 1}")
+    fields = set(task.attention_fields.values())
+    chosen = {f: np.asarray(v) for f, v in source[example].items() if f in fields}
+    name = f"example{example}"
+  else:
+    chosen = task.attention_example(text or "", reference)
+    name = attention_maps.directory_name(text or "")
+  if not np.asarray(chosen["inputs"]).any():
+    raise attention_maps.DataError("nothing to draw: the input has no tokens")
+  maps = attention_maps.example_maps(task, params, [chosen])[0]
+  directory = os.path.join(workdir, "attention", f"{checkpoint}-step{step}-{name}")
+  about = {"checkpoint": checkpoint, "step": step, "text": text, "reference": reference,
+           "example": example}
+  paths = attention_maps.write_maps(maps, directory, single, about)
+  return paths, attention_maps.stats_table(maps.stats())
+
+
+def head_importance(config: ml_collections.ConfigDict, workdir: str,
+                    devices: Optional[Sequence[jax.Device]] = None,
+                    checkpoint: str = "latest", step: Optional[int] = None,
+                    split: Optional[str] = None):
+  """Removes each attention head of a checkpoint of `workdir` in turn (its output zeroed
+  before W^O) and scores the loss (the unsmoothed negative log-likelihood per token) on
+  the first config.head_importance_batches batches of `split` (0 = all; default
+  config.eval_split). Writes <workdir>/attention/head_importance-<split>-<checkpoint>-
+  step<N>.md (heads sorted by the loss increase), .csv, .json and .png (layers x heads).
+  Returns (loss with every head, {kind: [layers, heads] increase}, the paths)."""
+  split = split or config.eval_split
+  devices, task, tx, eval_dataset = _setup(config, workdir, devices, training=False,
+                                           split=split)
+  step, params = _restore_params(task, tx, config, workdir, checkpoint, step)
+  p_masked = compile_masked_eval(task, devices)
+  params = replicate(params, devices)
+  batches = list(batching.iterate(eval_dataset,
+                                  limit=config.head_importance_batches or None))
+
+  def loss_of(masks):
+    tree = attention_maps.head_mask_tree(masks)
+    sums = _sum_dicts([jax.tree.map(lambda x: x[0], s) for s in
+                       jax.device_get([p_masked(params, b, tree) for b in batches])])
+    return sums["nll"] / max(sums["weight"], 1.0)
+
+  start = time.perf_counter()
+  baseline, increase = attention_maps.head_importance(attention_maps.layout(task), loss_of)
+  logging.info("head importance: %d heads removed one at a time over %d batches in %.1fs",
+               sum(v.size for v in increase.values()), len(batches),
+               time.perf_counter() - start)
+  about = {"split": split, "checkpoint": checkpoint, "step": step, "batches": len(batches)}
+  paths = attention_maps.write_importance(
+      os.path.join(workdir, "attention"), f"head_importance-{split}-{checkpoint}-step{step}",
+      baseline, increase, about)
+  return baseline, increase, paths

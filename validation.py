@@ -21,6 +21,7 @@ BEST_METRICS = ("", "loss", "perplexity", "accuracy", "macro_f1", "exact_match",
 TEXT_METRICS = ("bleu", "chrf")  # need real translation data
 REAL_DATA_TASKS = ("translation", "generation", "classification")  # tasks on real text
 NONFINITE_UPDATES = ("stop", "skip")
+MAX_ATTENTION_IMAGES = 16
 # The longest row a length field may ask for: one row's [length, length] attention scores
 # (a head, float32) are 16 GiB there already, and longer asks fail in an allocation.
 MAX_LENGTH = 65536
@@ -95,7 +96,7 @@ def validate(config, num_devices: int = 1) -> None:
                 "num_eval_examples"):
     _int(config, field, 1)
   for field in ("head_dim", "warmup_steps", "num_print_examples", "seed", "shuffle_seed",
-                "cpu_devices"):
+                "cpu_devices", "num_attention_images", "head_importance_batches"):
     _int(config, field, 0)
   needs_encoder = config.task in ("translation", "classification")
   needs_decoder = config.task in ("translation", "generation")
@@ -120,6 +121,9 @@ def validate(config, num_devices: int = 1) -> None:
           "attention_impl='reference'")
   if config.optimizer != "adamw" and config.weight_decay > 0:
     _fail("weight_decay", config.weight_decay, "weight decay needs optimizer='adamw'")
+  if config.num_attention_images > MAX_ATTENTION_IMAGES:
+    _fail("num_attention_images", config.num_attention_images,
+          f"expected at most {MAX_ATTENTION_IMAGES} (each is drawn at every evaluation)")
   if config.min_digits > config.max_digits:
     _fail("min_digits", config.min_digits, f"must be <= max_digits={config.max_digits}")
 

@@ -115,6 +115,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.max_skipped_updates = 100  # nonfinite_updates="skip": stop once a run has skipped more
   c.allow_config_change = False  # load a checkpoint whose model fields differ from this config
   c.signal_check_every_steps = 10  # several processes: steps between agreeing to stop on a signal
+  c.num_attention_images = 1  # eval examples whose attention maps each evaluation draws; 0 = off
+  c.head_importance_batches = 0  # --mode=head_importance: eval batches scored per head; 0 = all
 
   # ---- Decoding (translation)
   c.beam_size = 1  # beam search width; 1 = greedy (paper: 4)

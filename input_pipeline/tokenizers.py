@@ -78,6 +78,24 @@ class Tokenizer:
   def _decode(self, ids: np.ndarray) -> str:
     raise NotImplementedError
 
+  def pieces(self, ids) -> List[str]:
+    """The piece each id stands for, one string per id (padding and EOS included), for
+    the axes of attention maps: whitespace made visible, unknown ids as their number."""
+    out = []
+    for i in np.asarray(ids, np.int64).reshape(-1).tolist():
+      special = _SPECIAL_PIECES.get(i) if i < FIRST_ID else None
+      piece = special or (self._piece(i) if 0 <= i < self.vocab_size else None)
+      out.append(piece if piece is not None else f"<{i}>")
+    return out
+
+  def _piece(self, i: int) -> Optional[str]:
+    del i
+    return None
+
+
+_SPECIAL_PIECES = {PAD_ID: "<pad>", EOS_ID: "</s>", UNK_ID: "<unk>"}
+_VISIBLE = {" ": "\u2423", "\n": "\u21b5", "\t": "\u21e5"}  # space, newline, tab as signs
+
 
 def _content(ids) -> np.ndarray:
   """Ids before the first EOS, without padding, as a 1-D int64 array."""
@@ -116,6 +134,10 @@ class ByteTokenizer(Tokenizer):
         out.append(_REPLACEMENT)
       start = i + 1
     return "".join(out)
+
+  def _piece(self, i: int) -> Optional[str]:
+    byte = i - FIRST_ID  # printable ASCII as itself, other bytes (parts of UTF-8) as hex
+    return _VISIBLE.get(chr(byte), chr(byte) if 32 < byte < 127 else f"<0x{byte:02X}>")
 
 
 class CharacterTokenizer(Tokenizer):
@@ -165,6 +187,10 @@ class CharacterTokenizer(Tokenizer):
     chars = self.characters
     return "".join(chars[i - FIRST_ID] if FIRST_ID <= i < self.vocab_size else _REPLACEMENT
                    for i in ids.tolist())
+
+  def _piece(self, i: int) -> Optional[str]:
+    char = self.characters[i - FIRST_ID]
+    return _VISIBLE.get(char, char)
 
   def save(self, path: str) -> None:
     """Writes the vocabulary as JSON, atomically."""
@@ -245,6 +271,9 @@ class SentencePieceTokenizer(Tokenizer):
     # sentencepiece raises on ids outside its vocabulary
     ids = np.where((ids >= 0) & (ids < self.vocab_size), ids, UNK_ID)
     return self._sp.decode(ids.tolist())
+
+  def _piece(self, i: int) -> Optional[str]:
+    return self._sp.id_to_piece(i)  # "\u2581" marks a word start, as sentencepiece writes it
 
 
 def _sample(texts: Iterable[str], max_sentences: int):

@@ -12,6 +12,10 @@ The reference path (`implementation="reference"`) is written out here and is the
 exposes attention weights (sown into the `intermediates` collection). The fused path
 (`implementation="fused"`) calls `jax.nn.dot_product_attention`, which uses cuDNN's
 flash attention on GPU where shapes and dtypes allow; tests check it equals the reference.
+
+Heads can be switched off at apply time (head ablation, tasks/attention_maps.py): a
+`[heads]` float vector passed in the `head_mask` collection under a module's path scales
+each head's output before W^O. Without that collection nothing is added to the program.
 """
 
 from typing import Callable, Optional
@@ -28,6 +32,7 @@ Array = jax.Array
 MASK_VALUE = -1e10
 
 IMPLEMENTATIONS = ("reference", "fused")
+HEAD_MASK = "head_mask"  # the variable collection of per-head output scales (1 keep, 0 drop)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -227,6 +232,9 @@ class MultiHeadAttention(nn.Module):
       self.sow("intermediates", "attention_weights", weights)
     else:
       out = result
+    if self.has_variable(HEAD_MASK, "heads"):  # `[heads]`: 0 removes a head's contribution
+      scales = self.get_variable(HEAD_MASK, "heads")
+      out = out * jnp.asarray(scales, out.dtype)[:, None]
     return nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                            param_dtype=jnp.float32, kernel_init=self.kernel_init,
                            name="out")(out)

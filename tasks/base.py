@@ -14,8 +14,8 @@ import grain
 import jax.numpy as jnp
 import numpy as np
 
-from input_pipeline import batching, packing, synthetic, tokenizers
-from models import TransformerConfig
+from input_pipeline import batching, local_builders, packing, synthetic, tokenizers
+from models import TransformerConfig, attention
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -121,8 +121,10 @@ class Task:
         process_index=process_index, process_count=process_count)
 
   # ---- loss and evaluation
-  def loss(self, params: Any, batch: Batch, dropout_rng, train: bool) -> Dict[str, Array]:
-    """Summed loss metrics (see tasks.losses); `loss` is what training minimises."""
+  def loss(self, params: Any, batch: Batch, dropout_rng, train: bool,
+           head_mask: Optional[Any] = None) -> Dict[str, Array]:
+    """Summed loss metrics (see tasks.losses); `loss` is what training minimises.
+    `head_mask`: heads to remove (head importance; see `variables`)."""
     raise NotImplementedError
 
   def predict(self, params: Any, batch: Batch) -> Array:
@@ -188,6 +190,45 @@ class Task:
     """Readable lines for a few examples of a batch."""
     raise NotImplementedError
 
+  # ---- attention maps (tasks/attention_maps.py)
+  # The batch field each stack of the model reads: the encoder as is, the decoder shifted
+  # right (the start symbol 0 in front).
+  attention_fields: Dict[str, str] = {}
+
+  def token_pieces(self, tokens, field: str) -> List[str]:
+    """The piece each id of batch field `field` stands for (the axes of attention maps);
+    synthetic data: its digits, "|" and "</s>"."""
+    del field
+    names = {synthetic.PAD: "<pad>", synthetic.EOS: "</s>", synthetic.SEP: "|",
+             **{synthetic.FIRST_DIGIT + d: str(d) for d in range(10)}}
+    return [names.get(t, f"<{t}>") for t in np.asarray(tokens).tolist()]
+
+  def attention_example(self, text: str, reference: Optional[str] = None
+                        ) -> Dict[str, np.ndarray]:
+    """The unpadded example of `text` (and of the target `reference`, where the model has a
+    decoder over targets) that --mode=attention draws. Without a reference the target
+    field is left out: the model's own output fills it. Synthetic data: digits and "|"."""
+    def digits(line: str) -> np.ndarray:
+      bad = sorted(set(line) - set("0123456789| \t"))
+      if bad:
+        raise local_builders.DataError(
+            f"{line!r}: synthetic data is written as digits (and '|'), not {''.join(bad)!r}")
+      return np.array([synthetic.SEP if ch == "|" else synthetic.FIRST_DIGIT + int(ch)
+                       for ch in line if not ch.isspace()], np.int32)
+    with_eos = lambda x: np.append(x, synthetic.EOS).astype(np.int32)  # noqa: E731
+    if self.attention_fields.get("decoder") != "targets":
+      example = {"inputs": digits(text)}
+    else:
+      example = {"inputs": with_eos(digits(text))}
+      if reference is not None:
+        example["targets"] = with_eos(digits(reference))
+    for field, tokens in example.items():
+      if len(tokens) > self.eval_lengths[field] or not len(tokens):
+        raise local_builders.DataError(
+            f"{'--reference' if field == 'targets' else 'the input'} has {len(tokens)} tokens "
+            f"here; this model reads 1 to {self.eval_lengths[field]}")
+    return example
+
 
 def exact_match_sums(inputs: np.ndarray, predictions: np.ndarray,
                      expected: np.ndarray) -> Dict[str, float]:
@@ -215,6 +256,14 @@ def tokenizer_paths(config, workdir: Optional[str], names: List[str],
         f"no tokenizer at {', '.join(paths)}: train first with --mode=train in this "
         f"workdir (it saves the tokenizer there) or set config.tokenizer_path")
   return paths
+
+
+def variables(params: Any, head_mask: Optional[Any] = None) -> Dict[str, Any]:
+  """The variables of a model call: the parameters and, to remove heads (head
+  importance), the `head_mask` collection (see models/attention.py)."""
+  if head_mask is None:
+    return {"params": params}
+  return {"params": params, attention.HEAD_MASK: head_mask}
 
 
 def rngs(dropout_rng, train: bool) -> Dict[str, Array]:

@@ -36,6 +36,7 @@ NO_LABEL = -1  # tfds ClassLabel value of an unlabeled example (e.g. the GLUE te
 class ClassificationTask(base.Task):
   name = "classification"
   synthetic_kind = "classification"
+  attention_fields = {"encoder": "inputs"}
 
   # ---- data
   def setup_data(self) -> None:
@@ -219,8 +220,9 @@ class ClassificationTask(base.Task):
   def model_inputs(self, batch):
     return {"inputs": batch["inputs"]}
 
-  def loss(self, params, batch, dropout_rng, train):
-    logits = self.model.apply({"params": params}, batch["inputs"], deterministic=not train,
+  def loss(self, params, batch, dropout_rng, train, head_mask=None):
+    logits = self.model.apply(base.variables(params, head_mask), batch["inputs"],
+                              deterministic=not train,
                               rngs=base.rngs(dropout_rng, train))
     real = batch["inputs"].any(axis=-1).astype(jnp.float32)  # zero-filled examples weigh 0
     return losses.cross_entropy_sums(logits, batch["label"], real,
@@ -313,6 +315,14 @@ class ClassificationTask(base.Task):
     length = self.config.max_input_length
     return [{"inputs": x[:length] if len(x) else np.array([tokenizers.UNK_ID], np.int32),
              "label": np.int32(0), "index": np.int32(i)} for i, x in enumerate(tokens)]
+
+  def token_pieces(self, tokens, field):
+    return self.tokenizer.pieces(tokens) if self.real else super().token_pieces(tokens, field)
+
+  def attention_example(self, text, reference=None):
+    if not self.real:
+      return super().attention_example(text, reference)
+    return {"inputs": self.encode_texts([text])[0]["inputs"]}
 
   def format_prediction(self, probabilities) -> str:
     """`label<TAB>its probability<TAB>name=p name=p ...` (classes in id order)."""

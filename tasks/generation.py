@@ -37,6 +37,7 @@ def prompt_of(tokens, sep_id: int):
 class GenerationTask(base.Task):
   name = "generation"
   synthetic_kind = "lm"
+  attention_fields = {"decoder": "inputs"}
 
   @property
   def prints_samples(self) -> bool:
@@ -173,8 +174,8 @@ class GenerationTask(base.Task):
                                                ("inputs_segmentation", "segmentation"))
             if key in batch}
 
-  def loss(self, params, batch, dropout_rng, train):
-    logits = self.model.apply({"params": params}, **self.model_inputs(batch),
+  def loss(self, params, batch, dropout_rng, train, head_mask=None):
+    logits = self.model.apply(base.variables(params, head_mask), **self.model_inputs(batch),
                               deterministic=not train, rngs=base.rngs(dropout_rng, train))
     tokens = batch["inputs"]
     weights = (tokens > 0).astype(jnp.float32)
@@ -293,6 +294,16 @@ class GenerationTask(base.Task):
                         f"{context - 1} tokens")
       out.append(tokens)
     return out
+
+  def token_pieces(self, tokens, field):
+    return self.tokenizer.pieces(tokens) if self.real else super().token_pieces(tokens, field)
+
+  def attention_example(self, text, reference=None):
+    """The tokens of `text`, at most the model's context (no reference: a language model
+    reads its own text)."""
+    if not self.real:
+      return super().attention_example(text, reference)
+    return {"inputs": self.tokenizer.encode(text)[:self.config.max_target_length]}
 
   def stop_id(self) -> int:
     """The token of config.stop_text, or -1."""

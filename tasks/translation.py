@@ -25,6 +25,7 @@ DataError = local_builders.DataError
 class TranslationTask(base.Task):
   name = "translation"
   synthetic_kind = "seq2seq"
+  attention_fields = {"encoder": "inputs", "decoder": "targets"}
 
   # ---- data
   def setup_data(self) -> None:
@@ -186,8 +187,8 @@ class TranslationTask(base.Task):
              "inputs_segmentation", "targets_segmentation")
     return {name: batch[key] for key, name in zip(keys, names) if key in batch}
 
-  def loss(self, params, batch, dropout_rng, train):
-    logits = self.model.apply({"params": params}, **self.model_inputs(batch),
+  def loss(self, params, batch, dropout_rng, train, head_mask=None):
+    logits = self.model.apply(base.variables(params, head_mask), **self.model_inputs(batch),
                               deterministic=not train, rngs=base.rngs(dropout_rng, train))
     targets = batch["targets"]
     return losses.cross_entropy_sums(logits, targets, (targets > 0).astype(jnp.float32),
@@ -279,6 +280,22 @@ class TranslationTask(base.Task):
     return [{"inputs": np.concatenate([x[:length - 1], eos]),
              "targets": np.zeros(1, np.int32), "index": np.int32(i)}
             for i, x in enumerate(self.source_tokenizer.encode_batch(lines))]
+
+  # ---- attention mode
+  def token_pieces(self, tokens, field):
+    if not self.real:
+      return super().token_pieces(tokens, field)
+    tokenizer = self.source_tokenizer if field == "inputs" else self.target_tokenizer
+    return tokenizer.pieces(tokens)
+
+  def attention_example(self, text, reference=None):
+    if not self.real:
+      return super().attention_example(text, reference)
+    example = {"inputs": self.encode_sources([text])[0]["inputs"]}
+    if reference is not None:
+      tokens = self.target_tokenizer.encode(reference)[:self.decode_length - 1]
+      example["targets"] = np.append(tokens, self.eos_id).astype(np.int32)
+    return example
 
 
 def corpus_scores(hypotheses: List[str], references: List[str]) -> Dict[str, float]:

@@ -1,0 +1,136 @@
+"""Ablation sweeps: a base config and named variants, each a few field overrides of it.
+
+A sweep file (`configs/sweeps/<name>.py`) defines `get_sweep()` returning a `Sweep`:
+
+    from configs import translation
+    from configs.sweeps import Sweep, Variant
+
+    def get_sweep():
+      base = translation.get_config()
+      base.num_train_steps = 800
+      return Sweep(base, [
+          Variant("base"),
+          Variant("heads_1", {"num_heads": 1}, group="A", description="one head, d_k = 128"),
+      ])
+
+`python main.py --mode=sweep --sweep=<file> --workdir=<dir>` trains the variants one after
+another (sweeps.py). This module only loads and checks the file; it imports no JAX, so
+main.py can read the base config before JAX starts (config.cpu_devices).
+"""
+
+import copy
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import traceback
+from typing import Any, Dict, Mapping, Optional, Sequence
+
+import ml_collections
+
+# A variant's name is its sub-directory of the sweep workdir and its row in the tables.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+# Fields that concern the process, not the run: the sweep's one process has one value.
+_PROCESS_FIELDS = ("cpu_devices",)
+
+
+class SweepError(ValueError):
+  """A sweep file that cannot be loaded or names what the base config lacks."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row of the comparison: `overrides` (field -> value) applied to the base config."""
+  name: str
+  overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  group: str = ""  # a label shared by related rows (the paper's Table 3: A, B, C, D, E)
+  description: str = ""  # one line for the table
+
+
+@dataclasses.dataclass(frozen=True)
+class Sweep:
+  base: ml_collections.ConfigDict
+  variants: Sequence[Variant]
+  name: str = ""  # the title of the comparison; load_sweep sets the file's stem if empty
+
+  def config(self, variant: Variant,
+             overrides: Optional[Mapping[str, Any]] = None) -> ml_collections.ConfigDict:
+    """The base, then the variant's overrides, then `overrides` (the command line's, the
+    same for every variant): a config of its own (changing it leaves the base alone)."""
+    config = copy.deepcopy(self.base)
+    for where, values in ((f"variant {variant.name!r}", variant.overrides),
+                          ("the command line", overrides or {})):
+      for field, value in values.items():
+        if field not in config:
+          raise SweepError(f"sweep {self.name!r}, {where}: unknown config field {field!r}")
+        try:
+          config[field] = value
+        except (TypeError, ValueError):  # ConfigDict keeps each field's type
+          raise SweepError(f"sweep {self.name!r}, {where}: {field}={value!r} is invalid: "
+                           f"expected the type of the base's value, "
+                           f"{config[field]!r} ({type(config[field]).__name__})") from None
+    return config
+
+  def check(self, overrides: Optional[Mapping[str, Any]] = None) -> None:
+    """Raises SweepError for the first malformed variant (bad or repeated name, unknown
+    field, a value of the wrong type). Run-config checks come later (validation.py)."""
+    if not isinstance(self.base, ml_collections.ConfigDict):
+      raise SweepError(f"sweep {self.name!r}: base is a {type(self.base).__name__}, not an "
+                       f"ml_collections.ConfigDict")
+    if not self.variants:
+      raise SweepError(f"sweep {self.name!r} has no variants")
+    seen = set()
+    for variant in self.variants:
+      if not isinstance(variant, Variant):
+        raise SweepError(f"sweep {self.name!r}: {variant!r} is not a configs.sweeps.Variant")
+      if not isinstance(variant.name, str) or not _NAME.fullmatch(variant.name):
+        raise SweepError(f"sweep {self.name!r}: variant name {variant.name!r} is invalid: "
+                         f"expected letters, digits and _.+- (it names a directory)")
+      if variant.name in seen:
+        raise SweepError(f"sweep {self.name!r}: duplicate variant name {variant.name!r}")
+      seen.add(variant.name)
+      for field in _PROCESS_FIELDS:
+        if field in variant.overrides:
+          raise SweepError(f"sweep {self.name!r}, variant {variant.name!r}: {field} is set "
+                           f"once for the whole sweep (in the base or on the command line)")
+      self.config(variant, overrides)
+
+
+def load_sweep(path: str) -> Sweep:
+  """Imports the sweep file at `path`, calls its get_sweep() and checks the result."""
+  if not os.path.isfile(path):
+    raise SweepError(f"--sweep={path}: no such file")
+  name = os.path.splitext(os.path.basename(path))[0]
+  try:
+    spec = importlib.util.spec_from_file_location(f"_sweep_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not callable(getattr(module, "get_sweep", None)):
+      raise SweepError(f"sweep file {path} defines no get_sweep()")
+    sweep = module.get_sweep()
+  except SweepError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # the file's own code failed
+    lines = [f.lineno for f in traceback.extract_tb(e.__traceback__)
+             if os.path.abspath(f.filename) == os.path.abspath(path)]
+    where = f" (line {lines[-1]})" if lines else ""
+    raise SweepError(f"cannot load sweep file {path}{where}: {type(e).__name__}: "
+                     f"{' '.join(str(e).split())}") from None
+  if not isinstance(sweep, Sweep):
+    raise SweepError(f"get_sweep() of {path} returned a {type(sweep).__name__}, not a "
+                     f"configs.sweeps.Sweep")
+  return sweep if sweep.name else dataclasses.replace(sweep, name=name)
+
+
+def format_overrides(overrides: Mapping[str, Any]) -> str:
+  """`{"num_heads": 1, "dropout_rate": 0.3}` -> `num_heads=1, dropout_rate=0.3`."""
+  return ", ".join(f"{k}={v}" for k, v in overrides.items())
+
+
+def config_differences(recorded: Dict[str, Any], config: ml_collections.ConfigDict):
+  """`field: then -> now` for each field where a run's recorded config (its JSON) differs
+  from `config`."""
+  now = json.loads(config.to_json())
+  return [f"{k}: {recorded.get(k)!r} then, {now.get(k)!r} now"
+          for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]

@@ -1,0 +1,178 @@
+"""Ablation sweeps: a sweep of two tiny variants run through main.py writes the comparison
+(Markdown, CSV, plot) with the right overrides and parameter counts, and a rerun skips the
+finished variant and resumes the stopped one; bad sweep files are one-line errors; the
+comparison of a partial sweep is honest about what is missing."""
+
+import csv
+import json
+import os
+import struct
+
+import jax
+import numpy as np
+import pytest
+
+import sweeps
+import tasks
+from configs.sweeps import Sweep, SweepError, Variant, load_sweep
+from tests.cli_helpers import assert_one_error_line, run_main
+from tests.tiny_configs import tiny_config
+
+SWEEP_FILE = """
+from configs.sweeps import Sweep, Variant
+from tests.tiny_configs import tiny_config
+
+
+def get_sweep():
+  base = tiny_config(num_train_steps=4, warmup_steps=2, log_every_steps=2,
+                     eval_every_steps=2, checkpoint_every_steps=2, num_eval_examples=32,
+                     num_print_examples=0)
+  return Sweep(base, [
+      Variant("base", description="the tiny base"),
+      Variant("wide", {"d_model": 48, "d_ff": 96}, group="C", description="wider"),
+  ])
+"""
+
+
+def _write_sweep(tmp_path, name="two", text=None):
+  path = tmp_path / f"{name}.py"
+  path.write_text(SWEEP_FILE if text is None else text)
+  return str(path)
+
+
+def _mtimes(directory):
+  """path -> mtime of every file under `directory`."""
+  return {os.path.join(root, name): os.stat(os.path.join(root, name)).st_mtime_ns
+          for root, _, names in os.walk(directory) for name in names}
+
+
+def _png_size(path):
+  with open(path, "rb") as f:
+    header = f.read(24)
+  assert header[:8] == b"\x89PNG\r\n\x1a\n"
+  return struct.unpack(">II", header[16:24])  # the IHDR chunk's width and height
+
+
+def _recount(config) -> int:
+  """The parameters of `config`'s model, initialised for real and counted leaf by leaf."""
+  params = tasks.get_task(config).init_params(jax.random.PRNGKey(1))
+  return sum(int(np.size(leaf)) for leaf in jax.tree.leaves(params))
+
+
+def test_sweep_compares_variants_and_resumes_without_retraining(tmp_path):
+  path, workdir = _write_sweep(tmp_path), str(tmp_path / "sweep")
+  first = run_main("--mode=sweep", f"--sweep={path}", f"--workdir={workdir}")
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert "2 of 2 variants done" in first.stdout
+
+  with open(os.path.join(workdir, "comparison.csv"), encoding="utf-8") as f:
+    rows = {r["variant"]: r for r in csv.DictReader(f)}
+  assert list(rows) == ["base", "wide"]
+  assert rows["base"]["overrides"] == "" and rows["wide"]["overrides"] == "d_model=48, d_ff=96"
+  assert rows["wide"]["group"] == "C"
+  base = tiny_config(num_eval_examples=32)
+  wide = tiny_config(num_eval_examples=32, d_model=48, d_ff=96)
+  assert int(rows["base"]["parameters"]) == _recount(base)
+  assert int(rows["wide"]["parameters"]) == _recount(wide) > _recount(base)
+  for name, row in rows.items():
+    assert row["status"] == "done" and row["steps"] == "4"
+    assert float(row["train_seconds"]) > 0 and row["train_seconds_lower_bound"] == "False"
+    records = sweeps.read_metrics(os.path.join(workdir, name))
+    final = [r for r in records if "final/loss" in r][-1]
+    assert float(row["val_loss"]) == pytest.approx(final["final/loss"], abs=1e-4)
+    assert float(row["val_perplexity"]) == pytest.approx(final["final/perplexity"], abs=1e-3)
+    assert float(row["exact_match"]) == pytest.approx(final["final/exact_match"], abs=1e-4)
+  markdown = open(os.path.join(workdir, "comparison.md"), encoding="utf-8").read()
+  assert "| wide | C | wider | d_model=48, d_ff=96 |" in markdown
+  assert f"| {int(rows['wide']['parameters']):,} |" in markdown
+  assert _png_size(os.path.join(workdir, "validation_loss.png")) == (900, 550)
+
+  # "wide" loses its result, as if stopped after its last checkpoint: the rerun resumes it
+  # from there (no training step is left) and leaves the finished "base" untouched.
+  state_path = os.path.join(workdir, "wide", sweeps.STATE_FILE)
+  with open(state_path, encoding="utf-8") as f:
+    state = json.load(f)
+  del state["result"]
+  with open(state_path, "w", encoding="utf-8") as f:
+    json.dump(state, f)
+  before = _mtimes(os.path.join(workdir, "base"))
+  again = run_main("--mode=sweep", f"--sweep={path}", f"--workdir={workdir}")
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "variant 1/2 'base' finished earlier (done in" in again.stderr
+  assert "skipped" in again.stderr
+  assert f"training in {os.path.join(workdir, 'base')}" not in again.stderr
+  assert "resumed from the checkpoint at step 4" in again.stderr
+  assert "step 2/4" not in again.stderr and "step 4/4" not in again.stderr
+  assert _mtimes(os.path.join(workdir, "base")) == before
+  with open(os.path.join(workdir, "comparison.csv"), encoding="utf-8") as f:
+    rows_again = {r["variant"]: r for r in csv.DictReader(f)}
+  assert rows_again["wide"]["status"] == "done"
+  assert len(sweeps.read_state(os.path.join(workdir, "wide"))["segments"]) == 2
+  assert float(rows_again["wide"]["train_seconds"]) > float(rows["wide"]["train_seconds"])
+
+  # A finished variant is never silently reported under a config it did not run (checked
+  # before anything trains, so in-process here).
+  with pytest.raises(SweepError, match=r"variant 'base' finished .* with another config "
+                                       r"\(num_print_examples: 0 then, 1 now\)"):
+    sweeps.run_sweep(load_sweep(path), workdir, {"num_print_examples": 1})
+
+
+@pytest.mark.parametrize("variants,expected", [
+    ('Variant("a", {"d_modle": 48}), Variant("b")',
+     ["variant 'a'", "unknown config field 'd_modle'"]),
+    ('Variant("a"), Variant("a", {"d_model": 48})', ["duplicate variant name 'a'"]),
+], ids=["unknown_field", "duplicate_name"])
+def test_bad_sweep_file_is_a_one_line_error(tmp_path, variants, expected):
+  text = ("from configs.sweeps import Sweep, Variant\nfrom configs import default\n\n"
+          f"def get_sweep():\n  return Sweep(default.get_config(), [{variants}])\n")
+  result = run_main("--mode=sweep", f"--sweep={_write_sweep(tmp_path, 'bad', text)}",
+                    f"--workdir={tmp_path / 'sweep'}")
+  assert_one_error_line(result, *expected)
+  assert not os.path.exists(tmp_path / "sweep")
+
+
+@pytest.mark.parametrize("variants,expected", [
+    ([Variant("a", {"d_model": "wide"})], "d_model='wide' is invalid"),
+    ([Variant("a/b")], "variant name 'a/b' is invalid"),
+    ([Variant("a", {"cpu_devices": 2})], "cpu_devices is set once for the whole sweep"),
+    ([], "has no variants"),
+], ids=["wrong_type", "bad_name", "process_field", "empty"])
+def test_sweep_checks_its_variants(variants, expected):
+  with pytest.raises(SweepError, match=expected.replace("(", r"\(")):
+    Sweep(tiny_config(), variants, name="s").check()
+
+
+def test_sweep_file_errors_name_the_file(tmp_path):
+  with pytest.raises(SweepError, match="no get_sweep"):
+    load_sweep(_write_sweep(tmp_path, "empty", "x = 1\n"))
+  with pytest.raises(SweepError, match=r"\(line 2\): ZeroDivisionError"):
+    load_sweep(_write_sweep(tmp_path, "broken", "def get_sweep():\n  return 1 / 0\n"))
+  with pytest.raises(SweepError, match="no such file"):
+    load_sweep(str(tmp_path / "absent.py"))
+
+
+def test_comparison_of_a_partial_sweep(tmp_path):
+  """Without training: a variant stopped hard mid-run (its newest evaluation, a lower
+  bound on its time), one not started; command-line overrides reach every variant."""
+  sweep = Sweep(tiny_config(num_train_steps=100), [
+      Variant("stopped", {"num_heads": 4}), Variant("waiting", {"d_ff": 32})], name="s")
+  directory = tmp_path / "stopped"
+  directory.mkdir()
+  (directory / sweeps.STATE_FILE).write_text(json.dumps({"segments": [
+      {"start": 1000.0, "seconds": 30.0}, {"start": 2000.0, "seconds": None}]}))
+  records = [{"step": 10, "time": 1010.0, "train/loss": 3.0},
+             {"step": 20, "time": 1020.0, "eval/loss": 2.5, "eval/perplexity": 12.0},
+             {"step": 30, "time": 2012.0, "train/loss": 2.0},
+             {"step": 40, "time": 2015.0, "eval/loss": 1.5, "eval/perplexity": 4.5}]
+  (directory / "metrics.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in records) + '{"step": 41, "ti')
+  rows = sweeps.write_comparison(sweep, str(tmp_path), {"num_train_steps": 50})
+  stopped, waiting = rows
+  assert stopped["status"] == "partial (step 30 of 50)"
+  assert (stopped["loss"], stopped["perplexity"]) == (1.5, 4.5)
+  assert stopped["train_seconds"] == 30.0 + 15.0 and stopped["train_seconds_lower_bound"]
+  assert stopped["curve"] == {20: 2.5, 40: 1.5}
+  assert waiting["status"] == "not started" and waiting["train_seconds"] is None
+  markdown = (tmp_path / "comparison.md").read_text()
+  assert "num_train_steps=50" in markdown and ">= 45s" in markdown
+  assert _png_size(str(tmp_path / "validation_loss.png")) == (900, 550)
