@@ -27,7 +27,7 @@ import tasks
 import train
 import validation
 from configs.sweeps import Sweep, SweepError, Variant, config_differences, format_overrides
-from training import checkpointing, reporting
+from training import reporting
 
 STATE_FILE = "sweep.json"
 # The task metric of the comparison: the first of these the final evaluation reports
@@ -42,22 +42,6 @@ PLOT_DPI = 100
 # ----------------------------------------------------------------------------- records
 
 
-def _write_atomically(path: str, data) -> None:
-  """Writes `data` (str or bytes) to `path` whole or not at all (a kill leaves the old
-  file); a directory that cannot be written is a user error."""
-  tmp = path + ".tmp"
-  try:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(tmp, "wb" if isinstance(data, bytes) else "w",
-              **({} if isinstance(data, bytes) else {"encoding": "utf-8", "newline": ""})) as f:
-      f.write(data)
-    os.replace(tmp, path)
-  except OSError as e:
-    raise checkpointing.CheckpointWriteError(
-        f"cannot write {path} ({e.strerror or e}); give a --workdir this user can create "
-        f"and write") from e
-
-
 def read_state(directory: str) -> Dict[str, Any]:
   """A variant's sweep.json ({} when it has none)."""
   path = os.path.join(directory, STATE_FILE)
@@ -68,7 +52,7 @@ def read_state(directory: str) -> Dict[str, Any]:
 
 
 def _write_state(directory: str, state: Mapping[str, Any]) -> None:
-  _write_atomically(os.path.join(directory, STATE_FILE), json.dumps(state, indent=2) + "\n")
+  train.write_atomically(os.path.join(directory, STATE_FILE), json.dumps(state, indent=2) + "\n")
 
 
 def read_metrics(directory: str) -> List[Dict[str, float]]:
@@ -336,8 +320,8 @@ def write_comparison(sweep: Sweep, workdir: str,
   rows = [_row(v, sweep.config(v, overrides), os.path.join(workdir, v.name))
           for v in sweep.variants]
   metric_names = list(dict.fromkeys(r["metric_name"] for r in rows if r["metric_name"]))
-  _write_atomically(os.path.join(workdir, "comparison.md"),
+  train.write_atomically(os.path.join(workdir, "comparison.md"),
                     _markdown(sweep, rows, metric_names, overrides or {}))
-  _write_atomically(os.path.join(workdir, "comparison.csv"), _csv(rows, metric_names))
-  _write_atomically(os.path.join(workdir, "validation_loss.png"), _plot(sweep, rows))
+  train.write_atomically(os.path.join(workdir, "comparison.csv"), _csv(rows, metric_names))
+  train.write_atomically(os.path.join(workdir, "validation_loss.png"), _plot(sweep, rows))
   return rows

@@ -359,7 +359,7 @@ class BestCheckpoint:
     self.checkpoints.save(step, host_state, config_dict)
     self.checkpoints.wait()  # the record below must never name a checkpoint not on disk
     if self.is_chief:
-      _write_atomically(self.record, json.dumps(
+      write_atomically(self.record, json.dumps(
           {"metric": self.metric, "value": value, "step": step}))
     logging.info("new best %s %.4g at step %d (saved in %s)", self.metric, value, step,
                  self.checkpoints.directory)
@@ -375,7 +375,7 @@ def _prepare_workdir(workdir: str, config, is_chief: bool) -> None:
   try:
     os.makedirs(workdir, exist_ok=True)
     if is_chief:
-      _write_atomically(os.path.join(workdir, "config.json"), config.to_json(indent=2))
+      write_atomically(os.path.join(workdir, "config.json"), config.to_json(indent=2))
   except OSError as e:
     raise checkpointing.CheckpointWriteError(
         f"cannot write to --workdir={workdir} ({e.strerror or e}); give a directory this "
@@ -653,9 +653,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     predictions = task.prediction_file(records)
     if predictions:
       key, suffix, text = predictions
-      _write_atomically(stem + suffix, text)
+      write_atomically(stem + suffix, text)
       report[key] = stem + suffix
-    _write_atomically(stem + ".json", json.dumps(report, indent=2) + "\n")
+    write_atomically(stem + ".json", json.dumps(report, indent=2) + "\n")
     width = max(len(k) for k in metrics)
     print(f"{split} ({checkpoint} checkpoint, step {step}, {len(records) or ''} examples)")
     for k, v in metrics.items():
@@ -669,11 +669,20 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   return metrics
 
 
-def _write_atomically(path: str, text: str) -> None:
+def write_atomically(path: str, data) -> None:
+  """Writes `data` (str or bytes) to `path` whole or not at all (a kill leaves the old
+  file); a directory that cannot be written is a CheckpointWriteError (a user error)."""
   tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write(text)
-  os.replace(tmp, path)
+  try:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(tmp, "wb" if isinstance(data, bytes) else "w",
+              **({} if isinstance(data, bytes) else {"encoding": "utf-8", "newline": ""})) as f:
+      f.write(data)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise checkpointing.CheckpointWriteError(
+        f"cannot write {path} ({e.strerror or e}); give a --workdir this user can create "
+        f"and write") from e
 
 
 def _lines_through_predict(config: ml_collections.ConfigDict, workdir: str,
