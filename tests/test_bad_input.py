@@ -7,11 +7,10 @@ traceback, and leave its fresh workdir absent (or empty, when it existed already
 
 The data are small files generated in tmp_path; the task configs are the real ones
 (configs/translation.py, generation.py, classification.py) pointed at them. A call costs
-about two seconds, nearly all of it importing JAX and friends, so the selected calls run
-a few at a time once per module (`outcomes`) and each test checks its own.
+about two seconds, nearly all of it importing JAX and friends; each test makes its own
+call (pytest-xdist spreads them over the workers).
 """
 
-import concurrent.futures
 import dataclasses
 import os
 import random
@@ -100,10 +99,6 @@ def _dev_rows(*rows) -> Files:
   return {"dev.tsv": _table(list(rows))}
 
 
-# train.train_and_evaluate builds the training batches only after it has opened the
-# checkpoint directory and written config.json, and the generation task has saved its
-# tokenizer in the workdir while setting up: training data that no batch can be made of
-# are refused in one line, but into a workdir that now looks like a run.
 CASES = [
     # -- wrong types (the flag parser's own messages)
     Case("batch_size_not_an_int", "translation", ("--config.batch_size=abc", "int"),
@@ -324,20 +319,9 @@ def _run(case: Case, tmp) -> dict:
           "expect": [fill(text) for text in case.expect]}
 
 
-@pytest.fixture(scope="module")
-def outcomes(request, tmp_path_factory):
-  """{case id: the run of its command line} for the selected cases, run concurrently."""
-  selected = [item.callspec.params["case"] for item in request.session.items
-              if item.module is request.module and hasattr(item, "callspec")]
-  workers = max(1, min(4, os.cpu_count() or 1))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    runs = pool.map(lambda c: _run(c, tmp_path_factory.mktemp(c.id)), selected)
-    return {case.id: run for case, run in zip(selected, runs)}
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_main_refuses_bad_input_in_one_line_writing_nothing(case, outcomes):
-  run = outcomes[case.id]
+def test_main_refuses_bad_input_in_one_line_writing_nothing(case, tmp_path):
+  run = _run(case, tmp_path)
   result, workdir = run["result"], run["workdir"]
   line = assert_one_error_line(result, *run["expect"])
   print(line)
