@@ -9,6 +9,7 @@ functions of (state, batch); pmap and the axis name are applied in one place
 (`compile_steps`), so a jit-with-sharding wrapper could serve the same functions later.
 """
 
+import collections
 import functools
 import json
 import os
@@ -164,10 +165,39 @@ def replicate(tree, devices: Sequence[jax.Device]):
   several processes, pmap takes and returns such host-local arrays, each process's share
   of a global array over every process's devices (see `step_devices`).
   """
-  sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
-                                        jax.sharding.PartitionSpec(AXIS))
+  sharding = device_sharding(devices)
   return jax.tree.map(
       lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+
+
+def device_sharding(devices: Sequence[jax.Device]) -> jax.sharding.NamedSharding:
+  """Row i of a `[len(devices), ...]` array on `devices[i]`: the layout in which the
+  pmapped steps take their inputs (this process's devices, see `replicate`)."""
+  return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                    jax.sharding.PartitionSpec(AXIS))
+
+
+def prefetch_to_devices(iterator, devices: Sequence[jax.Device], size: int, count: int):
+  """Yields `count` pairs (batch, position) from a grain iterator of host batches
+  `[local_devices, per_device_batch, ...]`.
+
+  With `size` > 0 each batch is put on `devices` (`device_sharding`) `size` batches before
+  it is yielded, so its host-to-device copy (asynchronous) overlaps the steps before it
+  instead of starting when its step is called; with 0 the host batches pass through (the
+  pmapped step copies them). `position` is the iterator's state just after that batch: a
+  checkpoint saved after the batch's step must hold it, not the state after the batches
+  already fetched ahead, or a resumed run would skip them. Nothing past `count` is read.
+  """
+  sharding = device_sharding(devices)
+  queue = collections.deque()
+  fetched = 0
+  for _ in range(count):
+    while fetched < count and len(queue) <= size:
+      batch = next(iterator)
+      position = iterator.get_state()
+      queue.append((jax.device_put(batch, sharding) if size else batch, position))
+      fetched += 1
+    yield queue.popleft()
 
 
 def unreplicate_to_host(tree):
@@ -418,6 +448,46 @@ class NonFiniteGuard:
         f"(or set config.nonfinite_updates='skip' to skip such updates).")
 
 
+class StepTrace:
+  """A jax.profiler trace (config.profile_steps) of the `count` steps after a run's first
+  (which compiles), written under `directory` (TensorBoard's profile plugin or XProf
+  reads it: `<directory>/plugins/profile/<time>/<host>.xplane.pb`).
+
+  The device is waited for at both ends, so the trace holds exactly those steps, their
+  input pipeline and their host-to-device copies, not the compilation before them.
+  """
+
+  def __init__(self, directory: str, first: int, count: int):
+    """first: the run's first step (0-based: the number of updates applied before it)."""
+    self.directory, self.start, self.count = directory, first + 1, count
+    self.active = False
+    self.done = first
+
+  def before(self, step: int, state) -> None:
+    """Call before step `step` (0-based) is dispatched, with the state it will update."""
+    if self.count and step == self.start:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, done: int, state) -> None:
+    """Call after the step that leaves `done` updates applied, with its output state."""
+    self.done = done
+    if self.active and done == self.start + self.count:
+      self.close(state)
+
+  def close(self, state=None) -> None:
+    """Ends the trace if one is running (also when the run ends or fails early)."""
+    if not self.active:
+      return
+    self.active = False
+    if state is not None:
+      jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    logging.info("profiler trace of steps %d to %d written to %s", self.start + 1,
+                 self.done, self.directory)
+
+
 def _stop_signal(stop: preemption.StopRequest, step: int, every: int) -> int:
   """The signal that asks this run to stop after `step` (0: none), the same on every
   process: they must all stop after the same step, or the others would wait forever in
@@ -488,7 +558,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   p_state = replicate(state, devices)
   del state
 
-  train_iter = batching.iterate(train_dataset)
+  train_iter = batching.iterate(train_dataset, num_threads=config.data_threads,
+                                prefetch=config.data_prefetch)
   if data_state is None and start:
     logging.warning("the checkpoint of step %d holds no data iterator state (it predates "
                     "them or another process count wrote it); continuing at batch %d",
@@ -496,6 +567,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     data_state = {"next_index": start}
   if data_state is not None:
     train_iter.set_state(data_state)
+  batches = prefetch_to_devices(train_iter, devices, config.device_prefetch,
+                                max(total - start, 0))
+  trace = StepTrace(os.path.join(workdir, "profile", *(
+      [f"process_{jax.process_index()}"] if jax.process_count() > 1 else [])),
+                    start, config.profile_steps)
   writer = reporting.MetricWriter(workdir, enabled=is_chief)
   best = BestCheckpoint(config, workdir, is_chief=is_chief)
   progress = reporting.Progress(start, total)
@@ -510,10 +586,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   try:
     with preemption.StopRequest() as stop:
       for step in range(start, total):
-        batch = next(train_iter)
-        p_state, metrics = p_train(p_state, batch)
+        trace.before(step, p_state)
+        batch, position = next(batches)
+        with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
+          p_state, metrics = p_train(p_state, batch)
         history.append(metrics)
         done = step + 1
+        trace.after(done, p_state)
         stopping = _stop_signal(stop, done, config.signal_check_every_steps)
 
         if done % config.log_every_steps == 0 or done == total or stopping:
@@ -559,9 +638,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           t0 = time.perf_counter()
           if not guard.skip:
             guard.check([float(m["nonfinite"][0]) for m in history], done, last_saved)
-          # The iterator's state now is the position after this step's batch.
+          # The position after this step's batch (the iterator itself has read ahead).
           checkpoints.save(done, unreplicate_to_host(p_state), config_dict,
-                           data_state=train_iter.get_state())
+                           data_state=position)
           last_saved = done
           progress.exclude(time.perf_counter() - t0)
 
@@ -570,6 +649,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
           logging.warning("stopped by signal %d after step %d; checkpoint complete in %s",
                           stopping, done, checkpoints.directory)
           raise preemption.Preempted(done, stopping, checkpoints.directory)
+    trace.close(p_state)  # a run shorter than the trace: what ran, without the evaluation
     checkpoints.wait()
     if not final_evaluation:
       return {}
@@ -580,7 +660,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         elapsed=time.perf_counter() - run_start, attention_examples=config.num_attention_images)
     return eval_metrics
   finally:
-    _close_all(best, checkpoints, writer)
+    _close_all(trace, best, checkpoints, writer)
 
 
 def _final_decode_batches(task, config) -> Optional[int]:

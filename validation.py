@@ -73,6 +73,10 @@ def validate(config, num_devices: int = 1) -> None:
   _choice(config, "accel", tuple(presets.ACCELERATORS))
   _choice(config, "dtype", DTYPES)
   _choice(config, "attention_impl", attention.IMPLEMENTATIONS)
+  _choice(config, "remat", transformer.REMAT_POLICIES)
+  _int(config, "attention_block_size", 1)
+  if not isinstance(config.get("scan_layers", False), bool):
+    _fail("scan_layers", config.scan_layers, "expected True or False")
   _choice(config, "norm_placement", transformer.NORM_PLACEMENTS)
   _choice(config, "positional_encoding", layers.POSITIONAL_ENCODINGS)
   _choice(config, "activation", tuple(layers.ACTIVATIONS))
@@ -96,7 +100,8 @@ def validate(config, num_devices: int = 1) -> None:
                 "num_eval_examples"):
     _int(config, field, 1)
   for field in ("head_dim", "warmup_steps", "num_print_examples", "seed", "shuffle_seed",
-                "cpu_devices", "num_attention_images", "head_importance_batches"):
+                "cpu_devices", "num_attention_images", "head_importance_batches",
+                "data_threads", "data_prefetch", "device_prefetch", "profile_steps"):
     _int(config, field, 0)
   needs_encoder = config.task in ("translation", "classification")
   needs_decoder = config.task in ("translation", "generation")
@@ -115,10 +120,10 @@ def validate(config, num_devices: int = 1) -> None:
           f"it must divide d_model={config.d_model} (or set config.head_dim explicitly)")
   if config.positional_encoding == "sinusoidal" and config.d_model % 2:
     _fail("d_model", config.d_model, "sinusoidal positions need an even d_model")
-  if config.attention_impl == "fused" and config.attention_dropout_rate > 0:
+  if config.attention_impl != "reference" and config.attention_dropout_rate > 0:
     _fail("attention_impl", config.attention_impl,
-          "the fused path has no attention dropout; set attention_dropout_rate=0 or use "
-          "attention_impl='reference'")
+          f"the {config.attention_impl} path has no attention dropout; set "
+          f"attention_dropout_rate=0 or use attention_impl='reference'")
   if config.optimizer != "adamw" and config.weight_decay > 0:
     _fail("weight_decay", config.weight_decay, "weight decay needs optimizer='adamw'")
   if config.num_attention_images > MAX_ATTENTION_IMAGES:
@@ -285,7 +290,7 @@ MODEL_FIELDS = ("task", "language_pair", "tokenizer", "vocab_size", "shared_voca
                 "num_encoder_layers", "num_decoder_layers", "d_model", "d_ff", "num_heads",
                 "head_dim", "norm_placement", "positional_encoding", "fused_qkv",
                 "share_embeddings", "tie_output", "activation", "pooling",
-                "layer_norm_epsilon")
+                "layer_norm_epsilon", "scan_layers")
 
 
 def check_same_model(saved: dict, config, where: str) -> None:

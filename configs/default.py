@@ -83,7 +83,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   # ---- Accelerator (presets.ACCELERATORS)
   c.accel = "cpu"  # the accelerator preset applied (cpu, gpu, tpu)
   c.dtype = "float32"  # compute dtype; params, softmax, norms, logits, loss stay float32
-  c.attention_impl = "reference"  # "reference" (written here) or "fused" (jax/cuDNN)
+  c.attention_impl = "reference"  # "reference" (written here), "fused" (jax/cuDNN) or "blockwise"
+  c.attention_block_size = 512  # blockwise attention: query and key block length
+  c.remat = "none"  # recompute in the backward pass: none, full (each block), matmuls (save dots)
+  c.scan_layers = False  # run identical layers with nn.scan (one compiled layer; params stacked)
   c.cpu_devices = 0  # CPU: main.py splits the host into this many pmap devices; 0 = one
 
   # ---- Optimization
@@ -117,6 +120,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.signal_check_every_steps = 10  # several processes: steps between agreeing to stop on a signal
   c.num_attention_images = 1  # eval examples whose attention maps each evaluation draws; 0 = off
   c.head_importance_batches = 0  # --mode=head_importance: eval batches scored per head; 0 = all
+
+  # ---- Input pipeline and profiling (training batches; none of it changes what is trained)
+  c.data_threads = 2  # grain threads making training batches ahead of the step; 0 = in the loop
+  c.data_prefetch = 4  # training batches those threads keep ready in host memory
+  c.device_prefetch = 2  # training batches copied to the devices ahead of the step; 0 = none
+  c.profile_steps = 0  # trace this many steps after a run's first to workdir/profile; 0 = off
 
   # ---- Decoding (translation)
   c.beam_size = 1  # beam search width; 1 = greedy (paper: 4)

@@ -31,27 +31,41 @@ def pad_example(example: Mapping[str, np.ndarray], lengths: Mapping[str, int]) -
   for key, value in example.items():
     value = np.asarray(value, np.int32)
     if key in lengths:
-      if value.shape[0] > lengths[key]:
-        raise ExampleTooLongError(
-            f"an example's {key!r} has {value.shape[0]} tokens, more than the padded length "
-            f"{lengths[key]}; raise the config's max length for {key!r} or filter the data")
+      _check_fits(key, value.shape[0], lengths[key])
       value = np.pad(value, (0, lengths[key] - value.shape[0]))
     out[key] = value
   return out
 
 
-def _stack_for_devices(examples, batch_size: int, num_devices: int) -> Batch:
-  """Stacks examples into `[num_devices, batch_size // num_devices, ...]` arrays.
+def _check_fits(key: str, size: int, length: int) -> None:
+  if size > length:
+    raise ExampleTooLongError(
+        f"an example's {key!r} has {size} tokens, more than the padded length {length}; "
+        f"raise the config's max length for {key!r} or filter the data")
 
-  A short final batch (evaluation) is filled with all-zero examples: token 0 is padding,
-  so they carry no weight in any metric.
+
+def _pad_and_stack(examples, lengths: Mapping[str, int], batch_size: int,
+                   num_devices: int) -> Batch:
+  """`pad_example` on each example, stacked into `[num_devices, batch_size // num_devices,
+  ...]` int32 arrays.
+
+  Each example is copied once into a preallocated zero array, not padded on its own first:
+  this runs once per training example per epoch, in Python (it halves the time of a padded
+  SST-2 batch). A short final batch (evaluation) is filled with all-zero examples: token 0
+  is padding, so they carry no weight in any metric.
   """
   out = {}
   for key in examples[0]:
-    stacked = np.stack([e[key] for e in examples])
-    if stacked.shape[0] < batch_size:
-      fill = np.zeros((batch_size - stacked.shape[0],) + stacked.shape[1:], stacked.dtype)
-      stacked = np.concatenate([stacked, fill])
+    if key in lengths:
+      stacked = np.zeros((batch_size, lengths[key]), np.int32)
+      for row, example in enumerate(examples):
+        value = np.asarray(example[key], np.int32)
+        _check_fits(key, value.shape[0], lengths[key])
+        stacked[row, :value.shape[0]] = value
+    else:
+      values = np.stack([np.asarray(e[key], np.int32) for e in examples])
+      stacked = np.zeros((batch_size,) + values.shape[1:], np.int32)
+      stacked[:len(examples)] = values
     out[key] = stacked.reshape((num_devices, batch_size // num_devices) + stacked.shape[1:])
   return out
 
@@ -82,10 +96,9 @@ def batched_dataset(source, *, batch_size: int, num_devices: int,
     ds = ds.repeat(None)
   if process_count > 1:
     ds = _rows_of_process(ds, source, batch_size, process_index, process_count, repeat)
-  ds = ds.map(lambda example: pad_example(example, lengths))
   return ds.batch(batch_size, drop_remainder=repeat,
-                  batch_fn=lambda examples: _stack_for_devices(examples, batch_size,
-                                                               num_devices))
+                  batch_fn=lambda examples: _pad_and_stack(examples, lengths, batch_size,
+                                                           num_devices))
 
 
 def _rows_of_process(ds: grain.MapDataset, source, rows: int, process_index: int,

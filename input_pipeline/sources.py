@@ -10,7 +10,7 @@ command that installs it.
 import importlib
 import importlib.util
 import os
-from typing import Any, Dict, Mapping
+from typing import Any, Callable, Dict, List, Mapping
 
 import tensorflow_datasets as tfds
 
@@ -89,6 +89,31 @@ def _check_splits(builder, splits) -> None:
   if missing:
     raise DataError(f"dataset {builder.info.full_name} has no split {', '.join(missing)}; "
                     f"it has {', '.join(known)}") from None
+
+
+def read_all(source, convert: Callable[[Any], Any], chunk: int = 1024) -> List[Any]:
+  """`[convert(record) for record in source]` in order, reading `chunk` records a call.
+
+  A split is read whole once per run (then tokenized once, in memory). tfds array_record
+  sources read many records in one `__getitems__` call: about 5x faster than one record at
+  a time through grain threads, which contend for the GIL (Multi30k's training split:
+  1.3 s against 7 s on 2 cores). Sources without it, or whose `__getitems__` fails (that of
+  tfds.testing.mock_data's sources raises TypeError), are read one record at a time.
+  """
+  many = getattr(source, "__getitems__", None)
+  out = []
+  for start in range(0, len(source), chunk):
+    keys = list(range(start, min(start + chunk, len(source))))
+    records = None
+    if many is not None:
+      try:
+        records = many(keys)
+      except (TypeError, NotImplementedError):
+        many = None
+    if records is None:
+      records = [source[i] for i in keys]
+    out += [convert(record) for record in records]
+  return out
 
 
 def as_text(value) -> str:

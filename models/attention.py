@@ -11,16 +11,24 @@ kv_length]` with True where attention is allowed.
 The reference path (`implementation="reference"`) is written out here and is the one that
 exposes attention weights (sown into the `intermediates` collection). The fused path
 (`implementation="fused"`) calls `jax.nn.dot_product_attention`, which uses cuDNN's
-flash attention on GPU where shapes and dtypes allow; tests check it equals the reference.
+flash attention on GPU where shapes and dtypes allow. The blockwise path
+(`implementation="blockwise"`, models/blockwise_attention.py) never holds a `[q, kv]`
+matrix: memory grows linearly with the sequence length, in the forward and the backward
+pass. Tests check that both fast paths equal the reference.
+
+A mask is either a boolean array or an `AttentionMask`: the padding, causal and segment
+masks described by per-position vectors, which the blockwise path expands one block at a
+time and the other paths expand in full (`AttentionMask.dense`).
 
 Heads can be switched off at apply time (head ablation, tasks/attention_maps.py): a
 `[heads]` float vector passed in the `head_mask` collection under a module's path scales
 each head's output before W^O. Without that collection nothing is added to the program.
 """
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -31,7 +39,7 @@ Array = jax.Array
 # positions stay finite through every layer.
 MASK_VALUE = -1e10
 
-IMPLEMENTATIONS = ("reference", "fused")
+IMPLEMENTATIONS = ("reference", "fused", "blockwise")
 HEAD_MASK = "head_mask"  # the variable collection of per-head output scales (1 keep, 0 drop)
 
 
@@ -73,6 +81,62 @@ def combine_masks(*masks: Optional[Array]) -> Optional[Array]:
   return out
 
 
+@flax.struct.dataclass
+class AttentionMask:
+  """Padding, segment and causal masks as vectors, so no `[q, kv]` matrix need exist.
+
+  Query i may attend to key j when both are real tokens, they are in the same segment
+  (when segments are given) and, for a causal mask, j <= i.
+
+  Attributes:
+    query_valid: `[batch, q_length]` bool, False at padding.
+    key_valid: `[batch, kv_length]` bool.
+    query_segments: `[batch, q_length]` int segment ids of packed rows, or None.
+    key_segments: `[batch, kv_length]` int, or None.
+    causal: key j is visible to query i only if j <= i (a static flag).
+  """
+
+  query_valid: Array
+  key_valid: Array
+  query_segments: Optional[Array] = None
+  key_segments: Optional[Array] = None
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
+
+  @property
+  def shape(self):
+    """The shape of the dense mask: `(batch, 1, q_length, kv_length)`."""
+    return (self.query_valid.shape[0], 1, self.query_valid.shape[1],
+            self.key_valid.shape[1])
+
+  def block(self, q_start, q_size: int, k_start, k_size: int) -> Array:
+    """The dense mask of queries [q_start, q_start + q_size) and keys [k_start, k_start +
+    k_size): `[batch, 1, q_size, k_size]` bool. Starts may be traced values."""
+    take = lambda x, start, size: jax.lax.dynamic_slice_in_dim(x, start, size, axis=1)  # noqa: E731
+    mask = (take(self.query_valid, q_start, q_size)[:, None, :, None]
+            & take(self.key_valid, k_start, k_size)[:, None, None, :])
+    if self.query_segments is not None:
+      mask &= segment_mask(take(self.query_segments, q_start, q_size),
+                           take(self.key_segments, k_start, k_size))
+    if self.causal:
+      q_index = q_start + jnp.arange(q_size)
+      k_index = k_start + jnp.arange(k_size)
+      mask &= (q_index[:, None] >= k_index[None, :])[None, None]
+    return mask
+
+  def dense(self) -> Array:
+    """`[batch, 1, q_length, kv_length]` bool, equal to combining the mask functions above."""
+    _, _, q_length, kv_length = self.shape
+    return self.block(0, q_length, 0, kv_length)
+
+
+Mask = Union[Array, AttentionMask]
+
+
+def dense_mask(mask: Optional[Mask]) -> Optional[Array]:
+  """A boolean mask array from either form (None stays None)."""
+  return mask.dense() if isinstance(mask, AttentionMask) else mask
+
+
 # ------------------------------------------------------------------- dot-product attention
 
 
@@ -112,22 +176,25 @@ def dot_product_attention(
     query: Array,
     key: Array,
     value: Array,
-    mask: Optional[Array] = None,
+    mask: Optional[Mask] = None,
     *,
     implementation: str = "reference",
     dropout_rate: float = 0.0,
     dropout_rng: Optional[Array] = None,
     deterministic: bool = True,
     return_weights: bool = False,
+    block_size: int = 512,
 ):
   """Scaled dot-product attention.
 
   Args:
     query: `[batch, q_length, heads, head_dim]`.
     key, value: `[batch, kv_length, heads, head_dim]`.
-    mask: bool, broadcastable to `[batch, heads, q_length, kv_length]`; True = attend.
-    implementation: "reference" (written here) or "fused" (jax.nn.dot_product_attention,
-      through cuDNN on GPU for bfloat16/float16, see `fused_backend`).
+    mask: bool, broadcastable to `[batch, heads, q_length, kv_length]` (True = attend), or
+      an `AttentionMask`.
+    implementation: "reference" (written here), "fused" (jax.nn.dot_product_attention,
+      through cuDNN on GPU for bfloat16/float16, see `fused_backend`) or "blockwise"
+      (online softmax over blocks of `block_size` queries and keys, linear memory).
     dropout_rate: dropout on the attention weights (reference path only).
     dropout_rng: PRNG key for that dropout.
     deterministic: disables dropout.
@@ -136,16 +203,25 @@ def dot_product_attention(
   Returns:
     `[batch, q_length, heads, head_dim]` in the dtype of `value`, and the weights if asked.
   """
-  if implementation == "fused":
-    if return_weights:
-      raise ValueError("the fused attention path does not expose weights; use 'reference'")
-    if dropout_rate > 0.0 and not deterministic:
-      raise ValueError("the fused attention path has no attention dropout; use 'reference'")
-    return jax.nn.dot_product_attention(query, key, value, mask=mask,
-                                        implementation=fused_backend(query.dtype))
-  if implementation != "reference":
+  if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown attention implementation {implementation!r}; "
                      f"expected one of {IMPLEMENTATIONS}")
+  if implementation != "reference":
+    if return_weights:
+      raise ValueError(f"the {implementation} attention path does not expose weights; "
+                       f"use 'reference'")
+    if dropout_rate > 0.0 and not deterministic:
+      raise ValueError(f"the {implementation} attention path has no attention dropout; "
+                       f"use 'reference'")
+  if implementation == "blockwise":
+    # Imported here: that module builds on the masks above.
+    from models import blockwise_attention  # pylint: disable=g-import-not-at-top
+    return blockwise_attention.blockwise_attention(query, key, value, mask,
+                                                   block_size=block_size)
+  mask = dense_mask(mask)
+  if implementation == "fused":
+    return jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                        implementation=fused_backend(query.dtype))
 
   weights = attention_weights(query, key, mask)
   probs = weights
@@ -168,8 +244,10 @@ class MultiHeadAttention(nn.Module):
     fused_qkv: one [d_model, 3, h, d_k] projection for self-attention (one [d_model, 2, h,
       d_k] for keys and values in cross-attention) instead of separate W^Q, W^K, W^V.
     dropout_rate: dropout on the attention weights.
-    implementation: "reference" or "fused" (see `dot_product_attention`).
-    decode: keep a key/value cache for incremental (one token at a time) decoding.
+    implementation: "reference", "fused" or "blockwise" (see `dot_product_attention`).
+    block_size: queries and keys per tile of the blockwise path.
+    decode: keep a key/value cache for incremental (one token at a time) decoding; in
+      cross-attention, keep the projected encoder keys/values after the first step.
     dtype: compute dtype; parameters are always float32.
   """
 
@@ -178,17 +256,18 @@ class MultiHeadAttention(nn.Module):
   fused_qkv: bool = False
   dropout_rate: float = 0.0
   implementation: str = "reference"
+  block_size: int = 512
   decode: bool = False
   dtype: jnp.dtype = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None,
-               mask: Optional[Array] = None, deterministic: bool = True) -> Array:
+               mask: Optional[Mask] = None, deterministic: bool = True) -> Array:
     """Args:
       inputs_q: `[batch, q_length, d_model]`.
       inputs_kv: `[batch, kv_length, d_model]`, or None for self-attention.
-      mask: bool `[batch, 1 or heads, q_length, kv_length]`.
+      mask: bool `[batch, 1 or heads, q_length, kv_length]` or an `AttentionMask`.
       deterministic: disables dropout.
 
     Returns:
@@ -205,15 +284,21 @@ class MultiHeadAttention(nn.Module):
         features, axis=-1, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=self.kernel_init, name=name)
     heads = (self.num_heads, self.head_dim)
+
+    def project_keys_values(module, x):  # W^K and W^V (`module`: self, or nn.cond's copy)
+      del module  # the projections below attach to the module being run
+      if self.fused_qkv:
+        return tuple(jnp.moveaxis(dense((2,) + heads, "kv")(x), -3, 0))
+      return dense(heads, "key")(x), dense(heads, "value")(x)
+
     if self.fused_qkv and self_attention:
       query, key, value = jnp.moveaxis(dense((3,) + heads, "qkv")(inputs_q), -3, 0)
-    elif self.fused_qkv:
-      query = dense(heads, "query")(inputs_q)
-      key, value = jnp.moveaxis(dense((2,) + heads, "kv")(inputs_kv), -3, 0)
     else:
       query = dense(heads, "query")(inputs_q)
-      key = dense(heads, "key")(inputs_kv)
-      value = dense(heads, "value")(inputs_kv)
+      if self.decode and not self_attention:
+        key, value = self._cross_keys_values(project_keys_values, inputs_kv)
+      else:
+        key, value = project_keys_values(self, inputs_kv)
 
     if self.decode and self_attention:
       key, value, mask = self._update_cache(key, value, mask)
@@ -225,7 +310,8 @@ class MultiHeadAttention(nn.Module):
     result = dot_product_attention(
         query, key, value, mask, implementation=self.implementation,
         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng,
-        deterministic=deterministic, return_weights=use_reference)
+        deterministic=deterministic, return_weights=use_reference,
+        block_size=self.block_size)
     if use_reference:
       out, weights = result
       # Available through apply(..., mutable=["intermediates"]) for inspection.
@@ -239,7 +325,30 @@ class MultiHeadAttention(nn.Module):
                            param_dtype=jnp.float32, kernel_init=self.kernel_init,
                            name="out")(out)
 
-  def _update_cache(self, key: Array, value: Array, mask: Optional[Array]):
+  def _cross_keys_values(self, project: Callable, inputs_kv: Array):
+    """Cross-attention keys and values while decoding: projected from the encoder output
+    at the first step, then read from the cache (the encoder output does not change, and
+    projecting it again at every step would cost more than the rest of the step).
+
+    `project(module, inputs_kv) -> (keys, values)`, each `[batch, kv_length, heads,
+    head_dim]`.
+    """
+    shape = inputs_kv.shape[:2] + (self.num_heads, self.head_dim)
+    ready = self.variable("cache", "cross_ready", lambda: jnp.array(False))
+    cached_key = self.variable("cache", "cross_key", jnp.zeros, shape, self.dtype)
+    cached_value = self.variable("cache", "cross_value", jnp.zeros, shape, self.dtype)
+    if self.is_initializing():
+      return project(self, inputs_kv)
+
+    def cached(module, _):
+      return (module.get_variable("cache", "cross_key"),
+              module.get_variable("cache", "cross_value"))
+
+    key, value = nn.cond(ready.value, cached, project, self, inputs_kv)
+    cached_key.value, cached_value.value, ready.value = key, value, jnp.array(True)
+    return key, value
+
+  def _update_cache(self, key: Array, value: Array, mask: Optional[Mask]):
     """Writes this step's key/value at the cache index and masks the unwritten slots.
 
     The cache is created (zeros, full length) when the module is initialised with a
@@ -262,4 +371,4 @@ class MultiHeadAttention(nn.Module):
     cache_index.value = index + 1
     # The query at position `index` may see cache slots 0..index (causality comes free).
     written = (jnp.arange(max_length) <= index)[None, None, None, :]
-    return cached_key.value, cached_value.value, combine_masks(mask, written)
+    return cached_key.value, cached_value.value, combine_masks(dense_mask(mask), written)

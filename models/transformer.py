@@ -5,11 +5,19 @@
 - `Classifier`: the encoder with a pooled classification head.
 
 Every family takes int32 token batches (0 = padding) and, for packed batches, per-token
-positions and segment ids (0 = padding); masks are built here from those.
+positions and segment ids (0 = padding); masks are built here from those, as
+`attention.AttentionMask`s (vectors, never a `[length, length]` matrix unless an attention
+path asks for one).
+
+A stack of N identical blocks runs as a Python loop (`block_0` ... `block_{N-1}`) or, with
+`scan_layers`, as one `nn.scan` over a single compiled block whose parameters are stacked
+on a leading axis of size N (`layers/block/...`); `unstack_layers` and `stack_layers`
+convert between the two layouts. `remat` recomputes each block's activations in the
+backward pass instead of keeping them (see `REMAT_POLICIES`).
 """
 
 import dataclasses
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
 import jax
@@ -22,6 +30,12 @@ Array = jax.Array
 
 NORM_PLACEMENTS = ("post", "pre")
 POOLINGS = ("mean", "cls")
+# What the backward pass keeps of each block: everything ("none"), only its input ("full":
+# the block is recomputed), or the outputs of its weight matmuls ("matmuls": projections
+# and feed-forward layers are kept; attention scores, softmax, norms and activations are
+# recomputed).
+REMAT_POLICIES = ("none", "full", "matmuls")
+SCANNED = "layers"  # the module name of a scanned stack of blocks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +63,9 @@ class TransformerConfig:
   activation: str = "relu"
   layer_norm_epsilon: float = 1e-6
   attention_impl: str = "reference"
+  attention_block_size: int = 512  # tile length of the blockwise attention path
+  remat: str = "none"  # see REMAT_POLICIES
+  scan_layers: bool = False  # nn.scan over the blocks of each stack (parameters stacked)
   dtype: Any = jnp.float32
   decode: bool = False  # incremental decoding with a key/value cache
 
@@ -78,7 +95,7 @@ def _attention(cfg: TransformerConfig, name: str, decode: bool = False):
   return attention.MultiHeadAttention(
       num_heads=cfg.num_heads, head_dim=cfg.head_dim, fused_qkv=cfg.fused_qkv,
       dropout_rate=cfg.attention_dropout_rate, implementation=cfg.attention_impl,
-      decode=decode, dtype=cfg.dtype, name=name)
+      block_size=cfg.attention_block_size, decode=decode, dtype=cfg.dtype, name=name)
 
 
 def _sublayer(cfg: TransformerConfig, x: Array, fn: Callable[[Array], Array], name: str,
@@ -100,8 +117,9 @@ class EncoderBlock(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Optional[Array], deterministic: bool) -> Array:
-    """x: `[batch, length, d_model]`; mask: `[batch, 1, length, length]`."""
+  def __call__(self, x: Array, mask: Optional[attention.Mask], deterministic: bool) -> Array:
+    """x: `[batch, length, d_model]`; mask: an `AttentionMask` or `[batch, 1, length,
+    length]` bool."""
     cfg = self.config
     x = _sublayer(cfg, x, lambda h: _attention(cfg, "self_attention")(
         h, mask=mask, deterministic=deterministic), "self_attention", deterministic)
@@ -117,19 +135,92 @@ class DecoderBlock(nn.Module):
   cross_attention: bool = True
 
   @nn.compact
-  def __call__(self, y: Array, self_mask: Optional[Array], encoded: Optional[Array],
-               cross_mask: Optional[Array], deterministic: bool) -> Array:
+  def __call__(self, y: Array, self_mask: Optional[attention.Mask],
+               encoded: Optional[Array], cross_mask: Optional[attention.Mask],
+               deterministic: bool) -> Array:
     """y: `[batch, tgt_length, d_model]`; encoded: `[batch, src_length, d_model]`."""
     cfg = self.config
     y = _sublayer(cfg, y, lambda h: _attention(cfg, "self_attention", decode=cfg.decode)(
         h, mask=self_mask, deterministic=deterministic), "self_attention", deterministic)
     if self.cross_attention:
-      y = _sublayer(cfg, y, lambda h: _attention(cfg, "cross_attention")(
+      y = _sublayer(cfg, y, lambda h: _attention(cfg, "cross_attention", decode=cfg.decode)(
           h, encoded, mask=cross_mask, deterministic=deterministic),
                     "cross_attention", deterministic)
     return _sublayer(cfg, y, lambda h: FeedForward(
         cfg.d_ff, cfg.dropout_rate, cfg.activation, cfg.dtype, name="ffn")(
             h, deterministic=deterministic), "ffn", deterministic)
+
+
+class _ScanStep(nn.Module):
+  """One block in the form nn.scan runs: `(x, *broadcast args) -> (x, None)`."""
+
+  block: Any  # the block class (possibly wrapped by nn.remat)
+  config: TransformerConfig
+  deterministic: bool
+  cross_attention: Optional[bool] = None  # DecoderBlock's attribute, when it is one
+
+  @nn.compact
+  def __call__(self, x: Array, *args):
+    attrs = {} if self.cross_attention is None else {"cross_attention": self.cross_attention}
+    return self.block(self.config, name="block", **attrs)(x, *args, self.deterministic), None
+
+
+def _block_stack(cfg: TransformerConfig, block: Any, num_layers: int, x: Array, *args,
+                 deterministic: bool, **attrs) -> Array:
+  """Applies `num_layers` blocks `block(cfg, **attrs)(x, *args, deterministic)` to x.
+
+  Called inside a compact method: the blocks become children of the caller, named
+  `block_{i}`, or one scanned `layers` module (see the module docstring).
+  """
+  if cfg.remat not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {cfg.remat!r}; expected one of {REMAT_POLICIES}")
+  if cfg.remat != "none":
+    policy = (None if cfg.remat == "full"
+              else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    # `deterministic` (a Python bool) is static; its index counts `self` as 0.
+    block = nn.remat(block, policy=policy, static_argnums=(len(args) + 2,))
+  if not cfg.scan_layers:
+    for i in range(num_layers):
+      x = block(cfg, name=f"block_{i}", **attrs)(x, *args, deterministic)
+    return x
+  scanned = nn.scan(_ScanStep, variable_axes={True: 0}, split_rngs={True: True},
+                    in_axes=(nn.broadcast,) * len(args), length=num_layers)
+  x, _ = scanned(block, cfg, deterministic, attrs.get("cross_attention"), name=SCANNED)(
+      x, *args)
+  return x
+
+
+def unstack_layers(tree: Any) -> Any:
+  """Scanned layout -> loop layout: `layers/block/w[N, ...]` becomes `block_{i}/w[...]`.
+
+  Works on any variable tree (params, caches); everything else is left as it is.
+  """
+  if not isinstance(tree, Mapping):
+    return tree
+  out = {}
+  for name, child in tree.items():
+    if name == SCANNED and isinstance(child, Mapping) and set(child) == {"block"}:
+      num_layers = jax.tree.leaves(child)[0].shape[0]
+      for i in range(num_layers):
+        out[f"block_{i}"] = jax.tree.map(lambda x, i=i: x[i], child["block"])
+    else:
+      out[name] = unstack_layers(child)
+  return out
+
+
+def stack_layers(tree: Any) -> Any:
+  """Loop layout -> scanned layout, the inverse of `unstack_layers`."""
+  if not isinstance(tree, Mapping):
+    return tree
+  blocks = sorted((int(k[len("block_"):]), k) for k in tree
+                  if k.startswith("block_") and k[len("block_"):].isdigit())
+  out = {k: stack_layers(v) for k, v in tree.items() if not k.startswith("block_")}
+  if blocks:
+    if [i for i, _ in blocks] != list(range(len(blocks))):
+      raise ValueError(f"blocks {[k for _, k in blocks]} are not numbered 0..N-1")
+    out[SCANNED] = {"block": jax.tree.map(lambda *xs: jnp.stack(xs),
+                                          *[tree[k] for _, k in blocks])}
+  return out
 
 
 class Encoder(nn.Module):
@@ -165,11 +256,9 @@ class Encoder(nn.Module):
     x = PositionalEncoding(cfg.positional_encoding, cfg.max_length, cfg.dtype,
                            name="positions")(x, positions)
     x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
-    mask = attention.padding_mask(valid, valid)
-    if segmentation is not None:
-      mask = attention.combine_masks(mask, attention.segment_mask(segmentation, segmentation))
-    for i in range(cfg.num_encoder_layers):
-      x = EncoderBlock(cfg, name=f"block_{i}")(x, mask, deterministic)
+    mask = attention.AttentionMask(valid, valid, segmentation, segmentation)
+    x = _block_stack(cfg, EncoderBlock, cfg.num_encoder_layers, x, mask,
+                     deterministic=deterministic)
     if cfg.norm_placement == "pre":
       x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="final_norm")(x)
     return x
@@ -210,9 +299,9 @@ class Decoder(nn.Module):
     y = PositionalEncoding(cfg.positional_encoding, cfg.max_length, cfg.dtype,
                            name="positions")(y, positions)
     y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
-    for i in range(cfg.num_decoder_layers):
-      y = DecoderBlock(cfg, self.cross_attention, name=f"block_{i}")(
-          y, self_mask, encoded, cross_mask, deterministic)
+    y = _block_stack(cfg, DecoderBlock, cfg.num_decoder_layers, y, self_mask, encoded,
+                     cross_mask, deterministic=deterministic,
+                     cross_attention=self.cross_attention)
     if cfg.norm_placement == "pre":
       y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="final_norm")(y)
     if cfg.tie_output:
@@ -223,14 +312,12 @@ class Decoder(nn.Module):
 
 
 def _decoder_self_mask(cfg: TransformerConfig, targets: Array,
-                       segmentation: Optional[Array]) -> Optional[Array]:
+                       segmentation: Optional[Array]) -> Optional[attention.AttentionMask]:
   """Causal & target padding & same segment; None when decoding (the cache masks)."""
   if cfg.decode:
     return None
-  return attention.combine_masks(
-      attention.causal_mask(targets.shape[1]),
-      attention.padding_mask(targets, targets),
-      None if segmentation is None else attention.segment_mask(segmentation, segmentation))
+  valid = targets > 0
+  return attention.AttentionMask(valid, valid, segmentation, segmentation, causal=True)
 
 
 class EncoderDecoder(nn.Module):
@@ -268,13 +355,11 @@ class EncoderDecoder(nn.Module):
     cfg = self.config
     if cfg.decode:
       decoder_inputs = targets
-      cross_mask = attention.padding_mask(jnp.ones_like(targets), inputs)
+      cross_mask = attention.AttentionMask(jnp.ones(targets.shape, bool), inputs > 0)
     else:
       decoder_inputs = shift_right(targets, targets_segmentation)
-      cross_mask = attention.padding_mask(targets, inputs)
-      if targets_segmentation is not None:
-        cross_mask = attention.combine_masks(
-            cross_mask, attention.segment_mask(targets_segmentation, inputs_segmentation))
+      cross_mask = attention.AttentionMask(targets > 0, inputs > 0, targets_segmentation,
+                                           inputs_segmentation)
     self_mask = _decoder_self_mask(cfg, targets, targets_segmentation)
     return self.decoder(decoder_inputs, self_mask, encoded, cross_mask, targets_positions,
                         deterministic)

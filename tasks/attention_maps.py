@@ -75,7 +75,7 @@ def reference_model(model):
   """The same model (same parameters) through the reference attention path, whose
   weights are sown into the `intermediates` collection; no cache, no dropout."""
   return type(model)(dataclasses.replace(model.config, attention_impl="reference",
-                                         decode=False))
+                                         remat="none", scan_layers=False, decode=False))
 
 
 @functools.lru_cache(maxsize=8)
@@ -158,7 +158,8 @@ def example_maps(task, params, examples: Sequence[Mapping[str, np.ndarray]]
     batch[field] = _pad([e[field] for e in examples],
                         max(task.eval_lengths.get(field, 0), longest))
   model = reference_model(task.model)
-  weights = jax.device_get(_weights_function(model)(params, task.model_inputs(batch)))
+  weights = jax.device_get(_weights_function(model)(task.decode_params(params),
+                                                     task.model_inputs(batch)))
   out = []
   for b, example in enumerate(examples):
     maps = AttentionMaps({}, {}, {})

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from input_pipeline import batching, local_builders, packing, synthetic, tokenizers
-from models import TransformerConfig, attention
+from models import TransformerConfig, attention, transformer
 
 Array = jax.Array
 Batch = Mapping[str, Array]
@@ -58,7 +58,15 @@ class Task:
         max_length=max(self.lengths.values()) + 1, fused_qkv=c.fused_qkv,
         share_embeddings=c.share_embeddings, tie_output=c.tie_output, pooling=c.pooling,
         activation=c.activation, layer_norm_epsilon=c.layer_norm_epsilon,
-        attention_impl=c.attention_impl, dtype=jnp.dtype(c.dtype), decode=decode)
+        attention_impl=c.attention_impl, attention_block_size=c.attention_block_size,
+        # Decoding runs the blocks as a loop without remat: it takes no gradients, and
+        # beam search reorders caches whose first axis is the batch (`decode_params`).
+        remat="none" if decode else c.remat, scan_layers=c.scan_layers and not decode,
+        dtype=jnp.dtype(c.dtype), decode=decode)
+
+  def decode_params(self, params: Any) -> Any:
+    """`params` in the layout of `build_model(decode=True)` (blocks unscanned)."""
+    return transformer.unstack_layers(params) if self.config.scan_layers else params
 
   @property
   def num_classes(self) -> int:
@@ -258,11 +266,15 @@ def tokenizer_paths(config, workdir: Optional[str], names: List[str],
   return paths
 
 
-def variables(params: Any, head_mask: Optional[Any] = None) -> Dict[str, Any]:
+def variables(params: Any, head_mask: Optional[Any] = None,
+              scanned: bool = False) -> Dict[str, Any]:
   """The variables of a model call: the parameters and, to remove heads (head
-  importance), the `head_mask` collection (see models/attention.py)."""
+  importance), the `head_mask` collection (see models/attention.py), given per block
+  (`block_{i}`) and stacked here when the model's layers are `scanned`."""
   if head_mask is None:
     return {"params": params}
+  if scanned:
+    head_mask = transformer.stack_layers(head_mask)
   return {"params": params, attention.HEAD_MASK: head_mask}
 
 

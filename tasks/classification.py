@@ -16,7 +16,6 @@ import json
 import os
 from typing import Dict, List, Optional, Tuple
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,11 +112,11 @@ class ClassificationTask(base.Task):
                                              needs_tensorflow=c.dataset != "files"))
       files = c.dataset == "files"
       text_key, label_key = ("text", "label") if files else (c.text_feature, c.label_feature)
-      records = grain.MapDataset.source(self._raw[split]).map(
+      records = sources.read_all(
+          self._raw[split],
           lambda ex: (sources.as_text(ex[text_key]),
                       sources.as_text(ex[label_key]) if files else int(ex[label_key]),
                       int(ex["line"]) if files else -1))
-      records = list(records.to_iter_dataset(grain.ReadOptions(num_threads=4)))
       where = [r[2] for r in records] if files else list(range(len(records)))
       self._rows[split] = ([r[0] for r in records], [r[1] for r in records], where)
     return self._rows[split]
@@ -221,8 +220,8 @@ class ClassificationTask(base.Task):
     return {"inputs": batch["inputs"]}
 
   def loss(self, params, batch, dropout_rng, train, head_mask=None):
-    logits = self.model.apply(base.variables(params, head_mask), batch["inputs"],
-                              deterministic=not train,
+    variables = base.variables(params, head_mask, self.config.scan_layers)
+    logits = self.model.apply(variables, batch["inputs"], deterministic=not train,
                               rngs=base.rngs(dropout_rng, train))
     real = batch["inputs"].any(axis=-1).astype(jnp.float32)  # zero-filled examples weigh 0
     return losses.cross_entropy_sums(logits, batch["label"], real,

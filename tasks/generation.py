@@ -96,9 +96,8 @@ class GenerationTask(base.Task):
       if split not in self._raw:
         self._raw.update(sources.open_splits(self._builder, [split],
                                              needs_tensorflow=c.dataset != "files"))
-      texts = grain.MapDataset.source(self._raw[split]).map(
-          lambda ex: sources.as_text(ex["text"]))
-      texts = [t for t in texts.to_iter_dataset(grain.ReadOptions(num_threads=4)) if t]
+      texts = [t for t in sources.read_all(self._raw[split],
+                                           lambda ex: sources.as_text(ex["text"])) if t]
       if not texts:
         raise DataError(f"split {split!r} of {c.dataset} has no text")
       self._documents[split] = texts
@@ -175,7 +174,8 @@ class GenerationTask(base.Task):
             if key in batch}
 
   def loss(self, params, batch, dropout_rng, train, head_mask=None):
-    logits = self.model.apply(base.variables(params, head_mask), **self.model_inputs(batch),
+    variables = base.variables(params, head_mask, self.config.scan_layers)
+    logits = self.model.apply(variables, **self.model_inputs(batch),
                               deterministic=not train, rngs=base.rngs(dropout_rng, train))
     tokens = batch["inputs"]
     weights = (tokens > 0).astype(jnp.float32)
@@ -200,9 +200,10 @@ class GenerationTask(base.Task):
     if cached:
       decoder = self.build_model(decode=True)
       cache = decoding.init_cache(decoder, prompt)
+      decoder_params = self.decode_params(params)
 
       def step(cache, token):
-        logits, state = decoder.apply({"params": params, "cache": cache}, token,
+        logits, state = decoder.apply({"params": decoder_params, "cache": cache}, token,
                                       mutable=["cache"])
         return logits[:, -1], state["cache"]
     else:

@@ -10,7 +10,6 @@ default "translates" a digit string into its reversal and is scored by exact mat
 import dataclasses
 from typing import Dict, List, Optional
 
-import grain
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
@@ -75,11 +74,9 @@ class TranslationTask(base.Task):
   def texts(self, split: str):
     """(sources, references) of a split as lists of str, in dataset order."""
     if split not in self._texts:
-      source = self._split_source(split)
-      pairs = grain.MapDataset.source(source).map(
-          lambda ex: (sources.as_text(ex[self.source_lang]),
-                      sources.as_text(ex[self.target_lang])))
-      pairs = list(pairs.to_iter_dataset(grain.ReadOptions(num_threads=4)))
+      pairs = sources.read_all(
+          self._split_source(split), lambda ex: (sources.as_text(ex[self.source_lang]),
+                                                 sources.as_text(ex[self.target_lang])))
       self._texts[split] = ([p[0] for p in pairs], [p[1] for p in pairs])
     return self._texts[split]
 
@@ -188,7 +185,8 @@ class TranslationTask(base.Task):
     return {name: batch[key] for key, name in zip(keys, names) if key in batch}
 
   def loss(self, params, batch, dropout_rng, train, head_mask=None):
-    logits = self.model.apply(base.variables(params, head_mask), **self.model_inputs(batch),
+    variables = base.variables(params, head_mask, self.config.scan_layers)
+    logits = self.model.apply(variables, **self.model_inputs(batch),
                               deterministic=not train, rngs=base.rngs(dropout_rng, train))
     targets = batch["targets"]
     return losses.cross_entropy_sums(logits, targets, (targets > 0).astype(jnp.float32),
@@ -213,9 +211,11 @@ class TranslationTask(base.Task):
     cache = decoding.init_cache(decoder, inputs,
                                 jnp.zeros((inputs.shape[0], max_length), jnp.int32))
 
+    decoder_params = self.decode_params(params)
+
     def step(cache, tokens):
-      logits, state = decoder.apply({"params": params, "cache": cache}, encoded, inputs,
-                                    tokens, method="decode", mutable=["cache"])
+      logits, state = decoder.apply({"params": decoder_params, "cache": cache}, encoded,
+                                    inputs, tokens, method="decode", mutable=["cache"])
       return logits[:, -1], state["cache"]
 
     if beam == 1 and not self.real:

@@ -1,16 +1,21 @@
-"""Synthetic sources (deterministic, right layouts, a truly held-out eval split) and the
+"""Synthetic sources (deterministic, right layouts, a truly held-out eval split), the
 batching path (device shapes, padding, one exact pass for evaluation, resumability,
-per-process sharding)."""
+per-process sharding), reading a split whole, and the pipeline benchmark's smoke mode."""
 
 import itertools
+import json
+import os
 
 import numpy as np
 import pytest
 
 import tasks
 from configs import default
-from input_pipeline import batching, synthetic
+from input_pipeline import batching, sources, synthetic
 from input_pipeline.synthetic import EOS, FIRST_DIGIT, SEP
+
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..",
+                           "shared", "data")
 
 # ----------------------------------------------------------------------------- synthetic
 
@@ -310,3 +315,59 @@ def test_training_stream_is_infinite_and_lazy():
   """A repeating training stream is infinite; taking a few batches must not hang."""
   stream = batching.iterate(_dataset(shuffle=True, seed=0, repeat=True))
   assert len(list(itertools.islice(stream, 4))) == 4
+
+
+class _Records:
+  """A random-access source of the numbers 0..n-1, counting its calls."""
+
+  def __init__(self, n):
+    self.n, self.calls = n, 0
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, index):
+    self.calls += 1
+    return int(index)
+
+
+class _BatchedRecords(_Records):
+  """... that also reads many records a call, as tfds array_record sources do."""
+
+  def __getitems__(self, keys):
+    self.calls += 1
+    return [int(k) for k in keys]
+
+
+@pytest.mark.parametrize("kind", [_Records, _BatchedRecords])
+def test_read_all_reads_every_record_once_in_order(kind):
+  source = kind(2500)
+  assert sources.read_all(source, lambda r: -r, chunk=1000) == [-i for i in range(2500)]
+  assert source.calls == (3 if kind is _BatchedRecords else 2500)
+  assert sources.read_all(kind(0), lambda r: r) == []
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(SHARED_DATA, "tinyshakespeare")),
+                    reason="the shared tiny Shakespeare text is not here")
+def test_input_pipeline_benchmark_quick_mode_runs(tmp_path, capsys):
+  """The benchmark's smoke mode on one corpus (seconds): both tables, a JSON file."""
+  from benchmarks import input_pipeline as input_pipeline_benchmark  # imports train.py
+  output = tmp_path / "bench.json"
+  input_pipeline_benchmark.main(["--quick", "--corpora=tinyshakespeare",
+                                 f"--data_root={SHARED_DATA}",
+                                 f"--tfds_data_dir={tmp_path / 'tfds'}",
+                                 f"--workdir={tmp_path / 'work'}", f"--output={output}"])
+  printed = capsys.readouterr().out
+  assert "| tinyshakespeare | windows | 8 x 64 |" in printed
+  assert "constant ms/step" in printed
+  row = json.loads(output.read_text())["rows"][0]
+  assert row["by_threads"]["0"]["batches_per_sec"] > 0
+  assert set(row["steps"]["step_s"]) == {"constant", "pipeline", "no ahead"}
+
+
+def test_read_all_falls_back_when_batched_reads_fail():
+  class Broken(_Records):
+    def __getitems__(self, keys):  # as tfds.testing.mock_data's sources do
+      raise TypeError("_getitems() missing 1 required positional argument")
+
+  assert sources.read_all(Broken(5), lambda r: r, chunk=2) == list(range(5))

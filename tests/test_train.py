@@ -4,12 +4,14 @@ non-finite losses, and the command line."""
 import json
 import os
 
+import grain
 import jax
 import numpy as np
 import pytest
 
 import tasks
 import train
+from input_pipeline import batching
 from tests.tiny_configs import tiny_config
 from training import checkpointing, optimizers
 from tests.cli_helpers import run_main
@@ -137,6 +139,34 @@ def test_nonfinite_loss_stops_without_saving_it(tmp_path):
         jax.device_get(train.create_state(tasks.get_task(config),
                                           optimizers.make_optimizer(config), 0)), step)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+@pytest.mark.parametrize("size", [0, 1, 3])
+def test_device_prefetch_yields_each_batch_with_the_position_after_it(size):
+  """Batches come in order, and each carries the iterator position right after it (what
+  its step's checkpoint saves), not the position after the batches fetched ahead."""
+  dataset = grain.MapDataset.range(10).map(
+      lambda i: {"inputs": np.full((1, 2, 3), i, np.int32)})
+  iterator = batching.iterate(dataset)
+  out = list(train.prefetch_to_devices(iterator, ONE_DEVICE, size, count=6))
+  assert [int(np.asarray(batch["inputs"])[0, 0, 0]) for batch, _ in out] == list(range(6))
+  assert [position for _, position in out] == [{"next_index": i + 1} for i in range(6)]
+  assert iterator.get_state() == {"next_index": 6}  # nothing read past `count`
+  assert isinstance(out[0][0]["inputs"], jax.Array if size else np.ndarray)
+
+
+def test_profile_steps_writes_a_trace(tmp_path):
+  """profile_steps=0 writes nothing; otherwise a resumed run traces the steps after its
+  first into <workdir>/profile (an XPlane file, with the steps' annotations)."""
+  config = tiny_config(num_train_steps=2, eval_every_steps=100, checkpoint_every_steps=2)
+  train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE, final_evaluation=False)
+  assert not (tmp_path / "profile").exists()
+  config = tiny_config(num_train_steps=6, eval_every_steps=100, checkpoint_every_steps=2,
+                       profile_steps=2)
+  train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE, final_evaluation=False)
+  traces = list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
+  assert len(traces) == 1, list((tmp_path / "profile").rglob("*"))
+  assert b"train" in traces[0].read_bytes()  # the StepTraceAnnotation of each traced step
 
 
 def test_main_trains_resumes_and_evaluates(tmp_path):
