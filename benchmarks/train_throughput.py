@@ -1,9 +1,19 @@
 """Training throughput and MFU of the real pmapped train step, on one local device.
 
-    python -m benchmarks.train_throughput                       # every shape (~6 min on 2 cores)
+    python -m benchmarks.train_throughput                       # the default group (~6 min)
     python -m benchmarks.train_throughput --shapes=nanogpt,wmt_small --steps=3
-    python benchmarks/train_throughput.py --shapes=list         # the shape names
+    python -m benchmarks.train_throughput --shapes=families,bf16,variants   # (~15 min)
+    python benchmarks/train_throughput.py --shapes=list         # the groups and shapes
     python -m benchmarks.train_throughput --output=runs/throughput.json
+
+`--shapes` takes shape names and group names (GROUPS): `default` is the 64-token set of
+BENCHMARKS.md's first table; `families` is each task family (translation enc-dec,
+generation decoder-only, classification encoder-only) at the tiny, small and base presets
+at length 256; `bf16` repeats small and base generation and translation with bfloat16
+compute; `variants` holds base-size rows with one knob changed (no dropout, blockwise
+attention, remat, scanned layers); `all` is every shape. A shape that needs a feature the
+code does not have yet (`Shape.optional`) is skipped, with the reason, when it comes from
+a group, and stops the run when named.
 
 For each shape it builds the task and model from `configs/default.py` plus overrides,
 creates the state with `train.create_state`, and times `train.compile_steps`'s pmapped
@@ -13,11 +23,17 @@ a real token (no padding). It reports the compile time (first call, blocked), th
 call (it compiles again, see `run_shape`), the median step time (each step blocked;
 `--rounds` rounds of at least `--steps` steps, after `--warmup` more), tokens per second,
 model FLOPs per step (`model_flops`), achieved FLOP/s and MFU against a peak measured in
-the same run: the median time of a jitted float32 `[n, n] @ [n, n]` matmul.
+the same run: the median time of a jitted float32 `[n, n] @ [n, n]` matmul. Rows with
+bfloat16 compute are still divided by that float32 peak (the question they answer is
+whether bfloat16 trains faster than float32 here); a bfloat16 matmul peak is measured as
+well when such a row runs, and reported next to it.
 
 Nothing here asserts a timing. Two asserts guard the numbers: the FLOP formula's matmul
 parameter count must equal the model's (`check_matmul_parameters`), and the step's loss
-weight must equal batch x length (every token real).
+weight must equal batch x length (every token real; batch for classification, whose loss
+weighs examples). A third guard checks that the model was built with the shape's model
+knobs (`check_model_knobs`), so a knob that the task does not pass to the model yet
+cannot produce a row that silently measures the default model.
 """
 
 import argparse
@@ -44,7 +60,7 @@ import tasks  # noqa: E402
 import train  # noqa: E402
 import validation  # noqa: E402
 from configs import default as default_config  # noqa: E402
-from models import TransformerConfig  # noqa: E402
+from models import TransformerConfig, attention  # noqa: E402
 from training import optimizers  # noqa: E402
 
 # CPU buffers cannot be donated; train.compile_steps donates the state for accelerators.
@@ -59,20 +75,24 @@ class Shape:
   """One benchmarked configuration.
 
   `overrides` are config fields set after the `size` preset; `vocab_size` replaces the
-  synthetic vocabulary (16) when non-zero. `src_length` is ignored for generation.
+  synthetic vocabulary (16) when non-zero. Generation reads only `tgt_length`,
+  classification only `src_length` (its inputs).
   """
   name: str
-  task: str  # "translation" (encoder-decoder) or "generation" (decoder-only)
+  task: str  # "translation" (enc-dec), "generation" (decoder-only), "classification"
   size: str  # the preset of configs/presets.py applied first
   batch: int
-  tgt_length: int  # target length (translation) or sequence length (generation)
-  src_length: int = 0
+  tgt_length: int  # target length (translation) or sequence length (generation); 0 else
+  src_length: int = 0  # source length (translation) or input length (classification)
   vocab_size: int = 0  # 0 = the synthetic vocabulary of input_pipeline.synthetic
   overrides: Dict[str, Any] = dataclasses.field(default_factory=dict)
   reference: str = ""  # what the reference numbers are for
   ref_mfu: Optional[float] = None  # percent
   ref_tokens_per_sec: Optional[float] = None
   note: str = ""
+  # Needs a feature that may be missing (a config knob the model does not read yet, an
+  # attention implementation not registered yet): a group skips it when it is missing.
+  optional: bool = False
 
 
 # nanoGPT's shakespeare_char CPU command: pre-norm, GELU, learned positions, tied output.
@@ -113,7 +133,58 @@ SHAPES = [
     Shape("generation_small", "generation", "small", batch=32, tgt_length=64),
     Shape("generation_base", "generation", "base", batch=16, tgt_length=64),
 ]
+DEFAULT_SHAPES = [s.name for s in SHAPES]
+
+# Each family at each CPU size preset, exactly as configs/presets.py defines it (post-norm,
+# sinusoidal, ReLU, preset dropout: 0 for tiny, 0.1 for small and base), at length 256:
+# translation 256 source / 256 target tokens, generation 256, classification 256 inputs.
+# The batch shrinks with the size so that one step lasts about 0.2-5 s on 2 quiet cores
+# (translation base, 8 x 256/256, is the slowest).
+FAMILY_LENGTH = 256
+FAMILY_BATCH = {"tiny": 64, "small": 16, "base": 8}
+
+
+def _family_shape(task: str, size: str, suffix: str = "", note: str = "",
+                  optional: bool = False, **overrides) -> Shape:
+  length = FAMILY_LENGTH
+  lengths = {"translation": dict(src_length=length, tgt_length=length),
+             "generation": dict(tgt_length=length),
+             "classification": dict(src_length=length, tgt_length=0)}[task]
+  return Shape(f"{task}_{size}_{length}{suffix}", task, size, batch=FAMILY_BATCH[size],
+               overrides=overrides, note=note, optional=optional, **lengths)
+
+
+FAMILY_SHAPES = [_family_shape(task, size)
+                 for task in ("translation", "generation", "classification")
+                 for size in ("tiny", "small", "base")]
+# bfloat16 compute, float32 parameters and optimizer state (config.dtype; see DESIGN.md's
+# numerics): does it pay on this CPU?
+BF16_SHAPES = [_family_shape(task, size, "_bf16", "bfloat16 compute", dtype="bfloat16")
+               for task in ("generation", "translation") for size in ("small", "base")]
+# One knob changed on base generation (and translation for scan): what each costs or saves.
+VARIANT_SHAPES = [
+    _family_shape("generation", "base", "_nodrop", "dropout 0 (its RNG is not model FLOPs)",
+                  dropout_rate=0.0),
+    _family_shape("generation", "base", "_blockwise", "blockwise attention, blocks of 128",
+                  optional=True, attention_impl="blockwise", attention_block_size=128),
+    _family_shape("generation", "base", "_remat_full", "remat: recompute each block",
+                  optional=True, remat="full"),
+    _family_shape("generation", "base", "_remat_matmuls", "remat: save the matmul outputs",
+                  optional=True, remat="matmuls"),
+    _family_shape("generation", "base", "_scan", "layers under nn.scan", optional=True,
+                  scan_layers=True),
+    _family_shape("translation", "base", "_scan", "layers under nn.scan", optional=True,
+                  scan_layers=True),
+]
+SHAPES = SHAPES + FAMILY_SHAPES + BF16_SHAPES + VARIANT_SHAPES
 SHAPES_BY_NAME = {s.name: s for s in SHAPES}
+GROUPS = {
+    "default": DEFAULT_SHAPES,
+    "families": [s.name for s in FAMILY_SHAPES],
+    "bf16": [s.name for s in BF16_SHAPES],
+    "variants": [s.name for s in VARIANT_SHAPES],
+    "all": [s.name for s in SHAPES],
+}
 
 
 def build_config(shape: Shape):
@@ -122,11 +193,16 @@ def build_config(shape: Shape):
   with config.unlocked():
     config.update(shape.overrides)
     config.batch_size = shape.batch
-    config.max_target_length = shape.tgt_length
+    # The synthetic digit lengths only have to pass validation: the batch is random tokens.
     if shape.task == "translation":
       config.max_input_length = shape.src_length
+      config.max_target_length = shape.tgt_length
       config.max_digits = min(config.max_digits, shape.src_length - 1, shape.tgt_length - 1)
+    elif shape.task == "classification":
+      config.max_input_length = shape.src_length
+      config.max_digits = min(config.max_digits, shape.src_length)
     else:
+      config.max_target_length = shape.tgt_length
       config.max_digits = min(config.max_digits, (shape.tgt_length - 2) // 2)
     config.min_digits = min(config.min_digits, config.max_digits)
   validation.validate(config, num_devices=1)
@@ -147,6 +223,50 @@ def build_task(config, vocab_size: int):
   return task
 
 
+# Config knobs that change the model program; each must reach models.TransformerConfig.
+MODEL_KNOBS = ("dtype", "attention_impl", "attention_block_size", "remat", "scan_layers")
+
+
+def check_model_knobs(shape: Shape, config, task) -> None:
+  """Stops when a model knob the shape sets did not reach the built model: its
+  TransformerConfig has no such field, or holds another value."""
+  model_cfg = task.model.config
+  for knob in MODEL_KNOBS:
+    if knob not in shape.overrides:
+      continue
+    if not hasattr(model_cfg, knob):
+      raise ValueError(f"shape {shape.name}: models.TransformerConfig has no field {knob!r}, "
+                       f"so config.{knob}={config[knob]!r} would not change the model")
+    want = jnp.dtype(config[knob]) if knob == "dtype" else config[knob]
+    have = jnp.dtype(getattr(model_cfg, knob)) if knob == "dtype" else getattr(model_cfg,
+                                                                              knob)
+    if have != want:
+      raise ValueError(f"shape {shape.name}: config.{knob}={config[knob]!r} but the model "
+                       f"was built with {have!r} (the task does not pass it on)")
+
+
+def missing_feature(shape: Shape) -> str:
+  """Why `shape` cannot run with the code as it is now, or "" when it can.
+
+  Builds the config and the (uninitialised) model, which is cheap. Only an optional
+  shape's reasons are turned into a skip by the caller; any other shape's failure should
+  stop the run.
+  """
+  impl = shape.overrides.get("attention_impl")
+  if impl is not None and impl not in attention.IMPLEMENTATIONS:
+    return f"attention_impl={impl!r} is not in models.attention.IMPLEMENTATIONS"
+  known = default_config.get_config()
+  absent = [k for k in shape.overrides if k not in known]
+  if absent:
+    return f"configs/default.py has no field(s) {', '.join(absent)}"
+  try:
+    config = build_config(shape)
+    check_model_knobs(shape, config, build_task(config, shape.vocab_size))
+  except Exception as e:  # pylint: disable=broad-except  # a half-built feature
+    return f"{type(e).__name__}: {e}"
+  return ""
+
+
 # ----------------------------------------------------------------------------- FLOPs
 
 
@@ -155,31 +275,41 @@ def _family(task) -> str:
     return "enc-dec"
   if task.name == "generation":
     return "decoder-only"
+  if task.name == "classification":
+    return "encoder-only"
   raise ValueError(f"no FLOP formula for task {task.name!r}")
 
 
 def matmul_parameters(cfg: TransformerConfig, family: str) -> Dict[str, int]:
   """Matmul weights of the model, from its config.
 
-    d = d_model, A = num_heads * head_dim, F = d_ff, V_t = target vocabulary.
+    d = d_model, A = num_heads * head_dim, F = d_ff, V_t = target vocabulary,
+    C = classes.
     encoder layer:       4 d A (W^Q, W^K, W^V, W^O) + 2 d F (W_1, W_2)
     decoder layer:       8 d A (self- and cross-attention) + 2 d F;  decoder-only: 4 d A + 2 d F
     untied output layer: d V_t (`output_kernel`; 0 when tied to the embedding)
-  Everything else (embedding and position tables, norm scales, biases) is not a matmul.
+    classifier head:     d C (`head`, encoder-only; applied once per example to the pooled
+                         vector)
+  Everything else (embedding and position tables, norm scales, biases, the [CLS] vector)
+  is not a matmul.
   """
   d, a, f = cfg.d_model, cfg.num_heads * cfg.head_dim, cfg.d_ff
-  enc_layers = cfg.num_encoder_layers if family == "enc-dec" else 0
-  attention = 4 * d * a
+  enc_layers = cfg.num_encoder_layers if family in ("enc-dec", "encoder-only") else 0
+  dec_layers = cfg.num_decoder_layers if family in ("enc-dec", "decoder-only") else 0
+  attention_ = 4 * d * a
   ffn = 2 * d * f
-  dec_layer = (2 if family == "enc-dec" else 1) * attention + ffn
-  return {"encoder": enc_layers * (attention + ffn),
-          "decoder": cfg.num_decoder_layers * dec_layer,
-          "output_kernel": 0 if cfg.tie_output else d * cfg.target_vocab_size}
+  dec_layer = (2 if family == "enc-dec" else 1) * attention_ + ffn
+  encoder_only = family == "encoder-only"
+  return {"encoder": enc_layers * (attention_ + ffn),
+          "decoder": dec_layers * dec_layer,
+          "output_kernel": 0 if cfg.tie_output or encoder_only else d * cfg.target_vocab_size,
+          "head": d * cfg.num_classes if encoder_only else 0}
 
 
 # Parameter leaves that are not matmul weights: embedding tables, learned position tables,
-# layer-norm scales, biases. Any other non-`kernel` leaf stops the benchmark (see below).
-NON_MATMUL_LEAVES = ("embedding", "table", "scale", "bias")
+# layer-norm scales, biases, the classifier's [CLS] vector. Any other non-`kernel` leaf
+# stops the benchmark (see below).
+NON_MATMUL_LEAVES = ("embedding", "table", "scale", "bias", "cls")
 
 
 def check_matmul_parameters(cfg: TransformerConfig, family: str, params) -> Dict[str, int]:
@@ -224,21 +354,29 @@ def model_flops(cfg: TransformerConfig, family: str, batch: int, src_length: int
                                   counts; the reference path also computes the masked half)
   + 12 * N_dec * A * T * S * B    cross-attention (enc-dec only)
 
+  Encoder-only (classification; S = its input length, T = 0): the encoder terms, plus
+  6 * d C * B for the head on the pooled vector (C = classes; one row per example).
+
   Not counted: the embedding lookup and its scatter-add gradient, softmax, layer norm,
-  biases, activations, residuals, dropout, the loss and the optimizer update.
+  biases, activations, residuals, dropout, pooling, the loss and the optimizer update.
   """
   d, a = cfg.d_model, cfg.num_heads * cfg.head_dim
+  has_encoder = family in ("enc-dec", "encoder-only")
+  has_decoder = family in ("enc-dec", "decoder-only")
   enc_dec = family == "enc-dec"
   counts = matmul_parameters(cfg, family)
-  src_tokens = batch * src_length if enc_dec else 0
+  src_length = src_length if has_encoder else 0
+  tgt_length = tgt_length if has_decoder else 0
+  src_tokens = batch * src_length
   tgt_tokens = batch * tgt_length
-  n_enc = cfg.num_encoder_layers if enc_dec else 0
-  n_dec = cfg.num_decoder_layers
+  n_enc = cfg.num_encoder_layers if has_encoder else 0
+  n_dec = cfg.num_decoder_layers if has_decoder else 0
   parts = {
       "encoder": 6.0 * counts["encoder"] * src_tokens,
       "decoder": 6.0 * counts["decoder"] * tgt_tokens,
       "output": 6.0 * d * cfg.target_vocab_size * tgt_tokens,
-      "encoder_attention": 12.0 * n_enc * a * src_length**2 * batch if enc_dec else 0.0,
+      "head": 6.0 * counts["head"] * batch,
+      "encoder_attention": 12.0 * n_enc * a * src_length**2 * batch,
       "decoder_attention": 12.0 * n_dec * a * tgt_length**2 * batch,
       "cross_attention": 12.0 * n_dec * a * tgt_length * src_length * batch if enc_dec else 0.0,
   }
@@ -249,11 +387,11 @@ def model_flops(cfg: TransformerConfig, family: str, batch: int, src_length: int
 # ----------------------------------------------------------------------------- timing
 
 
-def measure_peak(n: int, reps: int) -> Dict[str, float]:
-  """FLOP/s of a jitted float32 [n, n] @ [n, n] (2 n^3 FLOPs): median of `reps` timings."""
+def measure_peak(n: int, reps: int, dtype: str = "float32") -> Dict[str, Any]:
+  """FLOP/s of a jitted `dtype` [n, n] @ [n, n] (2 n^3 FLOPs): median of `reps` timings."""
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
-  a = jax.random.normal(key_a, (n, n), jnp.float32)
-  b = jax.random.normal(key_b, (n, n), jnp.float32)
+  a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
+  b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
   matmul = jax.jit(jnp.matmul)
   matmul(a, b).block_until_ready()
   times = []
@@ -262,14 +400,19 @@ def measure_peak(n: int, reps: int) -> Dict[str, float]:
     matmul(a, b).block_until_ready()
     times.append(time.perf_counter() - t0)
   seconds = statistics.median(times)
-  return {"n": n, "reps": reps, "median_s": seconds, "flops_per_sec": 2.0 * n**3 / seconds}
+  return {"n": n, "reps": reps, "dtype": dtype, "median_s": seconds,
+          "flops_per_sec": 2.0 * n**3 / seconds}
 
 
 def synthetic_batch(task, vocab_size: int, batch: int, seed: int) -> Dict[str, np.ndarray]:
-  """Random tokens in [1, vocab) filling every position: `[1, batch, length]` int32."""
+  """Random tokens in [1, vocab) filling every position: `[1, batch, length]` int32; and
+  for classification a random `label` `[1, batch]` in [0, classes)."""
   rng = np.random.default_rng(seed)
-  return {k: rng.integers(1, vocab_size, size=(1, batch, n), dtype=np.int32)
-          for k, n in task.lengths.items()}
+  out = {k: rng.integers(1, vocab_size, size=(1, batch, n), dtype=np.int32)
+         for k, n in task.lengths.items()}
+  if task.num_classes:
+    out["label"] = rng.integers(0, task.num_classes, size=(1, batch), dtype=np.int32)
+  return out
 
 
 def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seconds: float,
@@ -278,6 +421,7 @@ def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seco
   added by the caller, which owns the peak)."""
   config = build_config(shape)
   task = build_task(config, shape.vocab_size)
+  check_model_knobs(shape, config, task)
   cfg = task.model.config
   family = _family(task)
   tx = optimizers.make_optimizer(config)
@@ -293,7 +437,8 @@ def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seco
   p_state, metrics = p_train(p_state, batch)
   jax.block_until_ready((p_state, metrics))
   compile_s = time.perf_counter() - t0
-  scored = batch["targets"] if "targets" in batch else batch["inputs"]
+  # Classification weighs each example once; the sequence tasks weigh each target token.
+  scored = batch["label"] if "label" in batch else batch.get("targets", batch["inputs"])
   assert float(metrics["weight"][0]) == scored.size, "some synthetic tokens were not counted"
 
   def timed(n: int) -> List[float]:
@@ -316,22 +461,29 @@ def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seco
   all_times = [t for r in round_times for t in r]
   step_s = statistics.median(all_times)
 
-  src_len = shape.src_length if family == "enc-dec" else 0
-  flops = model_flops(cfg, family, shape.batch, src_len, shape.tgt_length)
-  tgt_tokens = shape.batch * shape.tgt_length
-  all_tokens = tgt_tokens + shape.batch * src_len
+  src_len = shape.src_length if family in ("enc-dec", "encoder-only") else 0
+  tgt_len = shape.tgt_length if family in ("enc-dec", "decoder-only") else 0
+  flops = model_flops(cfg, family, shape.batch, src_len, tgt_len)
+  # "tokens" are the sequence the task models: targets (enc-dec), the sequence
+  # (decoder-only) or the inputs (encoder-only); "all" adds an enc-dec's source.
+  seq_tokens = shape.batch * (src_len if family == "encoder-only" else tgt_len)
+  all_tokens = shape.batch * (src_len + tgt_len)
   achieved = flops["total"] / step_s
   return {
       "shape": shape.name, "family": family, "task": shape.task, "size": shape.size,
       "params": counts["total"], "params_matmul": counts["matmul"],
-      "batch": shape.batch, "src_length": src_len, "tgt_length": shape.tgt_length,
+      "batch": shape.batch, "src_length": src_len, "tgt_length": tgt_len,
       "vocab_size": task.vocab_size, "dropout_rate": config.dropout_rate,
       "attention_impl": config.attention_impl, "norm_placement": config.norm_placement,
+      "dtype": config.dtype,  # compute; the parameters' dtypes follow (float32 for all)
+      "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(p_state.params)}),
+      "attention_block_size": config.get("attention_block_size"),
+      "remat": config.get("remat", "none"), "scan_layers": config.get("scan_layers", False),
       "compile_s": compile_s, "second_call_s": second_call_s, "step_s": step_s,
       "steps_per_round": per_round,
       "round_median_s": [statistics.median(r) for r in round_times],
       "step_s_min": min(all_times), "step_s_max": max(all_times),
-      "tokens_per_sec": tgt_tokens / step_s, "all_tokens_per_sec": all_tokens / step_s,
+      "tokens_per_sec": seq_tokens / step_s, "all_tokens_per_sec": all_tokens / step_s,
       "flops_per_step": flops["total"], "flops_parts": flops,
       "flops_per_sec": achieved,
       "reference": shape.reference, "ref_mfu": shape.ref_mfu,
@@ -342,29 +494,65 @@ def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seco
 # ----------------------------------------------------------------------------- report
 
 
+def _lengths(r: Dict[str, Any]) -> str:
+  if r["family"] == "enc-dec":
+    return f"{r['batch']} x {r['src_length']}/{r['tgt_length']}"
+  if r["family"] == "encoder-only":
+    return f"{r['batch']} x {r['src_length']}"
+  return f"{r['batch']} x {r['tgt_length']}"
+
+
+def _attention(r: Dict[str, Any]) -> str:
+  if r["attention_impl"] == "blockwise":
+    return f"blockwise/{r['attention_block_size']}"
+  return r["attention_impl"]
+
+
+def _layers(r: Dict[str, Any]) -> str:
+  """remat policy and scan, "-" for the plain model."""
+  parts = [f"remat {r['remat']}"] if r["remat"] != "none" else []
+  parts += ["scan"] if r["scan_layers"] else []
+  return ", ".join(parts) or "-"
+
+
 def markdown_table(rows: List[Dict[str, Any]]) -> str:
-  head = ("| shape | family | params | batch x lengths | vocab | dropout | attention | "
-          "compile s | 2nd call s | step ms | tokens/s | src+tgt tokens/s | model GFLOP/step | "
-          "GFLOP/s | MFU % | reference MFU % |")
-  lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
-  for r in rows:
-    lengths = (f"{r['batch']} x {r['src_length']}/{r['tgt_length']}"
-               if r["family"] == "enc-dec" else f"{r['batch']} x {r['tgt_length']}")
-    ref = f"{r['ref_mfu']:.0f}" if r["ref_mfu"] is not None else ""
-    lines.append(
-        f"| {r['shape']} | {r['family']} | {r['params'] / 1e6:.2f}M | {lengths} | "
-        f"{r['vocab_size']} | {r['dropout_rate']:g} | {r['attention_impl']} | "
-        f"{r['compile_s']:.1f} | {r['second_call_s']:.1f} | {r['step_s'] * 1e3:.1f} | "
-        f"{r['tokens_per_sec']:,.0f} | "
-        f"{r['all_tokens_per_sec']:,.0f} | {r['flops_per_step'] / 1e9:.2f} | "
-        f"{r['flops_per_sec'] / 1e9:.1f} | {100 * r['mfu']:.1f} | {ref} |")
+  """One line per row. The MFU column divides by the float32 matmul peak for every row,
+  bfloat16 ones included; the bf16-peak column appears when a bfloat16 row ran."""
+  columns = [
+      ("shape", lambda r: r["shape"]),
+      ("family", lambda r: r["family"]),
+      ("params", lambda r: f"{r['params'] / 1e6:.2f}M"),
+      ("batch x lengths", _lengths),
+      ("vocab", lambda r: str(r["vocab_size"])),
+      ("dropout", lambda r: f"{r['dropout_rate']:g}"),
+      ("attention", _attention),
+      ("dtype", lambda r: r["dtype"]),
+      ("remat/scan", _layers),
+      ("compile s", lambda r: f"{r['compile_s']:.1f}"),
+      ("2nd call s", lambda r: f"{r['second_call_s']:.1f}"),
+      ("step ms", lambda r: f"{r['step_s'] * 1e3:.1f}"),
+      ("tokens/s", lambda r: f"{r['tokens_per_sec']:,.0f}"),
+      ("src+tgt tokens/s", lambda r: f"{r['all_tokens_per_sec']:,.0f}"),
+      ("model GFLOP/step", lambda r: f"{r['flops_per_step'] / 1e9:.2f}"),
+      ("GFLOP/s", lambda r: f"{r['flops_per_sec'] / 1e9:.1f}"),
+      ("MFU % (f32 peak)", lambda r: f"{100 * r['mfu']:.1f}"),
+  ]
+  if any(r.get("mfu_bf16_peak") is not None for r in rows):
+    columns.append(("MFU % (bf16 peak)", lambda r: "" if r.get("mfu_bf16_peak") is None
+                    else f"{100 * r['mfu_bf16_peak']:.1f}"))
+  columns.append(("reference MFU %", lambda r: "" if r["ref_mfu"] is None
+                  else f"{r['ref_mfu']:.0f}"))
+  lines = ["| " + " | ".join(h for h, _ in columns) + " |",
+           "|" + "---|" * len(columns)]
+  lines += ["| " + " | ".join(fn(r) for _, fn in columns) + " |" for r in rows]
   return "\n".join(lines)
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--shapes", default="all",
-                      help="comma-separated shape names, 'all', or 'list' to print them")
+  parser.add_argument("--shapes", default="default",
+                      help="comma-separated shape and group names (default, families, "
+                           "bf16, variants, all), or 'list' to print them")
   parser.add_argument("--steps", type=int, default=3, help="timed steps per round (minimum)")
   parser.add_argument("--rounds", type=int, default=3, help="timed rounds per shape")
   parser.add_argument("--warmup", type=int, default=1,
@@ -374,22 +562,54 @@ def parse_args(argv=None):
   parser.add_argument("--peak_size", type=int, default=1024,
                       help="n of the float32 n x n matmul that defines the peak")
   parser.add_argument("--peak_reps", type=int, default=30, help="timed peak matmuls")
+  parser.add_argument("--bf16_peak", choices=("auto", "yes", "no"), default="auto",
+                      help="also measure a bfloat16 matmul peak (auto: when a bfloat16 "
+                           "row is selected)")
   parser.add_argument("--seed", type=int, default=0, help="synthetic batch tokens")
   parser.add_argument("--output", default="", help="also write the results as JSON here")
   return parser.parse_args(argv)
 
 
+def select_shapes(spec: str):
+  """(names to run, [(name, why skipped)]) for a `--shapes` value: shape and group names,
+  in order, each shape once. An optional shape whose feature is missing is skipped when a
+  group brought it in, and stops the run when it was named."""
+  names, named = [], set()
+  for item in (n.strip() for n in spec.split(",")):
+    if not item:
+      continue
+    if item in GROUPS:
+      names += [n for n in GROUPS[item] if n not in names]
+    elif item in SHAPES_BY_NAME:
+      named.add(item)
+      names += [item] if item not in names else []
+    else:
+      raise SystemExit(f"unknown shape or group {item!r}; groups: {', '.join(GROUPS)}; "
+                       f"shapes: {', '.join(SHAPES_BY_NAME)}")
+  run, skipped = [], []
+  for name in names:
+    why = missing_feature(SHAPES_BY_NAME[name]) if SHAPES_BY_NAME[name].optional else ""
+    if why and name in named:
+      raise SystemExit(f"shape {name} cannot run: {why}")
+    if why:
+      skipped.append((name, why))
+    else:
+      run.append(name)
+  return run, skipped
+
+
 def main(argv=None):
   args = parse_args(argv)
   if args.shapes == "list":
+    for group, members in GROUPS.items():
+      print(f"group {group}: {', '.join(members)}")
+    print()
     for s in SHAPES:
-      print(f"{s.name:<24} {s.task:<12} {s.note or s.size}")
+      print(f"{s.name:<34} {s.task:<14} {s.note or s.size}")
     return
-  names = [s.name for s in SHAPES] if args.shapes == "all" else [
-      n.strip() for n in args.shapes.split(",") if n.strip()]
-  unknown = [n for n in names if n not in SHAPES_BY_NAME]
-  if unknown:
-    raise SystemExit(f"unknown shapes {unknown}; choose from {', '.join(SHAPES_BY_NAME)}")
+  names, skipped = select_shapes(args.shapes)
+  for name, why in skipped:
+    print(f"skipping {name}: {why}", file=sys.stderr, flush=True)
 
   start = time.perf_counter()
   load_before = os.getloadavg()
@@ -415,8 +635,13 @@ def main(argv=None):
   peaks.append(measure_peak(args.peak_size, args.peak_reps))
   larger = measure_peak(2 * args.peak_size, max(args.peak_reps // 4, 3))
   peak = statistics.median(p["flops_per_sec"] for p in peaks)
+  bf16 = any(r["dtype"] == "bfloat16" for r in results)
+  bf16_peak = (measure_peak(args.peak_size, args.peak_reps, "bfloat16")
+               if args.bf16_peak == "yes" or (args.bf16_peak == "auto" and bf16) else None)
   for row in results:
     row["mfu"] = row["flops_per_sec"] / peak
+    row["mfu_bf16_peak"] = (row["flops_per_sec"] / bf16_peak["flops_per_sec"]
+                            if bf16_peak and row["dtype"] == "bfloat16" else None)
   total_s = time.perf_counter() - start
   load_after = os.getloadavg()
 
@@ -431,9 +656,15 @@ def main(argv=None):
         f"(each the median of {args.peak_reps} calls; range {spread[0]:.1f} - "
         f"{spread[-1]:.1f}); {larger['n']}x{larger['n']}: "
         f"{larger['flops_per_sec'] / 1e9:.1f} GFLOP/s")
-  print("tokens/s counts target tokens (enc-dec) or sequence tokens (decoder-only); "
-        "src+tgt adds the source tokens.\n")
+  if bf16_peak:
+    print(f"bfloat16 {args.peak_size}x{args.peak_size} matmul: "
+          f"{bf16_peak['flops_per_sec'] / 1e9:.1f} GFLOP/s (one measurement, median of "
+          f"{args.peak_reps} calls); MFU % is against the float32 peak for every row")
+  print("tokens/s counts target tokens (enc-dec), sequence tokens (decoder-only) or input "
+        "tokens (encoder-only); src+tgt adds an enc-dec's source tokens.\n")
   print(markdown_table(results))
+  for name, why in skipped:
+    print(f"skipped {name}: {why}")
   print(f"\ntotal time {total_s:.0f} s")
   if args.output:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
@@ -441,7 +672,9 @@ def main(argv=None):
       json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"),
                  "jax": jax.__version__, "backend": jax.default_backend(),
                  "args": vars(args), "peak_flops_per_sec": peak, "peaks": peaks,
-                 "peak_larger": larger, "load_before": load_before,
+                 "peak_larger": larger, "peak_bf16": bf16_peak,
+                 "skipped": [{"shape": n, "why": w} for n, w in skipped],
+                 "load_before": load_before,
                  "load_after": load_after, "total_s": total_s, "rows": results}, f, indent=2)
 
 
