@@ -28,8 +28,6 @@ and the "param leaves" column shows the stacking (far fewer leaves with scan).
 
 import argparse
 import dataclasses
-import datetime
-import json
 import os
 import platform
 import statistics
@@ -43,6 +41,7 @@ if __package__ in (None, ""):  # run as a script: put the repository root on the
 
 import jax  # noqa: E402
 
+from benchmarks import run_record  # noqa: E402
 import train  # noqa: E402
 import validation  # noqa: E402
 from benchmarks import train_throughput  # noqa: E402
@@ -233,21 +232,17 @@ def main(argv=None):
   print(f"\njax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU(s), "
         f"{platform.processor() or platform.machine()}; persistent compilation cache "
         f"{'on' if jax.config.jax_enable_compilation_cache else 'off'}")
-  print(f"load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
-        f"{' '.join(f'{x:.2f}' for x in load_after)} after")
+  print(run_record.load_line(load_before, load_after))
   print(f"median of {args.reps} compilation(s) per case, each after jax.clear_caches(); "
         f"step ms: median of {args.steps} steps.\n")
   print(markdown_table(rows))
   print(f"\ntotal time {total_s:.0f} s")
   if args.output:
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-      json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "jax": jax.__version__, "backend": jax.default_backend(),
-                 "args": vars(args),
-                 "persistent_cache": bool(jax.config.jax_enable_compilation_cache),
-                 "load_before": load_before, "load_after": load_after, "total_s": total_s,
-                 "rows": rows}, f, indent=2)
+    run_record.write_json(args.output, {
+        "args": vars(args),
+        "persistent_cache": bool(jax.config.jax_enable_compilation_cache),
+        "load_before": load_before, "load_after": load_after, "total_s": total_s,
+        "rows": rows})
   return rows
 
 

@@ -46,8 +46,6 @@ asserts a timing.
 import argparse
 import collections
 import dataclasses
-import datetime
-import json
 import math
 import os
 import platform
@@ -63,6 +61,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import run_record  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 from configs import default as default_config  # noqa: E402
@@ -377,20 +376,16 @@ def main(argv=None):
   print(f"\njax {jax.__version__}, backend {jax.default_backend()}, device "
         f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU(s), "
         f"{platform.processor() or platform.machine()}")
-  print(f"load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
-        f"{' '.join(f'{x:.2f}' for x in load_after)} after")
+  print(run_record.load_line(load_before, load_after))
   print("tokens/s = batch x new tokens / decode time; row tokens/s counts every row the "
         "step runs (batch x beam).\n")
   print(markdown_table(results))
   print(f"\ntotal time {total_s:.0f} s")
   if args.output:
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-      json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "jax": jax.__version__, "backend": jax.default_backend(),
-                 "device": jax.devices()[0].device_kind, "args": vars(args),
-                 "load_before": load_before, "load_after": load_after, "total_s": total_s,
-                 "rows": results}, f, indent=2)
+    run_record.write_json(args.output, {
+        "device": jax.devices()[0].device_kind, "args": vars(args),
+        "load_before": load_before, "load_after": load_after, "total_s": total_s,
+        "rows": results})
 
 
 if __name__ == "__main__":

@@ -38,9 +38,7 @@ load average before and after is printed.
 
 import argparse
 import contextlib
-import datetime
 import functools
-import json
 import os
 import platform
 import shutil
@@ -57,6 +55,7 @@ if __package__ in (None, ""):  # run as a script: put the repository root on the
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import run_record  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 import validation  # noqa: E402
@@ -346,8 +345,7 @@ def main(argv=None):
   print(f"\njax {jax.__version__}, backend {jax.default_backend()}, 1 device used, "
         f"{os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}"
         + (" (--quick: tiny models, 1 round: smoke numbers only)" if args.quick else ""))
-  print(f"load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
-        f"{' '.join(f'{x:.2f}' for x in load_after)} after")
+  print(run_record.load_line(load_before, load_after))
   print(f"\n(a) the training iterator alone; medians of {args.rounds} round(s) of "
         f"{args.seconds:g} s\n")
   print(pipeline_table(rows, threads))
@@ -359,12 +357,9 @@ def main(argv=None):
     print(step_table(rows))
   print(f"\ntotal time {total_s:.0f} s")
   if args.output:
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-      json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "jax": jax.__version__, "backend": jax.default_backend(),
-                 "args": vars(args), "load_before": load_before, "load_after": load_after,
-                 "total_s": total_s, "rows": rows}, f, indent=2)
+    run_record.write_json(args.output, {
+        "args": vars(args), "load_before": load_before, "load_after": load_after,
+        "total_s": total_s, "rows": rows})
 
 
 if __name__ == "__main__":

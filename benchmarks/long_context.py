@@ -37,6 +37,8 @@ from typing import Any, Dict, List
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import run_record  # noqa: E402
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384)
 VOCAB = 256
@@ -169,7 +171,8 @@ def plot(rows: List[Dict[str, Any]], path: str, limit_gib: float) -> None:
       ax_time.plot([r["length"] for r in ran], [r["step_s"] for r in ran], dash,
                    color=color, marker="o", label=f"{impl} {mode}")
   ax_mem.axhline(limit_gib, color="k", lw=0.8, ls=":")
-  ax_mem.text(256, limit_gib * 1.1, f"{limit_gib:g} GiB (this machine)", fontsize=8)
+  ax_mem.text(max(r["length"] for r in rows), limit_gib * 1.1,
+              f"{limit_gib:g} GiB (this machine)", fontsize=8, ha="right")
   for ax, title, ylabel in ((ax_mem, "memory", "GiB"), (ax_time, "time per step", "s")):
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -177,7 +180,7 @@ def plot(rows: List[Dict[str, Any]], path: str, limit_gib: float) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(f"base decoder-only LM: {title}")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper left")
   fig.tight_layout()
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
@@ -199,6 +202,7 @@ def parse_args(argv=None):
   parser.add_argument("--quick", action="store_true", help="short lengths, 1 step")
   parser.add_argument("--output", default="")
   parser.add_argument("--plot", default="")
+  parser.add_argument("--replot", default="", help="only draw --plot from this JSON output")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -207,6 +211,10 @@ def main(argv=None):
   args = parse_args(argv)
   lengths = [int(x) for x in args.lengths.split(",")]
   impls, modes = args.impls.split(","), args.modes.split(",")
+  if args.replot:
+    with open(args.replot, encoding="utf-8") as f:
+      plot(json.load(f)["rows"], args.plot, limit_gib=24.0)
+    return
   if args.child:
     print(json.dumps(child(lengths[0], impls[0], modes[0], args.steps, args.block,
                            args.max_gib, args.remat)))
@@ -232,9 +240,7 @@ def main(argv=None):
                         "load_before_after": os.getloadavg()},
             "args": vars(args), "rows": rows, "markdown": table}
   if args.output:
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=1)
+    run_record.write_json(args.output, result)
   if args.plot:
     plot(rows, args.plot, limit_gib=24.0)
 

@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 import jax  # noqa: E402
 
 import train  # noqa: E402
-from benchmarks import train_throughput  # noqa: E402
+from benchmarks import run_record, train_throughput  # noqa: E402
 from configs import default  # noqa: E402
 from training import optimizers  # noqa: E402
 
@@ -88,10 +88,9 @@ def main(argv=None):
                  f"{r['step_s']:.2f} | {r['step_s'] / base['step_s']:.2f}x |")
   print("\n".join(lines))
   if args.output:
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-      json.dump({"args": vars(args), "rows": rows, "markdown": "\n".join(lines),
-                 "load": os.getloadavg()}, f, indent=1)
+    run_record.write_json(args.output, {"args": vars(args), "rows": rows,
+                                        "markdown": "\n".join(lines),
+                                        "load_after": os.getloadavg()})
 
 
 if __name__ == "__main__":

@@ -38,8 +38,6 @@ cannot produce a row that silently measures the default model.
 
 import argparse
 import dataclasses
-import datetime
-import json
 import math
 import os
 import platform
@@ -56,6 +54,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from benchmarks import run_record  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 import validation  # noqa: E402
@@ -648,8 +647,7 @@ def main(argv=None):
   print(f"\njax {jax.__version__}, backend {jax.default_backend()}, "
         f"{len(jax.local_devices())} local device(s), {os.cpu_count()} CPU(s), "
         f"{platform.processor() or platform.machine()}")
-  print(f"load average (1/5/15 min): {' '.join(f'{x:.2f}' for x in load_before)} before, "
-        f"{' '.join(f'{x:.2f}' for x in load_after)} after")
+  print(run_record.load_line(load_before, load_after))
   spread = sorted(p["flops_per_sec"] / 1e9 for p in peaks)
   print(f"peak for MFU: jitted float32 {args.peak_size}x{args.peak_size} matmul "
         f"(2 n^3 FLOPs), {peak / 1e9:.1f} GFLOP/s = median of {len(peaks)} measurements "
@@ -667,15 +665,12 @@ def main(argv=None):
     print(f"skipped {name}: {why}")
   print(f"\ntotal time {total_s:.0f} s")
   if args.output:
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w", encoding="utf-8") as f:
-      json.dump({"date": datetime.datetime.now().isoformat(timespec="seconds"),
-                 "jax": jax.__version__, "backend": jax.default_backend(),
-                 "args": vars(args), "peak_flops_per_sec": peak, "peaks": peaks,
-                 "peak_larger": larger, "peak_bf16": bf16_peak,
-                 "skipped": [{"shape": n, "why": w} for n, w in skipped],
-                 "load_before": load_before,
-                 "load_after": load_after, "total_s": total_s, "rows": results}, f, indent=2)
+    run_record.write_json(args.output, {
+        "args": vars(args), "peak_flops_per_sec": peak, "peaks": peaks,
+        "peak_larger": larger, "peak_bf16": bf16_peak,
+        "skipped": [{"shape": n, "why": w} for n, w in skipped],
+        "load_before": load_before,
+        "load_after": load_after, "total_s": total_s, "rows": results})
 
 
 if __name__ == "__main__":

@@ -246,8 +246,7 @@ class MultiHeadAttention(nn.Module):
     dropout_rate: dropout on the attention weights.
     implementation: "reference", "fused" or "blockwise" (see `dot_product_attention`).
     block_size: queries and keys per tile of the blockwise path.
-    decode: keep a key/value cache for incremental (one token at a time) decoding; in
-      cross-attention, keep the projected encoder keys/values after the first step.
+    decode: keep a key/value cache for incremental (one token at a time) decoding.
     dtype: compute dtype; parameters are always float32.
   """
 
@@ -284,21 +283,15 @@ class MultiHeadAttention(nn.Module):
         features, axis=-1, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
         kernel_init=self.kernel_init, name=name)
     heads = (self.num_heads, self.head_dim)
-
-    def project_keys_values(module, x):  # W^K and W^V (`module`: self, or nn.cond's copy)
-      del module  # the projections below attach to the module being run
-      if self.fused_qkv:
-        return tuple(jnp.moveaxis(dense((2,) + heads, "kv")(x), -3, 0))
-      return dense(heads, "key")(x), dense(heads, "value")(x)
-
     if self.fused_qkv and self_attention:
       query, key, value = jnp.moveaxis(dense((3,) + heads, "qkv")(inputs_q), -3, 0)
+    elif self.fused_qkv:
+      query = dense(heads, "query")(inputs_q)
+      key, value = jnp.moveaxis(dense((2,) + heads, "kv")(inputs_kv), -3, 0)
     else:
       query = dense(heads, "query")(inputs_q)
-      if self.decode and not self_attention:
-        key, value = self._cross_keys_values(project_keys_values, inputs_kv)
-      else:
-        key, value = project_keys_values(self, inputs_kv)
+      key = dense(heads, "key")(inputs_kv)
+      value = dense(heads, "value")(inputs_kv)
 
     if self.decode and self_attention:
       key, value, mask = self._update_cache(key, value, mask)
@@ -324,29 +317,6 @@ class MultiHeadAttention(nn.Module):
     return nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
                            param_dtype=jnp.float32, kernel_init=self.kernel_init,
                            name="out")(out)
-
-  def _cross_keys_values(self, project: Callable, inputs_kv: Array):
-    """Cross-attention keys and values while decoding: projected from the encoder output
-    at the first step, then read from the cache (the encoder output does not change, and
-    projecting it again at every step would cost more than the rest of the step).
-
-    `project(module, inputs_kv) -> (keys, values)`, each `[batch, kv_length, heads,
-    head_dim]`.
-    """
-    shape = inputs_kv.shape[:2] + (self.num_heads, self.head_dim)
-    ready = self.variable("cache", "cross_ready", lambda: jnp.array(False))
-    cached_key = self.variable("cache", "cross_key", jnp.zeros, shape, self.dtype)
-    cached_value = self.variable("cache", "cross_value", jnp.zeros, shape, self.dtype)
-    if self.is_initializing():
-      return project(self, inputs_kv)
-
-    def cached(module, _):
-      return (module.get_variable("cache", "cross_key"),
-              module.get_variable("cache", "cross_value"))
-
-    key, value = nn.cond(ready.value, cached, project, self, inputs_kv)
-    cached_key.value, cached_value.value, ready.value = key, value, jnp.array(True)
-    return key, value
 
   def _update_cache(self, key: Array, value: Array, mask: Optional[Mask]):
     """Writes this step's key/value at the cache index and masks the unwritten slots.

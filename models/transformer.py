@@ -143,7 +143,7 @@ class DecoderBlock(nn.Module):
     y = _sublayer(cfg, y, lambda h: _attention(cfg, "self_attention", decode=cfg.decode)(
         h, mask=self_mask, deterministic=deterministic), "self_attention", deterministic)
     if self.cross_attention:
-      y = _sublayer(cfg, y, lambda h: _attention(cfg, "cross_attention", decode=cfg.decode)(
+      y = _sublayer(cfg, y, lambda h: _attention(cfg, "cross_attention")(
           h, encoded, mask=cross_mask, deterministic=deterministic),
                     "cross_attention", deterministic)
     return _sublayer(cfg, y, lambda h: FeedForward(
