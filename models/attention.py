@@ -108,6 +108,11 @@ class AttentionMask:
     return (self.query_valid.shape[0], 1, self.query_valid.shape[1],
             self.key_valid.shape[1])
 
+  @property
+  def dtype(self):
+    """The dtype of the dense mask (bool)."""
+    return jnp.dtype(bool)
+
   def block(self, q_start, q_size: int, k_start, k_size: int) -> Array:
     """The dense mask of queries [q_start, q_start + q_size) and keys [k_start, k_start +
     k_size): `[batch, 1, q_size, k_size]` bool. Starts may be traced values."""

@@ -55,7 +55,7 @@ def test_attention_mask_dense_equals_the_mask_functions():
                                      attention.causal_mask(4),
                                      attention.segment_mask(segments, segments))
   np.testing.assert_array_equal(mask.dense(), expected)
-  assert mask.shape == (1, 1, 4, 4)
+  assert mask.shape == (1, 1, 4, 4) and mask.dtype == expected.dtype  # stands in for it
   # A tile is the same slice of the dense mask.
   np.testing.assert_array_equal(mask.block(1, 2, 2, 2), expected[:, :, 1:3, 2:4])
 
