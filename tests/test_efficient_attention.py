@@ -234,3 +234,21 @@ def test_model_config_dataclass_defaults_to_reference():
   cfg = tiny_model_config()
   assert cfg.attention_impl == "reference" and cfg.attention_block_size == 512
   assert dataclasses.replace(cfg, attention_impl="blockwise").attention_impl == "blockwise"
+
+
+@pytest.mark.parametrize("task_name", ["translation", "generation"])
+def test_decoding_through_the_blockwise_path_gives_the_reference_tokens(task_name):
+  """Cached decoding (one query a step against the cache, masked by a dense array) and
+  the evaluation loss of a blockwise model equal the reference model's."""
+  import tasks  # pylint: disable=g-import-not-at-top
+  from tests.tiny_configs import tiny_config  # pylint: disable=g-import-not-at-top
+  reference = tasks.get_task(tiny_config(task_name, beam_size=2))
+  blockwise = tasks.get_task(tiny_config(task_name, beam_size=2, attention_impl="blockwise",
+                                         attention_block_size=4))
+  params = reference.init_params(jax.random.PRNGKey(0))
+  batch = jax.tree.map(lambda x: jnp.asarray(x[0]),
+                       reference.eval_dataset("eval", batch_size=8, num_devices=1)[0])
+  np.testing.assert_array_equal(jax.jit(blockwise.predict)(params, batch),
+                                jax.jit(reference.predict)(params, batch))
+  np.testing.assert_allclose(blockwise.loss(params, batch, None, False)["loss"],
+                             reference.loss(params, batch, None, False)["loss"], rtol=1e-5)
