@@ -74,6 +74,7 @@ def validate(config, num_devices: int = 1) -> None:
   _choice(config, "dtype", DTYPES)
   _choice(config, "attention_impl", attention.IMPLEMENTATIONS)
   _choice(config, "remat", transformer.REMAT_POLICIES)
+  _choice(config, "dropout_rng", layers.DROPOUT_RNGS)
   _int(config, "attention_block_size", 1)
   if not isinstance(config.get("scan_layers", False), bool):
     _fail("scan_layers", config.scan_layers, "expected True or False")

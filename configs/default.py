@@ -71,6 +71,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.head_dim = 0  # per-head size d_k = d_v; 0 = d_model // num_heads
   c.dropout_rate = 0.0  # residual, embedding and feed-forward dropout
   c.attention_dropout_rate = 0.0  # dropout on attention weights (reference path only)
+  c.dropout_rng = "hash"  # dropout masks: "hash" of the index (fast) or "threefry" (JAX's)
   c.norm_placement = "post"  # "post" (paper: LN(x + f(x))) or "pre" (x + f(LN(x)))
   c.positional_encoding = "sinusoidal"  # "sinusoidal" (paper) or "learned"
   c.fused_qkv = False  # one projection for q, k and v instead of three

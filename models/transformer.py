@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from models import attention
-from models.layers import Embed, FeedForward, LayerNorm, PositionalEncoding
+from models.layers import Dropout, Embed, FeedForward, LayerNorm, PositionalEncoding
 
 Array = jax.Array
 
@@ -52,6 +52,7 @@ class TransformerConfig:
   num_encoder_layers: int = 6
   num_decoder_layers: int = 6
   dropout_rate: float = 0.1  # residual, embedding and feed-forward dropout
+  dropout_rng: str = "hash"  # how dropout masks are drawn (layers.keep_mask)
   attention_dropout_rate: float = 0.0
   norm_placement: str = "post"  # "post" (paper): LN(x + f(x)); "pre": x + f(LN(x))
   positional_encoding: str = "sinusoidal"
@@ -98,6 +99,11 @@ def _attention(cfg: TransformerConfig, name: str, decode: bool = False):
       block_size=cfg.attention_block_size, decode=decode, dtype=cfg.dtype, name=name)
 
 
+def _feed_forward(cfg: TransformerConfig):
+  return FeedForward(cfg.d_ff, cfg.dropout_rate, cfg.activation, cfg.dtype,
+                     dropout_rng=cfg.dropout_rng, name="ffn")
+
+
 def _sublayer(cfg: TransformerConfig, x: Array, fn: Callable[[Array], Array], name: str,
               deterministic: bool) -> Array:
   """Residual connection around `fn`, with dropout and layer norm (section 5.4).
@@ -107,7 +113,7 @@ def _sublayer(cfg: TransformerConfig, x: Array, fn: Callable[[Array], Array], na
   norm = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name=f"{name}_norm")
   pre = cfg.norm_placement == "pre"
   y = fn(norm(x) if pre else x)
-  y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+  y = Dropout(cfg.dropout_rate, cfg.dropout_rng)(y, deterministic=deterministic)
   return x + y if pre else norm(x + y)
 
 
@@ -123,9 +129,8 @@ class EncoderBlock(nn.Module):
     cfg = self.config
     x = _sublayer(cfg, x, lambda h: _attention(cfg, "self_attention")(
         h, mask=mask, deterministic=deterministic), "self_attention", deterministic)
-    return _sublayer(cfg, x, lambda h: FeedForward(
-        cfg.d_ff, cfg.dropout_rate, cfg.activation, cfg.dtype, name="ffn")(
-            h, deterministic=deterministic), "ffn", deterministic)
+    return _sublayer(cfg, x, lambda h: _feed_forward(cfg)(h, deterministic=deterministic),
+                     "ffn", deterministic)
 
 
 class DecoderBlock(nn.Module):
@@ -146,9 +151,8 @@ class DecoderBlock(nn.Module):
       y = _sublayer(cfg, y, lambda h: _attention(cfg, "cross_attention")(
           h, encoded, mask=cross_mask, deterministic=deterministic),
                     "cross_attention", deterministic)
-    return _sublayer(cfg, y, lambda h: FeedForward(
-        cfg.d_ff, cfg.dropout_rate, cfg.activation, cfg.dtype, name="ffn")(
-            h, deterministic=deterministic), "ffn", deterministic)
+    return _sublayer(cfg, y, lambda h: _feed_forward(cfg)(h, deterministic=deterministic),
+                     "ffn", deterministic)
 
 
 class _ScanStep(nn.Module):
@@ -255,7 +259,7 @@ class Encoder(nn.Module):
         raise ValueError("a classification token does not combine with packed inputs")
     x = PositionalEncoding(cfg.positional_encoding, cfg.max_length, cfg.dtype,
                            name="positions")(x, positions)
-    x = nn.Dropout(cfg.dropout_rate)(x, deterministic=deterministic)
+    x = Dropout(cfg.dropout_rate, cfg.dropout_rng)(x, deterministic=deterministic)
     mask = attention.AttentionMask(valid, valid, segmentation, segmentation)
     x = _block_stack(cfg, EncoderBlock, cfg.num_encoder_layers, x, mask,
                      deterministic=deterministic)
@@ -298,7 +302,7 @@ class Decoder(nn.Module):
     y = embed(decoder_inputs) * jnp.sqrt(jnp.float32(cfg.d_model)).astype(cfg.dtype)
     y = PositionalEncoding(cfg.positional_encoding, cfg.max_length, cfg.dtype,
                            name="positions")(y, positions)
-    y = nn.Dropout(cfg.dropout_rate)(y, deterministic=deterministic)
+    y = Dropout(cfg.dropout_rate, cfg.dropout_rng)(y, deterministic=deterministic)
     y = _block_stack(cfg, DecoderBlock, cfg.num_decoder_layers, y, self_mask, encoded,
                      cross_mask, deterministic=deterministic,
                      cross_attention=self.cross_attention)
@@ -414,6 +418,6 @@ class Classifier(nn.Module):
       pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
     else:
       raise ValueError(f"unknown pooling {cfg.pooling!r}; expected one of {POOLINGS}")
-    pooled = nn.Dropout(cfg.dropout_rate)(pooled, deterministic=deterministic)
+    pooled = Dropout(cfg.dropout_rate, cfg.dropout_rng)(pooled, deterministic=deterministic)
     return nn.Dense(cfg.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
                     kernel_init=nn.initializers.xavier_uniform(), name="head")(pooled)

@@ -182,6 +182,7 @@ INVALID = [
                                                attention_dropout_rate=0.1), 1,
      "attention_impl", "attention_dropout_rate=0"),
     ("unknown_remat", None, dict(remat="some"), 1, "remat", "matmuls"),
+    ("unknown_dropout_rng", None, dict(dropout_rng="philox"), 1, "dropout_rng", "threefry"),
     ("zero_attention_block", None, dict(attention_block_size=0), 1, "attention_block_size",
      ">= 1"),
     ("scan_layers_not_bool", None, dict(scan_layers="yes"), 1, "scan_layers", "True or False"),

@@ -1,10 +1,12 @@
 """Layer norm, feed-forward, embeddings and positional encodings against NumPy."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from models import layers
 from models.layers import Embed, FeedForward, LayerNorm, PositionalEncoding, sinusoidal_encoding
 
 ATOL = 1e-5
@@ -167,3 +169,38 @@ def test_embed_init_has_stddev_inverse_sqrt_d_model():
   embed = Embed(vocab_size=512, features=16)
   table = embed.init(jax.random.PRNGKey(0), jnp.zeros((1, 1), int))["params"]["embedding"]
   assert abs(float(np.std(table)) * np.sqrt(16) - 1.0) < 0.05
+
+
+@pytest.mark.parametrize("rng", layers.DROPOUT_RNGS)
+def test_keep_mask_keeps_each_entry_independently_with_probability_one_minus_rate(rng):
+  """Over 1M entries: the kept fraction is 1 - rate (to 5 standard deviations), two keys
+  agree as often as independent masks would (keep^2 + rate^2), and neighbouring entries
+  are uncorrelated; the same key gives the same mask."""
+  rate, shape = 0.1, (16, 256, 256)
+  a = np.asarray(layers.keep_mask(jax.random.PRNGKey(0), shape, rate, rng))
+  b = np.asarray(layers.keep_mask(jax.random.PRNGKey(1), shape, rate, rng))
+  n, keep = a.size, 1.0 - rate
+  sd = (keep * rate / n) ** 0.5
+  assert abs(a.mean() - keep) < 5 * sd and abs(b.mean() - keep) < 5 * sd
+  agree = keep ** 2 + rate ** 2
+  assert abs((a == b).mean() - agree) < 5 * (agree * (1 - agree) / n) ** 0.5
+  flat = a.reshape(-1).astype(np.float64)
+  for shift in (1, 2, 256, 65536):  # next entry, next row, next matrix
+    corr = np.corrcoef(flat[:-shift], flat[shift:])[0, 1]
+    assert abs(corr) < 5 / n ** 0.5, (shift, corr)
+  np.testing.assert_array_equal(layers.keep_mask(jax.random.PRNGKey(0), shape, rate, rng), a)
+
+
+def test_dropout_scales_kept_entries_and_threefry_matches_flax():
+  x = jnp.ones((4, 1000))
+  key = jax.random.PRNGKey(2)
+  for rng in layers.DROPOUT_RNGS:
+    y = layers.Dropout(0.25, rng).apply({}, x, deterministic=False, rngs={"dropout": key})
+    np.testing.assert_allclose(np.unique(np.asarray(y)), [0.0, 1.0 / 0.75], rtol=1e-6)
+    np.testing.assert_array_equal(
+        layers.Dropout(0.25, rng).apply({}, x, deterministic=True), x)
+  # "threefry" draws exactly the masks of flax's nn.Dropout (earlier runs reproduce).
+  ours = layers.Dropout(0.25, "threefry").apply({}, x, deterministic=False,
+                                                 rngs={"dropout": key})
+  flax_dropout = nn.Dropout(0.25).apply({}, x, deterministic=False, rngs={"dropout": key})
+  np.testing.assert_array_equal(ours, flax_dropout)
