@@ -28,8 +28,8 @@ hypothesis). Padding (0) is never picked, as in the tasks.
 
 It also checks that a decode is one jitted program with no per-token host round trip: the
 decode function is traced once into a jaxpr that must hold a `while` loop (or a `scan`)
-whose body holds the model's matmuls (a Python loop over tokens would unroll into the jaxpr instead), and
-no host callback primitive anywhere. It is compiled ahead of time (`jit(...).trace`,
+whose body holds the model's matmuls (a Python loop over tokens would unroll into the
+jaxpr instead), and no host callback primitive anywhere. It is compiled ahead of time (`jit(...).trace`,
 `.lower`, `.compile`; that time is "compile s", with the persistent compilation cache
 off), and each timed decode is one call of that compiled executable (the calls are
 counted: `dispatches_per_decode`), made under `jax.transfer_guard("disallow")`, which
