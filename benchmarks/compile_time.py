@@ -29,7 +29,6 @@ and the "param leaves" column shows the stacking (far fewer leaves with scan).
 import argparse
 import dataclasses
 import os
-import platform
 import statistics
 import sys
 import time
@@ -229,8 +228,7 @@ def main(argv=None):
   total_s = time.perf_counter() - start
   load_after = os.getloadavg()
 
-  print(f"\njax {jax.__version__}, backend {jax.default_backend()}, {os.cpu_count()} CPU(s), "
-        f"{platform.processor() or platform.machine()}; persistent compilation cache "
+  print("\n" + run_record.machine_line() + "; persistent compilation cache "
         f"{'on' if jax.config.jax_enable_compilation_cache else 'off'}")
   print(run_record.load_line(load_before, load_after))
   print(f"median of {args.reps} compilation(s) per case, each after jax.clear_caches(); "

@@ -48,7 +48,6 @@ import collections
 import dataclasses
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -373,9 +372,7 @@ def main(argv=None):
   total_s = time.perf_counter() - start
   load_after = os.getloadavg()
 
-  print(f"\njax {jax.__version__}, backend {jax.default_backend()}, device "
-        f"{jax.devices()[0].device_kind}, {os.cpu_count()} CPU(s), "
-        f"{platform.processor() or platform.machine()}")
+  print("\n" + run_record.machine_line(f"device {jax.devices()[0].device_kind}"))
   print(run_record.load_line(load_before, load_after))
   print("tokens/s = batch x new tokens / decode time; row tokens/s counts every row the "
         "step runs (batch x beam).\n")

@@ -40,7 +40,6 @@ import argparse
 import contextlib
 import functools
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -342,8 +341,7 @@ def main(argv=None):
   total_s = time.perf_counter() - start
   load_after = os.getloadavg()
 
-  print(f"\njax {jax.__version__}, backend {jax.default_backend()}, 1 device used, "
-        f"{os.cpu_count()} CPU(s), {platform.processor() or platform.machine()}"
+  print("\n" + run_record.machine_line("1 device used")
         + (" (--quick: tiny models, 1 round: smoke numbers only)" if args.quick else ""))
   print(run_record.load_line(load_before, load_after))
   print(f"\n(a) the training iterator alone; medians of {args.rounds} round(s) of "

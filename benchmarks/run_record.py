@@ -4,7 +4,16 @@ results as JSON with the date and the JAX version and backend."""
 import datetime
 import json
 import os
+import platform
 from typing import Any, Dict, Sequence
+
+
+def machine_line(devices: str = "") -> str:
+  """The JAX version, backend, `devices` (what the run used, if worth saying), CPUs."""
+  import jax  # pylint: disable=g-import-not-at-top
+  parts = [f"jax {jax.__version__}", f"backend {jax.default_backend()}", devices,
+           f"{os.cpu_count()} CPU(s)", platform.processor() or platform.machine()]
+  return ", ".join(p for p in parts if p)
 
 
 def load_line(before: Sequence[float], after: Sequence[float]) -> str:

@@ -40,7 +40,6 @@ import argparse
 import dataclasses
 import math
 import os
-import platform
 import statistics
 import sys
 import time
@@ -644,9 +643,7 @@ def main(argv=None):
   total_s = time.perf_counter() - start
   load_after = os.getloadavg()
 
-  print(f"\njax {jax.__version__}, backend {jax.default_backend()}, "
-        f"{len(jax.local_devices())} local device(s), {os.cpu_count()} CPU(s), "
-        f"{platform.processor() or platform.machine()}")
+  print("\n" + run_record.machine_line(f"{len(jax.local_devices())} local device(s)"))
   print(run_record.load_line(load_before, load_after))
   spread = sorted(p["flops_per_sec"] / 1e9 for p in peaks)
   print(f"peak for MFU: jitted float32 {args.peak_size}x{args.peak_size} matmul "
