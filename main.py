@@ -3,27 +3,27 @@
     python main.py --workdir=runs/demo                          # train (or resume), evaluate
     python main.py --workdir=runs/demo --mode=eval              # evaluate the newest checkpoint
     python main.py --config=configs/translation.py --workdir=runs/m30k \
-        --config.data_dir=../shared/data/multi30k                # Multi30k de->en
+        --config.data.data_dir=../shared/data/multi30k                # Multi30k de->en
     python main.py --config=configs/translation.py --workdir=runs/m30k \
-        --config.data_dir=../shared/data/multi30k --mode=eval --split=test --checkpoint=best
+        --config.data.data_dir=../shared/data/multi30k --mode=eval --split=test --checkpoint=best
     python main.py --config=configs/translation.py --workdir=runs/m30k --mode=average
     echo "Ein Mann fährt Fahrrad." | python main.py --config=configs/translation.py \
-        --workdir=runs/m30k --config.data_dir=../shared/data/multi30k --mode=decode
+        --workdir=runs/m30k --config.data.data_dir=../shared/data/multi30k --mode=decode
     python main.py --config=configs/translation.py --workdir=runs/m30k \
-        --config.data_dir=../shared/data/multi30k --mode=attention \
+        --config.data.data_dir=../shared/data/multi30k --mode=attention \
         --prompt="Ein Mann fährt Fahrrad." --reference="A man rides a bike." \
         --attention_head=cross:0:1   # heatmaps of every head in <workdir>/attention/
     python main.py --workdir=runs/demo --mode=attention --example=3  # an eval example
     python main.py --config=configs/translation.py --workdir=runs/m30k \
-        --config.data_dir=../shared/data/multi30k --mode=head_importance  # heads ablated
+        --config.data.data_dir=../shared/data/multi30k --mode=head_importance  # heads ablated
     python main.py --config=configs/generation.py --workdir=runs/shakespeare  # char-level LM
     python main.py --config=configs/generation.py --workdir=runs/shakespeare \
-        --mode=generate --prompt="ROMEO:" --config.temperature=0.8 --config.num_samples=3
+        --mode=generate --prompt="ROMEO:" --config.decode.temperature=0.8 --config.decode.num_samples=3
     python main.py --config=configs/default.py:task=generation,size=small --workdir=runs/lm
     python main.py --config=configs/classification.py --workdir=runs/sst2  # SST-2
     echo "a gorgeous, witty film" | python main.py --config=configs/classification.py \
         --workdir=runs/sst2 --mode=predict --checkpoint=best
-    python main.py --workdir=runs/demo --config.num_train_steps=500 --config.d_model=128
+    python main.py --workdir=runs/demo --config.train.num_train_steps=500 --config.model.d_model=128
     python main.py --mode=sweep --sweep=configs/sweeps/table3_multi30k.py \
         --workdir=runs/table3    # Table 3's ablations; --config.<field>=... on every variant
     python main.py --mode=sweep_report --sweep=configs/sweeps/table3_multi30k.py \
@@ -90,9 +90,9 @@ flags.DEFINE_integer("step", None, "eval/decode/predict/attention/head_importanc
 flags.DEFINE_enum("checkpoint", "latest", ("latest", "best", "averaged"),
                   "eval/decode/predict/attention/head_importance: which checkpoint: the "
                   "regular ones (newest or --step), the "
-                  "best by config.best_metric, or the --mode=average one.")
+                  "best by config.eval.best_metric, or the --mode=average one.")
 flags.DEFINE_string("split", None, "eval, head_importance: the split to score (default "
-                    "config.eval_split).")
+                    "config.data.eval_split).")
 flags.DEFINE_string("input", "-", "decode: a text file with a sentence a line; generate: a "
                     "text file with a prompt a line (when no --prompt); predict: a text "
                     "file with a text to classify a line; attention: its first non-empty "
@@ -241,19 +241,19 @@ def _attention_text(config):
 
 def _require_real_data(config, mode: str, task: str, what: str) -> None:
   """--mode=`mode` `what` (e.g. "translates text"): it needs `task` on real data."""
-  if config.task != task or config.dataset == "synthetic":
+  if config.task != task or config.data.dataset == "synthetic":
     _user_error(f"--mode={mode} {what}: it needs config.task='{task}' on real data "
-                f"(config.task={config.task!r}, config.dataset={config.dataset!r})")
+                f"(config.task={config.task!r}, config.data.dataset={config.data.dataset!r})")
 
 
 def _set_cpu_devices(config) -> None:
-  """config.cpu_devices > 0: XLA's host platform gets that many devices, so the pmapped
+  """config.compute.cpu_devices > 0: XLA's host platform gets that many devices, so the pmapped
   step runs data-parallel over the CPU cores (one device per core) instead of splitting
   each small matmul between them. Set before JAX starts its backends; the GPU and TPU
   backends ignore it."""
   count = config.get("cpu_devices", 0)
   if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-    _user_error(f"config.cpu_devices={count!r} is invalid: expected an integer >= 0")
+    _user_error(f"config.compute.cpu_devices={count!r} is invalid: expected an integer >= 0")
   if count:
     flag = f"--xla_force_host_platform_device_count={count}"
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
@@ -309,7 +309,7 @@ def _start_processes(mode: str) -> None:
 def main(argv):
   if len(argv) > 1:
     _user_error(f"unexpected arguments: {' '.join(argv[1:])} (options are --flags, e.g. "
-                f"--config.batch_size=32)")
+                f"--config.train.batch_size=32)")
   config = _load_config()
   sweep, overrides = _load_sweep()
   _set_cpu_devices(config if sweep is None else sweep.config(sweep.variants[0], overrides))

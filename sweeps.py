@@ -207,7 +207,7 @@ def _row(variant: Variant, config, directory: str) -> Dict[str, Any]:
   elif records:  # stopped or still running: its newest evaluation
     trained = [int(r["step"]) for r in records if any(k.startswith("train/") for k in r)]
     row["steps"] = max(trained, default=0)
-    row["status"] = f"partial (step {row['steps']} of {config.num_train_steps})"
+    row["status"] = f"partial (step {row['steps']} of {config.train.num_train_steps})"
     evals = [r for r in records if "eval/loss" in r]
     if evals:
       metrics = {k.split("/", 1)[1]: v for k, v in evals[-1].items()

@@ -132,7 +132,7 @@ def compile_steps(task, tx, config, devices: Sequence[jax.Device]):
   """The pmapped train, eval and predict functions (the one place pmap appears)."""
   devices = step_devices(devices)
   p_train = jax.pmap(functools.partial(train_step, task=task, tx=tx,
-                                       grad_accum_steps=config.grad_accum_steps),
+                                       grad_accum_steps=config.train.grad_accum_steps),
                      axis_name=AXIS, devices=devices, donate_argnums=(0,))
   p_eval = jax.pmap(functools.partial(eval_step, task=task), axis_name=AXIS, devices=devices)
   p_predict = jax.pmap(task.predict, axis_name=AXIS, devices=devices)
@@ -305,7 +305,7 @@ def _setup(config: ml_collections.ConfigDict, workdir: str,
 
   def task_and_eval_data():  # opening the eval split may prepare the tfds data
     task = tasks.get_task(config, workdir, training=training)
-    return task, task.eval_dataset(split, config.eval_batch_size, len(devices),
+    return task, task.eval_dataset(split, config.eval.eval_batch_size, len(devices),
                                    jax.process_index(), jax.process_count())
 
   task, eval_dataset = _chief_first(task_and_eval_data, "task files written")
@@ -355,7 +355,7 @@ def _evaluate_and_report(title: str, step: int, task, p_eval, p_predict, params,
 
 
 class BestCheckpoint:
-  """Keeps the checkpoint with the best value of `config.best_metric` in <workdir>/best.
+  """Keeps the checkpoint with the best value of `config.eval.best_metric` in <workdir>/best.
 
   Every process calls `update` (an orbax save involves them all); process 0 (`is_chief`)
   decides and writes the record best.json.
@@ -364,7 +364,7 @@ class BestCheckpoint:
   LOWER_IS_BETTER = ("loss", "perplexity")
 
   def __init__(self, config, workdir: str, is_chief: bool = True):
-    self.metric = config.best_metric
+    self.metric = config.eval.best_metric
     self.enabled = bool(self.metric)
     self.is_chief = is_chief
     self.record = os.path.join(workdir, "best", "best.json")
@@ -414,12 +414,12 @@ def _prepare_workdir(workdir: str, config, is_chief: bool) -> None:
 
 class NonFiniteGuard:
   """Acts on the steps whose loss or gradient was not finite (their update was never
-  applied, see train_step): config.nonfinite_updates="stop" stops the run at the first,
-  "skip" counts them and stops once more than config.max_skipped_updates were skipped."""
+  applied, see train_step): config.train.nonfinite_updates="stop" stops the run at the first,
+  "skip" counts them and stops once more than config.train.max_skipped_updates were skipped."""
 
   def __init__(self, config, directory: str):
-    self.skip = config.nonfinite_updates == "skip"
-    self.limit = config.max_skipped_updates
+    self.skip = config.train.nonfinite_updates == "skip"
+    self.limit = config.train.max_skipped_updates
     self.directory = directory
     self.skipped = 0
 
@@ -438,18 +438,18 @@ class NonFiniteGuard:
         return
       raise NonFiniteLossError(
           f"{self.skipped} updates skipped for a non-finite loss or gradient in this run, "
-          f"more than config.max_skipped_updates={self.limit} (the last at step {bad[-1]}); "
+          f"more than config.train.max_skipped_updates={self.limit} (the last at step {bad[-1]}); "
           f"no checkpoint holds a non-finite value. Last good checkpoint: {saved}. Lower "
-          f"config.learning_rate, raise config.warmup_steps or enable config.max_grad_norm.")
+          f"config.optim.learning_rate, raise config.optim.warmup_steps or enable config.optim.max_grad_norm.")
     raise NonFiniteLossError(
         f"non-finite loss or gradient at step {bad[0]}; that update was skipped and no "
         f"checkpoint was written after it. Last good checkpoint: {saved}. Lower "
-        f"config.learning_rate, raise config.warmup_steps or enable config.max_grad_norm "
-        f"(or set config.nonfinite_updates='skip' to skip such updates).")
+        f"config.optim.learning_rate, raise config.optim.warmup_steps or enable config.optim.max_grad_norm "
+        f"(or set config.train.nonfinite_updates='skip' to skip such updates).")
 
 
 class StepTrace:
-  """A jax.profiler trace (config.profile_steps) of the `count` steps after a run's first
+  """A jax.profiler trace (config.train.profile_steps) of the `count` steps after a run's first
   (which compiles), written under `directory` (TensorBoard's profile plugin or XProf
   reads it: `<directory>/plugins/profile/<time>/<host>.xplane.pb`).
 
@@ -524,14 +524,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   fresh = not os.path.exists(workdir)
   try:  # the training data is checked before anything is written into the workdir
     devices, task, tx, eval_dataset = _setup(config, workdir, devices)
-    train_dataset = task.train_dataset(config.batch_size, len(devices),
+    train_dataset = task.train_dataset(config.train.batch_size, len(devices),
                                        jax.process_index(), jax.process_count())
   except Exception:
     if fresh and jax.process_index() == 0:  # e.g. a tokenizer trained on unusable data
       shutil.rmtree(workdir, ignore_errors=True)
     raise
   is_chief = jax.process_index() == 0
-  checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  checkpoints = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   start_step = checkpoints.latest_step()
   state = create_state(task, tx, config.seed)
   data_state = None
@@ -551,15 +551,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _close_all(checkpoints)
     raise
   start = int(state.step)
-  total = config.num_train_steps
-  schedule = optimizers.learning_rate_schedule(config.schedule, config.learning_rate,
-                                               config.warmup_steps, total)
+  total = config.train.num_train_steps
+  schedule = optimizers.learning_rate_schedule(config.optim.schedule, config.optim.learning_rate,
+                                               config.optim.warmup_steps, total)
   p_train, p_eval, p_predict = compile_steps(task, tx, config, devices)
   p_state = replicate(state, devices)
   del state
 
-  train_iter = batching.iterate(train_dataset, num_threads=config.data_threads,
-                                prefetch=config.data_prefetch)
+  train_iter = batching.iterate(train_dataset, num_threads=config.data.data_threads,
+                                prefetch=config.data.data_prefetch)
   if data_state is None and start:
     logging.warning("the checkpoint of step %d holds no data iterator state (it predates "
                     "them or another process count wrote it); continuing at batch %d",
@@ -567,11 +567,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     data_state = {"next_index": start}
   if data_state is not None:
     train_iter.set_state(data_state)
-  batches = prefetch_to_devices(train_iter, devices, config.device_prefetch,
+  batches = prefetch_to_devices(train_iter, devices, config.data.device_prefetch,
                                 max(total - start, 0))
   trace = StepTrace(os.path.join(workdir, "profile", *(
       [f"process_{jax.process_index()}"] if jax.process_count() > 1 else [])),
-                    start, config.profile_steps)
+                    start, config.train.profile_steps)
   writer = reporting.MetricWriter(workdir, enabled=is_chief)
   best = BestCheckpoint(config, workdir, is_chief=is_chief)
   progress = reporting.Progress(start, total)
@@ -579,7 +579,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config_dict = json.loads(config.to_json())
   last_saved = checkpoints.latest_step()
   guard = NonFiniteGuard(config, checkpoints.directory)
-  decode_batches = config.num_decode_batches or None
+  decode_batches = config.eval.num_decode_batches or None
 
   if start >= total:
     logging.info("training already finished (step %d of %d)", start, total)
@@ -593,9 +593,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         history.append(metrics)
         done = step + 1
         trace.after(done, p_state)
-        stopping = _stop_signal(stop, done, config.signal_check_every_steps)
+        stopping = _stop_signal(stop, done, config.train.signal_check_every_steps)
 
-        if done % config.log_every_steps == 0 or done == total or stopping:
+        if done % config.train.log_every_steps == 0 or done == total or stopping:
           fetched = [jax.tree.map(lambda x: float(x[0]), m) for m in jax.device_get(history)]
           guard.check([m["nonfinite"] for m in fetched], done, last_saved)
           sums = _sum_dicts(fetched)
@@ -624,17 +624,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         # Periodic evaluations ("eval/" in the logs) decode the same `num_decode_batches`
         # batches every time, so their scores compare (the best checkpoint relies on that);
         # the final evaluation below decodes the whole split ("final/").
-        if done % config.eval_every_steps == 0 and not stopping:
+        if done % config.eval.eval_every_steps == 0 and not stopping:
           t0 = time.perf_counter()
           metrics, _ = _evaluate_and_report(
               "eval", done, task, p_eval, p_predict, p_state.params, eval_dataset, writer,
-              num_examples=config.num_print_examples if task.prints_samples else 0,
-              decode_batches=decode_batches, loss_batches=config.num_eval_batches or None,
-              elapsed=t0 - run_start, attention_examples=config.num_attention_images)
+              num_examples=config.eval.num_print_examples if task.prints_samples else 0,
+              decode_batches=decode_batches, loss_batches=config.eval.num_eval_batches or None,
+              elapsed=t0 - run_start, attention_examples=config.eval.num_attention_images)
           best.update(done, metrics, unreplicate_to_host(p_state), config_dict)
           progress.exclude(time.perf_counter() - t0)
 
-        if done % config.checkpoint_every_steps == 0 or done == total or stopping:
+        if done % config.train.checkpoint_every_steps == 0 or done == total or stopping:
           t0 = time.perf_counter()
           if not guard.skip:
             guard.check([float(m["nonfinite"][0]) for m in history], done, last_saved)
@@ -655,9 +655,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       return {}
     eval_metrics, _ = _evaluate_and_report(
         "final evaluation", max(start, total), task, p_eval, p_predict, p_state.params,
-        eval_dataset, writer, num_examples=config.num_print_examples, prefix="final",
+        eval_dataset, writer, num_examples=config.eval.num_print_examples, prefix="final",
         decode_batches=_final_decode_batches(task, config),
-        elapsed=time.perf_counter() - run_start, attention_examples=config.num_attention_images)
+        elapsed=time.perf_counter() - run_start, attention_examples=config.eval.num_attention_images)
     return eval_metrics
   finally:
     _close_all(trace, best, checkpoints, writer)
@@ -666,7 +666,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 def _final_decode_batches(task, config) -> Optional[int]:
   """Batches a whole-split evaluation predicts: all of them where predictions are scored,
   else only the num_decode_batches shown as samples."""
-  return None if task.scores_predictions else (config.num_decode_batches or None)
+  return None if task.scores_predictions else (config.eval.num_decode_batches or None)
 
 
 CHECKPOINT_KINDS = {"latest": "checkpoints", "best": "best", "averaged": "averaged"}
@@ -679,11 +679,11 @@ def _restore_params(task, tx, config, workdir: str, checkpoint: str = "latest",
   subdir = CHECKPOINT_KINDS[checkpoint]
   directory = checkpointing.checkpoint_directory(workdir, subdir)
   hint = {"latest": "train first with --mode=train and the same --workdir",
-          "best": "set config.best_metric when training to keep the best checkpoint",
+          "best": "set config.eval.best_metric when training to keep the best checkpoint",
           "averaged": "create it with --mode=average"}[checkpoint]
   if not os.path.isdir(directory):  # checked first: reading must not create the workdir
     raise checkpointing.CheckpointError(f"no {checkpoint} checkpoint in {directory}; {hint}")
-  checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints,
+  checkpoints = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints,
                                            subdir=subdir)
   try:
     if checkpoints.latest_step() is None:
@@ -706,10 +706,10 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
                         step: Optional[int] = None, split: Optional[str] = None,
                         checkpoint: str = "latest") -> Dict[str, float]:
   """Restores a checkpoint of `workdir` (see `_restore_params`), decodes and scores the
-  whole `split` (default config.eval_split), writes the scores (JSON) and, for tasks that
+  whole `split` (default config.data.eval_split), writes the scores (JSON) and, for tasks that
   produce text, the predictions (one per line, in dataset order) under <workdir>/eval/,
   and prints a table. Returns the metrics."""
-  split = split or config.eval_split
+  split = split or config.data.eval_split
   devices, task, tx, eval_dataset = _setup(config, workdir, devices, training=False,
                                            split=split)
   step, params = _restore_params(task, tx, config, workdir, checkpoint, step)
@@ -718,7 +718,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   metrics, records = _evaluate_and_report(
       f"evaluation of the {checkpoint} checkpoint on {split}", step, task, p_eval, p_predict,
       replicate(params, devices), eval_dataset, writer=None,
-      num_examples=config.num_print_examples, split=split,
+      num_examples=config.eval.num_print_examples, split=split,
       decode_batches=_final_decode_batches(task, config))
   seconds = time.perf_counter() - start
   if jax.process_index() == 0:
@@ -727,7 +727,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     stem = os.path.join(out_dir, f"{split}-{checkpoint}-step{step}")
     report = {"split": split, "checkpoint": checkpoint, "step": step,
               "examples": len(records), "seconds": seconds, "metrics": metrics,
-              "beam_size": config.beam_size, "length_penalty": config.length_penalty,
+              "beam_size": config.decode.beam_size, "length_penalty": config.decode.length_penalty,
               **task.score_details(), **task.eval_report(records)}
     records.sort(key=lambda r: r["index"])
     predictions = task.prediction_file(records)
@@ -784,7 +784,7 @@ def _lines_through_predict(config: ml_collections.ConfigDict, workdir: str,
   examples = getattr(task, encode)([lines[i] for i in wanted])
   outputs = [""] * len(lines)
   if examples:
-    dataset = batching.batched_dataset(examples, batch_size=config.eval_batch_size,
+    dataset = batching.batched_dataset(examples, batch_size=config.eval.eval_batch_size,
                                        num_devices=len(devices), lengths=task.eval_lengths,
                                        shuffle=False)
     for batch in batching.iterate(dataset):
@@ -829,7 +829,7 @@ def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
   directory = checkpointing.checkpoint_directory(workdir)
   if not os.path.isdir(directory):
     raise checkpointing.CheckpointError(f"no checkpoints in {directory}; train first")
-  checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  checkpoints = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   steps = sorted(s for s in checkpoints.all_steps()
                  if last_step is None or s <= last_step)[-num_checkpoints:]
   if len(steps) < num_checkpoints:
@@ -837,7 +837,7 @@ def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
     raise checkpointing.CheckpointError(
         f"{directory} has {len(steps)} checkpoint(s) ({', '.join(map(str, steps))}), fewer "
         f"than the {num_checkpoints} to average; lower --num_average or keep more "
-        f"(config.keep_checkpoints)")
+        f"(config.train.keep_checkpoints)")
   template = jax.eval_shape(lambda: create_state(task, tx, config.seed))
   total, state = None, None
   for step in steps:
@@ -864,10 +864,10 @@ def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
 
 def generate_text(config: ml_collections.ConfigDict, workdir: str, prompts: List[str],
                   checkpoint: str = "latest", step: Optional[int] = None) -> List[List[str]]:
-  """Continues each prompt config.num_samples times with a checkpoint of `workdir` (a
+  """Continues each prompt config.decode.num_samples times with a checkpoint of `workdir` (a
   language model on real text), sampling as the config says (temperature, top_k, top_p,
   greedy, max_new_tokens, stop_text, sample_seed). Returns, per prompt, its samples as
-  text (the prompt included). One jitted call per batch of config.eval_batch_size rows."""
+  text (the prompt included). One jitted call per batch of config.eval.eval_batch_size rows."""
   reporting.quiet_library_logs()
   validation.validate(config)
   task = tasks.get_task(config, workdir, training=False)
@@ -875,18 +875,18 @@ def generate_text(config: ml_collections.ConfigDict, workdir: str, prompts: List
   _, params = _restore_params(task, tx, config, workdir, checkpoint, step)
   encoded = task.encode_prompts(prompts)
   stop_id = task.stop_id()
-  context = config.max_target_length
+  context = config.data.max_target_length
   longest = max(len(p) for p in encoded)
-  length = min(context, longest + config.max_new_tokens)
-  if longest + config.max_new_tokens > context:
+  length = min(context, longest + config.decode.max_new_tokens)
+  if longest + config.decode.max_new_tokens > context:
     logging.warning("generating at most %d tokens in all (the model's context, "
-                    "config.max_target_length); fewer than prompt + max_new_tokens=%d", context,
-                    config.max_new_tokens)
-  rows = [p for p in encoded for _ in range(config.num_samples)]
+                    "config.data.max_target_length); fewer than prompt + max_new_tokens=%d", context,
+                    config.decode.max_new_tokens)
+  rows = [p for p in encoded for _ in range(config.decode.num_samples)]
   prompt = np.zeros((len(rows), length), np.int32)
   for r, tokens in enumerate(rows):
     prompt[r, :len(tokens)] = tokens
-  limits = np.array([min(len(t) + config.max_new_tokens, length) for t in rows], np.int32)
+  limits = np.array([min(len(t) + config.decode.max_new_tokens, length) for t in rows], np.int32)
 
   @jax.jit
   def run(params, prompt, rng, limits):
@@ -894,16 +894,16 @@ def generate_text(config: ml_collections.ConfigDict, workdir: str, prompts: List
 
   # A key per (prompt text, sample number): a prompt's samples do not depend on the other
   # prompts of the call or on the batching.
-  seed = jax.random.PRNGKey(config.sample_seed)
+  seed = jax.random.PRNGKey(config.decode.sample_seed)
   keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(seed, zlib.crc32(p.encode())), j)
-                    for p in prompts for j in range(config.num_samples)])
-  size = config.eval_batch_size
+                    for p in prompts for j in range(config.decode.num_samples)])
+  size = config.eval.eval_batch_size
   outputs = []
   for start in range(0, len(rows), size):
     tokens = run(params, prompt[start:start + size], keys[start:start + size],
                  limits[start:start + size])
     outputs += [task.detokenize(t) for t in np.asarray(tokens)]
-  n = config.num_samples
+  n = config.decode.num_samples
   return [outputs[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
@@ -931,7 +931,7 @@ def attention_report(config: ml_collections.ConfigDict, workdir: str,
     source = task.data_source("eval")
     if not 0 <= example < len(source):
       raise attention_maps.DataError(
-          f"--example={example}: the eval split ({config.eval_split}) has examples 0 to "
+          f"--example={example}: the eval split ({config.data.eval_split}) has examples 0 to "
           f"{len(source) - 1}")
     fields = set(task.attention_fields.values())
     chosen = {f: np.asarray(v) for f, v in source[example].items() if f in fields}
@@ -955,18 +955,18 @@ def head_importance(config: ml_collections.ConfigDict, workdir: str,
                     split: Optional[str] = None):
   """Removes each attention head of a checkpoint of `workdir` in turn (its output zeroed
   before W^O) and scores the loss (the unsmoothed negative log-likelihood per token) on
-  the first config.head_importance_batches batches of `split` (0 = all; default
-  config.eval_split). Writes <workdir>/attention/head_importance-<split>-<checkpoint>-
+  the first config.eval.head_importance_batches batches of `split` (0 = all; default
+  config.data.eval_split). Writes <workdir>/attention/head_importance-<split>-<checkpoint>-
   step<N>.md (heads sorted by the loss increase), .csv, .json and .png (layers x heads).
   Returns (loss with every head, {kind: [layers, heads] increase}, the paths)."""
-  split = split or config.eval_split
+  split = split or config.data.eval_split
   devices, task, tx, eval_dataset = _setup(config, workdir, devices, training=False,
                                            split=split)
   step, params = _restore_params(task, tx, config, workdir, checkpoint, step)
   p_masked = compile_masked_eval(task, devices)
   params = replicate(params, devices)
   batches = list(batching.iterate(eval_dataset,
-                                  limit=config.head_importance_batches or None))
+                                  limit=config.eval.head_importance_batches or None))
 
   def loss_of(masks):
     tree = attention_maps.head_mask_tree(masks)

@@ -77,7 +77,7 @@ def validate(config, num_devices: int = 1) -> None:
   _choice(config, "dropout_rng", layers.DROPOUT_RNGS)
   _int(config, "attention_block_size", 1)
   if not isinstance(config.get("scan_layers", False), bool):
-    _fail("scan_layers", config.scan_layers, "expected True or False")
+    _fail("scan_layers", config.model.scan_layers, "expected True or False")
   _choice(config, "norm_placement", transformer.NORM_PLACEMENTS)
   _choice(config, "positional_encoding", layers.POSITIONAL_ENCODINGS)
   _choice(config, "activation", tuple(layers.ACTIVATIONS))
@@ -88,8 +88,8 @@ def validate(config, num_devices: int = 1) -> None:
   _int(config, "max_skipped_updates", 0)
   _int(config, "signal_check_every_steps", 1)
   if not isinstance(config.get("allow_config_change", False), bool):
-    _fail("allow_config_change", config.allow_config_change, "expected True or False")
-  if config.dataset == "synthetic":
+    _fail("allow_config_change", config.train.allow_config_change, "expected True or False")
+  if config.data.dataset == "synthetic":
     allowed = (synthetic.CLASSIFICATION_TASKS if config.task == "classification"
                else synthetic.SEQ2SEQ_TASKS)
     _choice(config, "synthetic_task", allowed)
@@ -113,39 +113,39 @@ def validate(config, num_devices: int = 1) -> None:
     _rate(config, field)
   for field in ("learning_rate", "adam_eps", "layer_norm_epsilon"):
     _positive(config, field)
-  if config.max_grad_norm < 0:
-    _fail("max_grad_norm", config.max_grad_norm, "expected a number >= 0 (0 = no clipping)")
+  if config.optim.max_grad_norm < 0:
+    _fail("max_grad_norm", config.optim.max_grad_norm, "expected a number >= 0 (0 = no clipping)")
 
-  if config.head_dim == 0 and config.d_model % config.num_heads:
-    _fail("num_heads", config.num_heads,
-          f"it must divide d_model={config.d_model} (or set config.head_dim explicitly)")
-  if config.positional_encoding == "sinusoidal" and config.d_model % 2:
-    _fail("d_model", config.d_model, "sinusoidal positions need an even d_model")
-  if config.attention_impl != "reference" and config.attention_dropout_rate > 0:
-    _fail("attention_impl", config.attention_impl,
-          f"the {config.attention_impl} path has no attention dropout; set "
+  if config.model.head_dim == 0 and config.model.d_model % config.model.num_heads:
+    _fail("num_heads", config.model.num_heads,
+          f"it must divide d_model={config.model.d_model} (or set config.model.head_dim explicitly)")
+  if config.model.positional_encoding == "sinusoidal" and config.model.d_model % 2:
+    _fail("d_model", config.model.d_model, "sinusoidal positions need an even d_model")
+  if config.compute.attention_impl != "reference" and config.optim.attention_dropout_rate > 0:
+    _fail("attention_impl", config.compute.attention_impl,
+          f"the {config.compute.attention_impl} path has no attention dropout; set "
           f"attention_dropout_rate=0 or use attention_impl='reference'")
-  if config.optimizer != "adamw" and config.weight_decay > 0:
-    _fail("weight_decay", config.weight_decay, "weight decay needs optimizer='adamw'")
-  if config.num_attention_images > MAX_ATTENTION_IMAGES:
-    _fail("num_attention_images", config.num_attention_images,
+  if config.optim.optimizer != "adamw" and config.optim.weight_decay > 0:
+    _fail("weight_decay", config.optim.weight_decay, "weight decay needs optimizer='adamw'")
+  if config.eval.num_attention_images > MAX_ATTENTION_IMAGES:
+    _fail("num_attention_images", config.eval.num_attention_images,
           f"expected at most {MAX_ATTENTION_IMAGES} (each is drawn at every evaluation)")
-  if config.min_digits > config.max_digits:
-    _fail("min_digits", config.min_digits, f"must be <= max_digits={config.max_digits}")
+  if config.data.min_digits > config.data.max_digits:
+    _fail("min_digits", config.data.min_digits, f"must be <= max_digits={config.data.max_digits}")
 
   # Synthetic records: seq2seq "x EOS"; LM "x SEP f(x) EOS"; classification "x".
-  if config.dataset == "synthetic":
-    need = {"translation": ("max_input_length", config.max_digits + 1),
-            "generation": ("max_target_length", 2 * config.max_digits + 2),
-            "classification": ("max_input_length", config.max_digits)}[config.task]
+  if config.data.dataset == "synthetic":
+    need = {"translation": ("max_input_length", config.data.max_digits + 1),
+            "generation": ("max_target_length", 2 * config.data.max_digits + 2),
+            "classification": ("max_input_length", config.data.max_digits)}[config.task]
     field, length = need
     if config[field] < length:
-      _fail(field, config[field], f"examples of max_digits={config.max_digits} need "
+      _fail(field, config[field], f"examples of max_digits={config.data.max_digits} need "
                                   f"at least {length} tokens")
-    if config.task == "translation" and config.max_target_length < config.max_digits + 1:
-      _fail("max_target_length", config.max_target_length,
-            f"examples of max_digits={config.max_digits} need at least "
-            f"{config.max_digits + 1} tokens")
+    if config.task == "translation" and config.data.max_target_length < config.data.max_digits + 1:
+      _fail("max_target_length", config.data.max_target_length,
+            f"examples of max_digits={config.data.max_digits} need at least "
+            f"{config.data.max_digits + 1} tokens")
 
   _decoding(config)
   _generation(config)
@@ -153,19 +153,19 @@ def validate(config, num_devices: int = 1) -> None:
     if isinstance(config[field], int) and config[field] > MAX_LENGTH:
       _fail(field, config[field], f"expected at most {MAX_LENGTH} tokens (a row's attention "
                                   f"scores grow with its length squared)")
-  per_update = num_devices * config.grad_accum_steps
-  if config.batch_size % per_update:
-    _fail("batch_size", config.batch_size,
+  per_update = num_devices * config.train.grad_accum_steps
+  if config.train.batch_size % per_update:
+    _fail("batch_size", config.train.batch_size,
           f"it must be divisible by devices x grad_accum_steps = {num_devices} x "
-          f"{config.grad_accum_steps} = {per_update}")
-  if config.eval_batch_size % num_devices:
-    _fail("eval_batch_size", config.eval_batch_size,
+          f"{config.train.grad_accum_steps} = {per_update}")
+  if config.eval.eval_batch_size % num_devices:
+    _fail("eval_batch_size", config.eval.eval_batch_size,
           f"it must be divisible by the number of devices ({num_devices})")
 
 
 def _dataset(config) -> None:
   """The data fields: which dataset, where, which splits and languages, the tokenizer."""
-  dataset = config.dataset
+  dataset = config.data.dataset
   if not isinstance(dataset, str) or not dataset.strip():
     _fail("dataset", dataset, "expected 'synthetic', 'files' or a tensorflow-datasets name")
   if dataset == "synthetic":
@@ -173,12 +173,12 @@ def _dataset(config) -> None:
   if config.task not in REAL_DATA_TASKS:
     _fail("dataset", dataset, f"task {config.task!r} trains on synthetic data only so far; "
                               f"real data is supported for {', '.join(REAL_DATA_TASKS)}")
-  if dataset == "files" and not config.data_dir:
-    _fail("data_dir", config.data_dir, "dataset='files' needs the directory of the files")
+  if dataset == "files" and not config.data.data_dir:
+    _fail("data_dir", config.data.data_dir, "dataset='files' needs the directory of the files")
   if config.task == "translation":
-    pair = str(config.language_pair).split("-")
+    pair = str(config.data.language_pair).split("-")
     if len(pair) != 2 or not all(pair) or pair[0] == pair[1]:
-      _fail("language_pair", config.language_pair,
+      _fail("language_pair", config.data.language_pair,
             "expected two different language codes as source-target, e.g. 'de-en'")
   if config.task == "generation":
     _language_model_data(config)
@@ -186,18 +186,18 @@ def _dataset(config) -> None:
     _classification_data(config)
   if dataset == "files":
     try:  # the one parser of this field; its error names the field already
-      stems = dict(sources.parse_mapping(config.file_splits, "file_splits"))
+      stems = dict(sources.parse_mapping(config.data.file_splits, "file_splits"))
     except sources.DataError as e:
       raise ConfigError(str(e)) from None
-    if config.task == "generation" and config.validation_fraction > 0:
+    if config.task == "generation" and config.data.validation_fraction > 0:
       if "train" not in stems or "validation" in stems:
-        _fail("validation_fraction", config.validation_fraction,
+        _fail("validation_fraction", config.data.validation_fraction,
               "it holds out the end of the 'train' split as 'validation', so "
-              "config.file_splits needs a train split and no validation split")
+              "config.data.file_splits needs a train split and no validation split")
       stems["validation"] = "(held out)"
     for field in ("train_split", "eval_split"):
       if config[field] not in stems:
-        _fail(field, config[field], f"not a split of config.file_splits "
+        _fail(field, config[field], f"not a split of config.data.file_splits "
                                     f"({', '.join(stems) or 'none'})")
   for field in ("train_split", "eval_split"):
     if not isinstance(config[field], str) or not config[field]:
@@ -206,15 +206,15 @@ def _dataset(config) -> None:
   _int(config, "vocab_size", 8)
   _int(config, "tokenizer_max_sentences", 1)
   _int(config, "max_eval_length", 2)
-  if config.task == "translation" and config.shared_vocab is False and (
-      config.share_embeddings):
-    _fail("share_embeddings", config.share_embeddings,
+  if config.task == "translation" and config.model.shared_vocab is False and (
+      config.model.share_embeddings):
+    _fail("share_embeddings", config.model.share_embeddings,
           "separate source and target vocabularies (shared_vocab=False) need "
           "share_embeddings=False")
-  if config.tokenizer_path:
-    paths = [p for p in config.tokenizer_path.split(",") if p]
-    if len(paths) != (1 if config.shared_vocab or config.task != "translation" else 2):
-      _fail("tokenizer_path", config.tokenizer_path,
+  if config.data.tokenizer_path:
+    paths = [p for p in config.data.tokenizer_path.split(",") if p]
+    if len(paths) != (1 if config.model.shared_vocab or config.task != "translation" else 2):
+      _fail("tokenizer_path", config.data.tokenizer_path,
             "expected one model file with shared_vocab=True, two ('source,target') without")
 
 
@@ -223,8 +223,8 @@ def _language_model_data(config) -> None:
   _choice(config, "lm_batching", LM_BATCHING)
   _choice(config, "text_documents", local_builders.DOCUMENT_UNITS)
   _rate(config, "validation_fraction")
-  if config.pack_examples and config.lm_batching == "windows":
-    _fail("pack_examples", config.pack_examples,
+  if config.data.pack_examples and config.data.lm_batching == "windows":
+    _fail("pack_examples", config.data.pack_examples,
           "windows of one stream are full rows already; packing applies to "
           "lm_batching='documents'")
   _int(config, "max_target_length", 2)
@@ -235,23 +235,23 @@ def _classification_data(config) -> None:
   for field in ("text_feature", "label_feature"):
     if not isinstance(config[field], str) or not config[field].strip():
       _fail(field, config[field], "expected the name of a feature (tfds) or column (files)")
-  if config.text_feature == config.label_feature:
-    _fail("label_feature", config.label_feature, "it must differ from text_feature")
-  if config.pack_examples:
-    _fail("pack_examples", config.pack_examples,
+  if config.data.text_feature == config.data.label_feature:
+    _fail("label_feature", config.data.label_feature, "it must differ from text_feature")
+  if config.data.pack_examples:
+    _fail("pack_examples", config.data.pack_examples,
           "classification examples are padded rows, one example each; set it to False")
 
 
 def _generation(config) -> None:
   """Sampling fields (generate mode and the samples in the eval logs)."""
-  if not isinstance(config.greedy, bool):
-    _fail("greedy", config.greedy, "expected True or False")
-  value = config.temperature
-  if not config.greedy and (isinstance(value, bool) or not isinstance(value, (int, float))
+  if not isinstance(config.decode.greedy, bool):
+    _fail("greedy", config.decode.greedy, "expected True or False")
+  value = config.decode.temperature
+  if not config.decode.greedy and (isinstance(value, bool) or not isinstance(value, (int, float))
                             or not value > 0):
-    _fail("temperature", value, "sampling needs a number > 0 (set config.greedy=True for "
+    _fail("temperature", value, "sampling needs a number > 0 (set config.decode.greedy=True for "
                                 "the most likely tokens)")
-  value = config.top_p
+  value = config.decode.top_p
   if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
     _fail("top_p", value, "expected a number in (0, 1]")
   _int(config, "top_k", 0)
@@ -260,28 +260,28 @@ def _generation(config) -> None:
   _int(config, "sample_seed", 0)
   _int(config, "num_eval_batches", 0)
   _int(config, "eval_prompt_length", 0)
-  if not isinstance(config.stop_text, str):
-    _fail("stop_text", config.stop_text, "expected a string")
-  if config.task == "generation" and config.dataset != "synthetic" and (
-      config.eval_prompt_length >= config.max_target_length):
-    _fail("eval_prompt_length", config.eval_prompt_length,
-          f"it must be shorter than max_target_length={config.max_target_length}")
+  if not isinstance(config.decode.stop_text, str):
+    _fail("stop_text", config.decode.stop_text, "expected a string")
+  if config.task == "generation" and config.data.dataset != "synthetic" and (
+      config.decode.eval_prompt_length >= config.data.max_target_length):
+    _fail("eval_prompt_length", config.decode.eval_prompt_length,
+          f"it must be shorter than max_target_length={config.data.max_target_length}")
 
 
 def _decoding(config) -> None:
   _int(config, "beam_size", 1)
   _int(config, "decode_extra_length", 0)
   _int(config, "num_decode_batches", 0)
-  value = config.length_penalty
+  value = config.decode.length_penalty
   if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
     _fail("length_penalty", value, "expected a number >= 0 (0 = no length normalisation)")
   _choice(config, "best_metric", BEST_METRICS)
-  if config.best_metric in TEXT_METRICS and (config.task != "translation"
-                                             or config.dataset == "synthetic"):
-    _fail("best_metric", config.best_metric,
+  if config.eval.best_metric in TEXT_METRICS and (config.task != "translation"
+                                             or config.data.dataset == "synthetic"):
+    _fail("best_metric", config.eval.best_metric,
           "BLEU and chrF exist for translation on real text only")
-  if config.best_metric == "macro_f1" and config.task != "classification":
-    _fail("best_metric", config.best_metric, "macro F1 exists for classification only")
+  if config.eval.best_metric == "macro_f1" and config.task != "classification":
+    _fail("best_metric", config.eval.best_metric, "macro F1 exists for classification only")
 
 
 # Fields that change what the parameters compute: a checkpoint trained under other values
@@ -296,11 +296,11 @@ MODEL_FIELDS = ("task", "language_pair", "tokenizer", "vocab_size", "shared_voca
 
 def check_same_model(saved: dict, config, where: str) -> None:
   """Raises ConfigError when `config` differs from the config `saved` with a checkpoint
-  (in `where`) in a MODEL_FIELDS field, unless config.allow_config_change is set."""
+  (in `where`) in a MODEL_FIELDS field, unless config.train.allow_config_change is set."""
   changed = [f"{k}: {saved[k]!r} there, {config[k]!r} now" for k in MODEL_FIELDS
              if k in saved and k in config and saved[k] != config[k]]
   if changed and not config.get("allow_config_change", False):
     raise ConfigError(
         f"the config differs from the one the checkpoint in {where} was trained with in "
         f"model fields ({'; '.join(changed)}); use that config, another --workdir, or "
-        f"--config.allow_config_change=True to load the checkpoint anyway")
+        f"--config.train.allow_config_change=True to load the checkpoint anyway")

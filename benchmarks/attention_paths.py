@@ -21,6 +21,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models import attention  # noqa: E402
+from models import masks as mask_lib  # noqa: E402
 
 
 def masks(batch: int, length: int):
@@ -29,12 +30,12 @@ def masks(batch: int, length: int):
   tokens = jnp.asarray((np.arange(length)[None] < lengths[:, None]).astype(np.int32))
   segments = jnp.asarray((np.arange(length)[None] >= length // 3).astype(np.int32) + 1)
   segments = jnp.broadcast_to(segments, (batch, length)) * tokens
-  padding = attention.padding_mask(tokens, tokens)
-  causal = attention.causal_mask(length)
-  segment = attention.segment_mask(segments, segments)
+  padding = mask_lib.padding_mask(tokens, tokens)
+  causal = mask_lib.causal_mask(length)
+  segment = mask_lib.segment_mask(segments, segments)
   return {"padding": padding, "causal": jnp.broadcast_to(causal, padding.shape),
           "segments": segment & padding,
-          "all": attention.combine_masks(padding, causal, segment)}, tokens
+          "all": mask_lib.combine_masks(padding, causal, segment)}, tokens
 
 
 def loss_fn(implementation):

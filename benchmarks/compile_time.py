@@ -6,7 +6,7 @@
 
 For a decoder-only model (generation) and an encoder-decoder model (translation; N layers
 means N encoder and N decoder layers) at the base preset's width (d_model 512, d_ff 2048,
-8 heads, its dropout 0.1), with `--layers` layers (6 and 24) and `config.scan_layers`
+8 heads, its dropout 0.1), with `--layers` layers (6 and 24) and `config.model.scan_layers`
 False and True, it builds the task and state as train.py does and times, `--reps` times,
 the two halves of compiling `train.compile_steps`'s pmapped train step (Adam, clipping, the
 non-finite guard: the program a run compiles):
@@ -89,19 +89,19 @@ def disable_persistent_cache() -> None:
 def build_config(case: Case):
   """The run config of `case` (validated): the preset's width, then the case's depth."""
   config = default_config.get_config(f"task={case.task},size={case.size},accel=cpu")
-  if "scan_layers" not in config and case.scan:
+  if "scan_layers" not in config.model and case.scan:
     raise SystemExit("configs/default.py has no scan_layers field yet; run with --scan=no")
   with config.unlocked():
-    config.num_decoder_layers = case.layers
-    config.num_encoder_layers = case.layers
-    if "scan_layers" in config:
-      config.scan_layers = case.scan
-    config.batch_size = case.batch
-    config.max_target_length = case.length
-    config.max_input_length = case.length
+    config.model.num_decoder_layers = case.layers
+    config.model.num_encoder_layers = case.layers
+    if "scan_layers" in config.model:
+      config.model.scan_layers = case.scan
+    config.train.batch_size = case.batch
+    config.data.max_target_length = case.length
+    config.data.max_input_length = case.length
     # The synthetic digit lengths only have to pass validation: the batch is random tokens.
-    config.max_digits = min(config.max_digits, (case.length - 2) // 2)
-    config.min_digits = min(config.min_digits, config.max_digits)
+    config.data.max_digits = min(config.data.max_digits, (case.length - 2) // 2)
+    config.data.min_digits = min(config.data.min_digits, config.data.max_digits)
   validation.validate(config, num_devices=1)
   return config
 
@@ -149,8 +149,9 @@ def run_case(case: Case, reps: int, steps: int, seed: int) -> Dict[str, Any]:
   return {
       "case": case.name, "task": case.task, "family": FAMILIES[case.task],
       "size": case.size, "layers": case.layers, "scan_layers": case.scan,
-      "d_model": config.d_model, "d_ff": config.d_ff, "num_heads": config.num_heads,
-      "dropout_rate": config.dropout_rate, "batch": case.batch, "length": case.length,
+      "d_model": config.model.d_model, "d_ff": config.model.d_ff,
+      "num_heads": config.model.num_heads,
+      "dropout_rate": config.optim.dropout_rate, "batch": case.batch, "length": case.length,
       "params": params, "param_leaves": leaves,
       "lower_s": statistics.median(lower_s), "compile_s": statistics.median(compile_s),
       "lower_s_all": lower_s, "compile_s_all": compile_s,

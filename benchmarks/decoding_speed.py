@@ -94,8 +94,8 @@ def build_task(model: str, accel: str, new_tokens: int, src_length: int, vocab_s
   task_name, size = MODELS[model]
   config = default_config.get_config(f"task={task_name},size={size},accel={accel}")
   with config.unlocked():
-    config.max_target_length = new_tokens
-    config.max_input_length = src_length
+    config.data.max_target_length = new_tokens
+    config.data.max_input_length = src_length
   task = tasks.get_task(config)
   task.vocab_size = vocab_size
   task.model = task.build_model(decode=False)
@@ -118,7 +118,7 @@ def lm_beam_search(task, params, batch: int, beam: int, length: int) -> jax.Arra
     return logits[:, -1], state["cache"]
 
   tokens, _ = decoding.beam_search(step, cache, batch, beam, length, task.eos_id,
-                                   alpha=task.config.length_penalty)
+                                   alpha=task.config.decode.length_penalty)
   return tokens
 
 
@@ -159,7 +159,7 @@ def decode_function(task, row: Row, new_tokens: int) -> Callable:
   def predict(params, inputs, rng):
     del rng  # greedy and beam search are deterministic
     # predict reads beam_size when it is traced, which is right below.
-    task.config.beam_size = row.beam
+    task.config.decode.beam_size = row.beam
     return task.predict(params, {"inputs": inputs})
   return predict
 
@@ -282,8 +282,8 @@ def run_row(task, params, row: Row, args) -> Dict[str, Any]:
       "mode": row.mode, "batch": row.batch, "beam": row.beam, "rows": rows,
       "new_tokens": new_tokens,
       "src_length": args.src_length if task.name == "translation" else 0,
-      "vocab_size": task.vocab_size, "dtype": task.config.dtype,
-      "attention_impl": task.config.attention_impl,
+      "vocab_size": task.vocab_size, "dtype": task.config.compute.dtype,
+      "attention_impl": task.config.compute.attention_impl,
       "params": train.count_parameters(params),
       "compile_s": compile_s, "first_call_s": first_s, "decode_s": seconds,
       "round_s": round_s, "calls_per_round": per_round,

@@ -1,8 +1,8 @@
 """Interrupts a training run again and again, then checks that nothing was lost.
 
     python benchmarks/fault_injection.py --workdir=/tmp/faults --faults=30 -- \
-        --config=configs/default.py --config.num_train_steps=400 \
-        --config.checkpoint_every_steps=2
+        --config=configs/default.py --config.train.num_train_steps=400 \
+        --config.train.checkpoint_every_steps=2
 
 Starts `python main.py --workdir=W <flags after -->` and, each time, injects one fault:
   sigterm            SIGTERM once training has written a new checkpoint (expect exit 4)

@@ -11,8 +11,8 @@ nanogpt: trains configs/generation.py (tiny Shakespeare, nanoGPT's CPU model sha
       compilation excluded), the wall time at which validation loss first reaches
       --target, and the best validation loss; then, from the final checkpoint, the
       validation loss without the first position of each window (predicted without
-      context; nanoGPT's targets always have some). Extra `--config.x=y` overrides pass
-      through.
+      context; nanoGPT's targets always have some). Extra `--config.<group>.<field>=y` overrides
+      pass through.
 speed: tokens/s of sampling with and without the key/value cache (the uncached path
       recomputes the whole prefix for every new token), at each batch size: one jitted
       call generates `--new_tokens` tokens a row after a one-token prompt (EOS is never
@@ -83,13 +83,18 @@ def loss_without_first_positions(workdir, overrides):
   from training import optimizers
 
   config = generation.get_config()
-  for item in overrides:  # --config.field=value, as main.py applies them
-    field, value = item[len("--config."):].split("=", 1)
-    kind = type(config[field])
-    config[field] = (value in ("True", "true", "1")) if kind is bool else kind(value)
+  for item in overrides:  # --config.group.field=value, as main.py applies them
+    path, value = item[len("--config."):].split("=", 1)
+    *groups, field = path.split(".")
+    node = config
+    for group in groups:
+      node = node[group]
+    kind = type(node[field])
+    node[field] = (value in ("True", "true", "1")) if kind is bool else kind(value)
   task = tasks.get_task(config, workdir, training=False)
   _, params = train._restore_params(task, optimizers.make_optimizer(config), config, workdir)
-  windows = np.stack([np.pad(w["inputs"], (0, config.max_target_length - len(w["inputs"])))
+  length = config.data.max_target_length
+  windows = np.stack([np.pad(w["inputs"], (0, length - len(w["inputs"])))
                       for w in task.data_source("eval")])
 
   @jax.jit
@@ -112,22 +117,24 @@ def run_speed(args):
   import numpy as np
 
   import tasks
-  from configs import default, generation
+  from configs import default, generation, presets
   from models import decoding
 
   config = generation.get_config(args.variant)
   # The speed needs shapes only: a synthetic-data task of the same model shape.
   base = default.get_config("task=generation")
-  base.update({k: config[k] for k in (
-      "num_decoder_layers", "d_model", "d_ff", "num_heads", "head_dim", "norm_placement",
-      "activation", "positional_encoding", "tie_output", "max_target_length",
-      "attention_impl", "dtype")})
-  base.max_digits = min(base.max_digits, (base.max_target_length - 2) // 2)
+  presets.update_groups(base, {
+      "model": {k: config.model[k] for k in (
+          "num_decoder_layers", "d_model", "d_ff", "num_heads", "head_dim", "norm_placement",
+          "activation", "positional_encoding", "tie_output")},
+      "data": {"max_target_length": config.data.max_target_length},
+      "compute": {k: config.compute[k] for k in ("attention_impl", "dtype")}})
+  base.data.max_digits = min(base.data.max_digits, (base.data.max_target_length - 2) // 2)
   task = tasks.get_task(base)
   task.vocab_size = args.vocab_size
   task.model = task.build_model()
   params = task.init_params(jax.random.PRNGKey(0))
-  length = min(base.max_target_length, args.new_tokens + 1)
+  length = min(base.data.max_target_length, args.new_tokens + 1)
   sampler = decoding.sampling_picker(temperature=1.0)
 
   def picker(logits, rng):  # never EOS: every row generates to the end
@@ -152,7 +159,7 @@ def run_speed(args):
       print(f"batch {batch:3d}  {'cache   ' if cached else 'no cache'}  "
             f"{length - 1} new tokens  {seconds * 1e3:8.1f} ms  "
             f"{rows[-1]['tokens_per_sec']:10,.0f} tokens/s", flush=True)
-  return {"variant": args.variant, "context": base.max_target_length, "rows": rows,
+  return {"variant": args.variant, "context": base.data.max_target_length, "rows": rows,
           "device": str(jax.devices()[0])}
 
 

@@ -58,7 +58,7 @@ from benchmarks import run_record  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 import validation  # noqa: E402
-from configs import classification, generation, translation  # noqa: E402
+from configs import classification, generation, presets, translation  # noqa: E402
 from input_pipeline import batching, sources, tokenizers  # noqa: E402
 from training import optimizers  # noqa: E402
 
@@ -72,8 +72,10 @@ CORPORA = {"multi30k": (translation, "multi30k"),
            "sst2": (classification, "sst2")}
 # --quick: a 1-layer model, small batches, and sentencepiece trained on a sample to a
 # smaller vocabulary (seconds instead of minutes on 2 cores).
-QUICK = dict(d_model=32, d_ff=64, num_heads=2, head_dim=0, batch_size=8)
-QUICK_SENTENCEPIECE = dict(vocab_size=1000, tokenizer_max_sentences=5000)
+QUICK = dict(model=dict(d_model=32, d_ff=64, num_heads=2, head_dim=0),
+             train=dict(batch_size=8))
+QUICK_SENTENCEPIECE = dict(model=dict(vocab_size=1000),
+                           data=dict(tokenizer_max_sentences=5000))
 MODES = ("constant", "pipeline", "no ahead")
 
 
@@ -81,14 +83,14 @@ def build_config(corpus: str, data_root: str, tfds_data_dir: str, quick: bool):
   """The corpus's recipe config (its model shrunk in quick mode), validated."""
   module, folder = CORPORA[corpus]
   config = module.get_config()
-  config.data_dir = os.path.join(data_root, folder)
-  config.tfds_data_dir = tfds_data_dir
+  config.data.data_dir = os.path.join(data_root, folder)
+  config.data.tfds_data_dir = tfds_data_dir
   if quick:
-    config.update(QUICK)
-    if config.tokenizer == "sentencepiece":
-      config.update(QUICK_SENTENCEPIECE)
-    config.num_encoder_layers = min(config.num_encoder_layers, 1)
-    config.num_decoder_layers = min(config.num_decoder_layers, 1)
+    presets.update_groups(config, QUICK)
+    if config.model.tokenizer == "sentencepiece":
+      presets.update_groups(config, QUICK_SENTENCEPIECE)
+    config.model.num_encoder_layers = min(config.model.num_encoder_layers, 1)
+    config.model.num_decoder_layers = min(config.model.num_decoder_layers, 1)
   validation.validate(config, num_devices=1)
   return config
 
@@ -150,7 +152,7 @@ def measure_pipeline(corpus: str, config, workdir: str, threads: List[int], roun
                   parts, "tokenize_s"):
     t0 = time.perf_counter()
     task = tasks.get_task(config, workdir)
-    dataset = task.train_dataset(config.batch_size, 1)
+    dataset = task.train_dataset(config.train.batch_size, 1)
     prepare_s = time.perf_counter() - t0
   examples = task.data_source("train")
   epoch_tokens = int(sum(len(e[k]) for e in examples for k in ("inputs", "targets")
@@ -171,9 +173,9 @@ def measure_pipeline(corpus: str, config, workdir: str, threads: List[int], roun
   batches_per_epoch = epoch_tokens / max(tokens_per_batch, 1.0)
   lengths = "/".join(str(v.shape[-1]) for k, v in first.items()
                      if k in ("inputs", "targets"))
-  row = {"corpus": corpus, "task": config.task, "batch_size": config.batch_size,
+  row = {"corpus": corpus, "task": config.task, "batch_size": config.train.batch_size,
          "lengths": lengths, "batching": _batching(config),
-         "tokenizer": f"{config.tokenizer} {task.vocab_size}", "tokenizer_s": tokenizer_s,
+         "tokenizer": f"{config.model.tokenizer} {task.vocab_size}", "tokenizer_s": tokenizer_s,
          "prepare_s": prepare_s, "read_s": parts.get("read_s", 0.0),
          "tokenize_s": parts.get("tokenize_s", 0.0), "epoch_tokens": epoch_tokens,
          "batches_per_epoch": batches_per_epoch,
@@ -185,9 +187,9 @@ def measure_pipeline(corpus: str, config, workdir: str, threads: List[int], roun
 
 
 def _batching(config) -> str:
-  if config.task == "generation" and config.lm_batching == "windows":
+  if config.task == "generation" and config.data.lm_batching == "windows":
     return "windows"
-  return "packed" if config.pack_examples else "padded"
+  return "packed" if config.data.pack_examples else "padded"
 
 
 def measure_steps(task, config, rounds: int, steps: int) -> Dict[str, Any]:
@@ -200,9 +202,9 @@ def measure_steps(task, config, rounds: int, steps: int) -> Dict[str, Any]:
   p_train, _, _ = train.compile_steps(task, tx, config, devices)
   p_state = train.replicate(state, devices)
   del state
-  dataset = task.train_dataset(config.batch_size, 1)
+  dataset = task.train_dataset(config.train.batch_size, 1)
   constant = jax.device_put(dataset[0], train.device_sharding(devices))
-  ahead = {"pipeline": (config.data_threads, config.data_prefetch, config.device_prefetch),
+  ahead = {"pipeline": (config.data.data_threads, config.data.data_prefetch, config.data.device_prefetch),
            "no ahead": (0, 0, 0)}
   warmup = 2
   # One iterator per mode for all its rounds, as a run has one: the start-up (threads,
@@ -295,7 +297,7 @@ def parse_args(argv=None):
                       help="where the tokenizers are built (default: a temporary folder, "
                            "removed at the end)")
   parser.add_argument("--tfds_data_dir", default="",
-                      help="prepared tfds data (config.tfds_data_dir); '' = the default")
+                      help="prepared tfds data (config.data.tfds_data_dir); '' = the default")
   parser.add_argument("--output", default="", help="also write the results as JSON here")
   args = parser.parse_args(argv)
   if args.quick:

@@ -58,6 +58,7 @@ import tasks  # noqa: E402
 import train  # noqa: E402
 import validation  # noqa: E402
 from configs import default as default_config  # noqa: E402
+from configs import presets  # noqa: E402
 from models import TransformerConfig, attention  # noqa: E402
 from training import optimizers  # noqa: E402
 
@@ -72,7 +73,8 @@ warnings.filterwarnings("ignore", message="Some donated buffers were not usable"
 class Shape:
   """One benchmarked configuration.
 
-  `overrides` are config fields set after the `size` preset; `vocab_size` replaces the
+  `overrides` are config fields (bare names, `{"d_model": 128}`: `field_group` finds each
+  one's group) set after the `size` preset; `vocab_size` replaces the
   synthetic vocabulary (16) when non-zero. Generation reads only `tgt_length`,
   classification only `src_length` (its inputs).
   """
@@ -155,7 +157,7 @@ def _family_shape(task: str, size: str, suffix: str = "", note: str = "",
 FAMILY_SHAPES = [_family_shape(task, size)
                  for task in ("translation", "generation", "classification")
                  for size in ("tiny", "small", "base")]
-# bfloat16 compute, float32 parameters and optimizer state (config.dtype; see DESIGN.md's
+# bfloat16 compute, float32 parameters and optimizer state (config.compute.dtype; see DESIGN.md's
 # numerics): does it pay on this CPU?
 BF16_SHAPES = [_family_shape(task, size, "_bf16", "bfloat16 compute", dtype="bfloat16")
                for task in ("generation", "translation") for size in ("small", "base")]
@@ -185,24 +187,42 @@ GROUPS = {
 }
 
 
+def field_group(config, name: str) -> Optional[str]:
+  """The group of `config` (model, compute, data, ...) holding the field `name`, or None."""
+  return next((g for g in default_config.GROUPS if name in config[g]), None)
+
+
+def grouped(config, overrides: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+  """Bare-name `overrides` as `{group: {field: value}}` for `presets.update_groups`; a name
+  no group of `config` has is a KeyError."""
+  out: Dict[str, Dict[str, Any]] = {}
+  for name, value in overrides.items():
+    group = field_group(config, name)
+    if group is None:
+      raise KeyError(f"config has no field {name!r}")
+    out.setdefault(group, {})[name] = value
+  return out
+
+
 def build_config(shape: Shape):
   """The run config of `shape`: default.py's preset, then the shape's fields (validated)."""
   config = default_config.get_config(f"task={shape.task},size={shape.size},accel=cpu")
   with config.unlocked():
-    config.update(shape.overrides)
-    config.batch_size = shape.batch
+    presets.update_groups(config, grouped(config, shape.overrides))
+    config.train.batch_size = shape.batch
     # The synthetic digit lengths only have to pass validation: the batch is random tokens.
     if shape.task == "translation":
-      config.max_input_length = shape.src_length
-      config.max_target_length = shape.tgt_length
-      config.max_digits = min(config.max_digits, shape.src_length - 1, shape.tgt_length - 1)
+      config.data.max_input_length = shape.src_length
+      config.data.max_target_length = shape.tgt_length
+      config.data.max_digits = min(config.data.max_digits, shape.src_length - 1,
+                                   shape.tgt_length - 1)
     elif shape.task == "classification":
-      config.max_input_length = shape.src_length
-      config.max_digits = min(config.max_digits, shape.src_length)
+      config.data.max_input_length = shape.src_length
+      config.data.max_digits = min(config.data.max_digits, shape.src_length)
     else:
-      config.max_target_length = shape.tgt_length
-      config.max_digits = min(config.max_digits, (shape.tgt_length - 2) // 2)
-    config.min_digits = min(config.min_digits, config.max_digits)
+      config.data.max_target_length = shape.tgt_length
+      config.data.max_digits = min(config.data.max_digits, (shape.tgt_length - 2) // 2)
+    config.data.min_digits = min(config.data.min_digits, config.data.max_digits)
   validation.validate(config, num_devices=1)
   return config
 
@@ -232,14 +252,16 @@ def check_model_knobs(shape: Shape, config, task) -> None:
   for knob in MODEL_KNOBS:
     if knob not in shape.overrides:
       continue
+    group = field_group(config, knob)
+    value = config[group][knob]
     if not hasattr(model_cfg, knob):
       raise ValueError(f"shape {shape.name}: models.TransformerConfig has no field {knob!r}, "
-                       f"so config.{knob}={config[knob]!r} would not change the model")
-    want = jnp.dtype(config[knob]) if knob == "dtype" else config[knob]
+                       f"so config.{group}.{knob}={value!r} would not change the model")
+    want = jnp.dtype(value) if knob == "dtype" else value
     have = jnp.dtype(getattr(model_cfg, knob)) if knob == "dtype" else getattr(model_cfg,
                                                                               knob)
     if have != want:
-      raise ValueError(f"shape {shape.name}: config.{knob}={config[knob]!r} but the model "
+      raise ValueError(f"shape {shape.name}: config.{group}.{knob}={value!r} but the model "
                        f"was built with {have!r} (the task does not pass it on)")
 
 
@@ -254,7 +276,7 @@ def missing_feature(shape: Shape) -> str:
   if impl is not None and impl not in attention.IMPLEMENTATIONS:
     return f"attention_impl={impl!r} is not in models.attention.IMPLEMENTATIONS"
   known = default_config.get_config()
-  absent = [k for k in shape.overrides if k not in known]
+  absent = [k for k in shape.overrides if field_group(known, k) is None]
   if absent:
     return f"configs/default.py has no field(s) {', '.join(absent)}"
   try:
@@ -471,12 +493,13 @@ def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seco
       "shape": shape.name, "family": family, "task": shape.task, "size": shape.size,
       "params": counts["total"], "params_matmul": counts["matmul"],
       "batch": shape.batch, "src_length": src_len, "tgt_length": tgt_len,
-      "vocab_size": task.vocab_size, "dropout_rate": config.dropout_rate,
-      "attention_impl": config.attention_impl, "norm_placement": config.norm_placement,
-      "dtype": config.dtype,  # compute; the parameters' dtypes follow (float32 for all)
+      "vocab_size": task.vocab_size, "dropout_rate": config.optim.dropout_rate,
+      "attention_impl": config.compute.attention_impl, "norm_placement": config.model.norm_placement,
+      "dtype": config.compute.dtype,  # compute; the parameters' dtypes follow (float32 for all)
       "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(p_state.params)}),
-      "attention_block_size": config.get("attention_block_size"),
-      "remat": config.get("remat", "none"), "scan_layers": config.get("scan_layers", False),
+      "attention_block_size": config.compute.get("attention_block_size"),
+      "remat": config.compute.get("remat", "none"),
+      "scan_layers": config.model.get("scan_layers", False),
       "compile_s": compile_s, "second_call_s": second_call_s, "step_s": step_s,
       "steps_per_round": per_round,
       "round_median_s": [statistics.median(r) for r in round_times],

@@ -2,7 +2,7 @@
 and training throughput with and without packing.
 
     # after: python main.py --config=configs/translation.py --workdir=runs/m30k_de_en \\
-    #            --config.data_dir=../shared/data/multi30k
+    #            --config.data.data_dir=../shared/data/multi30k
     python benchmarks/translation.py bleu --workdir=runs/m30k_de_en \\
         --steps=500,1000,1400,1500 --greedy_steps=1400 --average=5 --average_until=1400,1500
     python benchmarks/translation.py decode --workdir=runs/m30k_de_en
@@ -77,7 +77,7 @@ def bleu_table(args):
     greedy = str(step) in args.greedy_steps.split(",")
     for beam in (4, 1) if greedy else (4,):
       with config.unlocked():
-        config.beam_size = beam
+        config.decode.beam_size = beam
       metrics = train.evaluate_checkpoint(config, args.workdir, split=args.split,
                                           step=None if checkpoint == "averaged" else step,
                                           checkpoint=checkpoint)
@@ -105,13 +105,13 @@ def decode_speed(args):
   params = train.replicate(params, devices)
   examples = task.data_source(args.split)
   print(f"{args.split}: {len(examples)} sentences, decoded in batches of "
-        f"{config.eval_batch_size} ({args.batches or 'all'} batches)")
+        f"{config.eval.eval_batch_size} ({args.batches or 'all'} batches)")
   for beam in (1, 4):
     with config.unlocked():
-      config.beam_size = beam
+      config.decode.beam_size = beam
     task = tasks.get_task(config, args.workdir, training=False)
     p_predict = jax.pmap(task.predict, axis_name=train.AXIS, devices=devices)
-    dataset = batching.batched_dataset(examples, batch_size=config.eval_batch_size,
+    dataset = batching.batched_dataset(examples, batch_size=config.eval.eval_batch_size,
                                        num_devices=1, lengths=task.eval_lengths,
                                        shuffle=False)
     batches = list(batching.iterate(dataset, limit=args.batches or None))
@@ -133,15 +133,15 @@ def packing_throughput(args):
   for packed in (True, False):
     config = translation_config.get_config()
     with config.unlocked():
-      config.data_dir = args.data_dir
-      config.pack_examples = packed
-      config.num_train_steps = args.steps
-      config.log_every_steps = args.steps // 4
-      config.eval_every_steps = config.checkpoint_every_steps = 10 ** 6
-      config.best_metric = ""
-      config.num_decode_batches = 1
-      config.eval_batch_size = 8
-      config.num_print_examples = 0
+      config.data.data_dir = args.data_dir
+      config.data.pack_examples = packed
+      config.train.num_train_steps = args.steps
+      config.train.log_every_steps = args.steps // 4
+      config.eval.eval_every_steps = config.train.checkpoint_every_steps = 10 ** 6
+      config.eval.best_metric = ""
+      config.eval.num_decode_batches = 1
+      config.eval.eval_batch_size = 8
+      config.eval.num_print_examples = 0
     with tempfile.TemporaryDirectory() as workdir:
       train.train_and_evaluate(config, workdir, devices=jax.local_devices()[:1],
                                final_evaluation=False)

@@ -9,7 +9,7 @@ by name.
     python main.py --config=configs/classification.py:dataset=imdb,size=small,accel=gpu \\
         --workdir=runs/imdb
 
-Variant keys: dataset (sst2: ../shared/data/sst2 through config.data_dir, train.tsv(.gz)
+Variant keys: dataset (sst2: ../shared/data/sst2 through config.data.data_dir, train.tsv(.gz)
 and dev.tsv with a sentence and a label column, test.tsv unlabeled; glue_sst2, imdb,
 ag_news: the tfds sets glue/sst2, imdb_reviews and ag_news_subset, which need TensorFlow
 to prepare once), tokenizer (sentencepiece, bytes), size (sst2cpu: the CPU recipe below;
@@ -28,12 +28,13 @@ DATASETS = ("sst2", "glue_sst2", "imdb", "ag_news")
 # regularisation (dropout 0.3, weight decay 0.1, label smoothing 0.1) and a small
 # sentencepiece vocabulary suit the 67k short training phrases; mean pooling needs no
 # extra token; the two CPU cores each take half of every batch (cpu_devices=2).
-SST2_CPU = dict(num_encoder_layers=2, num_decoder_layers=0, d_model=128, d_ff=512,
-                num_heads=4, dropout_rate=0.3, attention_dropout_rate=0.1,
-                norm_placement="pre", activation="gelu", pooling="mean",
-                optimizer="adamw", weight_decay=0.1, learning_rate=5e-4, warmup_steps=300,
-                schedule="cosine", batch_size=64, num_train_steps=3000, cpu_devices=2,
-                label_smoothing=0.1)
+SST2_CPU = dict(
+    model=dict(num_encoder_layers=2, num_decoder_layers=0, d_model=128, d_ff=512, num_heads=4,
+               norm_placement="pre", activation="gelu", pooling="mean"),
+    optim=dict(dropout_rate=0.3, attention_dropout_rate=0.1, optimizer="adamw",
+               weight_decay=0.1, learning_rate=5e-4, warmup_steps=300, schedule="cosine",
+               label_smoothing=0.1),
+    train=dict(batch_size=64, num_train_steps=3000), compute=dict(cpu_devices=2))
 # (tfds name, train split, eval split, text feature, max_input_length)
 TFDS = {"glue_sst2": ("glue/sst2", "train", "validation", "sentence", 64),
         "imdb": ("imdb_reviews", "train", "test", "text", 256),
@@ -49,36 +50,36 @@ def get_config(arg=None):
   size = variant.get("size", "sst2cpu")
   c = default.get_config(f"task=classification,size={'tiny' if size == 'sst2cpu' else size},"
                          f"accel={variant.get('accel', 'cpu')}")
-  c.num_decoder_layers = 0  # encoder only
+  c.model.num_decoder_layers = 0  # encoder only
   if size == "sst2cpu":
-    c.update(SST2_CPU)
+    presets.update_groups(c, SST2_CPU)
     c.size = "tiny"  # the preset applied underneath; the fields above replace its shape
-  c.tokenizer = variant.get("tokenizer", "sentencepiece")
-  c.vocab_size = {"sentencepiece": 8000, "bytes": 259}[c.tokenizer]
-  c.best_metric = "accuracy"  # the best checkpoint by validation accuracy (<workdir>/best)
-  c.num_decode_batches = 0  # predictions are one forward pass: score the whole eval split
-  c.num_eval_batches = 0
-  c.num_print_examples = 3
-  c.eval_batch_size = 128 if c.accel == "cpu" else c.eval_batch_size
+  c.model.tokenizer = variant.get("tokenizer", "sentencepiece")
+  c.model.vocab_size = {"sentencepiece": 8000, "bytes": 259}[c.model.tokenizer]
+  c.eval.best_metric = "accuracy"  # the best checkpoint by validation accuracy (<workdir>/best)
+  c.eval.num_decode_batches = 0  # predictions are one forward pass: score the whole eval split
+  c.eval.num_eval_batches = 0
+  c.eval.num_print_examples = 3
+  c.eval.eval_batch_size = 128 if c.accel == "cpu" else c.eval.eval_batch_size
   if name == "sst2":
-    c.dataset = "files"
-    c.data_dir = os.path.join(_REPO, "..", "shared", "data", "sst2")
-    c.file_splits = "train=train.tsv,validation=dev.tsv,test=test.tsv"  # .tsv.gz found too
-    c.text_feature, c.label_feature = "sentence", "label"
-    c.train_split, c.eval_split = "train", "validation"
-    c.max_input_length = 64  # the longest SST-2 sentences are ~60 sentencepiece tokens
-    if c.tokenizer == "sentencepiece":
-      c.vocab_size = 2000  # small pieces generalise better from 67k short phrases
+    c.data.dataset = "files"
+    c.data.data_dir = os.path.join(_REPO, "..", "shared", "data", "sst2")
+    c.data.file_splits = "train=train.tsv,validation=dev.tsv,test=test.tsv"  # .tsv.gz found too
+    c.data.text_feature, c.data.label_feature = "sentence", "label"
+    c.data.train_split, c.data.eval_split = "train", "validation"
+    c.data.max_input_length = 64  # the longest SST-2 sentences are ~60 sentencepiece tokens
+    if c.model.tokenizer == "sentencepiece":
+      c.model.vocab_size = 2000  # small pieces generalise better from 67k short phrases
   else:
-    c.dataset, c.train_split, c.eval_split, c.text_feature, c.max_input_length = TFDS[name]
-    c.label_feature = "label"
-  if c.tokenizer == "bytes":
-    c.max_input_length *= 4  # a sentencepiece token is about four bytes of English
+    c.data.dataset, c.data.train_split, c.data.eval_split, c.data.text_feature, c.data.max_input_length = TFDS[name]
+    c.data.label_feature = "label"
+  if c.model.tokenizer == "bytes":
+    c.data.max_input_length *= 4  # a sentencepiece token is about four bytes of English
   # SST-2's dev split is 872 sentences: evaluating it often costs little.
-  c.eval_every_steps = 250
-  c.checkpoint_every_steps = 250
-  c.log_every_steps = 50
+  c.eval.eval_every_steps = 250
+  c.train.checkpoint_every_steps = 250
+  c.train.log_every_steps = 50
   if name in ("imdb", "ag_news"):
-    c.num_train_steps = max(c.num_train_steps, 10_000)
-    c.eval_every_steps = c.checkpoint_every_steps = 1000
+    c.train.num_train_steps = max(c.train.num_train_steps, 10_000)
+    c.eval.eval_every_steps = c.train.checkpoint_every_steps = 1000
   return c

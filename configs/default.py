@@ -3,18 +3,22 @@
     python main.py --workdir=runs/demo                          # reverse digit strings
     python main.py --config=configs/default.py:task=generation --workdir=runs/lm
     python main.py --config=configs/default.py:size=small,accel=gpu --workdir=runs/x
-    python main.py --workdir=runs/demo --config.num_train_steps=500
+    python main.py --workdir=runs/demo --config.train.num_train_steps=500
 
 Variant keys: task (translation, generation, classification), size (tiny, small, base,
-big), accel (cpu, gpu, tpu). Every field below has one comment; `--config.<field>=<value>`
+big), accel (cpu, gpu, tpu). The fields are grouped (config.model, .compute, .data,
+.optim, .train, .eval, .decode), each with one comment; `--config.<group>.<field>=<value>`
 overrides any of them after the presets are applied.
 """
+
+from typing import Dict
 
 import ml_collections
 
 from configs import presets
 
 TASKS = ("translation", "generation", "classification")
+GROUPS = ("model", "compute", "data", "optim", "train", "eval", "decode")
 
 # What each task learns from synthetic digit strings x (see input_pipeline/synthetic.py).
 SYNTHETIC_DEFAULTS = {
@@ -30,119 +34,149 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
                                         "accel": tuple(presets.ACCELERATORS)})
   task = variant.get("task", "translation")
   c = ml_collections.ConfigDict()
-
-  # ---- Task and data
   c.task = task  # model family, loss and metrics: translation, generation, classification
-  c.dataset = "synthetic"  # "synthetic" (generated), "files" (local files in data_dir) or a tfds name
-  c.data_dir = ""  # directory of the local data files (dataset="files")
-  c.tfds_data_dir = ""  # prepared tfds data; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
-  c.language_pair = "de-en"  # translation: source-target language codes of the data
-  c.file_splits = "train=train,validation=val,test=test_2016_flickr"  # split=file stem (files)
-  c.train_split = "train"  # split trained on (real data)
-  c.eval_split = "validation"  # split evaluated during training and by default in eval mode
-  c.text_feature = "sentence"  # classification: the text feature (tfds) or column (files)
-  c.label_feature = "label"  # classification: the class-label feature (tfds) or column (files)
-  c.synthetic_task = SYNTHETIC_DEFAULTS[task]  # reverse, sort, copy (seq2seq/LM); majority
-  c.min_digits = 1  # shortest synthetic digit string
-  c.max_digits = 12  # longest synthetic digit string
-  c.max_input_length = 16  # inputs are padded (and never truncated) to this many tokens
-  c.max_target_length = 32 if task == "generation" else 16  # targets (LM: the whole stream)
-  c.max_eval_length = 128  # eval/decode inputs are padded to this (longer ones truncated)
-  c.num_eval_examples = 1000  # held-out examples scored at each evaluation (synthetic)
-  c.tokenizer = "sentencepiece"  # real text: "sentencepiece" (trained on the fly) or "bytes"
-  c.vocab_size = 8000  # sentencepiece vocabulary size (per language unless shared_vocab)
-  c.shared_vocab = True  # translation: one tokenizer for source and target
-  c.tokenizer_path = ""  # existing tokenizer model file(s), "src,tgt" if separate; "" = train
-  c.tokenizer_max_sentences = 1_000_000  # sentences sampled to train sentencepiece
-  c.pack_examples = False  # pack several examples per training row (segment ids, positions)
-  c.validation_fraction = 0.0  # LM text files: hold out this last share of train as validation
-  c.text_documents = "file"  # LM text files: a document is a whole "file" or each "line"
-  c.lm_batching = "windows"  # LM real text: "windows" of one stream, or "documents" (own rows)
-  c.shuffle_seed = 0  # order of training examples
+  c.size = "tiny"  # the size preset applied (presets.SIZES: tiny, small, base, big)
+  c.accel = "cpu"  # the accelerator preset applied (presets.ACCELERATORS: cpu, gpu, tpu)
   c.seed = 0  # parameter initialisation and dropout
 
-  # ---- Model (sizes from presets.SIZES)
-  c.size = "tiny"  # the size preset applied (tiny, small, base, big)
-  c.num_encoder_layers = 2  # N for the encoder (translation, classification)
-  c.num_decoder_layers = 2  # N for the decoder (translation, generation)
-  c.d_model = 64  # model width
-  c.d_ff = 256  # feed-forward inner width
-  c.num_heads = 4  # attention heads h
-  c.head_dim = 0  # per-head size d_k = d_v; 0 = d_model // num_heads
-  c.dropout_rate = 0.0  # residual, embedding and feed-forward dropout
-  c.attention_dropout_rate = 0.0  # dropout on attention weights (reference path only)
-  c.dropout_rng = "hash"  # dropout masks: "hash" of the index (fast) or "threefry" (JAX's)
-  c.norm_placement = "post"  # "post" (paper: LN(x + f(x))) or "pre" (x + f(LN(x)))
-  c.positional_encoding = "sinusoidal"  # "sinusoidal" (paper) or "learned"
-  c.fused_qkv = False  # one projection for q, k and v instead of three
-  c.share_embeddings = True  # one embedding matrix for source and target
-  c.tie_output = True  # output projection = target embedding transposed
-  c.activation = "relu"  # feed-forward non-linearity: relu (paper) or gelu
-  c.pooling = "mean"  # classification pooling: "mean" over tokens or a learned "cls"
-  c.layer_norm_epsilon = 1e-6  # added to the variance in layer norm
+  # ---- config.model: What defines the parameters: the vocabulary they index and the architecture. A
+  # checkpoint must match this group (and config.task); TransformerConfig is built from it.
+  model = c.model = ml_collections.ConfigDict()
+  model.num_encoder_layers = 2  # N for the encoder (translation, classification)
+  model.num_decoder_layers = 2  # N for the decoder (translation, generation)
+  model.d_model = 64  # model width
+  model.d_ff = 256  # feed-forward inner width
+  model.num_heads = 4  # attention heads h
+  model.head_dim = 0  # per-head size d_k = d_v; 0 = d_model // num_heads
+  model.norm_placement = "post"  # "post" (paper: LN(x + f(x))) or "pre" (x + f(LN(x)))
+  model.positional_encoding = "sinusoidal"  # "sinusoidal" (paper) or "learned"
+  model.fused_qkv = False  # one projection for q, k and v instead of three
+  model.share_embeddings = True  # one embedding matrix for source and target
+  model.tie_output = True  # output projection = target embedding transposed
+  model.activation = "relu"  # feed-forward non-linearity: relu (paper) or gelu
+  model.pooling = "mean"  # classification pooling: "mean" over tokens or a learned "cls"
+  model.layer_norm_epsilon = 1e-6  # added to the variance in layer norm
+  model.scan_layers = False  # run identical layers with nn.scan (one compiled layer; params stacked)
+  model.tokenizer = "sentencepiece"  # real text: "sentencepiece" (trained on the fly) or "bytes"
+  model.vocab_size = 8000  # sentencepiece vocabulary size (per language unless shared_vocab)
+  model.shared_vocab = True  # translation: one tokenizer for source and target
 
-  # ---- Accelerator (presets.ACCELERATORS)
-  c.accel = "cpu"  # the accelerator preset applied (cpu, gpu, tpu)
-  c.dtype = "float32"  # compute dtype; params, softmax, norms, logits, loss stay float32
-  c.attention_impl = "reference"  # "reference" (written here), "fused" (jax/cuDNN) or "blockwise"
-  c.attention_block_size = 512  # blockwise attention: query and key block length
-  c.remat = "none"  # recompute in the backward pass: none, full (each block), matmuls (save dots)
-  c.scan_layers = False  # run identical layers with nn.scan (one compiled layer; params stacked)
-  c.cpu_devices = 0  # CPU: main.py splits the host into this many pmap devices; 0 = one
+  # ---- config.compute: How the model computes, not what: may change between runs of one workdir.
+  compute = c.compute = ml_collections.ConfigDict()
+  compute.dtype = "float32"  # compute dtype; params, softmax, norms, logits, loss stay float32
+  compute.attention_impl = "reference"  # "reference" (written here), "fused" (jax/cuDNN) or "blockwise"
+  compute.attention_block_size = 512  # blockwise attention: query and key block length
+  compute.remat = "none"  # recompute in the backward pass: none, full (each block), matmuls (save dots)
+  compute.cpu_devices = 0  # CPU: main.py splits the host into this many pmap devices; 0 = one
 
-  # ---- Optimization
-  c.optimizer = "adam"  # "adam" (paper) or "adamw" (decay skips biases and norms)
-  c.learning_rate = 3e-3  # peak learning rate, reached at the end of warmup
-  c.schedule = "cosine"  # rsqrt (paper), cosine, linear, constant; all with linear warmup
-  c.warmup_steps = 200  # linear warmup length
-  c.adam_b1 = 0.9  # Adam beta1
-  c.adam_b2 = 0.98  # Adam beta2 (paper: 0.98)
-  c.adam_eps = 1e-9  # Adam epsilon (paper: 1e-9)
-  c.weight_decay = 0.0  # AdamW decoupled weight decay
-  c.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables it
-  c.label_smoothing = 0.1 if task == "translation" else 0.0  # paper: 0.1
-  c.batch_size = 64  # global batch size, split over all devices
-  c.grad_accum_steps = 1  # micro-batches accumulated per update
-  c.num_train_steps = 3000  # total optimizer updates
+  # ---- config.data: Data sources, tokenization limits and the input pipeline.
+  data = c.data = ml_collections.ConfigDict()
+  data.dataset = "synthetic"  # "synthetic" (generated), "files" (local files in data_dir) or a tfds name
+  data.data_dir = ""  # directory of the local data files (dataset="files")
+  data.tfds_data_dir = ""  # prepared tfds data; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+  data.language_pair = "de-en"  # translation: source-target language codes of the data
+  data.file_splits = "train=train,validation=val,test=test_2016_flickr"  # split=file stem (files)
+  data.train_split = "train"  # split trained on (real data)
+  data.eval_split = "validation"  # split evaluated during training and by default in eval mode
+  data.text_feature = "sentence"  # classification: the text feature (tfds) or column (files)
+  data.label_feature = "label"  # classification: the class-label feature (tfds) or column (files)
+  data.synthetic_task = SYNTHETIC_DEFAULTS[task]  # reverse, sort, copy (seq2seq/LM); majority
+  data.min_digits = 1  # shortest synthetic digit string
+  data.max_digits = 12  # longest synthetic digit string
+  data.max_input_length = 16  # inputs are padded (and never truncated) to this many tokens
+  data.max_target_length = 32 if task == "generation" else 16  # targets (LM: the whole stream)
+  data.max_eval_length = 128  # eval/decode inputs are padded to this (longer ones truncated)
+  data.num_eval_examples = 1000  # held-out examples scored at each evaluation (synthetic)
+  data.tokenizer_path = ""  # existing tokenizer model file(s), "src,tgt" if separate; "" = train
+  data.tokenizer_max_sentences = 1_000_000  # sentences sampled to train sentencepiece
+  data.pack_examples = False  # pack several examples per training row (segment ids, positions)
+  data.validation_fraction = 0.0  # LM text files: hold out this last share of train as validation
+  data.text_documents = "file"  # LM text files: a document is a whole "file" or each "line"
+  data.lm_batching = "windows"  # LM real text: "windows" of one stream, or "documents" (own rows)
+  data.shuffle_seed = 0  # order of training examples
+  data.data_threads = 2  # grain threads making training batches ahead of the step; 0 = in the loop
+  data.data_prefetch = 4  # training batches those threads keep ready in host memory
+  data.device_prefetch = 2  # training batches copied to the devices ahead of the step; 0 = none
 
-  # ---- Evaluation, logging and checkpoints
-  c.eval_batch_size = 128  # global batch size for evaluation and decoding
-  c.log_every_steps = 100  # progress line and training metrics
-  c.eval_every_steps = 1000  # held-out evaluation
-  c.checkpoint_every_steps = 1000  # asynchronous checkpoint
-  c.keep_checkpoints = 3  # checkpoints kept on disk (the newest ones)
-  c.num_print_examples = 5  # decoded examples printed at the final evaluation
-  c.num_decode_batches = 0  # eval batches decoded and scored during training; 0 = all
-  c.num_eval_batches = 0  # eval batches whose loss is computed during training; 0 = all
-  c.best_metric = ""  # keep the best checkpoint by this eval metric (bleu, accuracy); "" = off
-  c.nonfinite_updates = "stop"  # NaN/inf loss or gradient: "stop" the run, or "skip" the update
-  c.max_skipped_updates = 100  # nonfinite_updates="skip": stop once a run has skipped more
-  c.allow_config_change = False  # load a checkpoint whose model fields differ from this config
-  c.signal_check_every_steps = 10  # several processes: steps between agreeing to stop on a signal
-  c.num_attention_images = 1  # eval examples whose attention maps each evaluation draws; 0 = off
-  c.head_importance_batches = 0  # --mode=head_importance: eval batches scored per head; 0 = all
+  # ---- config.optim: The optimizer, its schedule and regularisation.
+  optim = c.optim = ml_collections.ConfigDict()
+  optim.optimizer = "adam"  # "adam" (paper) or "adamw" (decay skips biases and norms)
+  optim.learning_rate = 3e-3  # peak learning rate, reached at the end of warmup
+  optim.schedule = "cosine"  # rsqrt (paper), cosine, linear, constant; all with linear warmup
+  optim.warmup_steps = 200  # linear warmup length
+  optim.adam_b1 = 0.9  # Adam beta1
+  optim.adam_b2 = 0.98  # Adam beta2 (paper: 0.98)
+  optim.adam_eps = 1e-9  # Adam epsilon (paper: 1e-9)
+  optim.weight_decay = 0.0  # AdamW decoupled weight decay
+  optim.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables it
+  optim.label_smoothing = 0.1 if task == "translation" else 0.0  # paper: 0.1
+  optim.dropout_rate = 0.0  # residual, embedding and feed-forward dropout
+  optim.attention_dropout_rate = 0.0  # dropout on attention weights (reference path only)
+  optim.dropout_rng = "hash"  # dropout masks: "hash" of the index (fast) or "threefry" (JAX's)
 
-  # ---- Input pipeline and profiling (training batches; none of it changes what is trained)
-  c.data_threads = 2  # grain threads making training batches ahead of the step; 0 = in the loop
-  c.data_prefetch = 4  # training batches those threads keep ready in host memory
-  c.device_prefetch = 2  # training batches copied to the devices ahead of the step; 0 = none
-  c.profile_steps = 0  # trace this many steps after a run's first to workdir/profile; 0 = off
+  # ---- config.train: The training loop: batch, length, logging, checkpoints, faults.
+  train = c.train = ml_collections.ConfigDict()
+  train.batch_size = 64  # global batch size, split over all devices
+  train.grad_accum_steps = 1  # micro-batches accumulated per update
+  train.num_train_steps = 3000  # total optimizer updates
+  train.log_every_steps = 100  # progress line and training metrics
+  train.checkpoint_every_steps = 1000  # asynchronous checkpoint
+  train.keep_checkpoints = 3  # checkpoints kept on disk (the newest ones)
+  train.nonfinite_updates = "stop"  # NaN/inf loss or gradient: "stop" the run, or "skip" the update
+  train.max_skipped_updates = 100  # nonfinite_updates="skip": stop once a run has skipped more
+  train.allow_config_change = False  # load a checkpoint whose model fields differ from this config
+  train.signal_check_every_steps = 10  # several processes: steps between agreeing to stop on a signal
+  train.profile_steps = 0  # trace this many steps after a run's first to workdir/profile; 0 = off
 
-  # ---- Decoding (translation)
-  c.beam_size = 1  # beam search width; 1 = greedy (paper: 4)
-  c.length_penalty = 0.6  # beam score = log p / ((5 + length) / 6) ** alpha (paper: 0.6)
-  c.decode_extra_length = 50  # decode at most input length + this many tokens (paper: 50)
+  # ---- config.eval: Evaluation during training and in eval mode.
+  ev = c.eval = ml_collections.ConfigDict()
+  ev.eval_batch_size = 128  # global batch size for evaluation and decoding
+  ev.eval_every_steps = 1000  # held-out evaluation
+  ev.num_print_examples = 5  # decoded examples printed at the final evaluation
+  ev.num_decode_batches = 0  # eval batches decoded and scored during training; 0 = all
+  ev.num_eval_batches = 0  # eval batches whose loss is computed during training; 0 = all
+  ev.best_metric = ""  # keep the best checkpoint by this eval metric (bleu, accuracy); "" = off
+  ev.num_attention_images = 1  # eval examples whose attention maps each evaluation draws; 0 = off
+  ev.head_importance_batches = 0  # --mode=head_importance: eval batches scored per head; 0 = all
 
-  # ---- Generation (decoder-only LM: --mode=generate and the samples in the eval logs)
-  c.greedy = False  # take the most likely token instead of sampling
-  c.temperature = 1.0  # sampling: logits are divided by this (> 0; lower = safer text)
-  c.top_k = 0  # sampling: keep only the k most likely tokens; 0 = all
-  c.top_p = 1.0  # sampling: keep the most likely tokens holding this probability; 1 = all
-  c.max_new_tokens = 256  # tokens generated after the prompt (at most the model's context)
-  c.num_samples = 1  # samples generated per prompt
-  c.sample_seed = 0  # the sampling seed: the same seed and prompt give the same text
-  c.stop_text = ""  # generation also ends after this text (one token); "" = only at EOS
-  c.eval_prompt_length = 16  # LM samples in eval logs continue this many tokens of eval rows
+  # ---- config.decode: Decoding: beam search (translation) and sampling (generation).
+  decode = c.decode = ml_collections.ConfigDict()
+  decode.beam_size = 1  # beam search width; 1 = greedy (paper: 4)
+  decode.length_penalty = 0.6  # beam score = log p / ((5 + length) / 6) ** alpha (paper: 0.6)
+  decode.decode_extra_length = 50  # decode at most input length + this many tokens (paper: 50)
+  decode.greedy = False  # take the most likely token instead of sampling
+  decode.temperature = 1.0  # sampling: logits are divided by this (> 0; lower = safer text)
+  decode.top_k = 0  # sampling: keep only the k most likely tokens; 0 = all
+  decode.top_p = 1.0  # sampling: keep the most likely tokens holding this probability; 1 = all
+  decode.max_new_tokens = 256  # tokens generated after the prompt (at most the model's context)
+  decode.num_samples = 1  # samples generated per prompt
+  decode.sample_seed = 0  # the sampling seed: the same seed and prompt give the same text
+  decode.stop_text = ""  # generation also ends after this text (one token); "" = only at EOS
+  decode.eval_prompt_length = 16  # LM samples in eval logs continue this many tokens of eval rows
 
   presets.apply_presets(c, variant.get("size", "tiny"), variant.get("accel", "cpu"))
   return c
+
+
+def field_groups() -> Dict[str, str]:
+  """{field: "group.field"} of every grouped field: where each field of the flat config
+  that came before the groups lives now (main.py names it for an old flag; checkpoints
+  written with a flat config are read through `group_flat_config`)."""
+  c = get_config()
+  return {field: f"{group}.{field}" for group in GROUPS for field in c[group]}
+
+
+def group_flat_config(saved: dict) -> dict:
+  """A config dict as saved before the fields were grouped (flat), regrouped; a grouped one
+  is returned as it is."""
+  if all(isinstance(saved.get(g), dict) for g in GROUPS):
+    return saved
+  where = field_groups()
+  out: dict = {}
+  for key, value in saved.items():
+    if key in where:
+      group, field = where[key].split(".")
+      out.setdefault(group, {})[field] = value
+    else:
+      out[key] = value
+  return out

@@ -8,37 +8,43 @@ anything afterwards.
 
 import ml_collections
 
+from errors import UserError
+
 # Model sizes. `base` and `big` are table 3 of the paper; `tiny` and `small` fit a CPU.
 # The learning rate is the peak reached at the end of warmup; for base and big it is the
 # paper's d_model^-0.5 * warmup_steps^-0.5 with its rsqrt schedule. The tiny demo anneals
 # with a cosine instead: it reaches exact reversal more reliably in a few thousand steps.
 SIZES = {
-    "tiny": dict(num_encoder_layers=2, num_decoder_layers=2, d_model=64, d_ff=256,
-                 num_heads=4, dropout_rate=0.0, learning_rate=3e-3, warmup_steps=200,
-                 schedule="cosine"),
-    "small": dict(num_encoder_layers=3, num_decoder_layers=3, d_model=256, d_ff=1024,
-                  num_heads=4, dropout_rate=0.1, learning_rate=1.5e-3, warmup_steps=1000,
-                  schedule="rsqrt"),
-    "base": dict(num_encoder_layers=6, num_decoder_layers=6, d_model=512, d_ff=2048,
-                 num_heads=8, dropout_rate=0.1, learning_rate=512**-0.5 * 4000**-0.5,
-                 warmup_steps=4000, schedule="rsqrt"),
-    "big": dict(num_encoder_layers=6, num_decoder_layers=6, d_model=1024, d_ff=4096,
-                num_heads=16, dropout_rate=0.3, learning_rate=1024**-0.5 * 4000**-0.5,
-                warmup_steps=4000, schedule="rsqrt"),
+    "tiny": dict(model=dict(num_encoder_layers=2, num_decoder_layers=2, d_model=64, d_ff=256,
+                            num_heads=4),
+                 optim=dict(dropout_rate=0.0, learning_rate=3e-3, warmup_steps=200,
+                            schedule="cosine")),
+    "small": dict(model=dict(num_encoder_layers=3, num_decoder_layers=3, d_model=256,
+                             d_ff=1024, num_heads=4),
+                  optim=dict(dropout_rate=0.1, learning_rate=1.5e-3, warmup_steps=1000,
+                             schedule="rsqrt")),
+    "base": dict(model=dict(num_encoder_layers=6, num_decoder_layers=6, d_model=512,
+                            d_ff=2048, num_heads=8),
+                 optim=dict(dropout_rate=0.1, learning_rate=512**-0.5 * 4000**-0.5,
+                            warmup_steps=4000, schedule="rsqrt")),
+    "big": dict(model=dict(num_encoder_layers=6, num_decoder_layers=6, d_model=1024,
+                           d_ff=4096, num_heads=16),
+                optim=dict(dropout_rate=0.3, learning_rate=1024**-0.5 * 4000**-0.5,
+                           warmup_steps=4000, schedule="rsqrt")),
 }
 
 # Accelerators: compute dtype, attention implementation and batch sizes (global).
 ACCELERATORS = {
-    "cpu": dict(dtype="float32", attention_impl="reference", batch_size=64,
-                eval_batch_size=128),
-    "gpu": dict(dtype="bfloat16", attention_impl="fused", batch_size=256,
-                eval_batch_size=512),
-    "tpu": dict(dtype="bfloat16", attention_impl="fused", batch_size=512,
-                eval_batch_size=1024),
+    "cpu": dict(compute=dict(dtype="float32", attention_impl="reference"),
+                train=dict(batch_size=64), eval=dict(eval_batch_size=128)),
+    "gpu": dict(compute=dict(dtype="bfloat16", attention_impl="fused"),
+                train=dict(batch_size=256), eval=dict(eval_batch_size=512)),
+    "tpu": dict(compute=dict(dtype="bfloat16", attention_impl="fused"),
+                train=dict(batch_size=512), eval=dict(eval_batch_size=1024)),
 }
 
 
-class VariantError(ValueError):
+class VariantError(UserError, ValueError):
   """A malformed variant string or an unknown key or preset name in it."""
 
 
@@ -69,6 +75,18 @@ def parse_variant(arg, allowed):
 def apply_presets(config: ml_collections.ConfigDict, size: str, accel: str) -> None:
   """Sets the size and accelerator fields (and records the preset names)."""
   config.size = size
-  config.update(SIZES[size])
+  update_groups(config, SIZES[size])
   config.accel = accel
-  config.update(ACCELERATORS[accel])
+  update_groups(config, ACCELERATORS[accel])
+
+
+def update_groups(config: ml_collections.ConfigDict, values) -> None:
+  """Sets `values`, `{group: {field: value}}` (or top-level `{field: value}`), on fields
+  the config has; a name it lacks is a KeyError (ConfigDict.update would add it)."""
+  for key, value in values.items():
+    if key not in config:
+      raise KeyError(f"config has no field {key!r}")
+    if isinstance(value, dict):
+      update_groups(config[key], value)
+    else:
+      config[key] = value

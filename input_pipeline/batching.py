@@ -15,10 +15,12 @@ from typing import Dict, Iterator, Mapping, Optional
 import grain
 import numpy as np
 
+from errors import UserError
+
 Batch = Dict[str, np.ndarray]
 
 
-class ExampleTooLongError(ValueError):
+class ExampleTooLongError(UserError, ValueError):
   """An example does not fit the padded length configured for its field."""
 
 

@@ -18,8 +18,10 @@ from typing import Dict, List, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from errors import UserError
 
-class DataError(ValueError):
+
+class DataError(UserError, ValueError):
   """A data file or dataset is missing, malformed or unusable; the message says which."""
 
 
@@ -156,7 +158,7 @@ def parallel_text_builder(directory: str, languages: Tuple[str, str],
   Missing directories or split files raise DataError here, before anything is prepared.
   """
   if not os.path.isdir(directory):
-    raise DataError(f"{directory}: no such data directory (config.data_dir)")
+    raise DataError(f"{directory}: no such data directory (config.data.data_dir)")
   paths = []
   for stem in splits.values():
     for lang in languages:
@@ -221,7 +223,7 @@ def _documents(path: str, unit: str) -> List[str]:
   text = read_text(path)
   if not text.strip():
     raise DataError(f"{path}: the file is empty (or only whitespace); give it text or "
-                    f"remove it from config.file_splits")
+                    f"remove it from config.data.file_splits")
   if unit == "file":
     return [text]
   return [line.rstrip("\r") for line in text.split("\n") if line.strip()]
@@ -286,10 +288,10 @@ def text_files_builder(directory: str, splits: Dict[str, List[str]], documents: 
   Missing directories or files raise DataError here, before anything is prepared.
   """
   if not os.path.isdir(directory):
-    raise DataError(f"{directory}: no such data directory (config.data_dir)")
+    raise DataError(f"{directory}: no such data directory (config.data.data_dir)")
   if validation_fraction > 0 and ("train" not in splits or "validation" in splits):
-    raise DataError("config.validation_fraction holds out part of the 'train' split as "
-                    "'validation': config.file_splits needs a train split and no validation "
+    raise DataError("config.data.validation_fraction holds out part of the 'train' split as "
+                    "'validation': config.data.file_splits needs a train split and no validation "
                     "split (or set validation_fraction=0)")
   paths = [_existing_file(directory, name) for names in splits.values() for name in names]
   layout = hashlib.sha256(repr(sorted(splits.items())).encode()).hexdigest()[:6]
@@ -390,7 +392,7 @@ def read_labeled_rows(path: str, text_column: str,
       if text_column not in header:
         raise DataError(f"{path}, line {start} (header): no column {text_column!r} for the "
                         f"text; the columns are {', '.join(map(repr, header))} (set "
-                        f"config.text_feature)")
+                        f"config.data.text_feature)")
       continue
     if len(fields) != len(header):
       raise DataError(f"{path}, line {start}: the row has {len(fields)} fields but the "
@@ -421,7 +423,7 @@ def labeled_text_builder(directory: str, splits: Dict[str, str], text_column: st
   `sources`). Missing directories or files, or an unknown extension, raise DataError here,
   before anything is prepared."""
   if not os.path.isdir(directory):
-    raise DataError(f"{directory}: no such data directory (config.data_dir)")
+    raise DataError(f"{directory}: no such data directory (config.data.data_dir)")
   paths = [_existing_file(directory, name) for name in splits.values()]
   for path in paths:
     delimiter_of(path)

@@ -43,7 +43,7 @@ def tfds_builder(name: str, data_dir: str = ""):
   try:
     return tfds.builder(name, data_dir=default_data_dir(data_dir), file_format="array_record")
   except tfds.core.registered.DatasetNotFoundError as e:
-    raise DataError(f"config.dataset={name!r}: tensorflow-datasets has no such dataset; "
+    raise DataError(f"config.data.dataset={name!r}: tensorflow-datasets has no such dataset; "
                     f"see https://www.tensorflow.org/datasets/catalog") from e
 
 

@@ -16,11 +16,13 @@ import json
 import os
 import random
 import re
-import tempfile
 from typing import Callable, Iterable, List, Optional
 
 import numpy as np
 import sentencepiece as spm
+
+import files
+from errors import UserError
 
 PAD_ID = 0
 EOS_ID = 1
@@ -37,7 +39,7 @@ _MAX_SENTENCE_BYTES = 4192
 _REPLACEMENT = "\ufffd"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
   """A tokenizer cannot be built, loaded or applied; the message names the file/field and
   what to do."""
 
@@ -195,7 +197,7 @@ class CharacterTokenizer(Tokenizer):
   def save(self, path: str) -> None:
     """Writes the vocabulary as JSON, atomically."""
     data = {"kind": self.kind, "format": _CHARS_FORMAT, "characters": self.characters}
-    _write_atomic(path, json.dumps(data, ensure_ascii=True, indent=0).encode("ascii"))
+    files.write_atomically(path, json.dumps(data, ensure_ascii=True, indent=0).encode("ascii"))
     self.path = path
 
   @classmethod
@@ -351,7 +353,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str, *,
                  seed_sentencepiece_size=seed_sentencepiece_size,
                  keep_whitespace=keep_whitespace)
   tokenizer = SentencePieceTokenizer.from_bytes(model, path)
-  _write_atomic(path, model)
+  files.write_atomically(path, model)
   tokenizer.path = path
   return tokenizer
 
@@ -469,21 +471,3 @@ def _read(path: str) -> bytes:
                          "in its workdir) or fix the tokenizer path in the config") from None
   except OSError as e:
     raise TokenizerError(f"cannot read the tokenizer file {path}: {e}") from e
-
-
-def _write_atomic(path: str, data: bytes) -> None:
-  """Writes to a temp file in the same directory, then renames it over `path`: readers see
-  the old file or the whole new one, never a partial write."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise

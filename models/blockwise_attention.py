@@ -37,7 +37,7 @@ from typing import Optional, Tuple
 import jax
 import jax.numpy as jnp
 
-from models.attention import MASK_VALUE, AttentionMask, Mask
+from models.masks import MASK_VALUE, AttentionMask, Mask
 
 Array = jax.Array
 

@@ -6,7 +6,7 @@
 
 Every family takes int32 token batches (0 = padding) and, for packed batches, per-token
 positions and segment ids (0 = padding); masks are built here from those, as
-`attention.AttentionMask`s (vectors, never a `[length, length]` matrix unless an attention
+`masks.AttentionMask`s (vectors, never a `[length, length]` matrix unless an attention
 path asks for one).
 
 A stack of N identical blocks runs as a Python loop (`block_0` ... `block_{N-1}`) or, with
@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from models import attention
+from models import attention, masks
 from models.layers import Dropout, Embed, FeedForward, LayerNorm, PositionalEncoding
 
 Array = jax.Array
@@ -40,7 +40,9 @@ SCANNED = "layers"  # the module name of a scanned stack of blocks
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """Hyper-parameters of one model; built from the run config by the task modules."""
+  """Hyper-parameters of one model. The run config's `config.model` group holds the
+  architecture fields under these names (`from_fields`); the task supplies the rest (the
+  vocabulary sizes it built, the lengths of its data, the compute settings)."""
 
   vocab_size: int  # source (or only) vocabulary size
   output_vocab_size: int = 0  # target vocabulary; 0 = same as vocab_size
@@ -48,7 +50,7 @@ class TransformerConfig:
   d_model: int = 512
   d_ff: int = 2048
   num_heads: int = 8
-  head_dim: int = 64
+  head_dim: int = 64  # per-head size d_k = d_v; 0 = d_model // num_heads
   num_encoder_layers: int = 6
   num_decoder_layers: int = 6
   dropout_rate: float = 0.1  # residual, embedding and feed-forward dropout
@@ -69,6 +71,17 @@ class TransformerConfig:
   scan_layers: bool = False  # nn.scan over the blocks of each stack (parameters stacked)
   dtype: Any = jnp.float32
   decode: bool = False  # incremental decoding with a key/value cache
+
+  def __post_init__(self):
+    if not self.head_dim:
+      object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+
+  @classmethod
+  def from_fields(cls, fields: Mapping[str, Any], **given: Any) -> "TransformerConfig":
+    """The entries of `fields` (e.g. a config group) that name a field here, then `given`,
+    which win where both name one."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{**{k: v for k, v in fields.items() if k in names}, **given})
 
   @property
   def target_vocab_size(self) -> int:
@@ -123,7 +136,7 @@ class EncoderBlock(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Optional[attention.Mask], deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Optional[masks.Mask], deterministic: bool) -> Array:
     """x: `[batch, length, d_model]`; mask: an `AttentionMask` or `[batch, 1, length,
     length]` bool."""
     cfg = self.config
@@ -140,8 +153,8 @@ class DecoderBlock(nn.Module):
   cross_attention: bool = True
 
   @nn.compact
-  def __call__(self, y: Array, self_mask: Optional[attention.Mask],
-               encoded: Optional[Array], cross_mask: Optional[attention.Mask],
+  def __call__(self, y: Array, self_mask: Optional[masks.Mask],
+               encoded: Optional[Array], cross_mask: Optional[masks.Mask],
                deterministic: bool) -> Array:
     """y: `[batch, tgt_length, d_model]`; encoded: `[batch, src_length, d_model]`."""
     cfg = self.config
@@ -260,7 +273,7 @@ class Encoder(nn.Module):
     x = PositionalEncoding(cfg.positional_encoding, cfg.max_length, cfg.dtype,
                            name="positions")(x, positions)
     x = Dropout(cfg.dropout_rate, cfg.dropout_rng)(x, deterministic=deterministic)
-    mask = attention.AttentionMask(valid, valid, segmentation, segmentation)
+    mask = masks.AttentionMask(valid, valid, segmentation, segmentation)
     x = _block_stack(cfg, EncoderBlock, cfg.num_encoder_layers, x, mask,
                      deterministic=deterministic)
     if cfg.norm_placement == "pre":
@@ -316,12 +329,12 @@ class Decoder(nn.Module):
 
 
 def _decoder_self_mask(cfg: TransformerConfig, targets: Array,
-                       segmentation: Optional[Array]) -> Optional[attention.AttentionMask]:
+                       segmentation: Optional[Array]) -> Optional[masks.AttentionMask]:
   """Causal & target padding & same segment; None when decoding (the cache masks)."""
   if cfg.decode:
     return None
   valid = targets > 0
-  return attention.AttentionMask(valid, valid, segmentation, segmentation, causal=True)
+  return masks.AttentionMask(valid, valid, segmentation, segmentation, causal=True)
 
 
 class EncoderDecoder(nn.Module):
@@ -359,10 +372,10 @@ class EncoderDecoder(nn.Module):
     cfg = self.config
     if cfg.decode:
       decoder_inputs = targets
-      cross_mask = attention.AttentionMask(jnp.ones(targets.shape, bool), inputs > 0)
+      cross_mask = masks.AttentionMask(jnp.ones(targets.shape, bool), inputs > 0)
     else:
       decoder_inputs = shift_right(targets, targets_segmentation)
-      cross_mask = attention.AttentionMask(targets > 0, inputs > 0, targets_segmentation,
+      cross_mask = masks.AttentionMask(targets > 0, inputs > 0, targets_segmentation,
                                            inputs_segmentation)
     self_mask = _decoder_self_mask(cfg, targets, targets_segmentation)
     return self.decoder(decoder_inputs, self_mask, encoded, cross_mask, targets_positions,

@@ -50,24 +50,24 @@ class Task:
   def model_config(self, decode: bool = False) -> TransformerConfig:
     c = self.config
     return TransformerConfig(
-        vocab_size=self.vocab_size, num_classes=self.num_classes, d_model=c.d_model,
-        d_ff=c.d_ff, num_heads=c.num_heads, head_dim=c.head_dim or c.d_model // c.num_heads,
-        num_encoder_layers=c.num_encoder_layers, num_decoder_layers=c.num_decoder_layers,
-        dropout_rate=c.dropout_rate, dropout_rng=c.dropout_rng,
-        attention_dropout_rate=c.attention_dropout_rate,
-        norm_placement=c.norm_placement, positional_encoding=c.positional_encoding,
-        max_length=max(self.lengths.values()) + 1, fused_qkv=c.fused_qkv,
-        share_embeddings=c.share_embeddings, tie_output=c.tie_output, pooling=c.pooling,
-        activation=c.activation, layer_norm_epsilon=c.layer_norm_epsilon,
-        attention_impl=c.attention_impl, attention_block_size=c.attention_block_size,
+        vocab_size=self.vocab_size, num_classes=self.num_classes, d_model=c.model.d_model,
+        d_ff=c.model.d_ff, num_heads=c.model.num_heads, head_dim=c.model.head_dim or c.model.d_model // c.model.num_heads,
+        num_encoder_layers=c.model.num_encoder_layers, num_decoder_layers=c.model.num_decoder_layers,
+        dropout_rate=c.optim.dropout_rate, dropout_rng=c.optim.dropout_rng,
+        attention_dropout_rate=c.optim.attention_dropout_rate,
+        norm_placement=c.model.norm_placement, positional_encoding=c.model.positional_encoding,
+        max_length=max(self.lengths.values()) + 1, fused_qkv=c.model.fused_qkv,
+        share_embeddings=c.model.share_embeddings, tie_output=c.model.tie_output, pooling=c.model.pooling,
+        activation=c.model.activation, layer_norm_epsilon=c.model.layer_norm_epsilon,
+        attention_impl=c.compute.attention_impl, attention_block_size=c.compute.attention_block_size,
         # Decoding runs the blocks as a loop without remat: it takes no gradients, and
         # beam search reorders caches whose first axis is the batch (`decode_params`).
-        remat="none" if decode else c.remat, scan_layers=c.scan_layers and not decode,
-        dtype=jnp.dtype(c.dtype), decode=decode)
+        remat="none" if decode else c.compute.remat, scan_layers=c.model.scan_layers and not decode,
+        dtype=jnp.dtype(c.compute.dtype), decode=decode)
 
   def decode_params(self, params: Any) -> Any:
     """`params` in the layout of `build_model(decode=True)` (blocks unscanned)."""
-    return transformer.unstack_layers(params) if self.config.scan_layers else params
+    return transformer.unstack_layers(params) if self.config.model.scan_layers else params
 
   @property
   def num_classes(self) -> int:
@@ -99,10 +99,10 @@ class Task:
   def data_source(self, split: str):
     """Random-access example dicts of `split` ("train", "eval" or a dataset split name)."""
     c = self.config
-    size = synthetic.TRAIN_SIZE if split == "train" else c.num_eval_examples
-    return synthetic.SyntheticDigits(self.synthetic_kind, c.synthetic_task,
+    size = synthetic.TRAIN_SIZE if split == "train" else c.data.num_eval_examples
+    return synthetic.SyntheticDigits(self.synthetic_kind, c.data.synthetic_task,
                                      "train" if split == "train" else "eval", size,
-                                     c.min_digits, c.max_digits, seed=c.shuffle_seed)
+                                     c.data.min_digits, c.data.max_digits, seed=c.data.shuffle_seed)
 
   def train_dataset(self, batch_size: int, num_devices: int, process_index: int = 0,
                     process_count: int = 1) -> grain.MapDataset:
@@ -112,13 +112,13 @@ class Task:
     """
     c = self.config
     source = self.data_source("train")
-    if c.pack_examples:
+    if c.data.pack_examples:
       return grain.MapDataset.source(packing.PackedBatches(
           source, self.lengths, batch_size=batch_size, num_devices=num_devices,
-          seed=c.shuffle_seed, process_index=process_index, process_count=process_count))
+          seed=c.data.shuffle_seed, process_index=process_index, process_count=process_count))
     return batching.batched_dataset(
         source, batch_size=batch_size // process_count, num_devices=num_devices,
-        lengths=self.lengths, shuffle=True, seed=c.shuffle_seed, repeat=True,
+        lengths=self.lengths, shuffle=True, seed=c.data.shuffle_seed, repeat=True,
         process_index=process_index, process_count=process_count)
 
   def eval_dataset(self, split: str, batch_size: int, num_devices: int,
@@ -249,21 +249,21 @@ def exact_match_sums(inputs: np.ndarray, predictions: np.ndarray,
 
 def tokenizer_paths(config, workdir: Optional[str], names: List[str],
                     training: bool) -> List[Optional[str]]:
-  """The tokenizer files of a run: those of config.tokenizer_path, else `names` in the
+  """The tokenizer files of a run: those of config.data.tokenizer_path, else `names` in the
   workdir (None each when training without a workdir: built in memory). Outside training
   (eval, decode, generate) they must exist already; bytes need no file."""
-  given = [p for p in config.tokenizer_path.split(",") if p] if config.tokenizer_path else []
+  given = [p for p in config.data.tokenizer_path.split(",") if p] if config.data.tokenizer_path else []
   if given and not all(os.path.exists(p) for p in given):
-    raise tokenizers.TokenizerError(f"config.tokenizer_path={config.tokenizer_path!r}: no "
+    raise tokenizers.TokenizerError(f"config.data.tokenizer_path={config.data.tokenizer_path!r}: no "
                                     f"such file")
   if not given and not workdir and training:
     return [None] * len(names)  # no run directory: built in memory, nothing written
   paths = given or [os.path.join(workdir or "", n) for n in names]
-  if config.tokenizer != "bytes" and not training and not all(os.path.exists(p)
+  if config.model.tokenizer != "bytes" and not training and not all(os.path.exists(p)
                                                                for p in paths):
     raise tokenizers.TokenizerError(
         f"no tokenizer at {', '.join(paths)}: train first with --mode=train in this "
-        f"workdir (it saves the tokenizer there) or set config.tokenizer_path")
+        f"workdir (it saves the tokenizer there) or set config.data.tokenizer_path")
   return paths
 
 

@@ -2,13 +2,13 @@
 the confusion matrix; class probabilities for --mode=predict.
 
 Real data comes from a tfds dataset by name (a text feature and a ClassLabel feature named
-by config.text_feature and config.label_feature: glue/sst2, imdb_reviews, ag_news_subset)
+by config.data.text_feature and config.data.label_feature: glue/sst2, imdb_reviews, ag_news_subset)
 or from local .tsv/.csv files with a header row (columns named by the same fields), read
 through the tfds builder in input_pipeline/local_builders.py. Labels map to class ids once:
 a ClassLabel's names, or the sorted label strings of the training file (numerically sorted
 when all are integers); the names are saved as <workdir>/labels.json and read back by
 evaluation and prediction. Text is tokenized (SentencePiece trained on the training text,
-or bytes; saved in the workdir) and cut to config.max_input_length tokens.
+or bytes; saved in the workdir) and cut to config.data.max_input_length tokens.
 The synthetic default labels a digit string by whether most of its digits are >= 5.
 """
 
@@ -40,7 +40,7 @@ class ClassificationTask(base.Task):
   # ---- data
   def setup_data(self) -> None:
     c = self.config
-    self.real = c.dataset != "synthetic"
+    self.real = c.data.dataset != "synthetic"
     self.label_names = ["minority >= 5", "majority >= 5"]  # synthetic: label 1 = majority
     if not self.real:
       return
@@ -54,16 +54,16 @@ class ClassificationTask(base.Task):
       # tokenizer and the label names are saved in the workdir.
       self.label_names = names
       self.label_ids("eval")
-    paths = base.tokenizer_paths(c, self.workdir, [TOKENIZER_FILES[c.tokenizer]],
+    paths = base.tokenizer_paths(c, self.workdir, [TOKENIZER_FILES[c.model.tokenizer]],
                                  self.training)
-    self.tokenizer = tokenizers.get_or_build(c.tokenizer, paths[0], self._tokenizer_texts,
-                                             c.vocab_size)
+    self.tokenizer = tokenizers.get_or_build(c.model.tokenizer, paths[0], self._tokenizer_texts,
+                                             c.model.vocab_size)
     self.vocab_size = self.tokenizer.vocab_size
     self.label_names = names
     if self.training and self.workdir and not os.path.exists(self.labels_path):
       save_labels(self.labels_path, names)
     logging.info("classification on %s: %d classes (%s); %s tokenizer with %d ids",
-                 c.dataset, len(names), ", ".join(names), self.tokenizer.kind,
+                 c.data.dataset, len(names), ", ".join(names), self.tokenizer.kind,
                  self.vocab_size)
 
   @property
@@ -71,34 +71,34 @@ class ClassificationTask(base.Task):
     return os.path.join(self.workdir or "", LABELS_FILE)
 
   def _make_builder(self):
-    """The tfds builder of config.dataset (local labeled files or a tfds name)."""
+    """The tfds builder of config.data.dataset (local labeled files or a tfds name)."""
     c = self.config
-    if c.dataset == "files":
+    if c.data.dataset == "files":
       return local_builders.labeled_text_builder(
-          c.data_dir, dict(sources.parse_mapping(c.file_splits, "file_splits")),
-          c.text_feature, c.label_feature, sources.default_data_dir(c.tfds_data_dir))
-    builder = sources.tfds_builder(c.dataset, c.tfds_data_dir)
+          c.data.data_dir, dict(sources.parse_mapping(c.data.file_splits, "file_splits")),
+          c.data.text_feature, c.data.label_feature, sources.default_data_dir(c.data.tfds_data_dir))
+    builder = sources.tfds_builder(c.data.dataset, c.data.tfds_data_dir)
     features = builder.info.features
     for field in ("text_feature", "label_feature"):
       if c[field] not in features:
-        raise DataError(f"config.{field}={c[field]!r}: dataset {c.dataset} has no such "
+        raise DataError(f"config.{field}={c[field]!r}: dataset {c.data.dataset} has no such "
                         f"feature; it has {', '.join(features.keys())}")
-    if not hasattr(features[c.label_feature], "names"):
-      raise DataError(f"config.label_feature={c.label_feature!r} of {c.dataset} is not a "
+    if not hasattr(features[c.data.label_feature], "names"):
+      raise DataError(f"config.data.label_feature={c.data.label_feature!r} of {c.data.dataset} is not a "
                       f"class label (tfds ClassLabel); classification needs one")
     return builder
 
   def _split_name(self, split: str) -> str:
     c = self.config
-    split = {"train": c.train_split, "eval": c.eval_split}.get(split, split)
-    if c.dataset == "files" and split not in dict(self._builder.builder_config.splits):
-      raise DataError(f"split {split!r} is not in config.file_splits={c.file_splits!r}")
+    split = {"train": c.data.train_split, "eval": c.data.eval_split}.get(split, split)
+    if c.data.dataset == "files" and split not in dict(self._builder.builder_config.splits):
+      raise DataError(f"split {split!r} is not in config.data.file_splits={c.data.file_splits!r}")
     return split
 
   def _file_of(self, split: str) -> str:
     c = self.config
     return local_builders.text_file_path(
-        c.data_dir, dict(self._builder.builder_config.splits)[split])
+        c.data.data_dir, dict(self._builder.builder_config.splits)[split])
 
   def rows(self, split: str) -> Tuple[list, list, list]:
     """(texts, raw labels, where) of a split in dataset order: labels are strings for
@@ -109,9 +109,9 @@ class ClassificationTask(base.Task):
       c = self.config
       if split not in self._raw:
         self._raw.update(sources.open_splits(self._builder, [split],
-                                             needs_tensorflow=c.dataset != "files"))
-      files = c.dataset == "files"
-      text_key, label_key = ("text", "label") if files else (c.text_feature, c.label_feature)
+                                             needs_tensorflow=c.data.dataset != "files"))
+      files = c.data.dataset == "files"
+      text_key, label_key = ("text", "label") if files else (c.data.text_feature, c.data.label_feature)
       records = sources.read_all(
           self._raw[split],
           lambda ex: (sources.as_text(ex[text_key]),
@@ -126,13 +126,13 @@ class ClassificationTask(base.Task):
     split = self._split_name(split)
     _, labels, _ = self.rows(split)
     c = self.config
-    if c.dataset == "files" and all(label == "" for label in labels):
+    if c.data.dataset == "files" and all(label == "" for label in labels):
       raise DataError(f"split {split!r} has no labels (file {self._file_of(split)} has no "
-                      f"column {c.label_feature!r}); train and evaluate on labeled splits "
+                      f"column {c.data.label_feature!r}); train and evaluate on labeled splits "
                       f"and use --mode=predict for unlabeled text")
-    if c.dataset != "files" and all(label == NO_LABEL for label in labels):
-      raise DataError(f"split {split!r} of {c.dataset} has no labels (every "
-                      f"{c.label_feature!r} is {NO_LABEL}); evaluate on a labeled split")
+    if c.data.dataset != "files" and all(label == NO_LABEL for label in labels):
+      raise DataError(f"split {split!r} of {c.data.dataset} has no labels (every "
+                      f"{c.data.label_feature!r} is {NO_LABEL}); evaluate on a labeled split")
 
   def _label_names_of_run(self) -> List[str]:
     """The class names: from <workdir>/labels.json when it exists (never rebuilt outside
@@ -143,15 +143,15 @@ class ClassificationTask(base.Task):
     if not self.training:
       raise DataError(f"no label names at {self.labels_path}: train first with "
                       f"--mode=train in this workdir (it saves them there)")
-    if c.dataset != "files":
-      return list(self._builder.info.features[c.label_feature].names)
+    if c.data.dataset != "files":
+      return list(self._builder.info.features[c.data.label_feature].names)
     self._check_labeled("train")
     return label_names_from(self.rows("train")[1], self._file_of(self._split_name("train")))
 
   def _tokenizer_texts(self) -> List[str]:
-    """An evenly strided sample of at most config.tokenizer_max_sentences training texts."""
+    """An evenly strided sample of at most config.data.tokenizer_max_sentences training texts."""
     texts = self.rows("train")[0]
-    stride = -(-len(texts) // self.config.tokenizer_max_sentences)
+    stride = -(-len(texts) // self.config.data.tokenizer_max_sentences)
     return texts[::stride]
 
   def label_ids(self, split: str) -> List[int]:
@@ -161,12 +161,12 @@ class ClassificationTask(base.Task):
     self._check_labeled(split)
     split = self._split_name(split)
     _, labels, where = self.rows(split)
-    if c.dataset == "files":
+    if c.data.dataset == "files":
       return map_labels(labels, self.label_names, self._file_of(split), where)
     ids = []
     for position, label in zip(where, labels):
       if not 0 <= label < len(self.label_names):
-        raise DataError(f"{c.dataset} split {split!r}, example {position}: label {label} is "
+        raise DataError(f"{c.data.dataset} split {split!r}, example {position}: label {label} is "
                         f"not one of the {len(self.label_names)} classes"
                         + (" (-1: unlabeled)" if label == NO_LABEL else ""))
       ids.append(label)
@@ -174,7 +174,7 @@ class ClassificationTask(base.Task):
 
   def examples(self, split: str) -> list:
     """`{"inputs", "label", "index"}` per example of a labeled split, inputs cut to
-    config.max_input_length tokens; empty texts (tfds only; files refuse them) dropped."""
+    config.data.max_input_length tokens; empty texts (tfds only; files refuse them) dropped."""
     split = self._split_name(split)
     if split not in self._examples:
       texts = self.rows(split)[0]
@@ -184,7 +184,7 @@ class ClassificationTask(base.Task):
     return self._examples[split]
 
   def _cut(self, split: str, tokens: list, labels: List[int]) -> list:
-    length = self.config.max_input_length
+    length = self.config.data.max_input_length
     out, cut = [], 0
     for i, (x, y) in enumerate(zip(tokens, labels)):
       if not len(x):
@@ -192,7 +192,7 @@ class ClassificationTask(base.Task):
       cut += len(x) > length
       out.append({"inputs": x[:length], "label": np.int32(y), "index": np.int32(i)})
     if not out:
-      raise DataError(f"split {split!r} of {self.config.dataset} has no text")
+      raise DataError(f"split {split!r} of {self.config.data.dataset} has no text")
     logging.info("split %r: %d examples; %d cut to max_input_length=%d tokens%s", split,
                  len(out), cut, length,
                  f"; {len(tokens) - len(out)} empty texts dropped" if len(out) < len(tokens)
@@ -210,7 +210,7 @@ class ClassificationTask(base.Task):
 
   @property
   def lengths(self) -> Dict[str, int]:
-    return {"inputs": self.config.max_input_length}
+    return {"inputs": self.config.data.max_input_length}
 
   # ---- model and loss
   def build_model(self, decode: bool = False):
@@ -220,12 +220,12 @@ class ClassificationTask(base.Task):
     return {"inputs": batch["inputs"]}
 
   def loss(self, params, batch, dropout_rng, train, head_mask=None):
-    variables = base.variables(params, head_mask, self.config.scan_layers)
+    variables = base.variables(params, head_mask, self.config.model.scan_layers)
     logits = self.model.apply(variables, batch["inputs"], deterministic=not train,
                               rngs=base.rngs(dropout_rng, train))
     real = batch["inputs"].any(axis=-1).astype(jnp.float32)  # zero-filled examples weigh 0
     return losses.cross_entropy_sums(logits, batch["label"], real,
-                                     self.config.label_smoothing)
+                                     self.config.optim.label_smoothing)
 
   def predict(self, params, batch):
     """Class probabilities `[batch, num_classes]` float32; the prediction is their argmax."""
@@ -311,7 +311,7 @@ class ClassificationTask(base.Task):
   def encode_texts(self, texts: List[str]) -> list:
     """Examples for `--mode=predict`, cut to max_input_length tokens like the data."""
     tokens = self.tokenizer.encode_batch(texts)
-    length = self.config.max_input_length
+    length = self.config.data.max_input_length
     return [{"inputs": x[:length] if len(x) else np.array([tokenizers.UNK_ID], np.int32),
              "label": np.int32(0), "index": np.int32(i)} for i, x in enumerate(tokens)]
 

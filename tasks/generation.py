@@ -50,35 +50,35 @@ class GenerationTask(base.Task):
   # ---- data
   def setup_data(self) -> None:
     c = self.config
-    self.real = c.dataset != "synthetic"
+    self.real = c.data.dataset != "synthetic"
     if not self.real:
       return
     self._builder = self._make_builder()
     self._raw: Dict[str, object] = {}
     self._documents: Dict[str, List[str]] = {}
     self._tokens: Dict[str, list] = {}
-    paths = base.tokenizer_paths(c, self.workdir, [TOKENIZER_FILES[c.tokenizer]],
+    paths = base.tokenizer_paths(c, self.workdir, [TOKENIZER_FILES[c.model.tokenizer]],
                                  self.training)
     self.tokenizer = tokenizers.get_or_build(
-        c.tokenizer, paths[0], self._tokenizer_texts, c.vocab_size, keep_whitespace=True)
+        c.model.tokenizer, paths[0], self._tokenizer_texts, c.model.vocab_size, keep_whitespace=True)
     self.vocab_size = self.tokenizer.vocab_size
     self.eos_id = self.tokenizer.eos_id
-    logging.info("language model on %s: %s tokenizer with %d ids", c.dataset,
+    logging.info("language model on %s: %s tokenizer with %d ids", c.data.dataset,
                  self.tokenizer.kind, self.vocab_size)
 
   def _make_builder(self):
-    """The tfds builder of config.dataset (local text files or a tfds name)."""
+    """The tfds builder of config.data.dataset (local text files or a tfds name)."""
     c = self.config
-    if c.dataset == "files":
+    if c.data.dataset == "files":
       splits = {split: [name for name in names.split("+") if name]
-                for split, names in sources.parse_mapping(c.file_splits, "file_splits").items()}
+                for split, names in sources.parse_mapping(c.data.file_splits, "file_splits").items()}
       return local_builders.text_files_builder(
-          c.data_dir, splits, c.text_documents, c.validation_fraction,
-          sources.default_data_dir(c.tfds_data_dir))
-    builder = sources.tfds_builder(c.dataset, c.tfds_data_dir)
+          c.data.data_dir, splits, c.data.text_documents, c.data.validation_fraction,
+          sources.default_data_dir(c.data.tfds_data_dir))
+    builder = sources.tfds_builder(c.data.dataset, c.data.tfds_data_dir)
     features = list(builder.info.features.keys())
     if "text" not in features:
-      raise DataError(f"config.dataset={c.dataset!r} has no 'text' feature to model (it has "
+      raise DataError(f"config.data.dataset={c.data.dataset!r} has no 'text' feature to model (it has "
                       f"{', '.join(features)}); language models read a 'text' feature")
     return builder
 
@@ -86,32 +86,32 @@ class GenerationTask(base.Task):
     """The non-empty texts of a split, in dataset order."""
     if split not in self._documents:
       c = self.config
-      if c.dataset == "files":
+      if c.data.dataset == "files":
         known = [name for name, _ in self._builder.builder_config.splits]
-        known += ["validation"] if c.validation_fraction > 0 else []
+        known += ["validation"] if c.data.validation_fraction > 0 else []
         if split not in known:
           raise DataError(f"split {split!r} is not one of the text files' splits "
-                          f"({', '.join(known)}; see config.file_splits and "
-                          f"config.validation_fraction)")
+                          f"({', '.join(known)}; see config.data.file_splits and "
+                          f"config.data.validation_fraction)")
       if split not in self._raw:
         self._raw.update(sources.open_splits(self._builder, [split],
-                                             needs_tensorflow=c.dataset != "files"))
+                                             needs_tensorflow=c.data.dataset != "files"))
       texts = [t for t in sources.read_all(self._raw[split],
                                            lambda ex: sources.as_text(ex["text"])) if t]
       if not texts:
-        raise DataError(f"split {split!r} of {c.dataset} has no text")
+        raise DataError(f"split {split!r} of {c.data.dataset} has no text")
       self._documents[split] = texts
     return self._documents[split]
 
   def _tokenizer_texts(self) -> List[str]:
     """Lines of the training split (sentencepiece skips texts over 4 KB, so whole books
     are fed a line at a time), an evenly strided sample of at most
-    config.tokenizer_max_sentences."""
-    documents = self.documents(self.config.train_split)
-    if self.config.tokenizer == "chars":
+    config.data.tokenizer_max_sentences."""
+    documents = self.documents(self.config.data.train_split)
+    if self.config.model.tokenizer == "chars":
       return documents
     lines = [line for doc in documents for line in doc.split("\n") if line.strip()]
-    stride = -(-len(lines) // self.config.tokenizer_max_sentences)
+    stride = -(-len(lines) // self.config.data.tokenizer_max_sentences)
     return lines[::stride]
 
   def tokenized(self, split: str) -> list:
@@ -126,7 +126,7 @@ class GenerationTask(base.Task):
 
   def _document_rows(self, split: str) -> list:
     """Each document + EOS as examples of at most the context length (long ones cut)."""
-    length = self.config.max_target_length
+    length = self.config.data.max_target_length
     rows = []
     for tokens in self.tokenized(split):
       tokens = np.append(tokens, self.eos_id).astype(np.int32)
@@ -137,31 +137,31 @@ class GenerationTask(base.Task):
     if not self.real:
       return super().data_source(split)
     c = self.config
-    split = {"train": c.train_split, "eval": c.eval_split}.get(split, split)
-    if c.lm_batching == "windows":
-      return windows.cut_windows(self.stream(split), c.max_target_length)
+    split = {"train": c.data.train_split, "eval": c.data.eval_split}.get(split, split)
+    if c.data.lm_batching == "windows":
+      return windows.cut_windows(self.stream(split), c.data.max_target_length)
     return self._document_rows(split)
 
   def train_dataset(self, batch_size, num_devices, process_index=0, process_count=1):
     c = self.config
-    if not self.real or c.lm_batching == "documents":
+    if not self.real or c.data.lm_batching == "documents":
       return super().train_dataset(batch_size, num_devices, process_index, process_count)
     try:
       source = windows.WindowBatches(
-          self.stream(c.train_split), c.max_target_length, batch_size=batch_size,
-          num_devices=num_devices, seed=c.shuffle_seed, process_index=process_index,
+          self.stream(c.data.train_split), c.data.max_target_length, batch_size=batch_size,
+          num_devices=num_devices, seed=c.data.shuffle_seed, process_index=process_index,
           process_count=process_count)
     except ValueError as e:  # the fields to change, by name
-      raise DataError(f"{e} (config.batch_size={batch_size}, config.max_target_length="
-                      f"{c.max_target_length})") from None
+      raise DataError(f"{e} (config.train.batch_size={batch_size}, config.data.max_target_length="
+                      f"{c.data.max_target_length})") from None
     logging.info("training stream: %d tokens, %d windows of %d a epoch (%d batches)",
-                 len(source.stream), len(source.stream) // c.max_target_length,
-                 c.max_target_length, source.batches_per_epoch)
+                 len(source.stream), len(source.stream) // c.data.max_target_length,
+                 c.data.max_target_length, source.batches_per_epoch)
     return grain.MapDataset.source(source)
 
   @property
   def lengths(self) -> Dict[str, int]:
-    return {"inputs": self.config.max_target_length}
+    return {"inputs": self.config.data.max_target_length}
 
   # ---- model and loss
   def build_model(self, decode: bool = False):
@@ -174,12 +174,12 @@ class GenerationTask(base.Task):
             if key in batch}
 
   def loss(self, params, batch, dropout_rng, train, head_mask=None):
-    variables = base.variables(params, head_mask, self.config.scan_layers)
+    variables = base.variables(params, head_mask, self.config.model.scan_layers)
     logits = self.model.apply(variables, **self.model_inputs(batch),
                               deterministic=not train, rngs=base.rngs(dropout_rng, train))
     tokens = batch["inputs"]
     weights = (tokens > 0).astype(jnp.float32)
-    sums = losses.cross_entropy_sums(logits, tokens, weights, self.config.label_smoothing)
+    sums = losses.cross_entropy_sums(logits, tokens, weights, self.config.optim.label_smoothing)
     if self.real:  # the text the scored tokens stand for, for bits per character
       lengths = jnp.asarray(self.tokenizer.text_lengths(), jnp.float32)
       sums["characters"] = jnp.sum(lengths[tokens] * weights)
@@ -232,20 +232,20 @@ class GenerationTask(base.Task):
     # to it; an undertrained model sampled hot could still pick it.
     reserved = self.real and self.tokenizer.kind != "sentencepiece"
     never = (0, tokenizers.UNK_ID) if reserved else (0,)
-    return decoding.sampling_picker(c.temperature, c.top_k, c.top_p, greedy=c.greedy,
+    return decoding.sampling_picker(c.decode.temperature, c.decode.top_k, c.decode.top_p, greedy=c.decode.greedy,
                                     never=never)
 
   def predict(self, params, batch):
     """Synthetic: greedy continuation of each "x |" prompt. Real text: the configured
-    sampling continues the first config.eval_prompt_length tokens of each row (the
+    sampling continues the first config.decode.eval_prompt_length tokens of each row (the
     samples shown in the eval logs). `[batch, length]` tokens, prompt included."""
     tokens = batch["inputs"]
     if not self.real:
       return self.generate(params, prompt_of(tokens, synthetic.SEP), jax.random.PRNGKey(0),
                            picker=decoding.sampling_picker(greedy=True))
-    prompt = jnp.where(jnp.arange(tokens.shape[1]) < self.config.eval_prompt_length,
+    prompt = jnp.where(jnp.arange(tokens.shape[1]) < self.config.decode.eval_prompt_length,
                        tokens, 0)
-    return self.generate(params, prompt, jax.random.PRNGKey(self.config.sample_seed))
+    return self.generate(params, prompt, jax.random.PRNGKey(self.config.decode.sample_seed))
 
   # ---- scores
   def score(self, batch, predictions):
@@ -271,7 +271,7 @@ class GenerationTask(base.Task):
       if len(lines) == limit or not x.any():
         break
       if self.real:
-        n = self.config.eval_prompt_length
+        n = self.config.decode.eval_prompt_length
         lines.append(f"prompt: {self.detokenize(x[:n])!r}\n  sample: "
                      f"{self.detokenize(p[n:])!r}\n  real:   {self.detokenize(x[n:])!r}")
         continue
@@ -284,13 +284,13 @@ class GenerationTask(base.Task):
   def encode_prompts(self, prompts: List[str]) -> List[np.ndarray]:
     """Token ids of each prompt; TokenizerError for characters outside the vocabulary,
     DataError for a prompt that does not leave room to generate within the context."""
-    context = self.config.max_target_length
+    context = self.config.data.max_target_length
     out = []
     for number, prompt in enumerate(prompts, 1):
       tokens = self.tokenizer.encode(prompt) if prompt else np.zeros(0, np.int32)
       if len(tokens) >= context:
         raise DataError(f"prompt {number} has {len(tokens)} tokens, but the model's context "
-                        f"is {context} tokens (config.max_target_length) and generation "
+                        f"is {context} tokens (config.data.max_target_length) and generation "
                         f"needs room after the prompt; shorten the prompt to at most "
                         f"{context - 1} tokens")
       out.append(tokens)
@@ -304,15 +304,15 @@ class GenerationTask(base.Task):
     reads its own text)."""
     if not self.real:
       return super().attention_example(text, reference)
-    return {"inputs": self.tokenizer.encode(text)[:self.config.max_target_length]}
+    return {"inputs": self.tokenizer.encode(text)[:self.config.data.max_target_length]}
 
   def stop_id(self) -> int:
-    """The token of config.stop_text, or -1."""
-    text = self.config.stop_text
+    """The token of config.decode.stop_text, or -1."""
+    text = self.config.decode.stop_text
     if not text:
       return -1
     tokens = self.tokenizer.encode(text)
     if len(tokens) != 1:
-      raise DataError(f"config.stop_text={text!r} is {len(tokens)} tokens for this "
+      raise DataError(f"config.decode.stop_text={text!r} is {len(tokens)} tokens for this "
                       f"tokenizer; it must be exactly one token")
     return int(tokens[0])

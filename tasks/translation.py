@@ -29,10 +29,10 @@ class TranslationTask(base.Task):
   # ---- data
   def setup_data(self) -> None:
     c = self.config
-    self.real = c.dataset != "synthetic"
+    self.real = c.data.dataset != "synthetic"
     if not self.real:
       return
-    self.source_lang, self.target_lang = c.language_pair.split("-")
+    self.source_lang, self.target_lang = c.data.language_pair.split("-")
     self._builder = self._make_builder()
     self._raw: Dict[str, object] = {}
     self._examples: Dict[str, list] = {}
@@ -46,29 +46,29 @@ class TranslationTask(base.Task):
                  "  ".join(f"{k} {v}" for k, v in sacrebleu_signatures().items()))
 
   def _make_builder(self):
-    """The tfds builder of config.dataset (local parallel files or a tfds name)."""
+    """The tfds builder of config.data.dataset (local parallel files or a tfds name)."""
     c = self.config
     languages = (self.source_lang, self.target_lang)
-    if c.dataset == "files":
-      file_splits = dict(sources.parse_mapping(c.file_splits, "file_splits"))
+    if c.data.dataset == "files":
+      file_splits = dict(sources.parse_mapping(c.data.file_splits, "file_splits"))
       return local_builders.parallel_text_builder(
-          c.data_dir, languages, file_splits, sources.default_data_dir(c.tfds_data_dir))
-    builder = sources.tfds_builder(c.dataset, c.tfds_data_dir)
+          c.data.data_dir, languages, file_splits, sources.default_data_dir(c.data.tfds_data_dir))
+    builder = sources.tfds_builder(c.data.dataset, c.data.tfds_data_dir)
     features = list(builder.info.features.keys())
     missing = [lang for lang in languages if lang not in features]
     if missing:
-      raise DataError(f"config.language_pair={c.language_pair!r}: dataset {c.dataset} has "
+      raise DataError(f"config.data.language_pair={c.data.language_pair!r}: dataset {c.data.dataset} has "
                       f"no language {', '.join(missing)}; it has {', '.join(features)}")
     return builder
 
   def _split_source(self, split: str):
     """The raw (untokenized) random-access source of a split, prepared on first use."""
     if split not in self._raw:
-      if self.config.dataset == "files" and split not in dict(self._builder.builder_config.splits):
-        raise DataError(f"split {split!r} is not in config.file_splits="
-                        f"{self.config.file_splits!r}")
+      if self.config.data.dataset == "files" and split not in dict(self._builder.builder_config.splits):
+        raise DataError(f"split {split!r} is not in config.data.file_splits="
+                        f"{self.config.data.file_splits!r}")
       self._raw.update(sources.open_splits(self._builder, [split],
-                                           needs_tensorflow=self.config.dataset != "files"))
+                                           needs_tensorflow=self.config.data.dataset != "files"))
     return self._raw[split]
 
   def texts(self, split: str):
@@ -81,29 +81,29 @@ class TranslationTask(base.Task):
     return self._texts[split]
 
   def _tokenizers(self):
-    """(source, target) tokenizers: loaded from config.tokenizer_path or the workdir, or
+    """(source, target) tokenizers: loaded from config.data.tokenizer_path or the workdir, or
     trained on the training split and saved in the workdir."""
     c = self.config
-    kind = c.tokenizer
-    names = (["tokenizer.model"] if c.shared_vocab else
+    kind = c.model.tokenizer
+    names = (["tokenizer.model"] if c.model.shared_vocab else
              [f"tokenizer_{self.source_lang}.model", f"tokenizer_{self.target_lang}.model"])
     paths = base.tokenizer_paths(c, self.workdir, names, self.training)
     # The workdir is created by the tokenizer's write, after the data has been read and
     # checked: bad data leaves no trace in it.
     def corpus(which):
       def sentences():
-        src, tgt = self.texts(c.train_split)
+        src, tgt = self.texts(c.data.train_split)
         texts = {"source": src, "target": tgt, "both": src + tgt}[which]
         # An evenly strided sample: large corpora are often concatenations of sources.
-        stride = -(-len(texts) // c.tokenizer_max_sentences)
+        stride = -(-len(texts) // c.data.tokenizer_max_sentences)
         return texts[::stride]
       return sentences
 
-    if c.shared_vocab:
-      shared = tokenizers.get_or_build(kind, paths[0], corpus("both"), c.vocab_size)
+    if c.model.shared_vocab:
+      shared = tokenizers.get_or_build(kind, paths[0], corpus("both"), c.model.vocab_size)
       return shared, shared
-    return (tokenizers.get_or_build(kind, paths[0], corpus("source"), c.vocab_size),
-            tokenizers.get_or_build(kind, paths[1], corpus("target"), c.vocab_size))
+    return (tokenizers.get_or_build(kind, paths[0], corpus("source"), c.model.vocab_size),
+            tokenizers.get_or_build(kind, paths[1], corpus("target"), c.model.vocab_size))
 
   def _tokenized(self, split: str) -> list:
     """Examples `{"inputs", "targets", "index"}` with EOS appended, unfiltered."""
@@ -122,21 +122,21 @@ class TranslationTask(base.Task):
       return super().data_source(split)
     c = self.config
     if split == "train":
-      examples = self._tokenized(c.train_split)
-      kept = [e for e in examples if len(e["inputs"]) <= c.max_input_length
-              and len(e["targets"]) <= c.max_target_length]
+      examples = self._tokenized(c.data.train_split)
+      kept = [e for e in examples if len(e["inputs"]) <= c.data.max_input_length
+              and len(e["targets"]) <= c.data.max_target_length]
       logging.info("training split %r: %d examples, %d dropped for being longer than "
                    "max_input_length=%d or max_target_length=%d tokens (EOS included)",
-                   c.train_split, len(kept), len(examples) - len(kept), c.max_input_length,
-                   c.max_target_length)
+                   c.data.train_split, len(kept), len(examples) - len(kept), c.data.max_input_length,
+                   c.data.max_target_length)
       if not kept:
-        raise DataError(f"no training example fits max_input_length={c.max_input_length} "
-                        f"and max_target_length={c.max_target_length}; raise them")
+        raise DataError(f"no training example fits max_input_length={c.data.max_input_length} "
+                        f"and max_target_length={c.data.max_target_length}; raise them")
       return kept
-    split = c.eval_split if split == "eval" else split
+    split = c.data.eval_split if split == "eval" else split
     # Evaluation keeps every example so scores cover the whole split; the rare input longer
     # than max_eval_length is cut (ending in EOS), its reference text stays whole.
-    length = c.max_eval_length
+    length = c.data.max_eval_length
     out, cut = [], 0
     for e in self._tokenized(split):
       if len(e["inputs"]) > length or len(e["targets"]) > length:
@@ -151,13 +151,13 @@ class TranslationTask(base.Task):
 
   @property
   def lengths(self) -> Dict[str, int]:
-    return {"inputs": self.config.max_input_length, "targets": self.config.max_target_length}
+    return {"inputs": self.config.data.max_input_length, "targets": self.config.data.max_target_length}
 
   @property
   def eval_lengths(self) -> Dict[str, int]:
     if not self.real:
       return self.lengths
-    return {"inputs": self.config.max_eval_length, "targets": self.config.max_eval_length}
+    return {"inputs": self.config.data.max_eval_length, "targets": self.config.data.max_eval_length}
 
   # ---- model
   def model_config(self, decode: bool = False):
@@ -169,10 +169,10 @@ class TranslationTask(base.Task):
 
   @property
   def decode_length(self) -> int:
-    """Tokens decoded at most: the padded input length plus config.decode_extra_length."""
+    """Tokens decoded at most: the padded input length plus config.decode.decode_extra_length."""
     if not self.real:
-      return self.config.max_target_length
-    return self.config.max_eval_length + self.config.decode_extra_length
+      return self.config.data.max_target_length
+    return self.config.data.max_eval_length + self.config.decode.decode_extra_length
 
   def build_model(self, decode: bool = False):
     return EncoderDecoder(self.model_config(decode))
@@ -185,26 +185,26 @@ class TranslationTask(base.Task):
     return {name: batch[key] for key, name in zip(keys, names) if key in batch}
 
   def loss(self, params, batch, dropout_rng, train, head_mask=None):
-    variables = base.variables(params, head_mask, self.config.scan_layers)
+    variables = base.variables(params, head_mask, self.config.model.scan_layers)
     logits = self.model.apply(variables, **self.model_inputs(batch),
                               deterministic=not train, rngs=base.rngs(dropout_rng, train))
     targets = batch["targets"]
     return losses.cross_entropy_sums(logits, targets, (targets > 0).astype(jnp.float32),
-                                     self.config.label_smoothing)
+                                     self.config.optim.label_smoothing)
 
   # ---- decoding
   def predict(self, params, batch):
     """Beam search (greedy when beam_size is 1) through the key/value cache.
 
     Returns `[batch, decode_length]` tokens; example b stops at its input length plus
-    config.decode_extra_length (the paper's limit).
+    config.decode.decode_extra_length (the paper's limit).
     """
     c = self.config
     inputs = batch["inputs"]
     batch_size, max_length = inputs.shape[0], self.decode_length
     encoded = self.model.apply({"params": params}, inputs, method="encode")
     decoder = self.build_model(decode=True)
-    beam = c.beam_size
+    beam = c.decode.beam_size
     if beam > 1:
       encoded = decoding.expand_to_beams(encoded, beam)
       inputs = decoding.expand_to_beams(inputs, beam)
@@ -222,9 +222,9 @@ class TranslationTask(base.Task):
       return decoding.greedy_decode(step, cache, batch_size, max_length, self.eos_id)
     limits = None
     if self.real:
-      limits = jnp.minimum((batch["inputs"] > 0).sum(-1) + c.decode_extra_length, max_length)
+      limits = jnp.minimum((batch["inputs"] > 0).sum(-1) + c.decode.decode_extra_length, max_length)
     tokens, _ = decoding.beam_search(step, cache, batch_size, beam, max_length, self.eos_id,
-                                     alpha=c.length_penalty, max_lengths=limits)
+                                     alpha=c.decode.length_penalty, max_lengths=limits)
     return tokens[:, 0]
 
   # ---- scores
@@ -239,7 +239,7 @@ class TranslationTask(base.Task):
   def outputs(self, batch, predictions, split: str = "eval") -> List[dict]:
     if not self.real:
       return []
-    split_texts = self.texts(self.config.eval_split if split == "eval" else split)
+    split_texts = self.texts(self.config.data.eval_split if split == "eval" else split)
     out = []
     for x, index, p in zip(batch["inputs"], batch["index"], predictions):
       if x.any():
@@ -275,7 +275,7 @@ class TranslationTask(base.Task):
   # ---- decode mode
   def encode_sources(self, lines: List[str]) -> list:
     """Examples for `--mode=decode`: inputs cut to max_eval_length, EOS-terminated."""
-    length = self.config.max_eval_length
+    length = self.config.data.max_eval_length
     eos = np.array([self.eos_id], np.int32)
     return [{"inputs": np.concatenate([x[:length - 1], eos]),
              "targets": np.zeros(1, np.int32), "index": np.int32(i)}

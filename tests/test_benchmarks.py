@@ -85,7 +85,7 @@ def test_model_knob_that_does_not_reach_the_model_stops():
   task = tt.build_task(config, 0)
   tt.check_model_knobs(shape, config, task)  # reaches the model: fine
   with config.unlocked():
-    config.dtype = "float32"  # the model was built with bfloat16; the config now says not
+    config.compute.dtype = "float32"  # the model was built with bfloat16; the config now says not
   with pytest.raises(ValueError, match="dtype"):
     tt.check_model_knobs(shape, config, task)
 

@@ -482,9 +482,9 @@ def test_tfds_datasets_by_name_with_mock_data(tmp_path, variant, num_classes):
   validation.validate(config)
   workdir = str(tmp_path / "run")
   with tfds.testing.mock_data(num_examples=12):
-    builder = sources.tfds_builder(config.dataset, str(tmp_path / "tfds"))
+    builder = sources.tfds_builder(config.data.dataset, str(tmp_path / "tfds"))
     raw = builder.as_data_source("train")
-    raw = [(sources.as_text(raw[i][config.text_feature]), int(raw[i]["label"]))
+    raw = [(sources.as_text(raw[i][config.data.text_feature]), int(raw[i]["label"]))
            for i in range(len(raw))]
     names = builder.info.features["label"].names
     task = tasks.get_task(config, workdir, training=True)
@@ -520,10 +520,10 @@ def test_unknown_tfds_feature_is_named(tmp_path):
 def test_classification_configs_validate(variant):
   config = classification_config.get_config(variant)
   validation.validate(config)
-  assert config.task == "classification" and config.best_metric == "accuracy"
+  assert config.task == "classification" and config.eval.best_metric == "accuracy"
   if not variant:
-    assert config.dataset == "files" and os.path.basename(config.data_dir) == "sst2"
-    assert config.eval_split == "validation" and "validation=dev.tsv" in config.file_splits
+    assert config.data.dataset == "files" and os.path.basename(config.data.data_dir) == "sst2"
+    assert config.data.eval_split == "validation" and "validation=dev.tsv" in config.data.file_splits
 
 
 # ----------------------------------------------------------------------------- no TensorFlow
@@ -541,8 +541,8 @@ def test_classification_data_path_never_imports_tensorflow(tmp_path):
       c = classification.get_config()
       c.update({dict(config.items())!r})
       task = tasks.get_task(c, {str(tmp_path / "run")!r}, training=True)
-      batch = task.train_dataset(c.batch_size, 1)[0]
-      assert batch["inputs"].shape == (1, c.batch_size, c.max_input_length)
+      batch = task.train_dataset(c.train.batch_size, 1)[0]
+      assert batch["inputs"].shape == (1, c.train.batch_size, c.data.max_input_length)
       assert len(task.data_source("eval")) == 64
       print("tensorflow imported:", "tensorflow" in sys.modules)
   """)

@@ -88,25 +88,25 @@ def test_parse_variant_direct():
 def test_paper_sizes(size, d_model, d_ff, heads, dropout):
   """Table 3 of the paper; the peak rate is that of the paper's schedule (section 5.3)."""
   config = default.get_config(f"size={size}")
-  assert config.num_encoder_layers == config.num_decoder_layers == 6
-  assert (config.d_model, config.d_ff, config.num_heads) == (d_model, d_ff, heads)
-  assert config.d_model // config.num_heads == 64  # d_k = d_v = 64 in both
-  assert config.dropout_rate == dropout
-  assert config.warmup_steps == 4000
-  assert config.learning_rate == pytest.approx(d_model**-0.5 * 4000**-0.5, rel=1e-12)
-  assert config.schedule == "rsqrt"
-  assert (config.adam_b1, config.adam_b2, config.adam_eps) == (0.9, 0.98, 1e-9)
+  assert config.model.num_encoder_layers == config.model.num_decoder_layers == 6
+  assert (config.model.d_model, config.model.d_ff, config.model.num_heads) == (d_model, d_ff, heads)
+  assert config.model.d_model // config.model.num_heads == 64  # d_k = d_v = 64 in both
+  assert config.optim.dropout_rate == dropout
+  assert config.optim.warmup_steps == 4000
+  assert config.optim.learning_rate == pytest.approx(d_model**-0.5 * 4000**-0.5, rel=1e-12)
+  assert config.optim.schedule == "rsqrt"
+  assert (config.optim.adam_b1, config.optim.adam_b2, config.optim.adam_eps) == (0.9, 0.98, 1e-9)
   assert default.get_config().label_smoothing == 0.1  # translation: epsilon_ls = 0.1
 
 
 @pytest.mark.parametrize("accel", ["gpu", "tpu"])
 def test_accelerator_presets(accel):
   config = default.get_config(f"accel={accel}")
-  assert config.dtype == "bfloat16"
-  assert config.attention_impl == "fused"
-  assert config.attention_dropout_rate == 0.0  # the fused path has none
+  assert config.compute.dtype == "bfloat16"
+  assert config.compute.attention_impl == "fused"
+  assert config.optim.attention_dropout_rate == 0.0  # the fused path has none
   cpu = default.get_config("accel=cpu")
-  assert (cpu.dtype, cpu.attention_impl) == ("float32", "reference")
+  assert (cpu.compute.dtype, cpu.compute.attention_impl) == ("float32", "reference")
 
 
 def test_fused_with_attention_dropout_is_invalid_by_design():

@@ -153,14 +153,14 @@ def test_a_run_stopped_by_a_signal_resumes_bitwise(tmp_path, monkeypatch, make):
 # ----------------------------------------------------------------------------- hard kills
 
 KILL_FLAGS = [
-    "--config.num_train_steps=60", "--config.log_every_steps=1",
-    "--config.eval_every_steps=1000", "--config.checkpoint_every_steps=1",
-    "--config.keep_checkpoints=3", "--config.dropout_rate=0.1", "--config.d_model=32",
-    "--config.d_ff=64", "--config.num_heads=2", "--config.num_encoder_layers=1",
-    "--config.num_decoder_layers=1", "--config.max_digits=5", "--config.max_input_length=8",
-    "--config.max_target_length=8", "--config.batch_size=16", "--config.eval_batch_size=32",
-    "--config.num_eval_examples=64", "--config.warmup_steps=5",
-    "--config.num_print_examples=0"]
+    "--config.train.num_train_steps=60", "--config.train.log_every_steps=1",
+    "--config.eval.eval_every_steps=1000", "--config.train.checkpoint_every_steps=1",
+    "--config.train.keep_checkpoints=3", "--config.optim.dropout_rate=0.1", "--config.model.d_model=32",
+    "--config.model.d_ff=64", "--config.model.num_heads=2", "--config.model.num_encoder_layers=1",
+    "--config.model.num_decoder_layers=1", "--config.data.max_digits=5", "--config.data.max_input_length=8",
+    "--config.data.max_target_length=8", "--config.train.batch_size=16", "--config.eval.eval_batch_size=32",
+    "--config.data.num_eval_examples=64", "--config.optim.warmup_steps=5",
+    "--config.eval.num_print_examples=0"]
 
 
 def test_random_kills_and_signals_never_lose_a_checkpoint(tmp_path):
@@ -281,19 +281,19 @@ def _copy(trained, tmp_path):
 def test_a_model_field_that_differs_from_the_workdir_is_refused(trained, tmp_path):
   config, workdir = _copy(trained, tmp_path)
   before = open(os.path.join(workdir, "config.json"), encoding="utf-8").read()
-  config.num_train_steps = 20  # a training field: allowed
-  config.num_heads = 4  # a model field: refused, though the shapes would load
+  config.train.num_train_steps = 20  # a training field: allowed
+  config.model.num_heads = 4  # a model field: refused, though the shapes would load
   with pytest.raises(validation.ConfigError,
                      match=r"model fields \(num_heads: 2 there, 4 now\).*allow_config_change"):
     train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
   assert open(os.path.join(workdir, "config.json"), encoding="utf-8").read() == before
   with pytest.raises(validation.ConfigError, match="num_heads: 2 there, 4 now"):
     train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
-  config.num_heads = 2
-  config.activation = "gelu"  # the same parameters, another function
+  config.model.num_heads = 2
+  config.model.activation = "gelu"  # the same parameters, another function
   with pytest.raises(validation.ConfigError, match="activation: 'relu' there, 'gelu' now"):
     train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
-  config.allow_config_change = True  # the same shapes: it loads
+  config.train.allow_config_change = True  # the same shapes: it loads
   assert "loss" in train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
 
 
@@ -322,13 +322,13 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_still_resumes(traine
   else:
     shutil.rmtree(os.path.join(step_dir, "state"))
     os.mkdir(os.path.join(step_dir, "state"))
-  flags = ["--config.num_train_steps=10", "--config.checkpoint_every_steps=5",
-           "--config.eval_every_steps=100", "--config.d_model=32", "--config.d_ff=64",
-           "--config.num_heads=2", "--config.num_encoder_layers=1",
-           "--config.num_decoder_layers=1", "--config.max_digits=5",
-           "--config.max_input_length=8", "--config.max_target_length=8",
-           "--config.batch_size=16", "--config.eval_batch_size=32",
-           "--config.num_eval_examples=64", "--config.warmup_steps=5"]
+  flags = ["--config.train.num_train_steps=10", "--config.train.checkpoint_every_steps=5",
+           "--config.eval.eval_every_steps=100", "--config.model.d_model=32", "--config.model.d_ff=64",
+           "--config.model.num_heads=2", "--config.model.num_encoder_layers=1",
+           "--config.model.num_decoder_layers=1", "--config.data.max_digits=5",
+           "--config.data.max_input_length=8", "--config.data.max_target_length=8",
+           "--config.train.batch_size=16", "--config.eval.eval_batch_size=32",
+           "--config.data.num_eval_examples=64", "--config.optim.warmup_steps=5"]
   result = run_main(f"--workdir={workdir}", "--mode=eval", *flags)
   # Not assert_one_error_line: when orbax gives up reading, tensorstore's threads may print
   # 'Event loop is closed' tracebacks before the message (noise from inside orbax).
@@ -340,7 +340,7 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_still_resumes(traine
   with pytest.raises(checkpointing.CheckpointError, match="step 10 .* damaged"):
     train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
   shutil.move(step_dir, str(tmp_path / "damaged-10"))  # what the message advises
-  config.num_train_steps = 12
+  config.train.num_train_steps = 12
   train.train_and_evaluate(config, workdir, devices=ONE_DEVICE, final_evaluation=False)
   assert fault_injection.readable_steps(workdir)[-1] == 12
 
@@ -351,7 +351,7 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_still_resumes(traine
 def test_an_unwritable_workdir_is_one_clear_line(tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a directory")
-  result = run_main(f"--workdir={blocker}/run", "--config.num_train_steps=2")
+  result = run_main(f"--workdir={blocker}/run", "--config.train.num_train_steps=2")
   assert_one_error_line(result, f"{blocker}/run", "Not a directory")
 
 
@@ -365,14 +365,14 @@ def test_a_full_disk_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
   workdir = str(tmp_path / "run")
   directory = checkpointing.checkpoint_directory(workdir)
   steps = 400
-  flags = [f"--workdir={workdir}", f"--config.num_train_steps={steps}",
-           "--config.checkpoint_every_steps=20", "--config.log_every_steps=50",
-           "--config.eval_every_steps=1000", "--config.d_model=32", "--config.d_ff=64",
-           "--config.num_heads=2", "--config.num_encoder_layers=1",
-           "--config.num_decoder_layers=1", "--config.max_digits=5",
-           "--config.max_input_length=8", "--config.max_target_length=8",
-           "--config.batch_size=16", "--config.num_print_examples=0",
-           "--config.num_eval_examples=64"]
+  flags = [f"--workdir={workdir}", f"--config.train.num_train_steps={steps}",
+           "--config.train.checkpoint_every_steps=20", "--config.train.log_every_steps=50",
+           "--config.eval.eval_every_steps=1000", "--config.model.d_model=32", "--config.model.d_ff=64",
+           "--config.model.num_heads=2", "--config.model.num_encoder_layers=1",
+           "--config.model.num_decoder_layers=1", "--config.data.max_digits=5",
+           "--config.data.max_input_length=8", "--config.data.max_target_length=8",
+           "--config.train.batch_size=16", "--config.eval.num_print_examples=0",
+           "--config.data.num_eval_examples=64"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env.pop("XLA_FLAGS", None)
   # With SIGXFSZ ignored, writes past the limit fail with EFBIG instead of killing.

@@ -457,7 +457,7 @@ def test_main_generate_prints_each_sample_of_each_prompt(trained):
   prompts = ["how i", "twinkle "]
   result = run_main(*cli_flags(config, workdir), "--mode=generate", *(f"--prompt={p}"
                                                                      for p in prompts),
-                    "--config.num_samples=2", "--config.max_new_tokens=10")
+                    "--config.decode.num_samples=2", "--config.decode.max_new_tokens=10")
   assert result.returncode == 0, result.stderr[-3000:]
   samples = generate(trained, prompts, num_samples=2, max_new_tokens=10)
   assert result.stdout == "".join(f"--- prompt {i}, sample {j}\n{text}\n"
@@ -475,19 +475,19 @@ def _character_outside_the_vocabulary(trained, data_dir):
 def _prompt_filling_the_context(trained, data_dir):
   del data_dir  # 32 characters leave no room to generate (31 do; see the greedy test)
   return trained["workdir"], ["--mode=generate", "--prompt=how", f"--prompt={POEM[:32]}"], [
-      "prompt 2 has 32 tokens", "context is 32 tokens (config.max_target_length)"]
+      "prompt 2 has 32 tokens", "context is 32 tokens (config.data.max_target_length)"]
 
 
 def _zero_temperature_sampling(trained, data_dir):
   del data_dir
-  return trained["workdir"], ["--mode=generate", "--prompt=how", "--config.temperature=0"], [
-      "config.temperature=0", "sampling needs a number > 0", "greedy"]
+  return trained["workdir"], ["--mode=generate", "--prompt=how", "--config.decode.temperature=0"], [
+      "config.decode.temperature=0", "sampling needs a number > 0", "greedy"]
 
 
 def _top_p_above_one(trained, data_dir):
   del data_dir
-  return trained["workdir"], ["--mode=generate", "--prompt=how", "--config.top_p=1.5"], [
-      "config.top_p=1.5", "(0, 1]"]
+  return trained["workdir"], ["--mode=generate", "--prompt=how", "--config.decode.top_p=1.5"], [
+      "config.decode.top_p=1.5", "(0, 1]"]
 
 
 def _empty_text_file(trained, data_dir):
@@ -498,14 +498,14 @@ def _empty_text_file(trained, data_dir):
 
 def _missing_text_file(trained, data_dir):
   del trained
-  return None, ["--config.file_splits=train=missing.txt"], [
+  return None, ["--config.data.file_splits=train=missing.txt"], [
       f"{os.path.join(data_dir, 'missing.txt')}: no such file"]
 
 
 def _generate_on_synthetic_data(trained, data_dir):
   del trained, data_dir
-  return None, ["--mode=generate", "--prompt=12", "--config.dataset=synthetic"], [
-      "--mode=generate continues text", "config.dataset='synthetic'"]
+  return None, ["--mode=generate", "--prompt=12", "--config.data.dataset=synthetic"], [
+      "--mode=generate continues text", "config.data.dataset='synthetic'"]
 
 
 @pytest.mark.parametrize("make", [_character_outside_the_vocabulary,
@@ -538,17 +538,17 @@ def test_main_refuses_bad_input_in_one_line_writing_nothing(trained, tmp_path, m
 def test_generation_configs_validate(variant):
   c = generation_configs.get_config(variant)
   validation.validate(c)
-  assert c.task == "generation" and c.num_encoder_layers == 0 and c.dataset != "synthetic"
-  assert c.label_smoothing == 0.0  # perplexity is of the real distribution
+  assert c.task == "generation" and c.model.num_encoder_layers == 0 and c.data.dataset != "synthetic"
+  assert c.optim.label_smoothing == 0.0  # perplexity is of the real distribution
 
 
 def test_default_generation_config_is_nanogpt_on_the_shared_shakespeare():
   c = generation_configs.get_config()
-  assert os.path.normpath(c.data_dir) == os.path.normpath(
+  assert os.path.normpath(c.data.data_dir) == os.path.normpath(
       os.path.join(REPO, "..", "shared", "data", "tinyshakespeare"))
-  assert (c.dataset, c.file_splits, c.validation_fraction) == ("files", "train=input.txt", 0.1)
-  assert (c.num_decoder_layers, c.num_heads, c.d_model, c.max_target_length) == (4, 4, 128, 64)
-  assert (c.tokenizer, c.lm_batching, c.dropout_rate) == ("chars", "windows", 0.0)
+  assert (c.data.dataset, c.data.file_splits, c.data.validation_fraction) == ("files", "train=input.txt", 0.1)
+  assert (c.model.num_decoder_layers, c.model.num_heads, c.model.d_model, c.data.max_target_length) == (4, 4, 128, 64)
+  assert (c.model.tokenizer, c.data.lm_batching, c.optim.dropout_rate) == ("chars", "windows", 0.0)
 
 
 def test_generation_config_variants_change_what_they_name():
@@ -558,7 +558,7 @@ def test_generation_config_variants_change_what_they_name():
   assert lm1b.lm_batching == "documents" and lm1b.pack_examples
   assert generation_configs.get_config("dataset=tiny_shakespeare").dataset == "tiny_shakespeare"
   small = generation_configs.get_config("size=small")
-  assert small.d_model == presets.SIZES["small"]["d_model"] and small.size == "small"
+  assert small.model.d_model == presets.SIZES["small"]["d_model"] and small.size == "small"
   assert generation_configs.get_config("accel=gpu").dtype == "bfloat16"
   with pytest.raises(presets.VariantError, match="dataset='nope' is unknown"):
     generation_configs.get_config("dataset=nope")

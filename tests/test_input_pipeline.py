@@ -204,7 +204,7 @@ def test_eval_pass_has_every_example_once(shuffle):
 
 def test_eval_pass_of_a_task_source_covers_num_eval_examples():
   config = default.get_config()
-  config.num_eval_examples = 50
+  config.data.num_eval_examples = 50
   task = tasks.get_task(config)
   source = task.data_source("eval")
   dataset = batching.batched_dataset(source, batch_size=16, num_devices=8,
@@ -303,7 +303,7 @@ def test_task_lengths_fit_every_synthetic_record():
   """The validated minimum lengths hold every record the sources produce."""
   for task_name in default.TASKS:
     config = default.get_config(f"task={task_name}")
-    config.min_digits = config.max_digits
+    config.data.min_digits = config.data.max_digits
     task = tasks.get_task(config)
     source = task.data_source("train")
     for i in range(5):

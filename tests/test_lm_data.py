@@ -477,13 +477,13 @@ def test_files_task_eval_windows_are_the_held_out_stream(tmp_path, tokenizer, vo
   assert stream[-1] == tokenizers.EOS_ID and task.tokenizer.decode(stream) == text[cut:]
   cut_rows = task.data_source("eval")
   np.testing.assert_array_equal(np.concatenate([w["inputs"] for w in cut_rows]), stream)
-  assert all(len(w["inputs"]) == config.max_target_length for w in cut_rows[:-1])
+  assert all(len(w["inputs"]) == config.data.max_target_length for w in cut_rows[:-1])
 
-  train = task.train_dataset(config.batch_size, 8)
+  train = task.train_dataset(config.train.batch_size, 8)
   assert isinstance(train, grain.MapDataset)
   batch = train[0]
   assert set(batch) == {"inputs"}
-  assert batch["inputs"].shape == (8, 2, config.max_target_length)
+  assert batch["inputs"].shape == (8, 2, config.data.max_target_length)
   assert batch["inputs"].dtype == np.int32
   stream_slices(batch["inputs"], task.stream("train"))
   assert int(np.count_nonzero(batch["inputs"])) > batch["inputs"].size // 2
@@ -516,14 +516,14 @@ def test_documents_batching_packs_each_document_row_once_per_epoch(tmp_path):
   task = tasks.get_task(config, str(tmp_path / "run"), training=True)
   lines = [line for line in (a + b).split("\n") if line.strip()]
   assert task.documents("train") == lines
-  length = config.max_target_length
+  length = config.data.max_target_length
   want = collections.Counter()
   for line in lines:  # each line + EOS, cut into rows of the context length
     tokens = tuple(task.tokenizer.encode(line)) + (tokenizers.EOS_ID,)
     want.update(tokens[i:i + length] for i in range(0, len(tokens), length))
   assert max(len(t) for t in want) == length  # some lines are cut
 
-  train = task.train_dataset(config.batch_size, 8)
+  train = task.train_dataset(config.train.batch_size, 8)
   found, k = collections.Counter(), 0
   while sum(found.values()) < sum(want.values()):
     batch = train[k]
@@ -539,7 +539,7 @@ def test_documents_batching_packs_each_document_row_once_per_epoch(tmp_path):
         found[tuple(tokens[seg == s].tolist())] += 1
     k += 1
   assert found == want  # one epoch: every document row exactly once
-  assert k < len(want) // config.batch_size  # it does pack several rows into one
+  assert k < len(want) // config.train.batch_size  # it does pack several rows into one
 
 
 def test_documents_batching_without_packing_pads_each_row(tmp_path):
@@ -550,7 +550,7 @@ def test_documents_batching_without_packing_pads_each_row(tmp_path):
   lines = [line for line in (a + b).split("\n") if line.strip()]
   assert task.documents("train") + task.documents("validation") == lines
   rows = {tuple(r["inputs"].tolist()) for r in task.data_source("train")}
-  batch = task.train_dataset(config.batch_size, 8)[0]
+  batch = task.train_dataset(config.train.batch_size, 8)[0]
   assert set(batch) == {"inputs"} and batch["inputs"].shape == (8, 2, 16)
   for row in batch["inputs"].reshape(-1, 16):
     n = int(np.count_nonzero(row))
@@ -636,9 +636,9 @@ def test_tfds_text_datasets_by_name_with_mock_data(tmp_path, name, overrides):
         task.stream("train"),
         windows.concatenate([task.tokenizer.encode(t) for t in raw if t], tokenizers.EOS_ID))
     assert len(task.data_source("eval")) > 0
-    batch = task.train_dataset(config.batch_size, 8)[0]
+    batch = task.train_dataset(config.train.batch_size, 8)[0]
   assert batch["inputs"].shape == (8, 1, 8) and batch["inputs"].dtype == np.int32
-  if config.lm_batching == "windows":
+  if config.data.lm_batching == "windows":
     stream_slices(batch["inputs"], task.stream("train"))
   else:
     assert batch["inputs_segmentation"].shape == (8, 1, 8)
@@ -666,8 +666,8 @@ def test_language_model_data_path_never_imports_tensorflow(tmp_path):
       c = default.get_config("task=generation")
       c.update({dict(config.items())!r})
       task = tasks.get_task(c, {str(tmp_path / "run")!r}, training=True)
-      batch = task.train_dataset(c.batch_size, 1)[0]
-      assert batch["inputs"].shape == (1, c.batch_size, c.max_target_length)
+      batch = task.train_dataset(c.train.batch_size, 1)[0]
+      assert batch["inputs"].shape == (1, c.train.batch_size, c.data.max_target_length)
       print("tensorflow imported:", "tensorflow" in sys.modules)
   """)
   result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True,

@@ -52,11 +52,11 @@ def _start(log, cpu_devices, *flags):
   """`python main.py *flags` with `cpu_devices` CPU devices, in the background (output to
   `log`: a pipe nobody reads could fill and stall the process)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # the tests' 8 devices; config.cpu_devices sets them
+  env.pop("XLA_FLAGS", None)  # the tests' 8 devices; config.compute.cpu_devices sets them
   with open(log, "w", encoding="utf-8") as out:
     return subprocess.Popen(
         [sys.executable, os.path.join(REPO, "main.py"), *flags,
-         f"--config.cpu_devices={cpu_devices}"],  # after any --config=FILE
+         f"--config.compute.cpu_devices={cpu_devices}"],  # after any --config=FILE
         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
@@ -162,9 +162,9 @@ def test_two_processes_on_real_files_build_the_tokenizer_once_and_score_the_spli
                                  checkpoint_every_steps=4)
   workdir = str(tmp_path / "run")
   flags = [f"--config={REPO}/configs/classification.py", f"--workdir={workdir}",
-           *classification_flags(config), "--config.num_train_steps=4",
-           "--config.log_every_steps=2", "--config.eval_every_steps=2",
-           "--config.checkpoint_every_steps=4"]
+           *classification_flags(config), "--config.train.num_train_steps=4",
+           "--config.train.log_every_steps=2", "--config.eval.eval_every_steps=2",
+           "--config.train.checkpoint_every_steps=4"]
   logs = [str(tmp_path / f"train{i}.log") for i in range(2)]
   _wait(_start_pair(logs, *flags), logs)
   assert "Generating dataset" in _read(logs[0]) and "Generating dataset" not in _read(logs[1])
@@ -191,9 +191,9 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_both_resume(tmp_path
   signal_check_every_steps), save one checkpoint with each process's data position, and
   exit 4; started again, both restore it and end like an uninterrupted 4-device run."""
   steps = 40
-  flags = [*_tiny_flags(), f"--config.num_train_steps={steps}",
-           "--config.checkpoint_every_steps=1000", "--config.eval_every_steps=1000",
-           "--config.best_metric=", "--config.signal_check_every_steps=2"]
+  flags = [*_tiny_flags(), f"--config.train.num_train_steps={steps}",
+           "--config.train.checkpoint_every_steps=1000", "--config.eval.eval_every_steps=1000",
+           "--config.eval.best_metric=", "--config.train.signal_check_every_steps=2"]
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
   logs = [str(tmp_path / f"process{i}.log") for i in range(2)]
   pair = _start_pair(logs, f"--workdir={multi}", *flags)

@@ -125,7 +125,7 @@ def test_adam_uses_the_configured_betas_and_epsilon():
 
 def test_paper_adam_defaults_in_default_config():
   config = default.get_config()
-  assert (config.adam_b1, config.adam_b2, config.adam_eps) == (0.9, 0.98, 1e-9)
+  assert (config.optim.adam_b1, config.optim.adam_b2, config.optim.adam_eps) == (0.9, 0.98, 1e-9)
 
 
 def test_global_norm_clipping_clips():

@@ -202,7 +202,7 @@ def test_unprepared_public_dataset_without_tensorflow_names_the_install(tmp_path
                lambda: sources.open_splits(builder, ["train"])):
     with pytest.raises(DataError, match=r"wmt14_translate/de-en.*pip install tensorflow-cpu"):
       call()
-  with pytest.raises(DataError, match=r"config.dataset='no_such_corpus_xyz'"):
+  with pytest.raises(DataError, match=r"config.data.dataset='no_such_corpus_xyz'"):
     sources.tfds_builder("no_such_corpus_xyz", str(tmp_path))
 
 

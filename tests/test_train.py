@@ -25,7 +25,7 @@ def restored_state(config, workdir):
   task = tasks.get_task(config)
   template = jax.device_get(
       train.create_state(task, optimizers.make_optimizer(config), config.seed))
-  checkpoints = checkpointing.Checkpointer(workdir, keep=config.keep_checkpoints)
+  checkpoints = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   try:
     return checkpoints.restore(template)
   finally:
@@ -171,9 +171,9 @@ def test_profile_steps_writes_a_trace(tmp_path):
 
 def test_main_trains_resumes_and_evaluates(tmp_path):
   workdir = str(tmp_path / "run")
-  flags = [f"--workdir={workdir}", "--config.num_train_steps=6",
-           "--config.checkpoint_every_steps=3", "--config.log_every_steps=3",
-           "--config.d_model=32", "--config.num_heads=2", "--config.num_eval_examples=32"]
+  flags = [f"--workdir={workdir}", "--config.train.num_train_steps=6",
+           "--config.train.checkpoint_every_steps=3", "--config.train.log_every_steps=3",
+           "--config.model.d_model=32", "--config.model.num_heads=2", "--config.data.num_eval_examples=32"]
   first = run_main(*flags)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "step 6/6" in first.stderr and "ETA" in first.stderr and "tok/s" in first.stderr
@@ -182,7 +182,7 @@ def test_main_trains_resumes_and_evaluates(tmp_path):
   assert any(name.startswith("events.out.tfevents")
              for name in os.listdir(os.path.join(workdir, "tensorboard")))
 
-  again = run_main(*flags[:1], "--config.num_train_steps=9", *flags[2:])
+  again = run_main(*flags[:1], "--config.train.num_train_steps=9", *flags[2:])
   assert again.returncode == 0, again.stderr[-3000:]
   assert "resumed from the checkpoint at step 6" in again.stderr
   assert "step 9/9" in again.stderr
@@ -193,27 +193,27 @@ def test_main_trains_resumes_and_evaluates(tmp_path):
 
 
 def test_main_splits_the_cpu_into_config_cpu_devices(tmp_path):
-  flags = [f"--workdir={tmp_path / 'run'}", "--config.num_train_steps=2",
-           "--config.log_every_steps=1", "--config.d_model=32", "--config.num_heads=2",
-           "--config.num_eval_examples=32", "--config.batch_size=12"]
+  flags = [f"--workdir={tmp_path / 'run'}", "--config.train.num_train_steps=2",
+           "--config.train.log_every_steps=1", "--config.model.d_model=32", "--config.model.num_heads=2",
+           "--config.data.num_eval_examples=32", "--config.train.batch_size=12"]
   default = run_main(*flags)
   assert default.returncode == 0, default.stderr[-3000:]
   assert "1 local cpu device(s)" in default.stderr
-  split = run_main(*flags, "--config.cpu_devices=3", "--config.eval_batch_size=12",
+  split = run_main(*flags, "--config.compute.cpu_devices=3", "--config.eval.eval_batch_size=12",
                    f"--workdir={tmp_path / 'run3'}")
   assert split.returncode == 0, split.stderr[-3000:]
   assert "3 local cpu device(s)" in split.stderr
-  bad = run_main(*flags, "--config.cpu_devices=-1", f"--workdir={tmp_path / 'bad'}")
-  assert bad.returncode == 2 and "config.cpu_devices=-1 is invalid" in bad.stderr
+  bad = run_main(*flags, "--config.compute.cpu_devices=-1", f"--workdir={tmp_path / 'bad'}")
+  assert bad.returncode == 2 and "config.compute.cpu_devices=-1 is invalid" in bad.stderr
   assert not (tmp_path / "bad").exists()
 
 
 def test_main_reports_a_bad_config_in_one_line(tmp_path):
   workdir = tmp_path / "run"
-  result = run_main(f"--workdir={workdir}", "--config.num_heads=3")
+  result = run_main(f"--workdir={workdir}", "--config.model.num_heads=3")
   assert result.returncode == 2
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: config.num_heads=3 is invalid"), result.stderr[-2000:]
+  assert last.startswith("error: config.model.num_heads=3 is invalid"), result.stderr[-2000:]
   assert "Traceback" not in result.stderr
   assert not workdir.exists()
 
@@ -222,10 +222,10 @@ def test_main_reports_a_bad_config_in_one_line(tmp_path):
     (["--config=configs/default.py:size=huge"], "config variant size='huge' is unknown"),
     (["--config=configs/default.py:size"], "is not of the form key=value"),
     (["--config.d_modl=3"], "unknown config field in the overrides: 'd_modl'"),
-    (["--config.d_model=abc"], "flag --config.d_model=abc"),
+    (["--config.model.d_model=abc"], "flag --config.model.d_model=abc"),
     (["--mode=fly"], "flag --mode=fly"),
     (["--config=configs/missing.py"], "cannot load --config"),
-    (["--config.batch_size=0"], "config.batch_size=0 is invalid"),
+    (["--config.train.batch_size=0"], "config.train.batch_size=0 is invalid"),
     (["--mode=eval"], "no latest checkpoint in"),
 ])
 def test_main_reports_bad_flags_in_one_line(tmp_path, args, expected):

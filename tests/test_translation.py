@@ -270,7 +270,7 @@ def test_sentencepiece_model_is_saved_in_the_workdir_and_reused(tmp_path, monkey
     raise AssertionError("the saved tokenizer was retrained")
   monkeypatch.setattr(tokenizers, "train_sentencepiece", retrain)
   monkeypatch.setattr(tokenizers, "_train", retrain)
-  config.num_train_steps = 4
+  config.train.num_train_steps = 4
   train.train_and_evaluate(config, str(workdir), devices=ONE_DEVICE)
   assert sorted(host_params(config, str(workdir))[1]) == [2, 4]  # it did resume and train
   train.evaluate_checkpoint(config, str(workdir), devices=ONE_DEVICE, split="test")
@@ -333,7 +333,7 @@ def _vocab_too_large(d):
 
 def _missing_data_dir(d):
   return {"data_dir": str(d / "nowhere")}, [
-      f"{d / 'nowhere'}: no such data directory (config.data_dir)"]
+      f"{d / 'nowhere'}: no such data directory (config.data.data_dir)"]
 
 
 @pytest.mark.parametrize("make", [_unequal_lengths, _invalid_utf8, _empty_line,

@@ -28,15 +28,17 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from errors import UserError, WriteError
+
 
 TRASH = "deleted"  # subdirectory where retired steps wait to be deleted
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint that cannot be restored into the requested state."""
 
 
-class CheckpointWriteError(RuntimeError):
+class CheckpointWriteError(WriteError, RuntimeError):
   """A checkpoint could not be written; the earlier ones are intact."""
 
 

@@ -51,15 +51,15 @@ def decay_mask(params):
 
 def make_optimizer(config) -> optax.GradientTransformation:
   """Clipping + Adam/AdamW with the configured schedule (paper: Adam 0.9/0.98/1e-9)."""
-  if config.optimizer not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {config.optimizer!r}; expected one of {OPTIMIZERS}")
-  schedule = learning_rate_schedule(config.schedule, config.learning_rate,
-                                    config.warmup_steps, config.num_train_steps)
-  if config.optimizer == "adamw":
-    opt = optax.adamw(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps,
-                      weight_decay=config.weight_decay, mask=decay_mask)
+  if config.optim.optimizer not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {config.optim.optimizer!r}; expected one of {OPTIMIZERS}")
+  schedule = learning_rate_schedule(config.optim.schedule, config.optim.learning_rate,
+                                    config.optim.warmup_steps, config.train.num_train_steps)
+  if config.optim.optimizer == "adamw":
+    opt = optax.adamw(schedule, b1=config.optim.adam_b1, b2=config.optim.adam_b2, eps=config.optim.adam_eps,
+                      weight_decay=config.optim.weight_decay, mask=decay_mask)
   else:
-    opt = optax.adam(schedule, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps)
-  if config.max_grad_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), opt)
+    opt = optax.adam(schedule, b1=config.optim.adam_b1, b2=config.optim.adam_b2, eps=config.optim.adam_eps)
+  if config.optim.max_grad_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(config.optim.max_grad_norm), opt)
   return opt

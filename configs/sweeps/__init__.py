@@ -7,15 +7,15 @@ A sweep file (`configs/sweeps/<name>.py`) defines `get_sweep()` returning a `Swe
 
     def get_sweep():
       base = translation.get_config()
-      base.num_train_steps = 800
+      base.train.num_train_steps = 800
       return Sweep(base, [
           Variant("base"),
-          Variant("heads_1", {"num_heads": 1}, group="A", description="one head, d_k = 128"),
+          Variant("heads_1", {"model.num_heads": 1}, group="A", description="one head, d_k = 128"),
       ])
 
 `python main.py --mode=sweep --sweep=<file> --workdir=<dir>` trains the variants one after
 another (sweeps.py). This module only loads and checks the file; it imports no JAX, so
-main.py can read the base config before JAX starts (config.cpu_devices).
+main.py can read the base config before JAX starts (config.compute.cpu_devices).
 """
 
 import copy
@@ -29,19 +29,23 @@ from typing import Any, Dict, Mapping, Optional, Sequence
 
 import ml_collections
 
+from configs import default
+from errors import UserError
+
 # A variant's name is its sub-directory of the sweep workdir and its row in the tables.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 # Fields that concern the process, not the run: the sweep's one process has one value.
-_PROCESS_FIELDS = ("cpu_devices",)
+_PROCESS_FIELDS = ("compute.cpu_devices",)
 
 
-class SweepError(ValueError):
+class SweepError(UserError, ValueError):
   """A sweep file that cannot be loaded or names what the base config lacks."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-  """One row of the comparison: `overrides` (field -> value) applied to the base config."""
+  """One row of the comparison: `overrides` (dotted field name such as "model.num_heads"
+  -> value) applied to the base config."""
   name: str
   overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   group: str = ""  # a label shared by related rows (the paper's Table 3: A, B, C, D, E)
@@ -62,7 +66,7 @@ class Sweep:
     for where, values in ((f"variant {variant.name!r}", variant.overrides),
                           ("the command line", overrides or {})):
       for field, value in values.items():
-        if field not in config:
+        if not has_field(config, field):
           raise SweepError(f"sweep {self.name!r}, {where}: unknown config field {field!r}")
         try:
           config[field] = value
@@ -123,14 +127,36 @@ def load_sweep(path: str) -> Sweep:
   return sweep if sweep.name else dataclasses.replace(sweep, name=name)
 
 
+def has_field(config: ml_collections.ConfigDict, dotted: str) -> bool:
+  """Whether `config` has the field `dotted` ("model.num_heads"; a group is not a field)."""
+  node = config
+  for part in dotted.split("."):
+    if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+      return False
+    node = node[part]
+  return not isinstance(node, ml_collections.ConfigDict)
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, Any]:
+  """`{"model": {"num_heads": 4}}` -> `{"model.num_heads": 4}`."""
+  out: Dict[str, Any] = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
 def format_overrides(overrides: Mapping[str, Any]) -> str:
-  """`{"num_heads": 1, "dropout_rate": 0.3}` -> `num_heads=1, dropout_rate=0.3`."""
+  """`{"model.num_heads": 1}` -> `model.num_heads=1`."""
   return ", ".join(f"{k}={v}" for k, v in overrides.items())
 
 
 def config_differences(recorded: Dict[str, Any], config: ml_collections.ConfigDict):
   """`field: then -> now` for each field where a run's recorded config (its JSON) differs
   from `config`."""
-  now = json.loads(config.to_json())
+  now = flatten(json.loads(config.to_json()))
+  recorded = flatten(default.group_flat_config(recorded))  # a run before the groups: flat
   return [f"{k}: {recorded.get(k)!r} then, {now.get(k)!r} now"
           for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]

@@ -2,7 +2,7 @@
 
     python main.py --mode=sweep --sweep=configs/sweeps/table3_multi30k.py --workdir=runs/table3
     python main.py --mode=sweep --sweep=configs/sweeps/table3_multi30k.py \\
-        --workdir=runs/table3_smoke --config.num_train_steps=20   # every variant, briefly
+        --workdir=runs/table3_smoke --config.train.num_train_steps=20   # every variant, briefly
 
 The base is a post-norm Transformer a quarter of the paper's base width (d_model 128, 4
 heads of 32, 2+2 layers, d_ff 512, dropout 0.1, label smoothing 0.1, sinusoidal positions)
@@ -21,7 +21,7 @@ from configs.sweeps import Sweep, Variant
 
 # Updates per variant, the same for all. Measure the base's steps/s first (the progress
 # line prints it) and pick this so that the whole sweep fits your time: the warmups,
-# evaluations and checkpoints below scale with it. (A --config.num_train_steps flag
+# evaluations and checkpoints below scale with it. (A --config.train.num_train_steps flag
 # overrides only the steps.)
 STEPS = 200  # about 1.6 epochs of Multi30k's packed rows; ~6 min a variant on 2 CPU cores
 DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -30,50 +30,50 @@ DATA_DIR = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file_
 
 def get_sweep() -> Sweep:
   c = translation.get_config("dataset=multi30k")
-  c.data_dir = DATA_DIR  # --config.data_dir=... for the data elsewhere
-  c.num_encoder_layers = c.num_decoder_layers = 2
-  c.d_model = 128
-  c.num_heads = 4
-  c.head_dim = 0  # d_model / num_heads
-  c.d_ff = 512
-  c.dropout_rate = 0.1
-  c.label_smoothing = 0.1
-  c.norm_placement = "post"
-  c.positional_encoding = "sinusoidal"
-  c.num_train_steps = STEPS
-  c.warmup_steps = STEPS // 4
-  c.num_decode_batches = 1  # periodic BLEU on one batch only; the final one on all
-  c.checkpoint_every_steps = STEPS // 5  # what a stopped variant resumes from
-  c.keep_checkpoints = 2
-  c.best_metric = ""  # no best-checkpoint copies: the comparison uses the final model
-  c.beam_size = 1  # greedy BLEU: the final whole-split decode of each variant stays short
-  c.num_attention_images = 0  # no attention images at each evaluation
-  c.eval_every_steps = STEPS // 5  # five points on the validation-loss curve
+  c.data.data_dir = DATA_DIR  # --config.data.data_dir=... for the data elsewhere
+  c.model.num_encoder_layers = c.model.num_decoder_layers = 2
+  c.model.d_model = 128
+  c.model.num_heads = 4
+  c.model.head_dim = 0  # d_model / num_heads
+  c.model.d_ff = 512
+  c.optim.dropout_rate = 0.1
+  c.optim.label_smoothing = 0.1
+  c.model.norm_placement = "post"
+  c.model.positional_encoding = "sinusoidal"
+  c.train.num_train_steps = STEPS
+  c.optim.warmup_steps = STEPS // 4
+  c.eval.num_decode_batches = 1  # periodic BLEU on one batch only; the final one on all
+  c.train.checkpoint_every_steps = STEPS // 5  # what a stopped variant resumes from
+  c.train.keep_checkpoints = 2
+  c.eval.best_metric = ""  # no best-checkpoint copies: the comparison uses the final model
+  c.decode.beam_size = 1  # greedy BLEU: the final whole-split decode of each variant stays short
+  c.eval.num_attention_images = 0  # no attention images at each evaluation
+  c.eval.eval_every_steps = STEPS // 5  # five points on the validation-loss curve
   return Sweep(c, [
       Variant("base", description="d_model 128, 4 heads of 32, 2+2 layers, d_ff 512"),
-      Variant("heads_1", {"num_heads": 1}, "A", "1 head of 128"),
-      Variant("heads_8", {"num_heads": 8}, "A", "8 heads of 16"),
-      Variant("head_dim_16", {"head_dim": 16}, "B",
+      Variant("heads_1", {"model.num_heads": 1}, "A", "1 head of 128"),
+      Variant("heads_8", {"model.num_heads": 8}, "A", "8 heads of 16"),
+      Variant("head_dim_16", {"model.head_dim": 16}, "B",
               "4 heads of 16: d_k halved (and d_v with it, unlike the paper)"),
-      Variant("layers_1", {"num_encoder_layers": 1, "num_decoder_layers": 1}, "C",
+      Variant("layers_1", {"model.num_encoder_layers": 1, "model.num_decoder_layers": 1}, "C",
               "1+1 layers"),
-      Variant("d_model_64", {"d_model": 64, "d_ff": 256}, "C",
+      Variant("d_model_64", {"model.d_model": 64, "model.d_ff": 256}, "C",
               "half width: d_model 64, d_ff 256, 4 heads of 16"),
-      Variant("dropout_0", {"dropout_rate": 0.0}, "D", "no dropout"),
-      Variant("smoothing_0", {"label_smoothing": 0.0}, "D",
+      Variant("dropout_0", {"optim.dropout_rate": 0.0}, "D", "no dropout"),
+      Variant("smoothing_0", {"optim.label_smoothing": 0.0}, "D",
               "no label smoothing (compare perplexity, not loss)"),
-      Variant("learned_positions", {"positional_encoding": "learned"}, "E",
+      Variant("learned_positions", {"model.positional_encoding": "learned"}, "E",
               "learned positional embeddings"),
-      Variant("pre_norm", {"norm_placement": "pre"}, "norm", "pre-norm: x + f(LN(x))"),
-      Variant("warmup_short", {"warmup_steps": STEPS // 20}, "warmup",
+      Variant("pre_norm", {"model.norm_placement": "pre"}, "norm", "pre-norm: x + f(LN(x))"),
+      Variant("warmup_short", {"optim.warmup_steps": STEPS // 20}, "warmup",
               f"warmup {STEPS // 20} steps"),
       # More rows of Table 3, one line each, left out of the committed CPU run (about 6
       # minutes a variant at STEPS = 200) to fit its time; add them back for a longer run:
-      # Variant("heads_16", {"num_heads": 16}, "A", "16 heads of 8"),
-      # Variant("layers_3", {"num_encoder_layers": 3, "num_decoder_layers": 3}, "C", "3+3 layers"),
-      # Variant("d_model_256", {"d_model": 256, "d_ff": 1024}, "C", "d_model 256, d_ff 1024"),
-      # Variant("d_ff_256", {"d_ff": 256}, "C", "d_ff 256"),
-      # Variant("d_ff_1024", {"d_ff": 1024}, "C", "d_ff 1024"),
-      # Variant("dropout_0.3", {"dropout_rate": 0.3}, "D", "dropout 0.3"),
-      # Variant("warmup_long", {"warmup_steps": STEPS // 2}, "warmup", f"warmup {STEPS // 2} steps"),
+      # Variant("heads_16", {"model.num_heads": 16}, "A", "16 heads of 8"),
+      # Variant("layers_3", {"model.num_encoder_layers": 3, "model.num_decoder_layers": 3}, "C", "3+3 layers"),
+      # Variant("d_model_256", {"model.d_model": 256, "model.d_ff": 1024}, "C", "d_model 256, d_ff 1024"),
+      # Variant("d_ff_256", {"model.d_ff": 256}, "C", "d_ff 256"),
+      # Variant("d_ff_1024", {"model.d_ff": 1024}, "C", "d_ff 1024"),
+      # Variant("dropout_0.3", {"optim.dropout_rate": 0.3}, "D", "dropout 0.3"),
+      # Variant("warmup_long", {"optim.warmup_steps": STEPS // 2}, "warmup", f"warmup {STEPS // 2} steps"),
   ])
