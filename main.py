@@ -18,7 +18,8 @@
         --config.data.data_dir=../shared/data/multi30k --mode=head_importance  # heads ablated
     python main.py --config=configs/generation.py --workdir=runs/shakespeare  # char-level LM
     python main.py --config=configs/generation.py --workdir=runs/shakespeare \
-        --mode=generate --prompt="ROMEO:" --config.decode.temperature=0.8 --config.decode.num_samples=3
+        --mode=generate --prompt="ROMEO:" --config.decode.temperature=0.8 \
+        --config.decode.num_samples=3
     python main.py --config=configs/default.py:task=generation,size=small --workdir=runs/lm
     python main.py --config=configs/classification.py --workdir=runs/sst2  # SST-2
     echo "a gorgeous, witty film" | python main.py --config=configs/classification.py \
@@ -59,6 +60,21 @@ def _user_error(message: str) -> None:
   sys.exit(2)
 
 
+def _refuse_flat_fields(argv) -> None:
+  """A `--config.<field>` flag with a field name from before the fields were grouped gets
+  one line naming its new place (config_flags would only say the field is unknown)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  moved = default.field_groups()
+  for arg in argv[1:]:
+    name = arg.lstrip("-").split("=", 1)[0]
+    if name.startswith("config.") and name[len("config."):] in moved:
+      field = name[len("config."):]
+      _user_error(f"--config.{field} is now --config.{moved[field]} (the config's fields are "
+                  f"grouped: model, compute, data, optim, train, eval, decode; see "
+                  f"docs/configs.md)")
+
+
+_refuse_flat_fields(sys.argv)
 try:  # config_flags reads --config.<field> overrides from sys.argv right here
   config_flags.DEFINE_config_file(
       "config", _DEFAULT_CONFIG,
@@ -120,19 +136,6 @@ flags.DEFINE_integer("num_processes", None, "Several processes: how many take pa
 flags.DEFINE_integer("process_id", None, "Several processes: this one's index, 0 to "
                      "num_processes - 1.")
 flags.mark_flags_as_required(["workdir"])
-
-
-def _user_errors():
-  # Imported lazily so that `--help` and flag errors do not pay for importing jax.
-  from configs.presets import VariantError
-  from configs.sweeps import SweepError
-  from input_pipeline.batching import ExampleTooLongError
-  from input_pipeline.local_builders import DataError
-  from input_pipeline.tokenizers import TokenizerError
-  from training.checkpointing import CheckpointError, CheckpointWriteError
-  from validation import ConfigError
-  return (ConfigError, VariantError, CheckpointError, CheckpointWriteError,
-          ExampleTooLongError, DataError, TokenizerError, SweepError)
 
 
 def _read_input(path: str):
@@ -221,7 +224,9 @@ def _attention_text(config):
   """--mode=attention: the text to draw (the first --prompt, else the first non-empty line
   of --input), or None with --example; one-line errors for flags that do not fit."""
   f = flags.FLAGS
-  if f.reference is not None and config.task != "translation":
+  import tasks  # pylint: disable=g-import-not-at-top
+  if (f.reference is not None
+      and tasks.TASKS[config.task].attention_fields.get("decoder") != "targets"):
     _user_error(f"--reference is for translation (the decoder's target text); "
                 f"config.task={config.task!r}")
   if f.example is not None:
@@ -239,19 +244,12 @@ def _attention_text(config):
   return lines[0]
 
 
-def _require_real_data(config, mode: str, task: str, what: str) -> None:
-  """--mode=`mode` `what` (e.g. "translates text"): it needs `task` on real data."""
-  if config.task != task or config.data.dataset == "synthetic":
-    _user_error(f"--mode={mode} {what}: it needs config.task='{task}' on real data "
-                f"(config.task={config.task!r}, config.data.dataset={config.data.dataset!r})")
-
-
 def _set_cpu_devices(config) -> None:
   """config.compute.cpu_devices > 0: XLA's host platform gets that many devices, so the pmapped
   step runs data-parallel over the CPU cores (one device per core) instead of splitting
   each small matmul between them. Set before JAX starts its backends; the GPU and TPU
   backends ignore it."""
-  count = config.get("cpu_devices", 0)
+  count = config.compute.cpu_devices
   if isinstance(count, bool) or not isinstance(count, int) or count < 0:
     _user_error(f"config.compute.cpu_devices={count!r} is invalid: expected an integer >= 0")
   if count:
@@ -306,6 +304,76 @@ def _start_processes(mode: str) -> None:
                 f"{_one_line(e)}{hint}")
 
 
+def _lines_mode(mode, config, workdir):
+  """decode, predict: a line out for each line in."""
+  import modes  # pylint: disable=g-import-not-at-top
+  run = {"decode": modes.decode_lines, "predict": modes.predict_lines}[mode]
+  modes.check_mode_fits(config, mode)
+  lines = _read_input(flags.FLAGS.input)
+  for line in run(config, workdir, lines, step=flags.FLAGS.step,
+                  checkpoint=flags.FLAGS.checkpoint):
+    print(line, flush=True)
+
+
+def _generate_mode(config, workdir):
+  import modes  # pylint: disable=g-import-not-at-top
+  modes.check_mode_fits(config, "generate")
+  prompts = ([p.replace("\\n", "\n") for p in flags.FLAGS.prompt]
+             if flags.FLAGS.prompt is not None else _read_input(flags.FLAGS.input))
+  if not prompts:
+    _user_error("--mode=generate: no prompt; give --prompt=TEXT or lines on --input")
+  samples = modes.generate_text(config, workdir, prompts, step=flags.FLAGS.step,
+                                checkpoint=flags.FLAGS.checkpoint)
+  for i, texts in enumerate(samples, 1):
+    for j, text in enumerate(texts, 1):
+      print(f"--- prompt {i}, sample {j}\n{text}", flush=True)
+
+
+def _inspection_mode(mode, config, workdir):
+  """attention, head_importance."""
+  import modes  # pylint: disable=g-import-not-at-top
+  from inspection import attention_maps  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if mode == "attention":
+    paths, table = modes.attention_report(
+        config, workdir, text=_attention_text(config), reference=f.reference,
+        example=f.example, heads=f.attention_head or (), step=f.step, checkpoint=f.checkpoint)
+    print(f"{table}\nwrote:\n" + "\n".join(paths), flush=True)
+    return
+  baseline, increase, paths = modes.head_importance(config, workdir, step=f.step,
+                                                    split=f.split, checkpoint=f.checkpoint)
+  print(f"{attention_maps.importance_markdown(baseline, increase, limit=10)}\nwrote:\n"
+        + "\n".join(paths), flush=True)
+
+
+def _run_mode(mode, config, workdir, sweep, overrides):
+  import modes  # pylint: disable=g-import-not-at-top
+  import train  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if mode == "train":
+    train.train_and_evaluate(config, workdir)
+  elif mode == "eval":
+    modes.evaluate_checkpoint(config, workdir, step=f.step, split=f.split,
+                              checkpoint=f.checkpoint)
+  elif mode in ("decode", "predict"):
+    _lines_mode(mode, config, workdir)
+  elif mode == "generate":
+    _generate_mode(config, workdir)
+  elif mode in ("attention", "head_importance"):
+    _inspection_mode(mode, config, workdir)
+  elif mode in SWEEP_MODES:
+    from modes import sweep as sweeps  # pylint: disable=g-import-not-at-top
+    rows = (sweeps.run_sweep(sweep, workdir, overrides) if mode == "sweep" else
+            sweeps.write_comparison(sweep, workdir, overrides))
+    print(f"sweep {sweep.name}: {sum(r['status'] == 'done' for r in rows)} of {len(rows)} "
+          f"variants done; comparison in {os.path.join(workdir, 'comparison.md')}, "
+          f"comparison.csv and validation_loss.png", flush=True)
+  else:
+    step = modes.average_checkpoints(config, workdir, f.num_average, last_step=f.step)
+    print(f"averaged the newest {f.num_average} checkpoints (up to step {step}) "
+          f"into {os.path.join(workdir, 'averaged')}")
+
+
 def main(argv):
   if len(argv) > 1:
     _user_error(f"unexpected arguments: {' '.join(argv[1:])} (options are --flags, e.g. "
@@ -314,66 +382,13 @@ def main(argv):
   sweep, overrides = _load_sweep()
   _set_cpu_devices(config if sweep is None else sweep.config(sweep.variants[0], overrides))
   _start_processes(flags.FLAGS.mode)
-  user_errors = _user_errors()
-  import train  # pylint: disable=g-import-not-at-top
-  from training import preemption  # pylint: disable=g-import-not-at-top
-  workdir = flags.FLAGS.workdir
+  from errors import UserError  # pylint: disable=g-import-not-at-top
+  from training import monitors, preemption  # pylint: disable=g-import-not-at-top
   try:
-    mode = flags.FLAGS.mode
-    if mode == "train":
-      train.train_and_evaluate(config, workdir)
-    elif mode == "eval":
-      train.evaluate_checkpoint(config, workdir, step=flags.FLAGS.step,
-                                split=flags.FLAGS.split, checkpoint=flags.FLAGS.checkpoint)
-    elif mode in ("decode", "predict"):  # a line out for each line in
-      task, what, run = {
-          "decode": ("translation", "translates text", train.decode_lines),
-          "predict": ("classification", "labels text", train.predict_lines)}[mode]
-      _require_real_data(config, mode, task, what)
-      lines = _read_input(flags.FLAGS.input)
-      for line in run(config, workdir, lines, step=flags.FLAGS.step,
-                      checkpoint=flags.FLAGS.checkpoint):
-        print(line, flush=True)
-    elif mode == "generate":
-      _require_real_data(config, "generate", "generation", "continues text")
-      prompts = ([p.replace("\\n", "\n") for p in flags.FLAGS.prompt]
-                 if flags.FLAGS.prompt is not None else _read_input(flags.FLAGS.input))
-      if not prompts:
-        _user_error("--mode=generate: no prompt; give --prompt=TEXT or lines on --input")
-      samples = train.generate_text(config, workdir, prompts, step=flags.FLAGS.step,
-                                    checkpoint=flags.FLAGS.checkpoint)
-      for i, texts in enumerate(samples, 1):
-        for j, text in enumerate(texts, 1):
-          print(f"--- prompt {i}, sample {j}\n{text}", flush=True)
-    elif mode == "attention":
-      text = _attention_text(config)
-      paths, table = train.attention_report(
-          config, workdir, text=text, reference=flags.FLAGS.reference,
-          example=flags.FLAGS.example, heads=flags.FLAGS.attention_head or (),
-          step=flags.FLAGS.step, checkpoint=flags.FLAGS.checkpoint)
-      print(f"{table}\nwrote:\n" + "\n".join(paths), flush=True)
-    elif mode == "head_importance":
-      from tasks import attention_maps  # pylint: disable=g-import-not-at-top
-      baseline, increase, paths = train.head_importance(
-          config, workdir, step=flags.FLAGS.step, split=flags.FLAGS.split,
-          checkpoint=flags.FLAGS.checkpoint)
-      print(f"{attention_maps.importance_markdown(baseline, increase, limit=10)}\nwrote:\n"
-            + "\n".join(paths), flush=True)
-    elif mode in SWEEP_MODES:
-      import sweeps  # pylint: disable=g-import-not-at-top
-      rows = (sweeps.run_sweep(sweep, workdir, overrides) if mode == "sweep" else
-              sweeps.write_comparison(sweep, workdir, overrides))
-      print(f"sweep {sweep.name}: {sum(r['status'] == 'done' for r in rows)} of {len(rows)} "
-            f"variants done; comparison in {os.path.join(workdir, 'comparison.md')}, "
-            f"comparison.csv and validation_loss.png", flush=True)
-    else:
-      step = train.average_checkpoints(config, workdir, flags.FLAGS.num_average,
-                                       last_step=flags.FLAGS.step)
-      print(f"averaged the newest {flags.FLAGS.num_average} checkpoints (up to step {step}) "
-            f"into {os.path.join(workdir, 'averaged')}")
-  except user_errors as e:
+    _run_mode(flags.FLAGS.mode, config, flags.FLAGS.workdir, sweep, overrides)
+  except UserError as e:
     _exit(f"error: {e}", 2)
-  except train.NonFiniteLossError as e:
+  except monitors.NonFiniteLossError as e:
     _exit(f"error: {e}", 3)
   except preemption.Preempted as e:
     _exit(f"stopped: {e}", preemption.EXIT_PREEMPTED)

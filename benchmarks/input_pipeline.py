@@ -175,7 +175,8 @@ def measure_pipeline(corpus: str, config, workdir: str, threads: List[int], roun
                      if k in ("inputs", "targets"))
   row = {"corpus": corpus, "task": config.task, "batch_size": config.train.batch_size,
          "lengths": lengths, "batching": _batching(config),
-         "tokenizer": f"{config.model.tokenizer} {task.vocab_size}", "tokenizer_s": tokenizer_s,
+         "tokenizer": f"{config.model.tokenizer} {task.vocab_size}",
+         "tokenizer_s": tokenizer_s,
          "prepare_s": prepare_s, "read_s": parts.get("read_s", 0.0),
          "tokenize_s": parts.get("tokenize_s", 0.0), "epoch_tokens": epoch_tokens,
          "batches_per_epoch": batches_per_epoch,
@@ -204,7 +205,8 @@ def measure_steps(task, config, rounds: int, steps: int) -> Dict[str, Any]:
   del state
   dataset = task.train_dataset(config.train.batch_size, 1)
   constant = jax.device_put(dataset[0], train.device_sharding(devices))
-  ahead = {"pipeline": (config.data.data_threads, config.data.data_prefetch, config.data.device_prefetch),
+  ahead = {"pipeline": (config.data.data_threads, config.data.data_prefetch,
+                        config.data.device_prefetch),
            "no ahead": (0, 0, 0)}
   warmup = 2
   # One iterator per mode for all its rounds, as a run has one: the start-up (threads,

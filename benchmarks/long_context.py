@@ -54,14 +54,16 @@ def child(length: int, impl: str, mode: str, steps: int, block: int, max_gib: fl
   """One measurement, in this (fresh) process."""
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import train_throughput  # pylint: disable=g-import-not-at-top
-  from configs import default  # pylint: disable=g-import-not-at-top
+  from configs import default, presets  # pylint: disable=g-import-not-at-top
   import train  # pylint: disable=g-import-not-at-top
   from training import optimizers  # pylint: disable=g-import-not-at-top
   warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
   config = default.get_config("task=generation,size=base")
-  config.update(dict(max_target_length=length, batch_size=1, eval_batch_size=1,
-                     attention_impl=impl, attention_block_size=block, remat=remat))
+  presets.update_groups(config, dict(
+      data=dict(max_target_length=length), train=dict(batch_size=1),
+      eval=dict(eval_batch_size=1),
+      compute=dict(attention_impl=impl, attention_block_size=block, remat=remat)))
   task = train_throughput.build_task(config, VOCAB)
   tx = optimizers.make_optimizer(config)
   devices = jax.local_devices()[:1]

@@ -26,7 +26,7 @@ import jax  # noqa: E402
 
 import train  # noqa: E402
 from benchmarks import run_record, train_throughput  # noqa: E402
-from configs import default  # noqa: E402
+from configs import default, presets  # noqa: E402
 from training import optimizers  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
@@ -35,8 +35,9 @@ GIB = 2**30
 
 def measure(remat: str, scan: bool, batch: int, length: int, steps: int, layers: int):
   config = default.get_config("task=generation,size=base")
-  config.update(dict(max_target_length=length, batch_size=batch, remat=remat,
-                     scan_layers=scan, num_decoder_layers=layers))
+  presets.update_groups(config, dict(
+      data=dict(max_target_length=length), train=dict(batch_size=batch),
+      compute=dict(remat=remat), model=dict(scan_layers=scan, num_decoder_layers=layers)))
   task = train_throughput.build_task(config, 256)
   tx = optimizers.make_optimizer(config)
   devices = jax.local_devices()[:1]

@@ -494,7 +494,8 @@ def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seco
       "params": counts["total"], "params_matmul": counts["matmul"],
       "batch": shape.batch, "src_length": src_len, "tgt_length": tgt_len,
       "vocab_size": task.vocab_size, "dropout_rate": config.optim.dropout_rate,
-      "attention_impl": config.compute.attention_impl, "norm_placement": config.model.norm_placement,
+      "attention_impl": config.compute.attention_impl,
+      "norm_placement": config.model.norm_placement,
       "dtype": config.compute.dtype,  # compute; the parameters' dtypes follow (float32 for all)
       "param_dtypes": sorted({str(x.dtype) for x in jax.tree.leaves(p_state.params)}),
       "attention_block_size": config.compute.get("attention_block_size"),

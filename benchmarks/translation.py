@@ -35,6 +35,8 @@ import numpy as np  # noqa: E402
 
 import tasks  # noqa: E402
 import train  # noqa: E402
+from configs import default as default_config  # noqa: E402
+from configs import presets  # noqa: E402
 from configs import translation as translation_config  # noqa: E402
 from input_pipeline import batching  # noqa: E402
 from training import optimizers  # noqa: E402
@@ -45,7 +47,9 @@ def load_config(workdir: str):
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     saved = json.load(f)
   config = translation_config.get_config()
-  config.update(saved)
+  # Grouped fields (a workdir written before the groups has flat ones: regrouped); a name
+  # this config lacks is a KeyError instead of a field that would be silently added.
+  presets.update_groups(config, default_config.group_flat_config(saved))
   return config
 
 

@@ -71,7 +71,8 @@ def get_config(arg=None):
     if c.model.tokenizer == "sentencepiece":
       c.model.vocab_size = 2000  # small pieces generalise better from 67k short phrases
   else:
-    c.data.dataset, c.data.train_split, c.data.eval_split, c.data.text_feature, c.data.max_input_length = TFDS[name]
+    d = c.data
+    d.dataset, d.train_split, d.eval_split, d.text_feature, d.max_input_length = TFDS[name]
     c.data.label_feature = "label"
   if c.model.tokenizer == "bytes":
     c.data.max_input_length *= 4  # a sentencepiece token is about four bytes of English

@@ -39,8 +39,9 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.accel = "cpu"  # the accelerator preset applied (presets.ACCELERATORS: cpu, gpu, tpu)
   c.seed = 0  # parameter initialisation and dropout
 
-  # ---- config.model: What defines the parameters: the vocabulary they index and the architecture. A
-  # checkpoint must match this group (and config.task); TransformerConfig is built from it.
+  # ---- config.model: what defines the parameters, the vocabulary they index and the
+  # architecture. A checkpoint must match this group (and config.task); the model's
+  # TransformerConfig takes its architecture fields as they are.
   model = c.model = ml_collections.ConfigDict()
   model.num_encoder_layers = 2  # N for the encoder (translation, classification)
   model.num_decoder_layers = 2  # N for the decoder (translation, generation)
@@ -56,22 +57,22 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.activation = "relu"  # feed-forward non-linearity: relu (paper) or gelu
   model.pooling = "mean"  # classification pooling: "mean" over tokens or a learned "cls"
   model.layer_norm_epsilon = 1e-6  # added to the variance in layer norm
-  model.scan_layers = False  # run identical layers with nn.scan (one compiled layer; params stacked)
+  model.scan_layers = False  # identical layers as one nn.scan (one compiled layer; stacked)
   model.tokenizer = "sentencepiece"  # real text: "sentencepiece" (trained on the fly) or "bytes"
   model.vocab_size = 8000  # sentencepiece vocabulary size (per language unless shared_vocab)
   model.shared_vocab = True  # translation: one tokenizer for source and target
 
-  # ---- config.compute: How the model computes, not what: may change between runs of one workdir.
+  # ---- config.compute: how the model computes, not what: may change between runs of one workdir.
   compute = c.compute = ml_collections.ConfigDict()
   compute.dtype = "float32"  # compute dtype; params, softmax, norms, logits, loss stay float32
-  compute.attention_impl = "reference"  # "reference" (written here), "fused" (jax/cuDNN) or "blockwise"
+  compute.attention_impl = "reference"  # "reference" (ours), "fused" (jax/cuDNN), "blockwise"
   compute.attention_block_size = 512  # blockwise attention: query and key block length
-  compute.remat = "none"  # recompute in the backward pass: none, full (each block), matmuls (save dots)
+  compute.remat = "none"  # recompute in backward: none, full (each block), matmuls (save dots)
   compute.cpu_devices = 0  # CPU: main.py splits the host into this many pmap devices; 0 = one
 
-  # ---- config.data: Data sources, tokenization limits and the input pipeline.
+  # ---- config.data: data sources, tokenization limits and the input pipeline.
   data = c.data = ml_collections.ConfigDict()
-  data.dataset = "synthetic"  # "synthetic" (generated), "files" (local files in data_dir) or a tfds name
+  data.dataset = "synthetic"  # "synthetic", "files" (local files in data_dir) or a tfds name
   data.data_dir = ""  # directory of the local data files (dataset="files")
   data.tfds_data_dir = ""  # prepared tfds data; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
   data.language_pair = "de-en"  # translation: source-target language codes of the data
@@ -98,7 +99,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   data.data_prefetch = 4  # training batches those threads keep ready in host memory
   data.device_prefetch = 2  # training batches copied to the devices ahead of the step; 0 = none
 
-  # ---- config.optim: The optimizer, its schedule and regularisation.
+  # ---- config.optim: the optimizer, its schedule and regularisation.
   optim = c.optim = ml_collections.ConfigDict()
   optim.optimizer = "adam"  # "adam" (paper) or "adamw" (decay skips biases and norms)
   optim.learning_rate = 3e-3  # peak learning rate, reached at the end of warmup
@@ -114,7 +115,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   optim.attention_dropout_rate = 0.0  # dropout on attention weights (reference path only)
   optim.dropout_rng = "hash"  # dropout masks: "hash" of the index (fast) or "threefry" (JAX's)
 
-  # ---- config.train: The training loop: batch, length, logging, checkpoints, faults.
+  # ---- config.train: the training loop: batch, length, logging, checkpoints, faults.
   train = c.train = ml_collections.ConfigDict()
   train.batch_size = 64  # global batch size, split over all devices
   train.grad_accum_steps = 1  # micro-batches accumulated per update
@@ -125,10 +126,10 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   train.nonfinite_updates = "stop"  # NaN/inf loss or gradient: "stop" the run, or "skip" the update
   train.max_skipped_updates = 100  # nonfinite_updates="skip": stop once a run has skipped more
   train.allow_config_change = False  # load a checkpoint whose model fields differ from this config
-  train.signal_check_every_steps = 10  # several processes: steps between agreeing to stop on a signal
+  train.signal_check_every_steps = 10  # several processes: steps between agreeing on a signal
   train.profile_steps = 0  # trace this many steps after a run's first to workdir/profile; 0 = off
 
-  # ---- config.eval: Evaluation during training and in eval mode.
+  # ---- config.eval: evaluation during training and in eval mode.
   ev = c.eval = ml_collections.ConfigDict()
   ev.eval_batch_size = 128  # global batch size for evaluation and decoding
   ev.eval_every_steps = 1000  # held-out evaluation
@@ -139,7 +140,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   ev.num_attention_images = 1  # eval examples whose attention maps each evaluation draws; 0 = off
   ev.head_importance_batches = 0  # --mode=head_importance: eval batches scored per head; 0 = all
 
-  # ---- config.decode: Decoding: beam search (translation) and sampling (generation).
+  # ---- config.decode: decoding: beam search (translation) and sampling (generation).
   decode = c.decode = ml_collections.ConfigDict()
   decode.beam_size = 1  # beam search width; 1 = greedy (paper: 4)
   decode.length_penalty = 0.6  # beam score = log p / ((5 + length) / 6) ** alpha (paper: 0.6)

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from models import attention, masks
+from models import layers
 from models.layers import Dropout, Embed, FeedForward, LayerNorm, PositionalEncoding
 
 Array = jax.Array
@@ -36,6 +37,23 @@ POOLINGS = ("mean", "cls")
 # recomputed).
 REMAT_POLICIES = ("none", "full", "matmuls")
 SCANNED = "layers"  # the module name of a scanned stack of blocks
+
+
+class InvalidField(ValueError):
+  """A TransformerConfig field whose value cannot work: `field`, `value`, `allowed`."""
+
+  def __init__(self, field: str, value: Any, allowed: str):
+    super().__init__(f"{field}={value!r} is invalid: {allowed}")
+    self.field, self.value, self.allowed = field, value, allowed
+
+
+# Fields that must be one of a few names.
+CHOICES = {"norm_placement": NORM_PLACEMENTS, "positional_encoding": layers.POSITIONAL_ENCODINGS,
+           "activation": tuple(layers.ACTIVATIONS), "pooling": POOLINGS,
+           "attention_impl": attention.IMPLEMENTATIONS, "remat": REMAT_POLICIES,
+           "dropout_rng": layers.DROPOUT_RNGS}
+MINIMUMS = {"d_model": 1, "d_ff": 1, "num_heads": 1, "head_dim": 0, "num_encoder_layers": 0,
+            "num_decoder_layers": 0, "attention_block_size": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,8 +91,39 @@ class TransformerConfig:
   decode: bool = False  # incremental decoding with a key/value cache
 
   def __post_init__(self):
+    self.check()
     if not self.head_dim:
       object.__setattr__(self, "head_dim", self.d_model // self.num_heads)
+
+  def check(self) -> None:
+    """Raises InvalidField for the first field whose value cannot work."""
+    for field, allowed in CHOICES.items():
+      if getattr(self, field) not in allowed:
+        raise InvalidField(field, getattr(self, field),
+                           f"expected one of {', '.join(map(str, allowed))}")
+    for field, minimum in MINIMUMS.items():
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidField(field, value, f"expected an integer >= {minimum}")
+    for field in ("dropout_rate", "attention_dropout_rate"):
+      value = getattr(self, field)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise InvalidField(field, value, "expected a number in [0, 1)")
+    epsilon = self.layer_norm_epsilon
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+      raise InvalidField("layer_norm_epsilon", epsilon, "expected a number > 0")
+    for field in ("scan_layers", "fused_qkv", "share_embeddings", "tie_output"):
+      if not isinstance(getattr(self, field), bool):
+        raise InvalidField(field, getattr(self, field), "expected True or False")
+    if self.head_dim == 0 and self.d_model % self.num_heads:
+      raise InvalidField("num_heads", self.num_heads,
+                         f"it must divide d_model={self.d_model} (or set head_dim explicitly)")
+    if self.positional_encoding == "sinusoidal" and self.d_model % 2:
+      raise InvalidField("d_model", self.d_model, "sinusoidal positions need an even d_model")
+    if self.attention_impl != "reference" and self.attention_dropout_rate > 0:
+      raise InvalidField("attention_impl", self.attention_impl,
+                         f"the {self.attention_impl} path has no attention dropout; set "
+                         f"attention_dropout_rate=0 or use attention_impl='reference'")
 
   @classmethod
   def from_fields(cls, fields: Mapping[str, Any], **given: Any) -> "TransformerConfig":

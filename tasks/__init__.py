@@ -1,4 +1,5 @@
-"""One module per task family behind the `tasks.base.Task` interface."""
+"""Task families behind the `tasks.base.Task` interface, each reading a data source of
+tasks/sources/ (synthetic digits or its own kind of text)."""
 
 from tasks.classification import ClassificationTask
 from tasks.generation import GenerationTask
@@ -10,3 +11,16 @@ TASKS = {t.name: t for t in (TranslationTask, GenerationTask, ClassificationTask
 def get_task(config, workdir=None, training: bool = True):
   """The task object for `config.task` (validated beforehand); see `base.Task`."""
   return TASKS[config.task](config, workdir, training)
+
+
+def check_config(config) -> None:
+  """Raises config_checks.ConfigError for the first field of the task, model or data that
+  cannot work: the data fields (tasks/sources), the model (its TransformerConfig), then
+  what the family itself needs."""
+  from config_checks import Fields  # pylint: disable=g-import-not-at-top
+  from tasks import sources  # pylint: disable=g-import-not-at-top
+  Fields(config).choice("task", tuple(TASKS))
+  family = TASKS[config.task]
+  sources.check_config(config, family)
+  family.check_model(config)
+  family.check_config(config)

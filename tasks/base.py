@@ -1,36 +1,54 @@
-"""The seam between the generic train loop and what differs per task family.
+"""The seam between the generic train loop, the modes and what differs per task family.
 
-train.py only calls the methods of `Task`: it builds the model, gets the data sources,
-computes summed loss metrics, runs a jittable `predict` under pmap and asks the task to
-score and summarise. A task module implements these for one family.
+A family (translation, generation, classification) owns its model, its loss targets, its
+metrics, its predictions and its config checks; the data it reads comes from a data source
+(tasks/sources: synthetic digits or the family's text source), chosen by
+config.data.dataset. train.py and the modes only call the methods of `Task` and, where a
+mode needs more, the small protocols at the end of this module.
 """
 
 import math
-import os
-from typing import Any, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
-import jax
 import grain
+import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
-from input_pipeline import batching, local_builders, packing, synthetic, tokenizers
+from input_pipeline import batching, packing
+from input_pipeline.local_builders import DataError
+from config_checks import Fields, fail
 from models import TransformerConfig, attention, transformer
+from models.transformer import InvalidField
+from tasks import losses
+from tasks.sources import open_source
 
 Array = jax.Array
 Batch = Mapping[str, Array]
+DTYPES = ("float32", "bfloat16")
+# Fields of config.optim and config.compute that TransformerConfig takes (how the model
+# computes and regularises, not what its parameters are).
+RUNTIME_FIELDS = ("dropout_rate", "dropout_rng", "attention_dropout_rate", "attention_impl",
+                  "attention_block_size", "remat")
 
 
 class Task:
-  """Base class: the model config and data sources shared by every family."""
+  """Base class: the model, data sets, loss and evaluation shared by every family."""
 
   name: str = ""
-  synthetic_kind: str = ""  # record layout of input_pipeline.synthetic for this family
-  prints_samples: bool = False  # periodic evaluations also log a few predictions
-  # Predictions are scored (BLEU, exact match): the final evaluation and eval mode then
-  # predict the whole split. When False they are only shown, and num_decode_batches is
-  # what is predicted everywhere.
-  scores_predictions: bool = True
+  model_class: Any = None  # the models/ family (EncoderDecoder, DecoderOnly, Classifier)
+  text_source: Any = None  # the tasks/sources class of this family's real text
+  digits_kind: str = ""  # record layout of the synthetic digits for this family
+  # The batch field each stack of the model reads: the encoder as is, the decoder shifted
+  # right (the start symbol 0 in front). Attention maps and head importance read it.
+  attention_fields: Dict[str, str] = {}
+  # Metrics config.eval.best_metric may name besides the loss-based ones, and the metrics
+  # a sweep compares variants by (the first the final evaluation reports).
+  metrics: Tuple[str, ...] = ()
+  compare_by: Tuple[str, ...] = ()
+  # The --mode that maps lines of text to lines with this family on text ("" = none).
+  line_mode: str = ""
 
   def __init__(self, config, workdir: Optional[str] = None, training: bool = True):
     """`workdir` holds what the run learns from its data (e.g. a tokenizer); `training`
@@ -38,43 +56,62 @@ class Task:
     self.config = config
     self.workdir = workdir
     self.training = training
-    self.vocab_size = synthetic.VOCAB_SIZE
-    self.eos_id = synthetic.EOS
-    self.setup_data()
+    self.data = open_source(config, type(self), workdir, training)
+    self.vocab_size = self.data.vocab_size
+    self.eos_id = self.data.eos_id
     self.model = self.build_model(decode=False)
+    logging.info("%s on %s (%s): %d ids", self.name, config.data.dataset,
+                 self.data.kind_label, self.vocab_size)
 
-  def setup_data(self) -> None:
-    """Opens the data and builds what the model's shape depends on (the vocabulary)."""
+  @classmethod
+  def check_config(cls, config) -> None:
+    """Raises config_checks.ConfigError for a field value this family cannot use."""
+
+  @classmethod
+  def check_model(cls, config) -> None:
+    """The model and compute fields, checked by building the model's TransformerConfig:
+    a value it refuses is a ConfigError naming the field in its group."""
+    Fields(config, "compute").choice("dtype", DTYPES)
+    Fields(config, "compute").integer("cpu_devices", 0)
+    try:
+      TransformerConfig.from_fields(
+          config.model, vocab_size=8, **{f: config[g][f] for g in ("optim", "compute")
+                                         for f in config[g] if f in RUNTIME_FIELDS})
+    except InvalidField as e:
+      group = next(g for g in ("model", "compute", "optim") if e.field in config[g])
+      fail(f"{group}.{e.field}", e.value, e.allowed)
 
   # ---- model
-  def model_config(self, decode: bool = False) -> TransformerConfig:
-    c = self.config
-    return TransformerConfig(
-        vocab_size=self.vocab_size, num_classes=self.num_classes, d_model=c.model.d_model,
-        d_ff=c.model.d_ff, num_heads=c.model.num_heads, head_dim=c.model.head_dim or c.model.d_model // c.model.num_heads,
-        num_encoder_layers=c.model.num_encoder_layers, num_decoder_layers=c.model.num_decoder_layers,
-        dropout_rate=c.optim.dropout_rate, dropout_rng=c.optim.dropout_rng,
-        attention_dropout_rate=c.optim.attention_dropout_rate,
-        norm_placement=c.model.norm_placement, positional_encoding=c.model.positional_encoding,
-        max_length=max(self.lengths.values()) + 1, fused_qkv=c.model.fused_qkv,
-        share_embeddings=c.model.share_embeddings, tie_output=c.model.tie_output, pooling=c.model.pooling,
-        activation=c.model.activation, layer_norm_epsilon=c.model.layer_norm_epsilon,
-        attention_impl=c.compute.attention_impl, attention_block_size=c.compute.attention_block_size,
-        # Decoding runs the blocks as a loop without remat: it takes no gradients, and
-        # beam search reorders caches whose first axis is the batch (`decode_params`).
-        remat="none" if decode else c.compute.remat, scan_layers=c.model.scan_layers and not decode,
-        dtype=jnp.dtype(c.compute.dtype), decode=decode)
-
-  def decode_params(self, params: Any) -> Any:
-    """`params` in the layout of `build_model(decode=True)` (blocks unscanned)."""
-    return transformer.unstack_layers(params) if self.config.model.scan_layers else params
-
   @property
   def num_classes(self) -> int:
     return 0
 
+  def max_length(self) -> int:
+    """The longest position the model must hold (learned table, decoding cache)."""
+    return max(self.lengths.values()) + 1
+
+  def model_config(self, decode: bool = False) -> TransformerConfig:
+    """config.model as is, the sizes this task's data fixes, and how to compute."""
+    c = self.config
+    return TransformerConfig.from_fields(
+        c.model, vocab_size=self.vocab_size, output_vocab_size=self.data.output_vocab_size,
+        num_classes=self.num_classes, max_length=self.max_length(),
+        dropout_rate=c.optim.dropout_rate, dropout_rng=c.optim.dropout_rng,
+        attention_dropout_rate=c.optim.attention_dropout_rate,
+        attention_impl=c.compute.attention_impl,
+        attention_block_size=c.compute.attention_block_size,
+        # Decoding runs the blocks as a loop without remat: it takes no gradients, and
+        # beam search reorders caches whose first axis is the batch (`decode_params`).
+        remat="none" if decode else c.compute.remat,
+        scan_layers=c.model.scan_layers and not decode,
+        dtype=jnp.dtype(c.compute.dtype), decode=decode)
+
   def build_model(self, decode: bool = False):
-    raise NotImplementedError
+    return self.model_class(self.model_config(decode))
+
+  def decode_params(self, params: Any) -> Any:
+    """`params` in the layout of `build_model(decode=True)` (blocks unscanned)."""
+    return transformer.unstack_layers(params) if self.config.model.scan_layers else params
 
   def init_params(self, rng: Array) -> Any:
     """Float32 parameters, initialised from shapes of one dummy example."""
@@ -85,24 +122,30 @@ class Task:
     """The keyword arguments of the model's __call__ taken from a batch."""
     raise NotImplementedError
 
+  def variables(self, params: Any, head_mask: Optional[Any] = None) -> Dict[str, Any]:
+    """The variables of a model call: the parameters and, to remove heads (head
+    importance), the `head_mask` collection (models/attention.py), given per block
+    (`block_{i}`) and stacked here when the model's layers are scanned."""
+    if head_mask is None:
+      return {"params": params}
+    if self.config.model.scan_layers:
+      head_mask = transformer.stack_layers(head_mask)
+    return {"params": params, attention.HEAD_MASK: head_mask}
+
   # ---- data
   @property
   def lengths(self) -> Dict[str, int]:
-    """Padded length of every sequence field of a batch."""
+    """Padded length of every sequence field of a training batch."""
     raise NotImplementedError
 
   @property
   def eval_lengths(self) -> Dict[str, int]:
-    """Padded lengths of evaluation batches (real data may be longer than training rows)."""
-    return self.lengths
+    """Padded lengths of evaluation batches (real text may be longer than training rows)."""
+    return self.data.eval_lengths(self.lengths)
 
   def data_source(self, split: str):
     """Random-access example dicts of `split` ("train", "eval" or a dataset split name)."""
-    c = self.config
-    size = synthetic.TRAIN_SIZE if split == "train" else c.data.num_eval_examples
-    return synthetic.SyntheticDigits(self.synthetic_kind, c.data.synthetic_task,
-                                     "train" if split == "train" else "eval", size,
-                                     c.data.min_digits, c.data.max_digits, seed=c.data.shuffle_seed)
+    return self.data.examples(split)
 
   def train_dataset(self, batch_size: int, num_devices: int, process_index: int = 0,
                     process_count: int = 1) -> grain.MapDataset:
@@ -110,15 +153,15 @@ class Task:
 
     `batch_size` is the global batch (rows); each process reads its own share.
     """
-    c = self.config
+    d = self.config.data
     source = self.data_source("train")
-    if c.data.pack_examples:
+    if d.pack_examples:
       return grain.MapDataset.source(packing.PackedBatches(
           source, self.lengths, batch_size=batch_size, num_devices=num_devices,
-          seed=c.data.shuffle_seed, process_index=process_index, process_count=process_count))
+          seed=d.shuffle_seed, process_index=process_index, process_count=process_count))
     return batching.batched_dataset(
         source, batch_size=batch_size // process_count, num_devices=num_devices,
-        lengths=self.lengths, shuffle=True, seed=c.data.shuffle_seed, repeat=True,
+        lengths=self.lengths, shuffle=True, seed=d.shuffle_seed, repeat=True,
         process_index=process_index, process_count=process_count)
 
   def eval_dataset(self, split: str, batch_size: int, num_devices: int,
@@ -129,12 +172,34 @@ class Task:
         num_devices=num_devices, lengths=self.eval_lengths, shuffle=False,
         process_index=process_index, process_count=process_count)
 
-  # ---- loss and evaluation
+  # ---- loss
+  def loss_targets(self, batch: Batch) -> Tuple[Array, Array]:
+    """(the ids the logits predict, their float weights: 0 for padding)."""
+    raise NotImplementedError
+
   def loss(self, params: Any, batch: Batch, dropout_rng, train: bool,
            head_mask: Optional[Any] = None) -> Dict[str, Array]:
-    """Summed loss metrics (see tasks.losses); `loss` is what training minimises.
+    """Summed loss metrics (tasks/losses.py); `loss` is what training minimises.
     `head_mask`: heads to remove (head importance; see `variables`)."""
-    raise NotImplementedError
+    logits = self.model.apply(self.variables(params, head_mask), **self.model_inputs(batch),
+                              deterministic=not train,
+                              rngs={"dropout": dropout_rng} if train else {})
+    targets, weights = self.loss_targets(batch)
+    sums = losses.cross_entropy_sums(logits, targets, weights,
+                                     self.config.optim.label_smoothing)
+    return {**sums, **self.extra_sums(targets, weights)}
+
+  def extra_sums(self, targets: Array, weights: Array) -> Dict[str, Array]:
+    """More summed metrics of a batch beside the loss (e.g. characters scored)."""
+    del targets, weights
+    return {}
+
+  # ---- evaluation
+  prints_samples: bool = False  # periodic evaluations also log a few predictions
+  # Predictions are scored (BLEU, exact match): the final evaluation and eval mode then
+  # predict the whole split. When False they are only shown, and num_decode_batches is
+  # what is predicted everywhere.
+  scores_predictions: bool = True
 
   def predict(self, params: Any, batch: Batch) -> Array:
     """Model outputs to score (decoded tokens or class ids); jittable, per device."""
@@ -155,6 +220,7 @@ class Task:
                 outputs: Optional[List[dict]] = None) -> Dict[str, float]:
     """Final metrics from summed loss metrics and scores (each divided exactly once) and
     from the collected `outputs`."""
+    del outputs
     weight = max(sums["weight"], 1.0)
     out = {"loss": sums["loss"] / weight, "accuracy": sums["correct"] / weight}
     if "nll" in sums:
@@ -175,14 +241,12 @@ class Task:
     return {}
 
   def summary_images(self, outputs: List[dict]) -> Dict[str, np.ndarray]:
-    """Pictures of an evaluation's `outputs`, `{name: [height, width, 3] uint8}`, written
-    to TensorBoard."""
+    """Pictures of an evaluation's `outputs`, `{name: [height, width, 3] uint8}`."""
     del outputs
     return {}
 
   def eval_report(self, outputs: List[dict]) -> Dict[str, Any]:
-    """What eval mode saves in its JSON report from the `outputs` (e.g. a confusion
-    matrix)."""
+    """What eval mode saves in its JSON report from the `outputs` (a confusion matrix)."""
     del outputs
     return {}
 
@@ -199,44 +263,26 @@ class Task:
     """Readable lines for a few examples of a batch."""
     raise NotImplementedError
 
-  # ---- attention maps (tasks/attention_maps.py)
-  # The batch field each stack of the model reads: the encoder as is, the decoder shifted
-  # right (the start symbol 0 in front).
-  attention_fields: Dict[str, str] = {}
-
+  # ---- inspection (inspection/attention_maps.py)
   def token_pieces(self, tokens, field: str) -> List[str]:
-    """The piece each id of batch field `field` stands for (the axes of attention maps);
-    synthetic data: its digits, "|" and "</s>"."""
-    del field
-    names = {synthetic.PAD: "<pad>", synthetic.EOS: "</s>", synthetic.SEP: "|",
-             **{synthetic.FIRST_DIGIT + d: str(d) for d in range(10)}}
-    return [names.get(t, f"<{t}>") for t in np.asarray(tokens).tolist()]
+    """The piece each id of batch field `field` stands for (the axes of attention maps)."""
+    return self.data.pieces(tokens, field)
 
   def attention_example(self, text: str, reference: Optional[str] = None
                         ) -> Dict[str, np.ndarray]:
     """The unpadded example of `text` (and of the target `reference`, where the model has a
     decoder over targets) that --mode=attention draws. Without a reference the target
-    field is left out: the model's own output fills it. Synthetic data: digits and "|"."""
-    def digits(line: str) -> np.ndarray:
-      bad = sorted(set(line) - set("0123456789| \t"))
-      if bad:
-        raise local_builders.DataError(
-            f"{line!r}: synthetic data is written as digits (and '|'), not {''.join(bad)!r}")
-      return np.array([synthetic.SEP if ch == "|" else synthetic.FIRST_DIGIT + int(ch)
-                       for ch in line if not ch.isspace()], np.int32)
-    with_eos = lambda x: np.append(x, synthetic.EOS).astype(np.int32)  # noqa: E731
-    if self.attention_fields.get("decoder") != "targets":
-      example = {"inputs": digits(text)}
-    else:
-      example = {"inputs": with_eos(digits(text))}
-      if reference is not None:
-        example["targets"] = with_eos(digits(reference))
+    field is left out: the model's own output fills it."""
+    raise NotImplementedError
+
+  def check_example_lengths(self, example: Mapping[str, np.ndarray]) -> None:
+    """DataError when a field of an attention example is empty or longer than the model
+    reads."""
     for field, tokens in example.items():
       if len(tokens) > self.eval_lengths[field] or not len(tokens):
-        raise local_builders.DataError(
+        raise DataError(
             f"{'--reference' if field == 'targets' else 'the input'} has {len(tokens)} tokens "
             f"here; this model reads 1 to {self.eval_lengths[field]}")
-    return example
 
 
 def exact_match_sums(inputs: np.ndarray, predictions: np.ndarray,
@@ -247,37 +293,33 @@ def exact_match_sums(inputs: np.ndarray, predictions: np.ndarray,
   return {"exact_match": float(np.sum(exact & real)), "examples": float(np.sum(real))}
 
 
-def tokenizer_paths(config, workdir: Optional[str], names: List[str],
-                    training: bool) -> List[Optional[str]]:
-  """The tokenizer files of a run: those of config.data.tokenizer_path, else `names` in the
-  workdir (None each when training without a workdir: built in memory). Outside training
-  (eval, decode, generate) they must exist already; bytes need no file."""
-  given = [p for p in config.data.tokenizer_path.split(",") if p] if config.data.tokenizer_path else []
-  if given and not all(os.path.exists(p) for p in given):
-    raise tokenizers.TokenizerError(f"config.data.tokenizer_path={config.data.tokenizer_path!r}: no "
-                                    f"such file")
-  if not given and not workdir and training:
-    return [None] * len(names)  # no run directory: built in memory, nothing written
-  paths = given or [os.path.join(workdir or "", n) for n in names]
-  if config.model.tokenizer != "bytes" and not training and not all(os.path.exists(p)
-                                                               for p in paths):
-    raise tokenizers.TokenizerError(
-        f"no tokenizer at {', '.join(paths)}: train first with --mode=train in this "
-        f"workdir (it saves the tokenizer there) or set config.data.tokenizer_path")
-  return paths
+# ----------------------------------------------------------------------------- for modes
 
 
-def variables(params: Any, head_mask: Optional[Any] = None,
-              scanned: bool = False) -> Dict[str, Any]:
-  """The variables of a model call: the parameters and, to remove heads (head
-  importance), the `head_mask` collection (see models/attention.py), given per block
-  (`block_{i}`) and stacked here when the model's layers are `scanned`."""
-  if head_mask is None:
-    return {"params": params}
-  if scanned:
-    head_mask = transformer.stack_layers(head_mask)
-  return {"params": params, attention.HEAD_MASK: head_mask}
+@runtime_checkable
+class LineMapper(Protocol):
+  """A family that maps lines of text to lines (--mode=decode, --mode=predict)."""
+
+  def encode_lines(self, lines: List[str]) -> list:
+    """An example dict per line (the batch fields `predict` reads, and "index")."""
+
+  def render_line(self, output: np.ndarray) -> str:
+    """One output line from `predict`'s output for one example."""
 
 
-def rngs(dropout_rng, train: bool) -> Dict[str, Array]:
-  return {"dropout": dropout_rng} if train else {}
+@runtime_checkable
+class TextGenerator(Protocol):
+  """A family that continues prompts (--mode=generate)."""
+
+  def encode_prompts(self, prompts: List[str]) -> List[np.ndarray]:
+    """The ids of each prompt."""
+
+  def generate(self, params: Any, prompt: Array, rng: Array, limits=None,
+               cached: bool = True, picker=None, stop_id: int = -1) -> Array:
+    """`[batch, length]` ids: the prompts continued."""
+
+  def stop_id(self) -> int:
+    """The id that also ends generation (config.decode.stop_text), or -1."""
+
+  def detokenize(self, tokens) -> str:
+    """Text of ids."""

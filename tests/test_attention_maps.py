@@ -16,10 +16,11 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
+import modes
 import tasks
 import train
 from models import attention
-from tasks import attention_maps
+from inspection import attention_maps
 from tests.cli_helpers import run_main
 from tests.test_translation import cli_flags, write_corpus
 from tests.test_translation import tiny_config as tiny_translation_config
@@ -80,7 +81,7 @@ def formula(params, path, x, kv, mask):
 
 @pytest.fixture(scope="module")
 def translation_task():
-  config = tiny_config("translation", num_encoder_layers=2, num_decoder_layers=2)
+  config = tiny_config("translation", model=dict(num_encoder_layers=2, num_decoder_layers=2))
   task = tasks.get_task(config)
   return task, task.init_params(jax.random.PRNGKey(3))
 
@@ -137,8 +138,8 @@ def test_padding_and_future_keys_get_no_weight(translation_task):
 
 def test_fused_models_are_drawn_through_the_reference_path(translation_task):
   task, params = translation_task
-  config = tiny_config("translation", num_encoder_layers=2, num_decoder_layers=2,
-                       attention_impl="fused")
+  config = tiny_config("translation", model=dict(num_encoder_layers=2, num_decoder_layers=2),
+                       compute=dict(attention_impl="fused"))
   fused = tasks.get_task(config)
   assert fused.model.config.attention_impl == "fused"
   example = [{k: task.data_source("eval")[1][k] for k in ("inputs", "targets")}]
@@ -150,7 +151,7 @@ def test_fused_models_are_drawn_through_the_reference_path(translation_task):
 
 
 def test_classifier_maps_show_the_cls_vector():
-  task = tasks.get_task(tiny_config("classification", pooling="cls"))
+  task = tasks.get_task(tiny_config("classification", model=dict(pooling="cls")))
   params = task.init_params(jax.random.PRNGKey(0))
   example = {"inputs": task.data_source("eval")[0]["inputs"]}
   m = attention_maps.example_maps(task, params, [example])[0]
@@ -366,9 +367,10 @@ def trained(tmp_path_factory):
   root = tmp_path_factory.mktemp("attention")
   write_corpus(root / "corpus", {"train": 200, "val": 20, "test": 10})
   config = tiny_translation_config(
-      root / "corpus", root / "tfds", num_train_steps=10, eval_every_steps=10,
-      checkpoint_every_steps=10, log_every_steps=10, warmup_steps=5, best_metric="",
-      num_attention_images=1, num_heads=2)
+      root / "corpus", root / "tfds",
+      train=dict(num_train_steps=10, checkpoint_every_steps=10, log_every_steps=10),
+      eval=dict(eval_every_steps=10, best_metric="", num_attention_images=1),
+      optim=dict(warmup_steps=5), model=dict(num_heads=2))
   workdir = str(root / "run")
   train.train_and_evaluate(config, workdir, devices=ONE_DEVICE, final_evaluation=False)
   return config, workdir
@@ -418,13 +420,13 @@ def test_attention_mode_draws_a_sentence_and_its_reference(trained):
 
 def test_attention_without_reference_and_head_importance(trained):
   config, workdir = trained
-  paths, table = train.attention_report(config, workdir, text="katze und hund")
+  paths, table = modes.attention_report(config, workdir, text="katze und hund")
   report = json.load(open(next(p for p in paths if p.endswith(".json")), encoding="utf-8"))
   translation = report["tokens"]["cross"]["queries"]  # the model's own output
   assert translation and report["tokens"]["decoder_self"]["queries"] == ["<s>"] + translation[:-1]
   assert "encoder_self" in table
 
-  baseline, increase, paths = train.head_importance(config, workdir, devices=ONE_DEVICE)
+  baseline, increase, paths = modes.head_importance(config, workdir, devices=ONE_DEVICE)
   assert np.isfinite(baseline) and {k: v.shape for k, v in increase.items()} == {
       kind: (1, 2) for kind in attention_maps.KINDS}
   assert any(abs(v).max() > 0 for v in increase.values())

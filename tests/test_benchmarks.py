@@ -29,7 +29,7 @@ FORMULA_CASES = [
     ("classification", {}),
     ("classification", dict(pooling="cls")),  # the [CLS] vector is not a matmul
 ]
-if "scan_layers" in default_config.get_config():
+if "scan_layers" in default_config.get_config().model:
   FORMULA_CASES += [(t, dict(scan_layers=True))
                     for t in ("translation", "generation", "classification")]
 

@@ -12,11 +12,11 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 import tasks
-import train
-from configs import default
-from training import checkpointing, optimizers, reporting
+from configs import default, presets
+from training import checkpointing, optimizers, reporting, steps
 
-CONFIG = {"task": "translation", "d_model": 16, "learning_rate": 0.5, "size": "tiny"}
+CONFIG = {"task": "translation", "model": {"d_model": 16}, "optim": {"learning_rate": 0.5},
+          "size": "tiny"}
 
 
 def _state(step, scale=1.0):
@@ -127,13 +127,14 @@ def test_saving_does_not_alias_the_live_state(checkpointer):
 
 def _train_state(d_model, abstract):
   """A real TrainState (flax dataclass, optax state): as host arrays (what a resumed run
-  restores into) or as ShapeDtypeStructs (what train.evaluate_checkpoint restores into)."""
+  restores into) or as ShapeDtypeStructs (what modes.evaluate_checkpoint restores into)."""
   config = default.get_config()
-  config.update(dict(d_model=d_model, d_ff=32, num_heads=2, num_encoder_layers=1,
-                     num_decoder_layers=1, max_digits=4, max_input_length=6,
-                     max_target_length=6))
+  presets.update_groups(config, dict(
+      model=dict(d_model=d_model, d_ff=32, num_heads=2, num_encoder_layers=1,
+                 num_decoder_layers=1),
+      data=dict(max_digits=4, max_input_length=6, max_target_length=6)))
   task, tx = tasks.get_task(config), optimizers.make_optimizer(config)
-  shapes = jax.eval_shape(lambda: train.create_state(task, tx, 0))
+  shapes = jax.eval_shape(lambda: steps.create_state(task, tx, 0))
   if abstract:
     return shapes
   rng = np.random.default_rng(d_model)

@@ -22,13 +22,15 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import modes
 import tasks
 import train
-import validation
 from configs import classification as classification_config
+from configs import presets
 from input_pipeline import local_builders, sources
 from input_pipeline.local_builders import DataError
-from tasks import classification, classification_metrics
+from tasks import classification_metrics
+from tasks.sources import labeled_text
 from tests.cli_helpers import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,19 +86,28 @@ def write_corpus(directory, sizes=(("train", 400), ("dev", 64)), seed=0):
   return out
 
 
-TINY = dict(dataset="files", file_splits="train=train.tsv,validation=dev.tsv,test=test.tsv",
-            tokenizer="sentencepiece", vocab_size=40, d_model=32, d_ff=64, num_heads=2,
-            num_encoder_layers=1, max_input_length=16, batch_size=32, eval_batch_size=32,
-            learning_rate=3e-3, warmup_steps=10, schedule="cosine", num_train_steps=120,
-            log_every_steps=40, eval_every_steps=60, checkpoint_every_steps=60,
-            dropout_rate=0.0, attention_dropout_rate=0.0, num_print_examples=2,
-            best_metric="accuracy")
+# {group: {field: value}}; config_flags passes each field as --config.<group>.<field>.
+TINY = dict(
+    data=dict(dataset="files", file_splits="train=train.tsv,validation=dev.tsv,test=test.tsv",
+              max_input_length=16),
+    model=dict(tokenizer="sentencepiece", vocab_size=40, d_model=32, d_ff=64, num_heads=2,
+               num_encoder_layers=1),
+    train=dict(batch_size=32, num_train_steps=120, log_every_steps=40,
+               checkpoint_every_steps=60),
+    eval=dict(eval_batch_size=32, eval_every_steps=60, num_print_examples=2,
+              best_metric="accuracy"),
+    optim=dict(learning_rate=3e-3, warmup_steps=10, schedule="cosine", dropout_rate=0.0,
+               attention_dropout_rate=0.0))
 
 
 def tiny_config(corpus_dir, tfds_dir, **overrides):
+  """TINY on the files in `corpus_dir`; `overrides` are grouped like TINY:
+  `tiny_config(d, t, model=dict(pooling="cls"))`."""
   c = classification_config.get_config()
-  c.update(dict(TINY, data_dir=str(corpus_dir), tfds_data_dir=str(tfds_dir)))
-  c.update(overrides)
+  presets.update_groups(c, TINY)
+  presets.update_groups(c, dict(data=dict(data_dir=str(corpus_dir),
+                                          tfds_data_dir=str(tfds_dir))))
+  presets.update_groups(c, overrides)
   return c
 
 
@@ -220,17 +231,17 @@ def test_broken_labeled_files_name_file_line_and_field_and_prepare_nothing(tmp_p
 
 
 def test_label_names_sort_strings_and_integers_and_round_trip(tmp_path):
-  assert classification.label_names_from(["pos", "neg", "pos", "mixed"], "f") == [
+  assert labeled_text.label_names_from(["pos", "neg", "pos", "mixed"], "f") == [
       "mixed", "neg", "pos"]
   # Integers sort by value (not "10" < "2") and are written canonically.
-  names = classification.label_names_from(["10", "2", "02", "1"], "f")
+  names = labeled_text.label_names_from(["10", "2", "02", "1"], "f")
   assert names == ["1", "2", "10"]
   raw = ["10", "1", "02", "2"]
-  ids = classification.map_labels(raw, names, "f.tsv", [2, 3, 4, 5])
+  ids = labeled_text.map_labels(raw, names, "f.tsv", [2, 3, 4, 5])
   assert ids == [2, 0, 1, 1] and [names[i] for i in ids] == ["10", "1", "2", "2"]
   path = str(tmp_path / "run" / "labels.json")
-  classification.save_labels(path, names)
-  assert classification.load_labels(path) == names
+  labeled_text.save_labels(path, names)
+  assert labeled_text.load_labels(path) == names
   assert not glob.glob(str(tmp_path / "run" / "*.tmp"))
 
 
@@ -242,20 +253,20 @@ def test_label_names_sort_strings_and_integers_and_round_trip(tmp_path):
 ])
 def test_a_label_outside_the_mapping_names_file_line_and_value(names, label, message):
   with pytest.raises(DataError, match=message):
-    classification.map_labels(["pos" if names[0] == "neg" else "1", label], names,
+    labeled_text.map_labels(["pos" if names[0] == "neg" else "1", label], names,
                               "dev.tsv", [6, 7])
 
 
 def test_one_training_label_or_a_broken_labels_file_is_refused(tmp_path):
   with pytest.raises(DataError, match=r"train\.tsv: every training label is 'pos'"):
-    classification.label_names_from(["pos", "pos"], "train.tsv")
+    labeled_text.label_names_from(["pos", "pos"], "train.tsv")
   path = tmp_path / "labels.json"
   path.write_text('{"labels": ["a", "a"]}')
   with pytest.raises(DataError, match="distinct"):
-    classification.load_labels(str(path))
+    labeled_text.load_labels(str(path))
   path.write_text("not json")
   with pytest.raises(DataError, match=r"labels\.json: cannot read the label names"):
-    classification.load_labels(str(path))
+    labeled_text.load_labels(str(path))
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -306,12 +317,12 @@ def test_padding_never_changes_the_prediction(tmp_path, pooling):
   """The same sentence padded to different lengths, alone or beside longer sentences,
   gives the same logits and probabilities."""
   write_corpus(tmp_path / "corpus")
-  config = tiny_config(tmp_path / "corpus", tmp_path / "tfds", pooling=pooling,
-                       max_input_length=32)
+  config = tiny_config(tmp_path / "corpus", tmp_path / "tfds", model=dict(pooling=pooling),
+                       data=dict(max_input_length=32))
   task = tasks.get_task(config, None)
   params = task.init_params(jax.random.PRNGKey(1))
-  tokens = task.tokenizer.encode("the plot was awful")
-  other = task.tokenizer.encode("a very lovely film with the actor and the story " * 2)
+  tokens = task.data.tokenizer.encode("the plot was awful")
+  other = task.data.tokenizer.encode("a very lovely film with the actor and the story " * 2)
   apply = jax.jit(lambda p, x: task.model.apply({"params": p}, x))
   predict = jax.jit(lambda p, x: task.predict(p, {"inputs": x}))
   rows = {}
@@ -332,11 +343,11 @@ def test_pooling_ignores_what_is_behind_the_padding(tmp_path, pooling):
   """Whatever the padded positions hold (here: a different embedding of the padding id,
   which changes the encoder's outputs there), the logits stay the same."""
   write_corpus(tmp_path / "corpus")
-  task = tasks.get_task(tiny_config(tmp_path / "corpus", tmp_path / "tfds", pooling=pooling),
-                        None)
+  task = tasks.get_task(tiny_config(tmp_path / "corpus", tmp_path / "tfds",
+                                    model=dict(pooling=pooling)), None)
   params = task.init_params(jax.random.PRNGKey(2))
   batch = np.zeros((1, 16), np.int32)
-  tokens = task.tokenizer.encode("a dull story")
+  tokens = task.data.tokenizer.encode("a dull story")
   batch[0, :len(tokens)] = tokens
   table = params["encoder"]["embed"]["embedding"]
   changed = jax.tree.map(lambda x: x, params)
@@ -362,7 +373,9 @@ def test_pooling_ignores_what_is_behind_the_padding(tmp_path, pooling):
 
 
 def config_flags(config):
-  return [f"--config.{k}={config[k]}" for k in list(TINY) + ["data_dir", "tfds_data_dir"]]
+  fields = [(group, field) for group, values in TINY.items() for field in values]
+  fields += [("data", "data_dir"), ("data", "tfds_data_dir")]
+  return [f"--config.{group}.{field}={config[group][field]}" for group, field in fields]
 
 
 def test_tiny_run_learns_a_separable_task_end_to_end(tmp_path):
@@ -371,7 +384,7 @@ def test_tiny_run_learns_a_separable_task_end_to_end(tmp_path):
   workdir = str(tmp_path / "run")
   metrics = train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
   assert metrics["accuracy"] >= 0.95 and metrics["macro_f1"] >= 0.95, metrics
-  assert classification.load_labels(os.path.join(workdir, "labels.json")) == [
+  assert labeled_text.load_labels(os.path.join(workdir, "labels.json")) == [
       "negative", "positive"]
   assert os.path.exists(os.path.join(workdir, "tokenizer.model"))
   # The confusion matrix goes to TensorBoard as a PNG image at every evaluation.
@@ -388,7 +401,7 @@ def test_tiny_run_learns_a_separable_task_end_to_end(tmp_path):
   assert best["value"] == pytest.approx(max(evals.values()))
 
   # Eval mode on the labeled dev split, with the best checkpoint.
-  result = train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE, checkpoint="best")
+  result = modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE, checkpoint="best")
   assert result["accuracy"] == pytest.approx(best["value"])
   report = json.load(open(glob.glob(os.path.join(workdir, "eval", "validation-best-*.json"))[0]))
   assert np.sum(report["confusion_matrix"]) == len(corpus["dev"])
@@ -400,7 +413,7 @@ def test_tiny_run_learns_a_separable_task_end_to_end(tmp_path):
   # The unlabeled test split cannot be evaluated.
   with pytest.raises(DataError, match=r"split 'test' has no labels \(file .*test\.tsv has "
                                       r"no column 'label'\)"):
-    train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE, split="test")
+    modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE, split="test")
 
   # Predict mode through the command line: one line per input line, empty for empty.
   lines = ["the film was superb", "", "a terrible plot", "quite good"]
@@ -419,7 +432,7 @@ def test_tiny_run_learns_a_separable_task_end_to_end(tmp_path):
     assert sum(map(float, probabilities.values())) == pytest.approx(1.0, abs=2e-4)
     assert float(confidence) == pytest.approx(float(probabilities[label]))
   # The same lines through the function, in one batch with others: the same answers.
-  again = train.predict_lines(config, workdir, ["padding", "a terrible plot"] * 3,
+  again = modes.predict_lines(config, workdir, ["padding", "a terrible plot"] * 3,
                               devices=ONE_DEVICE)
   assert again[1] == again[3] == out[2]
 
@@ -463,7 +476,7 @@ def test_long_texts_are_cut_to_max_input_length(tmp_path):
               [["good " * 40, "positive"], ["bad", "negative"]])
   task = tasks.get_task(tiny_config(tmp_path / "corpus", tmp_path / "tfds"), None)
   examples = task.data_source("eval")
-  assert [len(e["inputs"]) for e in examples] == [16, len(task.tokenizer.encode("bad"))]
+  assert [len(e["inputs"]) for e in examples] == [16, len(task.data.tokenizer.encode("bad"))]
   assert [int(e["label"]) for e in examples] == [1, 0]
   assert [int(e["index"]) for e in examples] == [0, 1]
 
@@ -475,11 +488,12 @@ def test_long_texts_are_cut_to_max_input_length(tmp_path):
                                                  ("ag_news", 4)])
 def test_tfds_datasets_by_name_with_mock_data(tmp_path, variant, num_classes):
   config = classification_config.get_config(f"dataset={variant},tokenizer=bytes")
-  config.update(dict(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1, batch_size=8,
-                     eval_batch_size=8, num_train_steps=2, log_every_steps=1,
-                     eval_every_steps=2, checkpoint_every_steps=2, max_input_length=32,
-                     tfds_data_dir=str(tmp_path / "tfds"), num_print_examples=1))
-  validation.validate(config)
+  presets.update_groups(config, dict(
+      model=dict(d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1),
+      train=dict(batch_size=8, num_train_steps=2, log_every_steps=1, checkpoint_every_steps=2),
+      eval=dict(eval_batch_size=8, eval_every_steps=2, num_print_examples=1),
+      data=dict(max_input_length=32, tfds_data_dir=str(tmp_path / "tfds"))))
+  train.validate(config)
   workdir = str(tmp_path / "run")
   with tfds.testing.mock_data(num_examples=12):
     builder = sources.tfds_builder(config.data.dataset, str(tmp_path / "tfds"))
@@ -491,23 +505,24 @@ def test_tfds_datasets_by_name_with_mock_data(tmp_path, variant, num_classes):
     assert task.num_classes == num_classes and task.label_names == names
     examples = task.data_source("train")
     kept = [(t, y) for t, y in raw if t]
-    assert [(task.tokenizer.decode(e["inputs"]), int(e["label"])) for e in examples] == [
+    assert [(task.data.tokenizer.decode(e["inputs"]), int(e["label"])) for e in examples] == [
         (t[:32], y) for t, y in kept]
     metrics = train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
     # GLUE test labels are -1: that split has no labels to evaluate.
-    task._rows["test"] = (["some text"], [classification.NO_LABEL], [0])
+    task.data._rows["test"] = (["some text"], [labeled_text.NO_LABEL], [0])
     with pytest.raises(DataError, match=r"split 'test' of .* has no labels"):
       task.data_source("test")
   assert np.isfinite(metrics["loss"]) and 0 <= metrics["macro_f1"] <= 1
-  assert classification.load_labels(os.path.join(workdir, "labels.json")) == names
+  assert labeled_text.load_labels(os.path.join(workdir, "labels.json")) == names
   assert "tensorflow" not in sys.modules
 
 
 def test_unknown_tfds_feature_is_named(tmp_path):
   config = classification_config.get_config("dataset=imdb,tokenizer=bytes")
-  config.update(dict(text_feature="sentence", tfds_data_dir=str(tmp_path / "tfds")))
+  presets.update_groups(config, dict(data=dict(text_feature="sentence",
+                                                tfds_data_dir=str(tmp_path / "tfds"))))
   with tfds.testing.mock_data(num_examples=4):
-    with pytest.raises(DataError, match=r"config\.text_feature='sentence': dataset "
+    with pytest.raises(DataError, match=r"config\.data\.text_feature='sentence': dataset "
                                         r"imdb_reviews has no such feature; it has"):
       tasks.get_task(config, None)
 
@@ -519,11 +534,12 @@ def test_unknown_tfds_feature_is_named(tmp_path):
                                      "dataset=ag_news,size=small,accel=gpu"])
 def test_classification_configs_validate(variant):
   config = classification_config.get_config(variant)
-  validation.validate(config)
+  train.validate(config)
   assert config.task == "classification" and config.eval.best_metric == "accuracy"
   if not variant:
     assert config.data.dataset == "files" and os.path.basename(config.data.data_dir) == "sst2"
-    assert config.data.eval_split == "validation" and "validation=dev.tsv" in config.data.file_splits
+    assert (config.data.eval_split == "validation"
+            and "validation=dev.tsv" in config.data.file_splits)
 
 
 # ----------------------------------------------------------------------------- no TensorFlow
@@ -536,10 +552,10 @@ def test_classification_data_path_never_imports_tensorflow(tmp_path):
   config = tiny_config(tmp_path / "corpus", tmp_path / "tfds")
   script = textwrap.dedent(f"""
       import sys
-      from configs import classification
+      from configs import classification, presets
       import tasks
       c = classification.get_config()
-      c.update({dict(config.items())!r})
+      presets.update_groups(c, {config.to_dict()!r})
       task = tasks.get_task(c, {str(tmp_path / "run")!r}, training=True)
       batch = task.train_dataset(c.train.batch_size, 1)[0]
       assert batch["inputs"].shape == (1, c.train.batch_size, c.data.max_input_length)

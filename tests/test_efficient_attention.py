@@ -242,9 +242,10 @@ def test_decoding_through_the_blockwise_path_gives_the_reference_tokens(task_nam
   the evaluation loss of a blockwise model equal the reference model's."""
   import tasks  # pylint: disable=g-import-not-at-top
   from tests.tiny_configs import tiny_config  # pylint: disable=g-import-not-at-top
-  reference = tasks.get_task(tiny_config(task_name, beam_size=2))
-  blockwise = tasks.get_task(tiny_config(task_name, beam_size=2, attention_impl="blockwise",
-                                         attention_block_size=4))
+  reference = tasks.get_task(tiny_config(task_name, decode=dict(beam_size=2)))
+  blockwise = tasks.get_task(tiny_config(task_name, decode=dict(beam_size=2),
+                                         compute=dict(attention_impl="blockwise",
+                                                      attention_block_size=4)))
   params = reference.init_params(jax.random.PRNGKey(0))
   batch = jax.tree.map(lambda x: jnp.asarray(x[0]),
                        reference.eval_dataset("eval", batch_size=8, num_devices=1)[0])

@@ -18,14 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import config_checks
+import modes
 import tasks
 import train
-import validation
 from benchmarks import fault_injection
 from tests import test_classification, test_generation, test_translation
 from tests.cli_helpers import REPO, assert_one_error_line, run_main
 from tests.tiny_configs import tiny_config
-from training import checkpointing, optimizers, preemption
+from training import checkpointing, optimizers, preemption, steps
 
 ONE_DEVICE = jax.local_devices()[:1]
 TWO_DEVICES = jax.local_devices()[:2]
@@ -33,7 +34,7 @@ TWO_DEVICES = jax.local_devices()[:2]
 
 def host_state(config, workdir, step=None):
   """A checkpoint of `workdir` (the newest, or `step`'s) as a host TrainState."""
-  template = jax.device_get(train.create_state(
+  template = jax.device_get(steps.create_state(
       tasks.get_task(config), optimizers.make_optimizer(config), config.seed))
   checkpoints = checkpointing.Checkpointer(workdir, keep=100)
   try:
@@ -87,25 +88,27 @@ def test_stop_request_restores_the_previous_handlers():
 def _translation(tmp_path):
   test_translation.write_corpus(tmp_path / "data", {"train": 120, "val": 16, "test": 8})
   return test_translation.tiny_config(
-      tmp_path / "data", tmp_path / "tfds", d_model=32, d_ff=64, num_heads=2,
-      num_train_steps=14, log_every_steps=3, eval_every_steps=100,
-      checkpoint_every_steps=5, dropout_rate=0.1, best_metric="", num_print_examples=0)
+      tmp_path / "data", tmp_path / "tfds", model=dict(d_model=32, d_ff=64, num_heads=2),
+      train=dict(num_train_steps=14, log_every_steps=3, checkpoint_every_steps=5),
+      eval=dict(eval_every_steps=100, best_metric="", num_print_examples=0),
+      optim=dict(dropout_rate=0.1))
 
 
 def _generation(tmp_path):
   test_generation.write_text(tmp_path / "data")
   return test_generation.tiny_config(
-      tmp_path / "data", tmp_path / "tfds", num_train_steps=14, log_every_steps=3,
-      eval_every_steps=100, checkpoint_every_steps=5, dropout_rate=0.1,
-      num_print_examples=0)
+      tmp_path / "data", tmp_path / "tfds",
+      train=dict(num_train_steps=14, log_every_steps=3, checkpoint_every_steps=5),
+      eval=dict(eval_every_steps=100, num_print_examples=0), optim=dict(dropout_rate=0.1))
 
 
 def _classification(tmp_path):
   test_classification.write_corpus(tmp_path / "data", sizes=(("train", 100), ("dev", 16)))
   return test_classification.tiny_config(
-      tmp_path / "data", tmp_path / "tfds", num_train_steps=14, log_every_steps=3,
-      eval_every_steps=100, checkpoint_every_steps=5, dropout_rate=0.1, best_metric="",
-      num_print_examples=0)
+      tmp_path / "data", tmp_path / "tfds",
+      train=dict(num_train_steps=14, log_every_steps=3, checkpoint_every_steps=5),
+      eval=dict(eval_every_steps=100, best_metric="", num_print_examples=0),
+      optim=dict(dropout_rate=0.1))
 
 
 def _stop_at(monkeypatch, step):
@@ -155,12 +158,13 @@ def test_a_run_stopped_by_a_signal_resumes_bitwise(tmp_path, monkeypatch, make):
 KILL_FLAGS = [
     "--config.train.num_train_steps=60", "--config.train.log_every_steps=1",
     "--config.eval.eval_every_steps=1000", "--config.train.checkpoint_every_steps=1",
-    "--config.train.keep_checkpoints=3", "--config.optim.dropout_rate=0.1", "--config.model.d_model=32",
-    "--config.model.d_ff=64", "--config.model.num_heads=2", "--config.model.num_encoder_layers=1",
-    "--config.model.num_decoder_layers=1", "--config.data.max_digits=5", "--config.data.max_input_length=8",
-    "--config.data.max_target_length=8", "--config.train.batch_size=16", "--config.eval.eval_batch_size=32",
-    "--config.data.num_eval_examples=64", "--config.optim.warmup_steps=5",
-    "--config.eval.num_print_examples=0"]
+    "--config.train.keep_checkpoints=3", "--config.optim.dropout_rate=0.1",
+    "--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.num_heads=2",
+    "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
+    "--config.data.max_digits=5", "--config.data.max_input_length=8",
+    "--config.data.max_target_length=8", "--config.train.batch_size=16",
+    "--config.eval.eval_batch_size=32", "--config.data.num_eval_examples=64",
+    "--config.optim.warmup_steps=5", "--config.eval.num_print_examples=0"]
 
 
 def test_random_kills_and_signals_never_lose_a_checkpoint(tmp_path):
@@ -168,8 +172,9 @@ def test_random_kills_and_signals_never_lose_a_checkpoint(tmp_path):
   SIGTERM once and twice in a row (benchmarks/fault_injection.py): after each, every
   checkpoint on disk restores, the newest step never goes back, and the run finally ends
   bitwise equal to an uninterrupted one (one device in both)."""
-  config = tiny_config(num_train_steps=60, log_every_steps=1, eval_every_steps=1000,
-                       checkpoint_every_steps=1, keep_checkpoints=3, dropout_rate=0.1)
+  config = tiny_config(train=dict(num_train_steps=60, log_every_steps=1,
+                                  checkpoint_every_steps=1, keep_checkpoints=3),
+                       eval=dict(eval_every_steps=1000), optim=dict(dropout_rate=0.1))
   reference = str(tmp_path / "reference")
   train.train_and_evaluate(config, reference, devices=ONE_DEVICE, final_evaluation=False)
 
@@ -223,8 +228,9 @@ def _poisoned_task(monkeypatch, poisoned_batches):
 
 def test_skipped_nonfinite_updates_are_counted_and_never_saved(tmp_path, monkeypatch):
   _poisoned_task(monkeypatch, {3, 7})
-  config = tiny_config(num_train_steps=10, log_every_steps=5, checkpoint_every_steps=2,
-                       eval_every_steps=100, nonfinite_updates="skip")
+  config = tiny_config(train=dict(num_train_steps=10, log_every_steps=5,
+                                  checkpoint_every_steps=2, nonfinite_updates="skip"),
+                       eval=dict(eval_every_steps=100))
   train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE, final_evaluation=False)
   with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
     skipped = {r["step"]: r["train/skipped_updates"] for r in map(json.loads, f)
@@ -240,9 +246,10 @@ def test_skipped_nonfinite_updates_are_counted_and_never_saved(tmp_path, monkeyp
 
 def test_too_many_skipped_updates_stop_the_run(tmp_path, monkeypatch):
   _poisoned_task(monkeypatch, {3, 7})
-  config = tiny_config(num_train_steps=10, log_every_steps=5, checkpoint_every_steps=2,
-                       eval_every_steps=100, nonfinite_updates="skip",
-                       max_skipped_updates=1)
+  config = tiny_config(train=dict(num_train_steps=10, log_every_steps=5,
+                                  checkpoint_every_steps=2, nonfinite_updates="skip",
+                                  max_skipped_updates=1),
+                       eval=dict(eval_every_steps=100))
   with pytest.raises(train.NonFiniteLossError,
                      match=r"2 updates skipped.*max_skipped_updates=1.*step 8.*Last good "
                            r"checkpoint: step 8"):
@@ -251,8 +258,9 @@ def test_too_many_skipped_updates_stop_the_run(tmp_path, monkeypatch):
 
 def test_a_nonfinite_loss_names_its_step_and_the_last_checkpoint(tmp_path, monkeypatch):
   _poisoned_task(monkeypatch, {6})
-  config = tiny_config(num_train_steps=10, log_every_steps=5, checkpoint_every_steps=4,
-                       eval_every_steps=100)
+  config = tiny_config(train=dict(num_train_steps=10, log_every_steps=5,
+                                  checkpoint_every_steps=4),
+                       eval=dict(eval_every_steps=100))
   with pytest.raises(train.NonFiniteLossError,
                      match=r"at step 7;.*Last good checkpoint: step 4 in"):
     train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
@@ -266,7 +274,8 @@ def test_a_nonfinite_loss_names_its_step_and_the_last_checkpoint(tmp_path, monke
 def trained(tmp_path_factory):
   """A tiny run with checkpoints at steps 5 and 10."""
   workdir = str(tmp_path_factory.mktemp("trained"))
-  config = tiny_config(num_train_steps=10, checkpoint_every_steps=5, eval_every_steps=100)
+  config = tiny_config(train=dict(num_train_steps=10, checkpoint_every_steps=5),
+                       eval=dict(eval_every_steps=100))
   train.train_and_evaluate(config, workdir, devices=ONE_DEVICE, final_evaluation=False)
   return config, workdir
 
@@ -283,23 +292,25 @@ def test_a_model_field_that_differs_from_the_workdir_is_refused(trained, tmp_pat
   before = open(os.path.join(workdir, "config.json"), encoding="utf-8").read()
   config.train.num_train_steps = 20  # a training field: allowed
   config.model.num_heads = 4  # a model field: refused, though the shapes would load
-  with pytest.raises(validation.ConfigError,
-                     match=r"model fields \(num_heads: 2 there, 4 now\).*allow_config_change"):
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"model fields \(model\.num_heads: 2 there, 4 now\).*"
+                           r"allow_config_change"):
     train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
   assert open(os.path.join(workdir, "config.json"), encoding="utf-8").read() == before
-  with pytest.raises(validation.ConfigError, match="num_heads: 2 there, 4 now"):
-    train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
+  with pytest.raises(config_checks.ConfigError, match=r"model\.num_heads: 2 there, 4 now"):
+    modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
   config.model.num_heads = 2
   config.model.activation = "gelu"  # the same parameters, another function
-  with pytest.raises(validation.ConfigError, match="activation: 'relu' there, 'gelu' now"):
-    train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
+  with pytest.raises(config_checks.ConfigError, match=r"model\.activation: 'relu' there, 'gelu' now"):
+    modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
   config.train.allow_config_change = True  # the same shapes: it loads
-  assert "loss" in train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
+  assert "loss" in modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
 
 
 def test_an_incompatible_checkpoint_names_the_differing_parameters(trained, tmp_path):
   config, workdir = _copy(trained, tmp_path)
-  config.update(d_model=48, allow_config_change=True)
+  config.model.d_model = 48
+  config.train.allow_config_change = True
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"step 10 .* holds a different model than the config describes: "
                            r"params/.* is float32\[.*32.*\] in the checkpoint, "
@@ -323,8 +334,9 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_still_resumes(traine
     shutil.rmtree(os.path.join(step_dir, "state"))
     os.mkdir(os.path.join(step_dir, "state"))
   flags = ["--config.train.num_train_steps=10", "--config.train.checkpoint_every_steps=5",
-           "--config.eval.eval_every_steps=100", "--config.model.d_model=32", "--config.model.d_ff=64",
-           "--config.model.num_heads=2", "--config.model.num_encoder_layers=1",
+           "--config.eval.eval_every_steps=100", "--config.model.d_model=32",
+           "--config.model.d_ff=64", "--config.model.num_heads=2",
+           "--config.model.num_encoder_layers=1",
            "--config.model.num_decoder_layers=1", "--config.data.max_digits=5",
            "--config.data.max_input_length=8", "--config.data.max_target_length=8",
            "--config.train.batch_size=16", "--config.eval.eval_batch_size=32",
@@ -367,8 +379,9 @@ def test_a_full_disk_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
   steps = 400
   flags = [f"--workdir={workdir}", f"--config.train.num_train_steps={steps}",
            "--config.train.checkpoint_every_steps=20", "--config.train.log_every_steps=50",
-           "--config.eval.eval_every_steps=1000", "--config.model.d_model=32", "--config.model.d_ff=64",
-           "--config.model.num_heads=2", "--config.model.num_encoder_layers=1",
+           "--config.eval.eval_every_steps=1000", "--config.model.d_model=32",
+           "--config.model.d_ff=64", "--config.model.num_heads=2",
+           "--config.model.num_encoder_layers=1",
            "--config.model.num_decoder_layers=1", "--config.data.max_digits=5",
            "--config.data.max_input_length=8", "--config.data.max_target_length=8",
            "--config.train.batch_size=16", "--config.eval.num_print_examples=0",

@@ -18,15 +18,15 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+import modes
 import tasks
 import train
-import validation
 from configs import default
 from configs import generation as generation_configs
 from configs import presets
 from input_pipeline import batching, tokenizers
 from models import decoding
-from training import optimizers
+from training import optimizers, steps
 from tests.cli_helpers import assert_one_error_line, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -40,14 +40,19 @@ POEM = ("twinkle twinkle little star\n"
         "like a diamond in the sky\n")
 TEXT = POEM * 40  # 4.3 KB: the last 10% (428 characters) is held out as validation
 
-# The tiny run: every field here is also passed to the command line as --config.<field>.
+# The tiny run ({group: {field: value}}): every field here is also passed to the command
+# line as --config.<group>.<field>.
 TINY = dict(
-    dataset="files", file_splits="train=train.txt", validation_fraction=0.1,
-    tokenizer="chars", vocab_size=128, max_target_length=32, d_model=32, d_ff=64,
-    num_heads=2, num_decoder_layers=2, num_encoder_layers=0, batch_size=16,
-    eval_batch_size=16, learning_rate=5e-3, warmup_steps=20, num_train_steps=300,
-    log_every_steps=50, eval_every_steps=150, checkpoint_every_steps=150,
-    num_decode_batches=1, num_print_examples=1, eval_prompt_length=8, max_new_tokens=16)
+    data=dict(dataset="files", file_splits="train=train.txt", validation_fraction=0.1,
+              max_target_length=32),
+    model=dict(tokenizer="chars", vocab_size=128, d_model=32, d_ff=64, num_heads=2,
+               num_decoder_layers=2, num_encoder_layers=0),
+    train=dict(batch_size=16, num_train_steps=300, log_every_steps=50,
+               checkpoint_every_steps=150),
+    eval=dict(eval_batch_size=16, eval_every_steps=150, num_decode_batches=1,
+              num_print_examples=1),
+    optim=dict(learning_rate=5e-3, warmup_steps=20),
+    decode=dict(eval_prompt_length=8, max_new_tokens=16))
 
 
 def write_text(directory, text=TEXT, name="train.txt"):
@@ -58,23 +63,30 @@ def write_text(directory, text=TEXT, name="train.txt"):
 
 
 def tiny_config(data_dir, tfds_dir, **overrides):
+  """TINY on the text in `data_dir`; `overrides` are grouped like TINY:
+  `tiny_config(d, t, train=dict(num_train_steps=14))`."""
   c = default.get_config("task=generation")
-  c.update({**TINY, "data_dir": str(data_dir), "tfds_data_dir": str(tfds_dir), **overrides})
+  presets.update_groups(c, TINY)
+  presets.update_groups(c, dict(data=dict(data_dir=str(data_dir),
+                                          tfds_data_dir=str(tfds_dir))))
+  presets.update_groups(c, overrides)
   return c
 
 
 def with_fields(config, **overrides):
-  """A copy of `config` with some fields changed."""
+  """A copy of `config` with some fields changed; `overrides` are grouped:
+  `with_fields(config, decode=dict(greedy=True))`."""
   c = config.copy_and_resolve_references()
-  c.update(overrides)
+  presets.update_groups(c, overrides)
   return c
 
 
 def cli_flags(config, workdir):
   """The command-line flags that give `config` (built by tiny_config) in main.py."""
-  fields = set(TINY) | {"data_dir", "tfds_data_dir"}
+  fields = {(group, field) for group, values in TINY.items() for field in values}
+  fields |= {("data", "data_dir"), ("data", "tfds_data_dir")}
   return ["--config=configs/default.py:task=generation", f"--workdir={workdir}",
-          *(f"--config.{k}={config[k]}" for k in sorted(fields))]
+          *(f"--config.{g}.{k}={config[g][k]}" for g, k in sorted(fields))]
 
 
 def snapshot(directory):
@@ -278,7 +290,7 @@ def prompts_of(task, lengths, length=32):
   characters of the poem, starting at a different place in each row."""
   prompt = np.zeros((len(lengths), length), np.int32)
   for r, n in enumerate(lengths):
-    prompt[r, :n] = task.tokenizer.encode(POEM[9 * r:9 * r + n])
+    prompt[r, :n] = task.data.tokenizer.encode(POEM[9 * r:9 * r + n])
   return prompt
 
 
@@ -332,9 +344,9 @@ def test_cached_sampling_equals_recomputing_and_follows_the_seed(random_model):
 def test_perplexity_is_exp_of_the_mean_token_loss_over_the_whole_split(random_model):
   task, params = random_model
   cut = int(len(TEXT) * 0.9)
-  assert task.documents("train") == [TEXT[:cut]]  # the last 10% is held out, as nanoGPT
-  assert task.documents("validation") == [TEXT[cut:]]
-  stream = task.stream("validation")
+  assert task.data.documents("train") == [TEXT[:cut]]  # the last 10% is held out, as nanoGPT
+  assert task.data.documents("validation") == [TEXT[cut:]]
+  stream = task.data.stream("validation")
   assert len(stream) == len(TEXT) - cut + 1  # + the document's EOS
 
   # Direct: every window of the split through the model, NLL of every token.
@@ -351,9 +363,9 @@ def test_perplexity_is_exp_of_the_mean_token_loss_over_the_whole_split(random_mo
   # Through train.evaluate on 4 devices, 2 rows each (the last batch partly empty).
   devices = jax.local_devices()[:4]
   tx = optimizers.make_optimizer(task.config)
-  _, p_eval, p_predict = train.compile_steps(task, tx, task.config, devices)
+  _, p_eval, p_predict = steps.compile_steps(task, tx, task.config, devices)
   dataset = task.eval_dataset("eval", 8, len(devices))
-  replicated = train.replicate(params, devices)
+  replicated = steps.replicate(params, devices)
   metrics, _, _ = train.evaluate(task, p_eval, p_predict, replicated, dataset,
                                  decode_batches=0)
   sums = [jax.tree.map(lambda x: float(x[0]), p_eval(replicated, b))
@@ -397,8 +409,13 @@ def test_tiny_run_memorises_the_poem(trained):
   assert losses[-1] < losses[0] / 5, losses
 
 
-def generate(trained, prompts, **fields):
-  return train.generate_text(with_fields(trained["config"], **fields), trained["workdir"],
+def generate(trained, prompts, eval_batch_size=None, **decode):
+  """Samples with the trained run's config, its `config.decode` fields set from `decode`
+  (and `config.eval.eval_batch_size` from `eval_batch_size` when given)."""
+  fields = dict(decode=decode)
+  if eval_batch_size is not None:
+    fields["eval"] = dict(eval_batch_size=eval_batch_size)
+  return modes.generate_text(with_fields(trained["config"], **fields), trained["workdir"],
                              prompts)
 
 
@@ -438,7 +455,7 @@ def test_greedy_generation_continues_the_memorised_text(trained):
 
 
 def test_eval_mode_writes_the_perplexity_of_the_checkpoint(trained):
-  metrics = train.evaluate_checkpoint(trained["config"], trained["workdir"],
+  metrics = modes.evaluate_checkpoint(trained["config"], trained["workdir"],
                                       devices=ONE_DEVICE)
   path = os.path.join(trained["workdir"], "eval", "validation-latest-step300.json")
   with open(path, encoding="utf-8") as f:
@@ -537,8 +554,9 @@ def test_main_refuses_bad_input_in_one_line_writing_nothing(trained, tmp_path, m
                                      "size=small", "dataset=lm1b,size=small,accel=gpu"])
 def test_generation_configs_validate(variant):
   c = generation_configs.get_config(variant)
-  validation.validate(c)
-  assert c.task == "generation" and c.model.num_encoder_layers == 0 and c.data.dataset != "synthetic"
+  train.validate(c)
+  assert (c.task == "generation" and c.model.num_encoder_layers == 0
+          and c.data.dataset != "synthetic")
   assert c.optim.label_smoothing == 0.0  # perplexity is of the real distribution
 
 
@@ -546,19 +564,25 @@ def test_default_generation_config_is_nanogpt_on_the_shared_shakespeare():
   c = generation_configs.get_config()
   assert os.path.normpath(c.data.data_dir) == os.path.normpath(
       os.path.join(REPO, "..", "shared", "data", "tinyshakespeare"))
-  assert (c.data.dataset, c.data.file_splits, c.data.validation_fraction) == ("files", "train=input.txt", 0.1)
-  assert (c.model.num_decoder_layers, c.model.num_heads, c.model.d_model, c.data.max_target_length) == (4, 4, 128, 64)
-  assert (c.model.tokenizer, c.data.lm_batching, c.optim.dropout_rate) == ("chars", "windows", 0.0)
+  assert (c.data.dataset, c.data.file_splits, c.data.validation_fraction) == (
+      "files", "train=input.txt", 0.1)
+  assert (c.model.num_decoder_layers, c.model.num_heads, c.model.d_model,
+          c.data.max_target_length) == (4, 4, 128, 64)
+  assert (c.model.tokenizer, c.data.lm_batching, c.optim.dropout_rate) == (
+      "chars", "windows", 0.0)
 
 
 def test_generation_config_variants_change_what_they_name():
-  assert generation_configs.get_config("tokenizer=bytes").vocab_size == 259
+  assert generation_configs.get_config("tokenizer=bytes").model.vocab_size == 259
   lm1b = generation_configs.get_config("dataset=lm1b")
-  assert (lm1b.dataset, lm1b.tokenizer, lm1b.eval_split) == ("lm1b", "sentencepiece", "test")
-  assert lm1b.lm_batching == "documents" and lm1b.pack_examples
-  assert generation_configs.get_config("dataset=tiny_shakespeare").dataset == "tiny_shakespeare"
+  assert (lm1b.data.dataset, lm1b.model.tokenizer, lm1b.data.eval_split) == (
+      "lm1b", "sentencepiece", "test")
+  assert lm1b.data.lm_batching == "documents" and lm1b.data.pack_examples
+  assert (generation_configs.get_config("dataset=tiny_shakespeare").data.dataset
+          == "tiny_shakespeare")
   small = generation_configs.get_config("size=small")
-  assert small.model.d_model == presets.SIZES["small"]["d_model"] and small.size == "small"
-  assert generation_configs.get_config("accel=gpu").dtype == "bfloat16"
+  assert (small.model.d_model == presets.SIZES["small"]["model"]["d_model"]
+          and small.size == "small")
+  assert generation_configs.get_config("accel=gpu").compute.dtype == "bfloat16"
   with pytest.raises(presets.VariantError, match="dataset='nope' is unknown"):
     generation_configs.get_config("dataset=nope")

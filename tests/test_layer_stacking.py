@@ -131,11 +131,16 @@ def test_remat_with_scanned_layers_cuts_the_backward_memory():
 
 
 def _task_pair(task_name, **overrides):
-  """The same tiny task with plain and with scanned (and rematerialised) layers."""
-  config = tiny_config(task_name, num_encoder_layers=2, num_decoder_layers=2, **overrides)
+  """The same tiny task with plain and with scanned (and rematerialised) layers;
+  `overrides` are grouped (`decode=dict(beam_size=3)`), of groups other than model and
+  compute."""
+  config = tiny_config(task_name, model=dict(num_encoder_layers=2, num_decoder_layers=2),
+                       **overrides)
   plain = tasks.get_task(config)
-  scanned_config = tiny_config(task_name, num_encoder_layers=2, num_decoder_layers=2,
-                               scan_layers=True, remat="full", **overrides)
+  scanned_config = tiny_config(task_name,
+                               model=dict(num_encoder_layers=2, num_decoder_layers=2,
+                                          scan_layers=True),
+                               compute=dict(remat="full"), **overrides)
   return plain, tasks.get_task(scanned_config)
 
 
@@ -145,8 +150,8 @@ def _eval_batch(task):
 
 
 @pytest.mark.parametrize("task_name,overrides", [
-    ("translation", dict(beam_size=1)),
-    ("translation", dict(beam_size=3)),
+    ("translation", dict(decode=dict(beam_size=1))),
+    ("translation", dict(decode=dict(beam_size=3))),
     ("generation", dict()),
     ("classification", dict()),
 ])
@@ -171,7 +176,7 @@ def test_scanned_task_predicts_and_scores_like_the_plain_task(task_name, overrid
 def test_head_mask_applies_to_scanned_layers():
   """Removing a head through the per-block `head_mask` tree changes the scanned model's
   loss exactly as it changes the plain model's."""
-  from tasks import attention_maps  # pylint: disable=g-import-not-at-top
+  from inspection import attention_maps  # pylint: disable=g-import-not-at-top
   plain, scanned = _task_pair("translation")
   params = plain.init_params(jax.random.PRNGKey(1))
   b = _eval_batch(plain)

@@ -21,9 +21,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+import config_checks
+import train
 import tasks
-import validation
-from configs import default
+from configs import default, presets
 from input_pipeline import batching, local_builders, sources, tokenizers, windows
 from input_pipeline.local_builders import DataError
 from input_pipeline.tokenizers import TokenizerError
@@ -438,15 +439,19 @@ def write_corpus(directory):
 
 
 def lm_config(tmp_path, **overrides):
-  """A tiny language model on the generated text files, validated for 8 devices."""
+  """A tiny language model on the generated text files, validated for 8 devices;
+  `overrides` are grouped: `lm_config(tmp_path, data=dict(lm_batching="documents"))`."""
   c = default.get_config("task=generation")
-  c.update(dict(
-      dataset="files", data_dir=str(tmp_path / "corpus"), file_splits="train=a.txt+b.txt",
-      validation_fraction=0.1, tfds_data_dir=str(tmp_path / "tfds"), tokenizer="chars",
-      vocab_size=64, max_target_length=16, eval_prompt_length=4, batch_size=16,
-      eval_batch_size=8, d_model=32, d_ff=64, num_heads=2, num_decoder_layers=1))
-  c.update(overrides)
-  validation.validate(c, num_devices=8)
+  presets.update_groups(c, dict(
+      data=dict(dataset="files", data_dir=str(tmp_path / "corpus"),
+                file_splits="train=a.txt+b.txt", validation_fraction=0.1,
+                tfds_data_dir=str(tmp_path / "tfds"), max_target_length=16),
+      model=dict(tokenizer="chars", vocab_size=64, d_model=32, d_ff=64, num_heads=2,
+                 num_decoder_layers=1),
+      decode=dict(eval_prompt_length=4), train=dict(batch_size=16),
+      eval=dict(eval_batch_size=8)))
+  presets.update_groups(c, overrides)
+  train.validate(c, num_devices=8)
   return c
 
 
@@ -465,16 +470,16 @@ def stream_slices(rows, stream):
                                                   ("sentencepiece", 48)])
 def test_files_task_eval_windows_are_the_held_out_stream(tmp_path, tokenizer, vocab_size):
   a, b = write_corpus(tmp_path / "corpus")
-  config = lm_config(tmp_path, tokenizer=tokenizer, vocab_size=vocab_size)
+  config = lm_config(tmp_path, model=dict(tokenizer=tokenizer, vocab_size=vocab_size))
   task = tasks.get_task(config, str(tmp_path / "run"), training=True)
   text = a + b
   cut = int(len(text) * 0.9)
-  assert task.documents("train") == [a, b[:cut - len(a)]]
-  assert task.documents("validation") == [text[cut:]]
-  stream = task.stream("validation")
+  assert task.data.documents("train") == [a, b[:cut - len(a)]]
+  assert task.data.documents("validation") == [text[cut:]]
+  stream = task.data.stream("validation")
   # Each document's tokens then EOS; whitespace survives every tokenizer.
-  np.testing.assert_array_equal(stream[:-1], task.tokenizer.encode(text[cut:]))
-  assert stream[-1] == tokenizers.EOS_ID and task.tokenizer.decode(stream) == text[cut:]
+  np.testing.assert_array_equal(stream[:-1], task.data.tokenizer.encode(text[cut:]))
+  assert stream[-1] == tokenizers.EOS_ID and task.data.tokenizer.decode(stream) == text[cut:]
   cut_rows = task.data_source("eval")
   np.testing.assert_array_equal(np.concatenate([w["inputs"] for w in cut_rows]), stream)
   assert all(len(w["inputs"]) == config.data.max_target_length for w in cut_rows[:-1])
@@ -485,7 +490,7 @@ def test_files_task_eval_windows_are_the_held_out_stream(tmp_path, tokenizer, vo
   assert set(batch) == {"inputs"}
   assert batch["inputs"].shape == (8, 2, config.data.max_target_length)
   assert batch["inputs"].dtype == np.int32
-  stream_slices(batch["inputs"], task.stream("train"))
+  stream_slices(batch["inputs"], task.data.stream("train"))
   assert int(np.count_nonzero(batch["inputs"])) > batch["inputs"].size // 2
 
 
@@ -498,28 +503,28 @@ def test_chars_tokenizer_is_saved_in_the_workdir_and_reloaded_outside_training(
     tasks.get_task(config, str(workdir), training=False)
   trained = tasks.get_task(config, str(workdir), training=True)
   assert (workdir / "tokenizer.json").exists()
-  assert set(trained.tokenizer.characters) == set("".join(trained.documents("train")))
-  assert trained.vocab_size == len(trained.tokenizer.characters) + 3
+  assert set(trained.data.tokenizer.characters) == set("".join(trained.data.documents("train")))
+  assert trained.vocab_size == len(trained.data.tokenizer.characters) + 3
 
   monkeypatch.setattr(tokenizers.CharacterTokenizer, "build",
                       lambda *a: pytest.fail("rebuilt instead of loading the file"))
   loaded = tasks.get_task(config, str(workdir), training=False)
-  assert loaded.tokenizer.characters == trained.tokenizer.characters
-  np.testing.assert_array_equal(loaded.stream("validation"), trained.stream("validation"))
+  assert loaded.data.tokenizer.characters == trained.data.tokenizer.characters
+  np.testing.assert_array_equal(loaded.data.stream("validation"), trained.data.stream("validation"))
 
 
 def test_documents_batching_packs_each_document_row_once_per_epoch(tmp_path):
   a, b = write_corpus(tmp_path / "corpus")
-  config = lm_config(tmp_path, lm_batching="documents", pack_examples=True,
-                     text_documents="line", validation_fraction=0.0,
-                     file_splits="train=a.txt+b.txt", eval_split="train")
+  config = lm_config(tmp_path, data=dict(lm_batching="documents", pack_examples=True,
+                                         text_documents="line", validation_fraction=0.0,
+                                         file_splits="train=a.txt+b.txt", eval_split="train"))
   task = tasks.get_task(config, str(tmp_path / "run"), training=True)
   lines = [line for line in (a + b).split("\n") if line.strip()]
-  assert task.documents("train") == lines
+  assert task.data.documents("train") == lines
   length = config.data.max_target_length
   want = collections.Counter()
   for line in lines:  # each line + EOS, cut into rows of the context length
-    tokens = tuple(task.tokenizer.encode(line)) + (tokenizers.EOS_ID,)
+    tokens = tuple(task.data.tokenizer.encode(line)) + (tokenizers.EOS_ID,)
     want.update(tokens[i:i + length] for i in range(0, len(tokens), length))
   assert max(len(t) for t in want) == length  # some lines are cut
 
@@ -544,11 +549,11 @@ def test_documents_batching_packs_each_document_row_once_per_epoch(tmp_path):
 
 def test_documents_batching_without_packing_pads_each_row(tmp_path):
   a, b = write_corpus(tmp_path / "corpus")
-  config = lm_config(tmp_path, lm_batching="documents", text_documents="line",
-                     file_splits="train=a.txt+b.txt.gz")  # the .gz name works as well
+  config = lm_config(tmp_path, data=dict(lm_batching="documents", text_documents="line",
+                                         file_splits="train=a.txt+b.txt.gz"))  # .gz works too
   task = tasks.get_task(config, str(tmp_path / "run"), training=True)
   lines = [line for line in (a + b).split("\n") if line.strip()]
-  assert task.documents("train") + task.documents("validation") == lines
+  assert task.data.documents("train") + task.data.documents("validation") == lines
   rows = {tuple(r["inputs"].tolist()) for r in task.data_source("train")}
   batch = task.train_dataset(config.train.batch_size, 8)[0]
   assert set(batch) == {"inputs"} and batch["inputs"].shape == (8, 2, 16)
@@ -561,7 +566,7 @@ def test_documents_split_not_in_the_files_is_named(tmp_path):
   write_corpus(tmp_path / "corpus")
   task = tasks.get_task(lm_config(tmp_path), str(tmp_path / "run"), training=True)
   with pytest.raises(DataError, match=r"split 'test' is not one of .*train, validation"):
-    task.documents("test")
+    task.data.documents("test")
 
 
 def test_too_little_training_text_for_one_batch_is_a_data_error(tmp_path):
@@ -575,71 +580,80 @@ def test_too_little_training_text_for_one_batch_is_a_data_error(tmp_path):
 
 
 def _config_with(**overrides):
+  """A language model config on files; `overrides` are grouped (`data=dict(...)`) or
+  top-level fields (`task=...`)."""
   c = default.get_config("task=generation")
-  c.update(dict(dataset="files", data_dir="/data", file_splits="train=a.txt",
-                validation_fraction=0.1, tokenizer="chars", vocab_size=64,
-                max_target_length=16, eval_prompt_length=4, batch_size=16, eval_batch_size=8))
-  c.update(overrides)
+  presets.update_groups(c, dict(
+      data=dict(dataset="files", data_dir="/data", file_splits="train=a.txt",
+                validation_fraction=0.1, max_target_length=16),
+      model=dict(tokenizer="chars", vocab_size=64), decode=dict(eval_prompt_length=4),
+      train=dict(batch_size=16), eval=dict(eval_batch_size=8)))
+  presets.update_groups(c, overrides)
   return c
 
 
 @pytest.mark.parametrize("field,overrides", [
-    ("tokenizer", dict(task="translation", tokenizer="chars",
-                       file_splits="train=train,validation=val", validation_fraction=0.0)),
-    ("lm_batching", dict(lm_batching="bogus")),
-    ("text_documents", dict(text_documents="paragraph")),
-    ("validation_fraction", dict(validation_fraction=1.5)),
-    ("validation_fraction", dict(validation_fraction=-0.1)),
-    ("pack_examples", dict(pack_examples=True, lm_batching="windows")),
-    ("temperature", dict(temperature=0.0, greedy=False)),
-    ("top_p", dict(top_p=0.0)),
-    ("top_p", dict(top_p=1.5)),
-    ("top_k", dict(top_k=-1)),
-    ("eval_prompt_length", dict(eval_prompt_length=16)),
-    ("eval_prompt_length", dict(eval_prompt_length=20)),
-    ("validation_fraction", dict(file_splits="train=a.txt,validation=b.txt")),
-    ("eval_split", dict(validation_fraction=0.0)),  # no held-out split to evaluate
-    ("data_dir", dict(data_dir="")),
+    ("model.tokenizer", dict(task="translation", model=dict(tokenizer="chars"),
+                             data=dict(file_splits="train=train,validation=val",
+                                       validation_fraction=0.0))),
+    ("data.lm_batching", dict(data=dict(lm_batching="bogus"))),
+    ("data.text_documents", dict(data=dict(text_documents="paragraph"))),
+    ("data.validation_fraction", dict(data=dict(validation_fraction=1.5))),
+    ("data.validation_fraction", dict(data=dict(validation_fraction=-0.1))),
+    ("data.pack_examples", dict(data=dict(pack_examples=True, lm_batching="windows"))),
+    ("decode.temperature", dict(decode=dict(temperature=0.0, greedy=False))),
+    ("decode.top_p", dict(decode=dict(top_p=0.0))),
+    ("decode.top_p", dict(decode=dict(top_p=1.5))),
+    ("decode.top_k", dict(decode=dict(top_k=-1))),
+    ("decode.eval_prompt_length", dict(decode=dict(eval_prompt_length=16))),
+    ("decode.eval_prompt_length", dict(decode=dict(eval_prompt_length=20))),
+    ("data.validation_fraction", dict(data=dict(file_splits="train=a.txt,validation=b.txt"))),
+    # no held-out split to evaluate
+    ("data.eval_split", dict(data=dict(validation_fraction=0.0))),
+    ("data.data_dir", dict(data=dict(data_dir=""))),
 ])
 def test_validation_rejects_bad_language_model_fields(field, overrides):
-  with pytest.raises(validation.ConfigError, match=rf"^config\.{field}="):
-    validation.validate(_config_with(**overrides), num_devices=8)
+  with pytest.raises(config_checks.ConfigError, match="^" + re.escape(f"config.{field}=")):
+    train.validate(_config_with(**overrides), num_devices=8)
 
 
 @pytest.mark.parametrize("overrides", [
-    dict(), dict(temperature=0.0, greedy=True), dict(top_p=1.0, top_k=5),
-    dict(lm_batching="documents", pack_examples=True, text_documents="line"),
-    dict(eval_prompt_length=15), dict(tokenizer="bytes", vocab_size=259),
-    dict(validation_fraction=0.0, file_splits="train=a.txt,validation=b.txt"),
+    dict(), dict(decode=dict(temperature=0.0, greedy=True)),
+    dict(decode=dict(top_p=1.0, top_k=5)),
+    dict(data=dict(lm_batching="documents", pack_examples=True, text_documents="line")),
+    dict(decode=dict(eval_prompt_length=15)), dict(model=dict(tokenizer="bytes", vocab_size=259)),
+    dict(data=dict(validation_fraction=0.0, file_splits="train=a.txt,validation=b.txt")),
 ])
 def test_validation_accepts_good_language_model_configs(overrides):
-  validation.validate(_config_with(**overrides), num_devices=8)
+  train.validate(_config_with(**overrides), num_devices=8)
 
 
 # ----------------------------------------------------------------------------- tfds by name
 
 
 @pytest.mark.parametrize("name,overrides", [
-    ("tiny_shakespeare", dict(tokenizer="chars", vocab_size=64)),
-    ("lm1b", dict(tokenizer="bytes", vocab_size=259, eval_split="test",
-                  lm_batching="documents", pack_examples=True)),
+    ("tiny_shakespeare", dict(model=dict(tokenizer="chars", vocab_size=64), data=dict())),
+    ("lm1b", dict(model=dict(tokenizer="bytes", vocab_size=259),
+                  data=dict(eval_split="test", lm_batching="documents", pack_examples=True))),
 ])
 def test_tfds_text_datasets_by_name_with_mock_data(tmp_path, name, overrides):
-  config = lm_config(tmp_path, dataset=name, validation_fraction=0.0, max_target_length=8,
-                     batch_size=8, **overrides)
+  config = lm_config(tmp_path, model=overrides["model"],
+                     data=dict(dataset=name, validation_fraction=0.0, max_target_length=8,
+                               **overrides["data"]),
+                     train=dict(batch_size=8))
   with tfds.testing.mock_data(num_examples=8):
     raw = sources.tfds_builder(name, str(tmp_path / "tfds")).as_data_source("train")
     raw = [sources.as_text(raw[i]["text"]) for i in range(len(raw))]
     task = tasks.get_task(config, str(tmp_path / "run"), training=True)
-    assert task.documents("train") == [t for t in raw if t] and len(raw) == 8
+    assert task.data.documents("train") == [t for t in raw if t] and len(raw) == 8
     np.testing.assert_array_equal(
-        task.stream("train"),
-        windows.concatenate([task.tokenizer.encode(t) for t in raw if t], tokenizers.EOS_ID))
+        task.data.stream("train"),
+        windows.concatenate([task.data.tokenizer.encode(t) for t in raw if t], tokenizers.EOS_ID))
     assert len(task.data_source("eval")) > 0
     batch = task.train_dataset(config.train.batch_size, 8)[0]
   assert batch["inputs"].shape == (8, 1, 8) and batch["inputs"].dtype == np.int32
   if config.data.lm_batching == "windows":
-    stream_slices(batch["inputs"], task.stream("train"))
+    stream_slices(batch["inputs"], task.data.stream("train"))
   else:
     assert batch["inputs_segmentation"].shape == (8, 1, 8)
     rows = {tuple(r["inputs"].tolist()) for r in task.data_source("train")}
@@ -661,10 +675,10 @@ def test_language_model_data_path_never_imports_tensorflow(tmp_path):
   config = lm_config(tmp_path)
   script = textwrap.dedent(f"""
       import sys
-      from configs import default
+      from configs import default, presets
       import tasks
       c = default.get_config("task=generation")
-      c.update({dict(config.items())!r})
+      presets.update_groups(c, {config.to_dict()!r})
       task = tasks.get_task(c, {str(tmp_path / "run")!r}, training=True)
       batch = task.train_dataset(c.train.batch_size, 1)[0]
       assert batch["inputs"].shape == (1, c.train.batch_size, c.data.max_target_length)

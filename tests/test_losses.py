@@ -10,11 +10,10 @@ import pytest
 
 import tasks
 import train
-import validation
-from configs import default
+from configs import default, presets
 from input_pipeline import synthetic
 from tasks import losses
-from training import optimizers
+from training import optimizers, steps
 
 # ----------------------------------------------------------------------------- cross-entropy
 
@@ -120,13 +119,15 @@ EPS = 1.0  # Adam's first update is -lr * g / (|g| + eps): smooth in g, so compa
 
 def _tiny_config(grad_accum_steps=1):
   c = default.get_config()
-  c.update(dict(d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
-                num_decoder_layers=1, dropout_rate=0.0, attention_dropout_rate=0.0,
-                min_digits=1, max_digits=4, max_input_length=6, max_target_length=6,
-                label_smoothing=0.1, optimizer="adam", schedule="constant",
-                learning_rate=LR, warmup_steps=0, adam_eps=EPS, max_grad_norm=0.0,
-                batch_size=GLOBAL_BATCH, grad_accum_steps=grad_accum_steps))
-  validation.validate(c, num_devices=8)
+  presets.update_groups(c, dict(
+      model=dict(d_model=16, d_ff=32, num_heads=2, num_encoder_layers=1,
+                 num_decoder_layers=1),
+      optim=dict(dropout_rate=0.0, attention_dropout_rate=0.0, label_smoothing=0.1,
+                 optimizer="adam", schedule="constant", learning_rate=LR, warmup_steps=0,
+                 adam_eps=EPS, max_grad_norm=0.0),
+      data=dict(min_digits=1, max_digits=4, max_input_length=6, max_target_length=6),
+      train=dict(batch_size=GLOBAL_BATCH, grad_accum_steps=grad_accum_steps)))
+  train.validate(c, num_devices=8)
   return c
 
 
@@ -165,7 +166,7 @@ def case():
   config = _tiny_config()
   task = tasks.get_task(config)
   tx = optimizers.make_optimizer(config)
-  state = train.create_state(task, tx, seed=0)
+  state = steps.create_state(task, tx, seed=0)
   # Larger weights make per-token losses differ more between examples, so a mean of
   # per-device means is further from the global mean.
   params = jax.tree.map(lambda p: p * 3.0, state.params)
@@ -197,7 +198,7 @@ def _run_step(case, num_devices, grad_accum_steps=1):
   config = _tiny_config(grad_accum_steps)
   devices = jax.local_devices()[:num_devices]
   assert len(devices) == num_devices, "conftest should give 8 CPU devices"
-  p_train, _, _ = train.compile_steps(case["task"], case["tx"], config, devices)
+  p_train, _, _ = steps.compile_steps(case["task"], case["tx"], config, devices)
   p_state = flax.jax_utils.replicate(case["state"], devices)
   p_state, metrics = p_train(p_state, _shard(case["batch"], num_devices))
   # Not flax.jax_utils.unreplicate: on 1 of 8 local devices it keeps the leading axis.
@@ -264,7 +265,7 @@ def test_eval_step_sums_over_devices_and_ignores_zero_filled_rows(case):
   """The final eval batch is zero-filled: those rows must add nothing (and stay finite)."""
   task, params, batch = case["task"], case["state"].params, case["batch"]
   devices = jax.local_devices()[:8]
-  _, p_eval, _ = train.compile_steps(task, case["tx"], case["config"], devices)
+  _, p_eval, _ = steps.compile_steps(task, case["tx"], case["config"], devices)
   sums = jax.device_get(p_eval(flax.jax_utils.replicate(params, devices), _shard(batch, 8)))
   real = batch["inputs"].any(axis=-1)
   only_real = jax.jit(lambda p, b: task.loss(p, b, None, train=False))(

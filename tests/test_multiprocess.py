@@ -15,23 +15,24 @@ import jax
 import numpy as np
 import pytest
 
+import modes
 import tasks
-import train
 from input_pipeline import batching
 from tests.cli_helpers import REPO, assert_one_error_line, run_main
 from tests.test_classification import config_flags as classification_flags
 from tests.test_classification import tiny_config as classification_config
 from tests.test_classification import write_corpus
 from tests.tiny_configs import tiny_config
-from training import checkpointing, optimizers
+from training import checkpointing, optimizers, steps
 
 TIMEOUT = 240  # seconds for a whole group of processes; they are killed after it
 # Four devices in all, a global batch of 16 rows (4 per device) for training and eval;
 # dropout on, so each device's dropout key (folded from its global index) matters.
-OVERRIDES = dict(num_train_steps=6, log_every_steps=1, eval_every_steps=3,
-                 checkpoint_every_steps=3, batch_size=16, eval_batch_size=16,
-                 num_eval_examples=40, dropout_rate=0.1, best_metric="loss",
-                 warmup_steps=2, learning_rate=3e-3)
+OVERRIDES = dict(
+    train=dict(num_train_steps=6, log_every_steps=1, checkpoint_every_steps=3, batch_size=16),
+    eval=dict(eval_every_steps=3, eval_batch_size=16, best_metric="loss"),
+    data=dict(num_eval_examples=40),
+    optim=dict(dropout_rate=0.1, warmup_steps=2, learning_rate=3e-3))
 
 
 def _free_port() -> int:
@@ -42,10 +43,12 @@ def _free_port() -> int:
 
 def _tiny_flags():
   config = tiny_config(**OVERRIDES)
-  return [f"--config.{k}={config[k]}" for k in
-          ("d_model", "d_ff", "num_heads", "num_encoder_layers", "num_decoder_layers",
-           "max_digits", "max_input_length", "max_target_length", "num_print_examples",
-           *OVERRIDES)]
+  fields = [("model", k) for k in ("d_model", "d_ff", "num_heads", "num_encoder_layers",
+                                   "num_decoder_layers")]
+  fields += [("data", k) for k in ("max_digits", "max_input_length", "max_target_length")]
+  fields += [("eval", "num_print_examples")]
+  fields += [(group, k) for group, values in OVERRIDES.items() for k in values]
+  return [f"--config.{group}.{k}={config[group][k]}" for group, k in fields]
 
 
 def _start(log, cpu_devices, *flags):
@@ -105,7 +108,7 @@ def _series(records, key):
 
 def _restored(workdir, directory="checkpoints"):
   config = tiny_config(**OVERRIDES)
-  template = jax.device_get(train.create_state(
+  template = jax.device_get(steps.create_state(
       tasks.get_task(config), optimizers.make_optimizer(config), config.seed))
   checkpoints = checkpointing.Checkpointer(workdir, keep=10, subdir=directory)
   try:
@@ -157,9 +160,10 @@ def test_two_processes_on_real_files_build_the_tokenizer_once_and_score_the_spli
   --mode=eval in two processes score the whole dev split exactly as one process does on
   the same checkpoint (accuracy and the corpus-level macro F1)."""
   write_corpus(tmp_path / "corpus", sizes=(("train", 200), ("dev", 50)))
-  config = classification_config(tmp_path / "corpus", tmp_path / "tfds", num_train_steps=4,
-                                 log_every_steps=2, eval_every_steps=2,
-                                 checkpoint_every_steps=4)
+  config = classification_config(tmp_path / "corpus", tmp_path / "tfds",
+                                 train=dict(num_train_steps=4, log_every_steps=2,
+                                            checkpoint_every_steps=4),
+                                 eval=dict(eval_every_steps=2))
   workdir = str(tmp_path / "run")
   flags = [f"--config={REPO}/configs/classification.py", f"--workdir={workdir}",
            *classification_flags(config), "--config.train.num_train_steps=4",
@@ -177,7 +181,7 @@ def test_two_processes_on_real_files_build_the_tokenizer_once_and_score_the_spli
   with open(report, encoding="utf-8") as f:
     multi = json.load(f)
   os.remove(report)
-  single = train.evaluate_checkpoint(config, workdir, devices=jax.local_devices()[:4],
+  single = modes.evaluate_checkpoint(config, workdir, devices=jax.local_devices()[:4],
                                      checkpoint="best")
   assert multi["examples"] == 50 and np.sum(multi["confusion_matrix"]) == 50
   assert multi["metrics"] == pytest.approx(single, rel=1e-6)
@@ -192,8 +196,9 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_both_resume(tmp_path
   exit 4; started again, both restore it and end like an uninterrupted 4-device run."""
   steps = 40
   flags = [*_tiny_flags(), f"--config.train.num_train_steps={steps}",
-           "--config.train.checkpoint_every_steps=1000", "--config.eval.eval_every_steps=1000",
-           "--config.eval.best_metric=", "--config.train.signal_check_every_steps=2"]
+           "--config.train.checkpoint_every_steps=1000",
+           "--config.eval.eval_every_steps=1000", "--config.eval.best_metric=",
+           "--config.train.signal_check_every_steps=2"]
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
   logs = [str(tmp_path / f"process{i}.log") for i in range(2)]
   pair = _start_pair(logs, f"--workdir={multi}", *flags)

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from configs import default
+from configs import default, presets
 from training import optimizers
 
 COUNTS = np.arange(0, 20001)
@@ -82,12 +82,14 @@ def test_unknown_schedule_and_optimizer_raise():
     optimizers.make_optimizer(_config(schedule="step"))
 
 
-def _config(**overrides):
+def _config(**optim):
+  """The config groups make_optimizer reads; `optim` overrides config.optim fields."""
   c = ml_collections.ConfigDict(dict(
-      optimizer="adam", schedule="constant", learning_rate=0.1, warmup_steps=0,
-      num_train_steps=100, adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9, weight_decay=0.0,
-      max_grad_norm=0.0))
-  c.update(overrides)
+      optim=dict(optimizer="adam", schedule="constant", learning_rate=0.1, warmup_steps=0,
+                 adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9, weight_decay=0.0,
+                 max_grad_norm=0.0),
+      train=dict(num_train_steps=100)))
+  presets.update_groups(c, dict(optim=optim))
   return c
 
 
@@ -125,7 +127,8 @@ def test_adam_uses_the_configured_betas_and_epsilon():
 
 def test_paper_adam_defaults_in_default_config():
   config = default.get_config()
-  assert (config.optim.adam_b1, config.optim.adam_b2, config.optim.adam_eps) == (0.9, 0.98, 1e-9)
+  assert (config.optim.adam_b1, config.optim.adam_b2, config.optim.adam_eps) == (
+      0.9, 0.98, 1e-9)
 
 
 def test_global_norm_clipping_clips():

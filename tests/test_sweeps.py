@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-import sweeps
+from modes import sweep as sweeps
 import tasks
 from configs.sweeps import Sweep, SweepError, Variant, load_sweep
 from tests.cli_helpers import assert_one_error_line, run_main
@@ -24,12 +24,14 @@ from tests.tiny_configs import tiny_config
 
 
 def get_sweep():
-  base = tiny_config(num_train_steps=4, warmup_steps=2, log_every_steps=2,
-                     eval_every_steps=2, checkpoint_every_steps=2, num_eval_examples=32,
-                     num_print_examples=0)
+  base = tiny_config(train=dict(num_train_steps=4, log_every_steps=2,
+                                checkpoint_every_steps=2),
+                     optim=dict(warmup_steps=2), data=dict(num_eval_examples=32),
+                     eval=dict(eval_every_steps=2, num_print_examples=0))
   return Sweep(base, [
       Variant("base", description="the tiny base"),
-      Variant("wide", {"d_model": 48, "d_ff": 96}, group="C", description="wider"),
+      Variant("wide", {"model.d_model": 48, "model.d_ff": 96}, group="C",
+              description="wider"),
   ])
 """
 
@@ -68,10 +70,11 @@ def test_sweep_compares_variants_and_resumes_without_retraining(tmp_path):
   with open(os.path.join(workdir, "comparison.csv"), encoding="utf-8") as f:
     rows = {r["variant"]: r for r in csv.DictReader(f)}
   assert list(rows) == ["base", "wide"]
-  assert rows["base"]["overrides"] == "" and rows["wide"]["overrides"] == "d_model=48, d_ff=96"
+  assert rows["base"]["overrides"] == ""
+  assert rows["wide"]["overrides"] == "model.d_model=48, model.d_ff=96"
   assert rows["wide"]["group"] == "C"
-  base = tiny_config(num_eval_examples=32)
-  wide = tiny_config(num_eval_examples=32, d_model=48, d_ff=96)
+  base = tiny_config(data=dict(num_eval_examples=32))
+  wide = tiny_config(data=dict(num_eval_examples=32), model=dict(d_model=48, d_ff=96))
   assert int(rows["base"]["parameters"]) == _recount(base)
   assert int(rows["wide"]["parameters"]) == _recount(wide) > _recount(base)
   for name, row in rows.items():
@@ -83,7 +86,7 @@ def test_sweep_compares_variants_and_resumes_without_retraining(tmp_path):
     assert float(row["val_perplexity"]) == pytest.approx(final["final/perplexity"], abs=1e-3)
     assert float(row["exact_match"]) == pytest.approx(final["final/exact_match"], abs=1e-4)
   markdown = open(os.path.join(workdir, "comparison.md"), encoding="utf-8").read()
-  assert "| wide | C | wider | d_model=48, d_ff=96 |" in markdown
+  assert "| wide | C | wider | model.d_model=48, model.d_ff=96 |" in markdown
   assert f"| {int(rows['wide']['parameters']):,} |" in markdown
   assert _png_size(os.path.join(workdir, "validation_loss.png")) == (900, 550)
 
@@ -113,14 +116,14 @@ def test_sweep_compares_variants_and_resumes_without_retraining(tmp_path):
   # A finished variant is never silently reported under a config it did not run (checked
   # before anything trains, so in-process here).
   with pytest.raises(SweepError, match=r"variant 'base' finished .* with another config "
-                                       r"\(num_print_examples: 0 then, 1 now\)"):
-    sweeps.run_sweep(load_sweep(path), workdir, {"num_print_examples": 1})
+                                       r"\(eval\.num_print_examples: 0 then, 1 now\)"):
+    sweeps.run_sweep(load_sweep(path), workdir, {"eval.num_print_examples": 1})
 
 
 @pytest.mark.parametrize("variants,expected", [
-    ('Variant("a", {"d_modle": 48}), Variant("b")',
-     ["variant 'a'", "unknown config field 'd_modle'"]),
-    ('Variant("a"), Variant("a", {"d_model": 48})', ["duplicate variant name 'a'"]),
+    ('Variant("a", {"model.d_modle": 48}), Variant("b")',
+     ["variant 'a'", "unknown config field 'model.d_modle'"]),
+    ('Variant("a"), Variant("a", {"model.d_model": 48})', ["duplicate variant name 'a'"]),
 ], ids=["unknown_field", "duplicate_name"])
 def test_bad_sweep_file_is_a_one_line_error(tmp_path, variants, expected):
   text = ("from configs.sweeps import Sweep, Variant\nfrom configs import default\n\n"
@@ -132,9 +135,10 @@ def test_bad_sweep_file_is_a_one_line_error(tmp_path, variants, expected):
 
 
 @pytest.mark.parametrize("variants,expected", [
-    ([Variant("a", {"d_model": "wide"})], "d_model='wide' is invalid"),
+    ([Variant("a", {"model.d_model": "wide"})], "model.d_model='wide' is invalid"),
     ([Variant("a/b")], "variant name 'a/b' is invalid"),
-    ([Variant("a", {"cpu_devices": 2})], "cpu_devices is set once for the whole sweep"),
+    ([Variant("a", {"compute.cpu_devices": 2})],
+     "compute.cpu_devices is set once for the whole sweep"),
     ([], "has no variants"),
 ], ids=["wrong_type", "bad_name", "process_field", "empty"])
 def test_sweep_checks_its_variants(variants, expected):
@@ -154,8 +158,9 @@ def test_sweep_file_errors_name_the_file(tmp_path):
 def test_comparison_of_a_partial_sweep(tmp_path):
   """Without training: a variant stopped hard mid-run (its newest evaluation, a lower
   bound on its time), one not started; command-line overrides reach every variant."""
-  sweep = Sweep(tiny_config(num_train_steps=100), [
-      Variant("stopped", {"num_heads": 4}), Variant("waiting", {"d_ff": 32})], name="s")
+  sweep = Sweep(tiny_config(train=dict(num_train_steps=100)), [
+      Variant("stopped", {"model.num_heads": 4}), Variant("waiting", {"model.d_ff": 32})],
+                name="s")
   directory = tmp_path / "stopped"
   directory.mkdir()
   (directory / sweeps.STATE_FILE).write_text(json.dumps({"segments": [
@@ -166,7 +171,7 @@ def test_comparison_of_a_partial_sweep(tmp_path):
              {"step": 40, "time": 2015.0, "eval/loss": 1.5, "eval/perplexity": 4.5}]
   (directory / "metrics.jsonl").write_text(
       "".join(json.dumps(r) + "\n" for r in records) + '{"step": 41, "ti')
-  rows = sweeps.write_comparison(sweep, str(tmp_path), {"num_train_steps": 50})
+  rows = sweeps.write_comparison(sweep, str(tmp_path), {"train.num_train_steps": 50})
   stopped, waiting = rows
   assert stopped["status"] == "partial (step 30 of 50)"
   assert (stopped["loss"], stopped["perplexity"]) == (1.5, 4.5)
@@ -174,5 +179,5 @@ def test_comparison_of_a_partial_sweep(tmp_path):
   assert stopped["curve"] == {20: 2.5, 40: 1.5}
   assert waiting["status"] == "not started" and waiting["train_seconds"] is None
   markdown = (tmp_path / "comparison.md").read_text()
-  assert "num_train_steps=50" in markdown and ">= 45s" in markdown
+  assert "train.num_train_steps=50" in markdown and ">= 45s" in markdown
   assert _png_size(str(tmp_path / "validation_loss.png")) == (900, 550)

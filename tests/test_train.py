@@ -9,11 +9,12 @@ import jax
 import numpy as np
 import pytest
 
+import modes
 import tasks
 import train
 from input_pipeline import batching
 from tests.tiny_configs import tiny_config
-from training import checkpointing, optimizers
+from training import checkpointing, optimizers, steps
 from tests.cli_helpers import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,7 +25,7 @@ def restored_state(config, workdir):
   """The newest checkpoint of `workdir` as a host TrainState."""
   task = tasks.get_task(config)
   template = jax.device_get(
-      train.create_state(task, optimizers.make_optimizer(config), config.seed))
+      steps.create_state(task, optimizers.make_optimizer(config), config.seed))
   checkpoints = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
   try:
     return checkpoints.restore(template)
@@ -44,21 +45,24 @@ def assert_trees_close(a, b, rtol=1e-6, atol=1e-6):
 
 
 def test_translation_learns_to_reverse(tmp_path):
-  config = tiny_config(d_model=64, d_ff=128, num_heads=4, num_train_steps=500,
-                       warmup_steps=50, learning_rate=3e-3, log_every_steps=100,
-                       eval_every_steps=1000, checkpoint_every_steps=1000,
-                       num_eval_examples=256, max_digits=4, schedule="cosine")
+  config = tiny_config(model=dict(d_model=64, d_ff=128, num_heads=4),
+                       train=dict(num_train_steps=500, log_every_steps=100,
+                                  checkpoint_every_steps=1000),
+                       optim=dict(warmup_steps=50, learning_rate=3e-3, schedule="cosine"),
+                       eval=dict(eval_every_steps=1000),
+                       data=dict(num_eval_examples=256, max_digits=4))
   metrics = train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
   assert metrics["exact_match"] >= 0.9, metrics
   assert metrics["accuracy"] >= 0.95, metrics
 
 
 def test_generation_learns_the_continuation(tmp_path):
-  config = tiny_config("generation", d_model=64, d_ff=128, num_heads=4,
-                       num_train_steps=800, warmup_steps=50, learning_rate=3e-3,
-                       log_every_steps=100, eval_every_steps=1000,
-                       checkpoint_every_steps=1000, num_eval_examples=256, max_digits=4,
-                       schedule="cosine", synthetic_task="copy")
+  config = tiny_config("generation", model=dict(d_model=64, d_ff=128, num_heads=4),
+                       train=dict(num_train_steps=800, log_every_steps=100,
+                                  checkpoint_every_steps=1000),
+                       optim=dict(warmup_steps=50, learning_rate=3e-3, schedule="cosine"),
+                       eval=dict(eval_every_steps=1000),
+                       data=dict(num_eval_examples=256, max_digits=4, synthetic_task="copy"))
   metrics = train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
   # The digits before the separator are random (log 10 nats each); the copy after it is
   # learnable, so greedy continuation from the prompt must be exact.
@@ -66,10 +70,12 @@ def test_generation_learns_the_continuation(tmp_path):
 
 
 def test_classification_learns_majority(tmp_path):
-  config = tiny_config("classification", num_train_steps=300, warmup_steps=30,
-                       learning_rate=3e-3, log_every_steps=100, eval_every_steps=1000,
-                       checkpoint_every_steps=1000, num_eval_examples=256,
-                       schedule="cosine", max_digits=7)
+  config = tiny_config("classification",
+                       train=dict(num_train_steps=300, log_every_steps=100,
+                                  checkpoint_every_steps=1000),
+                       optim=dict(warmup_steps=30, learning_rate=3e-3, schedule="cosine"),
+                       eval=dict(eval_every_steps=1000),
+                       data=dict(num_eval_examples=256, max_digits=7))
   metrics = train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
   assert metrics["accuracy"] >= 0.9, metrics
 
@@ -78,14 +84,16 @@ def test_classification_learns_majority(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path, task):
   """Train N steps straight, or k steps, restart from the checkpoint, then N - k."""
   # rsqrt does not depend on num_train_steps, so stopping at k does not change the schedule.
-  config = tiny_config(task, num_train_steps=12, checkpoint_every_steps=4,
-                       eval_every_steps=100, dropout_rate=0.1, schedule="rsqrt")
+  config = tiny_config(task, train=dict(num_train_steps=12, checkpoint_every_steps=4),
+                       eval=dict(eval_every_steps=100),
+                       optim=dict(dropout_rate=0.1, schedule="rsqrt"))
   straight = str(tmp_path / "straight")
   train.train_and_evaluate(config, straight, devices=ONE_DEVICE)
 
   resumed = str(tmp_path / "resumed")
-  first = tiny_config(task, num_train_steps=8, checkpoint_every_steps=4,
-                      eval_every_steps=100, dropout_rate=0.1, schedule="rsqrt")
+  first = tiny_config(task, train=dict(num_train_steps=8, checkpoint_every_steps=4),
+                      eval=dict(eval_every_steps=100),
+                      optim=dict(dropout_rate=0.1, schedule="rsqrt"))
   train.train_and_evaluate(first, resumed, devices=ONE_DEVICE)
   assert int(restored_state(config, resumed).step) == 8
   train.train_and_evaluate(config, resumed, devices=ONE_DEVICE)
@@ -100,8 +108,8 @@ def test_resume_equals_uninterrupted(tmp_path, task):
 def test_eight_devices_match_one_device(tmp_path):
   """Same global batch on 8 devices or 1: the same losses and parameters."""
   assert len(jax.local_devices()) == 8
-  config = tiny_config(num_train_steps=10, log_every_steps=1, eval_every_steps=100,
-                       grad_accum_steps=1)
+  config = tiny_config(train=dict(num_train_steps=10, log_every_steps=1, grad_accum_steps=1),
+                       eval=dict(eval_every_steps=100))
   one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
   m1 = train.train_and_evaluate(config, one, devices=ONE_DEVICE)
   m8 = train.train_and_evaluate(config, eight, devices=jax.local_devices())
@@ -115,20 +123,20 @@ def test_eight_devices_match_one_device(tmp_path):
 
 
 def test_eval_mode_reproduces_final_evaluation(tmp_path):
-  config = tiny_config(num_train_steps=10)
+  config = tiny_config(train=dict(num_train_steps=10))
   trained = train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
-  evaluated = train.evaluate_checkpoint(config, str(tmp_path), devices=ONE_DEVICE)
+  evaluated = modes.evaluate_checkpoint(config, str(tmp_path), devices=ONE_DEVICE)
   assert evaluated == pytest.approx(trained, rel=1e-6)
 
 
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match="no latest checkpoint in .*train first"):
-    train.evaluate_checkpoint(tiny_config(), str(tmp_path), devices=ONE_DEVICE)
+    modes.evaluate_checkpoint(tiny_config(), str(tmp_path), devices=ONE_DEVICE)
 
 
 def test_nonfinite_loss_stops_without_saving_it(tmp_path):
-  config = tiny_config(learning_rate=1e30, max_grad_norm=0.0, warmup_steps=0,
-                       num_train_steps=20, checkpoint_every_steps=1)
+  config = tiny_config(optim=dict(learning_rate=1e30, max_grad_norm=0.0, warmup_steps=0),
+                       train=dict(num_train_steps=20, checkpoint_every_steps=1))
   with pytest.raises(train.NonFiniteLossError, match="non-finite loss or gradient at step"):
     train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
   saved = checkpointing.Checkpointer(str(tmp_path), keep=100)
@@ -136,7 +144,7 @@ def test_nonfinite_loss_stops_without_saving_it(tmp_path):
   saved.close()
   for step in steps:  # whatever was saved before the error is finite
     state = checkpointing.Checkpointer(str(tmp_path), keep=100).restore(
-        jax.device_get(train.create_state(tasks.get_task(config),
+        jax.device_get(steps.create_state(tasks.get_task(config),
                                           optimizers.make_optimizer(config), 0)), step)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
 
@@ -148,7 +156,7 @@ def test_device_prefetch_yields_each_batch_with_the_position_after_it(size):
   dataset = grain.MapDataset.range(10).map(
       lambda i: {"inputs": np.full((1, 2, 3), i, np.int32)})
   iterator = batching.iterate(dataset)
-  out = list(train.prefetch_to_devices(iterator, ONE_DEVICE, size, count=6))
+  out = list(steps.prefetch_to_devices(iterator, ONE_DEVICE, size, count=6))
   assert [int(np.asarray(batch["inputs"])[0, 0, 0]) for batch, _ in out] == list(range(6))
   assert [position for _, position in out] == [{"next_index": i + 1} for i in range(6)]
   assert iterator.get_state() == {"next_index": 6}  # nothing read past `count`
@@ -158,11 +166,13 @@ def test_device_prefetch_yields_each_batch_with_the_position_after_it(size):
 def test_profile_steps_writes_a_trace(tmp_path):
   """profile_steps=0 writes nothing; otherwise a resumed run traces the steps after its
   first into <workdir>/profile (an XPlane file, with the steps' annotations)."""
-  config = tiny_config(num_train_steps=2, eval_every_steps=100, checkpoint_every_steps=2)
+  config = tiny_config(train=dict(num_train_steps=2, checkpoint_every_steps=2),
+                       eval=dict(eval_every_steps=100))
   train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE, final_evaluation=False)
   assert not (tmp_path / "profile").exists()
-  config = tiny_config(num_train_steps=6, eval_every_steps=100, checkpoint_every_steps=2,
-                       profile_steps=2)
+  config = tiny_config(train=dict(num_train_steps=6, checkpoint_every_steps=2,
+                                  profile_steps=2),
+                       eval=dict(eval_every_steps=100))
   train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE, final_evaluation=False)
   traces = list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
   assert len(traces) == 1, list((tmp_path / "profile").rglob("*"))
@@ -173,7 +183,8 @@ def test_main_trains_resumes_and_evaluates(tmp_path):
   workdir = str(tmp_path / "run")
   flags = [f"--workdir={workdir}", "--config.train.num_train_steps=6",
            "--config.train.checkpoint_every_steps=3", "--config.train.log_every_steps=3",
-           "--config.model.d_model=32", "--config.model.num_heads=2", "--config.data.num_eval_examples=32"]
+           "--config.model.d_model=32", "--config.model.num_heads=2",
+           "--config.data.num_eval_examples=32"]
   first = run_main(*flags)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "step 6/6" in first.stderr and "ETA" in first.stderr and "tok/s" in first.stderr
@@ -194,13 +205,14 @@ def test_main_trains_resumes_and_evaluates(tmp_path):
 
 def test_main_splits_the_cpu_into_config_cpu_devices(tmp_path):
   flags = [f"--workdir={tmp_path / 'run'}", "--config.train.num_train_steps=2",
-           "--config.train.log_every_steps=1", "--config.model.d_model=32", "--config.model.num_heads=2",
-           "--config.data.num_eval_examples=32", "--config.train.batch_size=12"]
+           "--config.train.log_every_steps=1", "--config.model.d_model=32",
+           "--config.model.num_heads=2", "--config.data.num_eval_examples=32",
+           "--config.train.batch_size=12"]
   default = run_main(*flags)
   assert default.returncode == 0, default.stderr[-3000:]
   assert "1 local cpu device(s)" in default.stderr
-  split = run_main(*flags, "--config.compute.cpu_devices=3", "--config.eval.eval_batch_size=12",
-                   f"--workdir={tmp_path / 'run3'}")
+  split = run_main(*flags, "--config.compute.cpu_devices=3",
+                   "--config.eval.eval_batch_size=12", f"--workdir={tmp_path / 'run3'}")
   assert split.returncode == 0, split.stderr[-3000:]
   assert "3 local cpu device(s)" in split.stderr
   bad = run_main(*flags, "--config.compute.cpu_devices=-1", f"--workdir={tmp_path / 'bad'}")
@@ -221,7 +233,7 @@ def test_main_reports_a_bad_config_in_one_line(tmp_path):
 @pytest.mark.parametrize("args, expected", [
     (["--config=configs/default.py:size=huge"], "config variant size='huge' is unknown"),
     (["--config=configs/default.py:size"], "is not of the form key=value"),
-    (["--config.d_modl=3"], "unknown config field in the overrides: 'd_modl'"),
+    (["--config.model.d_modl=3"], "unknown config field in the overrides: 'd_modl'"),
     (["--config.model.d_model=abc"], "flag --config.model.d_model=abc"),
     (["--mode=fly"], "flag --mode=fly"),
     (["--config=configs/missing.py"], "cannot load --config"),

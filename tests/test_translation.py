@@ -18,11 +18,12 @@ import pytest
 import sacrebleu
 import tensorflow_datasets as tfds
 
+import modes
 import tasks
 import train
-from configs import translation
+from configs import presets, translation
 from input_pipeline import sources, tokenizers
-from training import checkpointing, optimizers
+from training import checkpointing, optimizers, steps
 from tests.cli_helpers import assert_one_error_line, run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,28 +66,40 @@ def write_corpus(directory, sizes=None):
   return corpus
 
 
-# The tiny run: every field here is also passed to the command line as --config.<field>.
+# The tiny run ({group: {field: value}}): every field here is also passed to the command
+# line as --config.<group>.<field>.
 TINY = dict(
-    dataset="files", file_splits="train=train,validation=val,test=test", tokenizer="bytes",
-    d_model=64, d_ff=128, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
-    max_input_length=48, max_target_length=48, max_eval_length=40, decode_extra_length=8,
-    batch_size=16, eval_batch_size=32, beam_size=2, learning_rate=5e-3, warmup_steps=30,
-    schedule="cosine", num_train_steps=500, log_every_steps=50, eval_every_steps=250,
-    checkpoint_every_steps=125, keep_checkpoints=5, num_decode_batches=1,
-    num_print_examples=2, pack_examples=True, best_metric="bleu")
+    model=dict(tokenizer="bytes", d_model=64, d_ff=128, num_heads=4, num_encoder_layers=1,
+               num_decoder_layers=1),
+    data=dict(dataset="files", file_splits="train=train,validation=val,test=test",
+              max_input_length=48, max_target_length=48, max_eval_length=40,
+              pack_examples=True),
+    decode=dict(decode_extra_length=8, beam_size=2),
+    optim=dict(learning_rate=5e-3, warmup_steps=30, schedule="cosine"),
+    train=dict(batch_size=16, num_train_steps=500, log_every_steps=50,
+               checkpoint_every_steps=125, keep_checkpoints=5),
+    eval=dict(eval_batch_size=32, eval_every_steps=250, num_decode_batches=1,
+              num_print_examples=2, best_metric="bleu"))
 
 
 def tiny_config(corpus_dir, tfds_dir, **overrides):
+  """TINY on the files in `corpus_dir`; `overrides` are grouped like TINY:
+  `tiny_config(d, t, model=dict(vocab_size=40), train=dict(num_train_steps=2))`."""
   c = translation.get_config()
-  c.update({**TINY, "data_dir": str(corpus_dir), "tfds_data_dir": str(tfds_dir), **overrides})
+  presets.update_groups(c, TINY)
+  presets.update_groups(c, dict(data=dict(data_dir=str(corpus_dir),
+                                          tfds_data_dir=str(tfds_dir))))
+  presets.update_groups(c, overrides)
   return c
 
 
 def cli_flags(config, workdir):
   """The command-line flags that give `config` (built by tiny_config) in main.py."""
-  fields = set(TINY) | {"data_dir", "tfds_data_dir", "vocab_size", "language_pair"}
+  fields = {(group, field) for group, values in TINY.items() for field in values}
+  fields |= {("data", "data_dir"), ("data", "tfds_data_dir"), ("model", "vocab_size"),
+             ("data", "language_pair")}
   return ["--config=configs/translation.py", f"--workdir={workdir}",
-          *(f"--config.{k}={config[k]}" for k in sorted(fields))]
+          *(f"--config.{g}.{k}={config[g][k]}" for g, k in sorted(fields))]
 
 
 def read_hypotheses(path):
@@ -98,7 +111,7 @@ def read_hypotheses(path):
 
 def host_params(config, workdir, subdir="checkpoints", step=None):
   task = tasks.get_task(config, workdir, training=False)
-  template = jax.device_get(train.create_state(task, optimizers.make_optimizer(config),
+  template = jax.device_get(steps.create_state(task, optimizers.make_optimizer(config),
                                                config.seed))
   checkpoints = checkpointing.Checkpointer(workdir, keep=100, subdir=subdir)
   try:
@@ -125,7 +138,7 @@ def trained(tmp_path_factory):
 @pytest.fixture(scope="module")
 def scored_test_split(trained):
   """Eval mode on the test split with the newest checkpoint: (metrics, report)."""
-  metrics = train.evaluate_checkpoint(trained["config"], trained["workdir"],
+  metrics = modes.evaluate_checkpoint(trained["config"], trained["workdir"],
                                       devices=ONE_DEVICE, split="test")
   path = os.path.join(trained["workdir"], "eval", "test-latest-step500.json")
   with open(path, encoding="utf-8") as f:
@@ -192,7 +205,7 @@ def test_eval_of_the_best_checkpoint_and_of_a_missing_step(trained):
 
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"no checkpoint of step 123 in .*it has steps 125, 250, 375, 500"):
-    train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE, step=123)
+    modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE, step=123)
   result = run_main(*cli_flags(config, workdir), "--mode=eval", "--step=123")
   assert_one_error_line(result, "no checkpoint of step 123",
                         "it has steps 125, 250, 375, 500")
@@ -205,7 +218,7 @@ def test_decode_mode_one_line_per_input_line(trained, scored_test_split, tmp_pat
   lines = [de[0], "", de[3], de[1], "", de[7]]
   expected = [eval_hyps[0], "", eval_hyps[3], eval_hyps[1], "", eval_hyps[7]]
 
-  in_process = train.decode_lines(config, workdir, lines, devices=ONE_DEVICE)
+  in_process = modes.decode_lines(config, workdir, lines, devices=ONE_DEVICE)
   assert in_process == expected
   assert all(expected[i] for i in (0, 2, 3, 5))
 
@@ -223,7 +236,7 @@ def test_decode_mode_one_line_per_input_line(trained, scored_test_split, tmp_pat
 
 def test_average_mode_is_the_mean_of_the_newest_checkpoints(trained):
   config, workdir = trained["config"], trained["workdir"]
-  assert train.average_checkpoints(config, workdir, 3) == 500
+  assert modes.average_checkpoints(config, workdir, 3) == 500
   averaged, steps = host_params(config, workdir, subdir="averaged")
   assert steps == [500]
   regular = [host_params(config, workdir, step=s)[0] for s in (250, 375, 500)]
@@ -242,11 +255,11 @@ def test_average_mode_is_the_mean_of_the_newest_checkpoints(trained):
 
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"has 4 checkpoint\(s\) \(125, 250, 375, 500\), fewer than the 5"):
-    train.average_checkpoints(config, workdir, 5)
+    modes.average_checkpoints(config, workdir, 5)
   _, still = host_params(config, workdir, subdir="averaged")
   assert still == [500]  # the failed call left the average in place
 
-  metrics = train.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE, split="test",
+  metrics = modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE, split="test",
                                       checkpoint="averaged")
   assert os.path.exists(os.path.join(workdir, "eval", "test-averaged-step500.json"))
   assert metrics["bleu"] > 50, metrics  # a working model (this seed: 87; latest: 86)
@@ -257,9 +270,10 @@ def test_average_mode_is_the_mean_of_the_newest_checkpoints(trained):
 
 def test_sentencepiece_model_is_saved_in_the_workdir_and_reused(tmp_path, monkeypatch):
   write_corpus(tmp_path / "corpus", {"train": 300, "val": 8, "test": 8})
-  config = tiny_config(tmp_path / "corpus", tmp_path / "tfds", tokenizer="sentencepiece",
-                       vocab_size=40, num_train_steps=2, checkpoint_every_steps=2,
-                       eval_every_steps=100, beam_size=1)
+  config = tiny_config(tmp_path / "corpus", tmp_path / "tfds",
+                       model=dict(tokenizer="sentencepiece", vocab_size=40),
+                       train=dict(num_train_steps=2, checkpoint_every_steps=2),
+                       eval=dict(eval_every_steps=100), decode=dict(beam_size=1))
   workdir = tmp_path / "run"
   train.train_and_evaluate(config, str(workdir), devices=ONE_DEVICE)
   model = workdir / "tokenizer.model"
@@ -273,13 +287,13 @@ def test_sentencepiece_model_is_saved_in_the_workdir_and_reused(tmp_path, monkey
   config.train.num_train_steps = 4
   train.train_and_evaluate(config, str(workdir), devices=ONE_DEVICE)
   assert sorted(host_params(config, str(workdir))[1]) == [2, 4]  # it did resume and train
-  train.evaluate_checkpoint(config, str(workdir), devices=ONE_DEVICE, split="test")
+  modes.evaluate_checkpoint(config, str(workdir), devices=ONE_DEVICE, split="test")
   assert model.stat().st_mtime_ns == stamp and model.read_bytes() == data
 
   # A workdir without the tokenizer: eval refuses, naming the file, and writes nothing.
   fresh = tmp_path / "fresh"
   with pytest.raises(tokenizers.TokenizerError, match=r"no tokenizer at .*tokenizer\.model"):
-    train.evaluate_checkpoint(config, str(fresh), devices=ONE_DEVICE)
+    modes.evaluate_checkpoint(config, str(fresh), devices=ONE_DEVICE)
   assert not fresh.exists()
   fresh.mkdir()
   result = run_main(*cli_flags(config, fresh), "--mode=eval")
@@ -316,23 +330,24 @@ def _missing_split_file(d):
 
 def _language_not_in_files(d):
   del d
-  return {"language_pair": "de-fr"}, ["train.fr: no such file", "has train.de, train.en.gz"]
+  return {"data": {"language_pair": "de-fr"}}, ["train.fr: no such file",
+                                                 "has train.de, train.en.gz"]
 
 
 def _vocab_too_small(d):
   del d
-  return {"tokenizer": "sentencepiece", "vocab_size": 16}, [
+  return {"model": {"tokenizer": "sentencepiece", "vocab_size": 16}}, [
       "vocab_size 16 is too small", "raise config field `vocab_size` to at least 23"]
 
 
 def _vocab_too_large(d):
   del d
-  return {"tokenizer": "sentencepiece", "vocab_size": 500}, [
+  return {"model": {"tokenizer": "sentencepiece", "vocab_size": 500}}, [
       "vocab_size 500 is too large", "at most 43"]
 
 
 def _missing_data_dir(d):
-  return {"data_dir": str(d / "nowhere")}, [
+  return {"data": {"data_dir": str(d / "nowhere")}}, [
       f"{d / 'nowhere'}: no such data directory (config.data.data_dir)"]
 
 
@@ -355,11 +370,13 @@ def test_main_refuses_broken_data_in_one_line(tmp_path, make):
 
 
 def test_tfds_dataset_by_name_with_the_direction_reversed(tmp_path):
-  config = tiny_config("", tmp_path / "tfds", dataset="wmt14_translate/de-en",
-                       language_pair="en-de", pack_examples=True, max_input_length=64,
-                       max_target_length=64, max_eval_length=64, num_train_steps=3,
-                       checkpoint_every_steps=3, eval_every_steps=100, beam_size=1,
-                       best_metric="")
+  config = tiny_config("", tmp_path / "tfds",
+                       data=dict(dataset="wmt14_translate/de-en", language_pair="en-de",
+                                 pack_examples=True, max_input_length=64,
+                                 max_target_length=64, max_eval_length=64),
+                       train=dict(num_train_steps=3, checkpoint_every_steps=3),
+                       eval=dict(eval_every_steps=100, best_metric=""),
+                       decode=dict(beam_size=1))
   with tfds.testing.mock_data(num_examples=6):
     raw = sources.tfds_builder("wmt14_translate/de-en", str(tmp_path / "tfds"))
     raw = raw.as_data_source("train")
@@ -370,8 +387,8 @@ def test_tfds_dataset_by_name_with_the_direction_reversed(tmp_path):
     assert all(r["en"] != r["de"] for r in raw)
     for example in examples:
       text = raw[int(example["index"])]
-      assert task.source_tokenizer.decode(example["inputs"]) == text["en"]
-      assert task.target_tokenizer.decode(example["targets"]) == text["de"]
+      assert task.data.source_tokenizer.decode(example["inputs"]) == text["en"]
+      assert task.data.target_tokenizer.decode(example["targets"]) == text["de"]
       assert example["inputs"][-1] == example["targets"][-1] == tokenizers.EOS_ID
     metrics = train.train_and_evaluate(config, str(tmp_path / "run"), devices=ONE_DEVICE)
   assert np.isfinite(metrics["loss"]) and "bleu" in metrics
@@ -386,8 +403,8 @@ def test_packed_training_stream_holds_each_kept_example_once_per_epoch(tmp_path)
   """Through the task: tokenized, EOS-terminated, filtered to the row lengths, packed.
   (tests/test_text_data.py checks PackedBatches alone on random examples.)"""
   corpus = write_corpus(tmp_path / "corpus", {"train": 120, "val": 4, "test": 4})
-  config = tiny_config(tmp_path / "corpus", tmp_path / "tfds", max_input_length=20,
-                       max_target_length=18)
+  config = tiny_config(tmp_path / "corpus", tmp_path / "tfds",
+                       data=dict(max_input_length=20, max_target_length=18))
   task = tasks.get_task(config, str(tmp_path / "run"))
   encode = tokenizers.ByteTokenizer().encode
   pairs = [(tuple(encode(d).tolist()) + (tokenizers.EOS_ID,),

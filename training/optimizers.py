@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from config_checks import Fields
+
 SCHEDULES = ("rsqrt", "cosine", "linear", "constant")
 OPTIMIZERS = ("adam", "adamw")
 
@@ -51,15 +53,34 @@ def decay_mask(params):
 
 def make_optimizer(config) -> optax.GradientTransformation:
   """Clipping + Adam/AdamW with the configured schedule (paper: Adam 0.9/0.98/1e-9)."""
-  if config.optim.optimizer not in OPTIMIZERS:
-    raise ValueError(f"unknown optimizer {config.optim.optimizer!r}; expected one of {OPTIMIZERS}")
-  schedule = learning_rate_schedule(config.optim.schedule, config.optim.learning_rate,
-                                    config.optim.warmup_steps, config.train.num_train_steps)
-  if config.optim.optimizer == "adamw":
-    opt = optax.adamw(schedule, b1=config.optim.adam_b1, b2=config.optim.adam_b2, eps=config.optim.adam_eps,
-                      weight_decay=config.optim.weight_decay, mask=decay_mask)
+  o = config.optim
+  if o.optimizer not in OPTIMIZERS:
+    raise ValueError(f"unknown optimizer {o.optimizer!r}; expected one of {OPTIMIZERS}")
+  schedule = learning_rate_schedule(o.schedule, o.learning_rate, o.warmup_steps,
+                                    config.train.num_train_steps)
+  if o.optimizer == "adamw":
+    opt = optax.adamw(schedule, b1=o.adam_b1, b2=o.adam_b2, eps=o.adam_eps,
+                      weight_decay=o.weight_decay, mask=decay_mask)
   else:
-    opt = optax.adam(schedule, b1=config.optim.adam_b1, b2=config.optim.adam_b2, eps=config.optim.adam_eps)
-  if config.optim.max_grad_norm > 0:
-    return optax.chain(optax.clip_by_global_norm(config.optim.max_grad_norm), opt)
+    opt = optax.adam(schedule, b1=o.adam_b1, b2=o.adam_b2, eps=o.adam_eps)
+  if o.max_grad_norm > 0:
+    return optax.chain(optax.clip_by_global_norm(o.max_grad_norm), opt)
   return opt
+
+
+def check_config(config) -> None:
+  """Raises config_checks.ConfigError for the first config.optim field that cannot work
+  (the dropout fields are checked with the model, which reads them)."""
+  optim = Fields(config, "optim")
+  optim.choice("optimizer", OPTIMIZERS)
+  optim.choice("schedule", SCHEDULES)
+  for field in ("label_smoothing", "adam_b1", "adam_b2", "weight_decay"):
+    optim.rate(field)
+  for field in ("learning_rate", "adam_eps"):
+    optim.positive(field)
+  optim.integer("warmup_steps", 0)
+  value = optim["max_grad_norm"]
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    optim.fail("max_grad_norm", "expected a number >= 0 (0 = no clipping)")
+  if optim["optimizer"] != "adamw" and optim["weight_decay"] > 0:
+    optim.fail("weight_decay", "weight decay needs optimizer='adamw'")

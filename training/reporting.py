@@ -5,8 +5,10 @@ import logging
 import math
 import os
 import time
-from typing import Mapping
+from typing import Dict, Mapping
 
+import jax
+import numpy as np
 from tensorboardX import SummaryWriter
 
 
@@ -124,3 +126,21 @@ class Progress:
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` of work that is not training (evaluation, saves) out of the rate."""
     self._last_time += seconds
+
+
+def parameter_table(params, depth: int = 2) -> str:
+  """Parameter counts grouped by the first `depth` levels of module names."""
+  counts: Dict[str, int] = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+    names = [str(getattr(k, "key", k)) for k in path]
+    key = "/".join(names[:depth])
+    counts[key] = counts.get(key, 0) + int(np.prod(leaf.shape))
+  width = max(len(k) for k in counts)
+  lines = [f"{'module':<{width}}  {'parameters':>12}"]
+  lines += [f"{k:<{width}}  {v:>12,}" for k, v in counts.items()]
+  lines.append(f"{'total':<{width}}  {sum(counts.values()):>12,}")
+  return "\n".join(lines)
+
+
+def count_parameters(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))

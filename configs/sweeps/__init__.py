@@ -14,7 +14,7 @@ A sweep file (`configs/sweeps/<name>.py`) defines `get_sweep()` returning a `Swe
       ])
 
 `python main.py --mode=sweep --sweep=<file> --workdir=<dir>` trains the variants one after
-another (sweeps.py). This module only loads and checks the file; it imports no JAX, so
+another (modes/sweep.py). This module only loads and checks the file; it imports no JAX, so
 main.py can read the base config before JAX starts (config.compute.cpu_devices).
 """
 
@@ -68,17 +68,21 @@ class Sweep:
       for field, value in values.items():
         if not has_field(config, field):
           raise SweepError(f"sweep {self.name!r}, {where}: unknown config field {field!r}")
+        *groups, name = field.split(".")
+        node = config
+        for group in groups:
+          node = node[group]
         try:
-          config[field] = value
+          node[name] = value
         except (TypeError, ValueError):  # ConfigDict keeps each field's type
           raise SweepError(f"sweep {self.name!r}, {where}: {field}={value!r} is invalid: "
                            f"expected the type of the base's value, "
-                           f"{config[field]!r} ({type(config[field]).__name__})") from None
+                           f"{node[name]!r} ({type(node[name]).__name__})") from None
     return config
 
   def check(self, overrides: Optional[Mapping[str, Any]] = None) -> None:
     """Raises SweepError for the first malformed variant (bad or repeated name, unknown
-    field, a value of the wrong type). Run-config checks come later (validation.py)."""
+    field, a value of the wrong type). Run-config checks come later (train.validate)."""
     if not isinstance(self.base, ml_collections.ConfigDict):
       raise SweepError(f"sweep {self.name!r}: base is a {type(self.base).__name__}, not an "
                        f"ml_collections.ConfigDict")

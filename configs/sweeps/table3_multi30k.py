@@ -70,10 +70,13 @@ def get_sweep() -> Sweep:
       # More rows of Table 3, one line each, left out of the committed CPU run (about 6
       # minutes a variant at STEPS = 200) to fit its time; add them back for a longer run:
       # Variant("heads_16", {"model.num_heads": 16}, "A", "16 heads of 8"),
-      # Variant("layers_3", {"model.num_encoder_layers": 3, "model.num_decoder_layers": 3}, "C", "3+3 layers"),
-      # Variant("d_model_256", {"model.d_model": 256, "model.d_ff": 1024}, "C", "d_model 256, d_ff 1024"),
+      # Variant("layers_3", {"model.num_encoder_layers": 3, "model.num_decoder_layers": 3},
+      #         "C", "3+3 layers"),
+      # Variant("d_model_256", {"model.d_model": 256, "model.d_ff": 1024}, "C",
+      #         "d_model 256, d_ff 1024"),
       # Variant("d_ff_256", {"model.d_ff": 256}, "C", "d_ff 256"),
       # Variant("d_ff_1024", {"model.d_ff": 1024}, "C", "d_ff 1024"),
       # Variant("dropout_0.3", {"optim.dropout_rate": 0.3}, "D", "dropout 0.3"),
-      # Variant("warmup_long", {"optim.warmup_steps": STEPS // 2}, "warmup", f"warmup {STEPS // 2} steps"),
+      # Variant("warmup_long", {"optim.warmup_steps": STEPS // 2}, "warmup",
+      #         f"warmup {STEPS // 2} steps"),
   ])

@@ -23,18 +23,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import jax
 from absl import logging
 
+import files
 import tasks
 import train
-import validation
+from config_checks import ConfigError
 from configs.sweeps import Sweep, SweepError, Variant, config_differences, format_overrides
 from training import reporting
 
 STATE_FILE = "sweep.json"
-# The task metric of the comparison: the first of these the final evaluation reports
-# (BLEU on real text, exact match on the synthetic tasks).
-TASK_METRICS = {"translation": ("bleu", "exact_match"),
-                "generation": ("bits_per_char", "bits_per_byte", "exact_match"),
-                "classification": ("accuracy",)}
 PLOT_SIZE = (9.0, 5.5)  # inches at PLOT_DPI: a 900 x 550 pixel image
 PLOT_DPI = 100
 
@@ -52,7 +48,7 @@ def read_state(directory: str) -> Dict[str, Any]:
 
 
 def _write_state(directory: str, state: Mapping[str, Any]) -> None:
-  train.write_atomically(os.path.join(directory, STATE_FILE), json.dumps(state, indent=2) + "\n")
+  files.write_atomically(os.path.join(directory, STATE_FILE), json.dumps(state, indent=2) + "\n")
 
 
 def read_metrics(directory: str) -> List[Dict[str, float]]:
@@ -129,9 +125,9 @@ def run_sweep(sweep: Sweep, workdir: str, overrides: Optional[Mapping[str, Any]]
             f"another --workdir")
       continue
     try:
-      validation.validate(config, num_devices=len(devices) * jax.process_count())
-    except validation.ConfigError as e:
-      raise validation.ConfigError(f"sweep variant {variant.name!r}: {e}") from None
+      train.validate(config, num_devices=len(devices) * jax.process_count())
+    except ConfigError as e:
+      raise ConfigError(f"sweep variant {variant.name!r}: {e}") from None
 
   for index, (variant, config) in enumerate(configs, 1):
     directory = os.path.join(workdir, variant.name)
@@ -176,7 +172,7 @@ def count_parameters(config, workdir: str) -> int:
   """The parameter count of `config`'s model (its tokenizer read from `workdir`), from
   shapes alone: nothing is initialised."""
   task = tasks.get_task(config, workdir, training=False)
-  return train.count_parameters(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
+  return reporting.count_parameters(jax.eval_shape(task.init_params, jax.random.PRNGKey(0)))
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -213,7 +209,7 @@ def _row(variant: Variant, config, directory: str) -> Dict[str, Any]:
       metrics = {k.split("/", 1)[1]: v for k, v in evals[-1].items()
                  if k in ("eval/loss", "eval/perplexity")}
   row["loss"], row["perplexity"] = metrics.get("loss"), metrics.get("perplexity")
-  for name in TASK_METRICS.get(config.task, ()):
+  for name in tasks.TASKS[config.task].compare_by:
     if name in metrics:
       row["metric"], row["metric_name"] = metrics[name], name
       break
@@ -320,8 +316,8 @@ def write_comparison(sweep: Sweep, workdir: str,
   rows = [_row(v, sweep.config(v, overrides), os.path.join(workdir, v.name))
           for v in sweep.variants]
   metric_names = list(dict.fromkeys(r["metric_name"] for r in rows if r["metric_name"]))
-  train.write_atomically(os.path.join(workdir, "comparison.md"),
+  files.write_atomically(os.path.join(workdir, "comparison.md"),
                     _markdown(sweep, rows, metric_names, overrides or {}))
-  train.write_atomically(os.path.join(workdir, "comparison.csv"), _csv(rows, metric_names))
-  train.write_atomically(os.path.join(workdir, "validation_loss.png"), _plot(sweep, rows))
+  files.write_atomically(os.path.join(workdir, "comparison.csv"), _csv(rows, metric_names))
+  files.write_atomically(os.path.join(workdir, "validation_loss.png"), _plot(sweep, rows))
   return rows

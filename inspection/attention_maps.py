@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import files
 from input_pipeline import local_builders
 
 DataError = local_builders.DataError
@@ -461,15 +462,6 @@ def parse_head(spec: str, available: Mapping[str, Tuple[int, int]]
   return [(kind, layer, head) for kind in kinds]
 
 
-def _write(path: str, data) -> str:
-  tmp = path + ".tmp"
-  with open(tmp, "wb" if isinstance(data, bytes) else "w",
-            **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-    f.write(data)
-  os.replace(tmp, path)
-  return path
-
-
 def write_maps(maps: AttentionMaps, directory: str,
                heads: Sequence[Tuple[str, int, int]] = (), about: Optional[dict] = None
                ) -> List[str]:
@@ -477,21 +469,23 @@ def write_maps(maps: AttentionMaps, directory: str,
   <kind>_layer<i>_head<j>.png for each of `heads`, stats.txt and stats.json (the per-head
   statistics and `about`: the tokens, the checkpoint). Returns the paths written."""
   os.makedirs(directory, exist_ok=True)
-  paths = [_write(os.path.join(directory, "overview.png"), overview_png(maps))]
+  paths = [files.write_atomically(os.path.join(directory, "overview.png"), overview_png(maps))]
   for kind in KINDS:
     for layer in range(maps.weights[kind].shape[0] if kind in maps.weights else 0):
-      paths.append(_write(os.path.join(directory, f"{kind}_layer{layer}.png"),
+      paths.append(files.write_atomically(os.path.join(directory, f"{kind}_layer{layer}.png"),
                           layer_grid_png(maps, kind, layer)))
   for kind, layer, head in heads:
-    paths.append(_write(os.path.join(directory, f"{kind}_layer{layer}_head{head}.png"),
+    paths.append(files.write_atomically(
+        os.path.join(directory, f"{kind}_layer{layer}_head{head}.png"),
                         head_png(maps, kind, layer, head)))
   stats = maps.stats()
-  paths.append(_write(os.path.join(directory, "stats.txt"), stats_table(stats) + "\n"))
+  paths.append(files.write_atomically(os.path.join(directory, "stats.txt"),
+                                      stats_table(stats) + "\n"))
   report = {**(about or {}), "tokens": {kind: {"queries": maps.queries[kind],
                                                "keys": maps.keys[kind]}
                                         for kind in maps.weights},
             "statistics": stats_json(stats)}
-  paths.append(_write(os.path.join(directory, "stats.json"),
+  paths.append(files.write_atomically(os.path.join(directory, "stats.json"),
                       json.dumps(report, indent=1, ensure_ascii=False) + "\n"))
   return paths
 
@@ -636,7 +630,7 @@ def write_importance(directory: str, stem: str, baseline: float,
   report = {**about, "baseline_loss": baseline,
             "increase": {k: v.tolist() for k, v in increase.items()},
             "ranking": importance_rows(baseline, increase)}
-  return [_write(base + ".md", importance_markdown(baseline, increase) + "\n"),
-          _write(base + ".csv", importance_csv(baseline, increase)),
-          _write(base + ".json", json.dumps(report, indent=1) + "\n"),
-          _write(base + ".png", importance_png(increase))]
+  return [files.write_atomically(base + ".md", importance_markdown(baseline, increase) + "\n"),
+          files.write_atomically(base + ".csv", importance_csv(baseline, increase)),
+          files.write_atomically(base + ".json", json.dumps(report, indent=1) + "\n"),
+          files.write_atomically(base + ".png", importance_png(increase))]

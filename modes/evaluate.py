@@ -1,0 +1,67 @@
+"""--mode=eval: score a split with a checkpoint, write the scores and predictions."""
+
+import json
+import os
+import time
+from typing import Dict, Optional, Sequence
+
+import jax
+import ml_collections
+
+import files
+import train
+from modes.run import open_run
+from training import steps
+
+
+def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
+                        devices: Optional[Sequence[jax.Device]] = None,
+                        step: Optional[int] = None, split: Optional[str] = None,
+                        checkpoint: str = "latest") -> Dict[str, float]:
+  """Restores a checkpoint of `workdir` (modes.run.Run.restore), decodes and scores the
+  whole `split` (default config.data.eval_split), writes the scores (JSON) and, for tasks
+  that produce text, the predictions (one per line, in dataset order) under
+  <workdir>/eval/, and prints a table. Returns the metrics."""
+  split = split or config.data.eval_split
+  run = open_run(config, workdir, devices, split=split)
+  step, params = run.restore(checkpoint, step)
+  _, p_eval, p_predict = steps.compile_steps(run.task, run.tx, config, run.devices)
+  start = time.perf_counter()
+  evaluator = train.Evaluator(run.task, p_eval, p_predict, run.eval_dataset, split=split)
+  metrics, records = evaluator.run(
+      f"evaluation of the {checkpoint} checkpoint on {split}", step,
+      steps.replicate(params, run.devices), num_examples=config.eval.num_print_examples,
+      decode_batches=train.final_decode_batches(run.task, config))
+  if jax.process_index() == 0:
+    _report(run, split, checkpoint, step, metrics, records, time.perf_counter() - start)
+  return metrics
+
+
+def _report(run, split: str, checkpoint: str, step: int, metrics, records,
+            seconds: float) -> None:
+  """Writes <workdir>/eval/<split>-<checkpoint>-step<N>.json (and the predictions file)
+  and prints the table."""
+  task, config = run.task, run.config
+  stem = os.path.join(run.workdir, "eval", f"{split}-{checkpoint}-step{step}")
+  report = {"split": split, "checkpoint": checkpoint, "step": step,
+            "examples": len(records), "seconds": seconds, "metrics": metrics,
+            "beam_size": config.decode.beam_size,
+            "length_penalty": config.decode.length_penalty,
+            **task.score_details(), **task.eval_report(records)}
+  records.sort(key=lambda r: r["index"])
+  predictions = task.prediction_file(records)
+  if predictions:
+    key, suffix, text = predictions
+    files.write_atomically(stem + suffix, text)
+    report[key] = stem + suffix
+  files.write_atomically(stem + ".json", json.dumps(report, indent=2) + "\n")
+  width = max(len(k) for k in metrics)
+  print(f"{split} ({checkpoint} checkpoint, step {step}, {len(records) or ''} examples)")
+  for k, v in metrics.items():
+    print(f"  {k:<{width}}  {v:10.4f}")
+  for name, signature in task.score_details().get("signatures", {}).items():
+    print(f"  {name} signature: {signature}")
+  for name, text in task.summary_texts(records).items():
+    print(f"{name}:\n{text}")
+  print(f"scores: {stem}.json" +
+        (f"  {predictions[0]}: {stem}{predictions[1]}" if predictions else ""))

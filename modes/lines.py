@@ -1,0 +1,68 @@
+"""--mode=decode and --mode=predict: a line of output for each line of input, through the
+pmapped `task.predict` of a checkpoint (a family that is a `tasks.base.LineMapper`)."""
+
+from typing import List, Optional, Sequence
+
+import jax
+import ml_collections
+import numpy as np
+
+import tasks
+from errors import UserError
+from input_pipeline import batching
+from modes.run import open_run
+from training import steps
+
+WHAT = {"decode": "translates text", "predict": "labels text", "generate": "continues text"}
+
+
+def require_text_family(config: ml_collections.ConfigDict, mode: str, fits) -> None:
+  """UserError unless config.task is a family for which `fits(family)` and the data is
+  text: --mode=`mode` needs it."""
+  wanted = [name for name, family in tasks.TASKS.items() if fits(family)]
+  if config.task not in wanted or config.data.dataset == "synthetic":
+    raise UserError(f"--mode={mode} {WHAT[mode]}: it needs config.task='{wanted[0]}' on real "
+                    f"data (config.task={config.task!r}, "
+                    f"config.data.dataset={config.data.dataset!r})")
+
+
+def map_lines(config: ml_collections.ConfigDict, workdir: str, lines: List[str], mode: str,
+              devices: Optional[Sequence[jax.Device]] = None, checkpoint: str = "latest",
+              step: Optional[int] = None) -> List[str]:
+  """Runs the checkpoint's `task.predict` on `lines` (--mode=`mode`, decode or predict):
+  one output line per input line (an empty input line gives an empty output line)."""
+  require_text_family(config, mode, lambda family: family.line_mode == mode)
+  run = open_run(config, workdir, devices)
+  task = run.task
+  assert isinstance(task, tasks.base.LineMapper), type(task)
+  _, params = run.restore(checkpoint, step)
+  _, _, p_predict = steps.compile_steps(task, run.tx, config, run.devices)
+  params = steps.replicate(params, run.devices)
+  wanted = [i for i, line in enumerate(lines) if line.strip()]
+  examples = task.encode_lines([lines[i] for i in wanted])
+  outputs = [""] * len(lines)
+  if not examples:
+    return outputs
+  dataset = batching.batched_dataset(examples, batch_size=config.eval.eval_batch_size,
+                                     num_devices=len(run.devices), lengths=task.eval_lengths,
+                                     shuffle=False)
+  for batch in batching.iterate(dataset):
+    predictions = np.asarray(p_predict(params, batch))
+    flat_inputs = batch["inputs"].reshape((-1, batch["inputs"].shape[-1]))
+    flat_index = batch["index"].reshape(-1)
+    flat_predictions = predictions.reshape((-1,) + predictions.shape[2:])
+    for x, index, output in zip(flat_inputs, flat_index, flat_predictions):
+      if x.any():
+        outputs[wanted[int(index)]] = task.render_line(output)
+  return outputs
+
+
+def decode_lines(config, workdir, lines, devices=None, checkpoint="latest", step=None):
+  """Translates `lines` with a checkpoint of `workdir` (see `map_lines`)."""
+  return map_lines(config, workdir, lines, "decode", devices, checkpoint, step)
+
+
+def predict_lines(config, workdir, lines, devices=None, checkpoint="latest", step=None):
+  """Classifies `lines` with a checkpoint of `workdir`: per line the predicted class and the
+  class probabilities as the task's `render_line` writes them (see `map_lines`)."""
+  return map_lines(config, workdir, lines, "predict", devices, checkpoint, step)

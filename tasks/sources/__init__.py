@@ -1,0 +1,98 @@
+"""Data sources: what a task family reads, and how it becomes token ids.
+
+    Digits        synthetic digit strings, generated (every family)
+    ParallelText  sentence pairs (translation)
+    TextCorpus    documents of text (generation)
+    LabeledText   texts with class labels (classification)
+
+The text sources read local files (config.data.dataset="files", through the tfds builders
+of input_pipeline/local_builders.py) or a tensorflow-datasets dataset by name, and build or
+load the tokenizer. Every source offers the same small surface to its family: `examples
+(split)`, `eval_lengths`, `vocab_size`/`eos_id`, `decode`/`encode`/`pieces`, and `has_text`
+(whether raw text stands behind the tokens: text metrics need it; digits are scored by
+exact match). A family names its text source; `open_source` picks digits or that.
+"""
+
+import os
+from typing import List, Optional
+
+from input_pipeline import tokenizers
+
+# The longest row a length field may ask for: one row's [length, length] attention scores
+# (a head, float32) are 16 GiB there already, and longer asks fail in an allocation.
+MAX_LENGTH = 65536
+
+
+def open_source(config, family, workdir: Optional[str], training: bool):
+  """The data source of `config.data.dataset` for `family` (a tasks.base.Task class)."""
+  from tasks.sources.digits import Digits  # pylint: disable=g-import-not-at-top
+  if config.data.dataset == "synthetic":
+    return Digits(config, family.digits_kind)
+  return family.text_source(config, workdir, training)
+
+
+def tokenizer_paths(config, workdir: Optional[str], names: List[str],
+                    training: bool) -> List[Optional[str]]:
+  """The tokenizer files of a run: those of config.data.tokenizer_path, else `names` in the
+  workdir (None each when training without a workdir: built in memory). Outside training
+  (eval, decode, generate) they must exist already; bytes need no file."""
+  spec = config.data.tokenizer_path
+  given = [p for p in spec.split(",") if p] if spec else []
+  if given and not all(os.path.exists(p) for p in given):
+    raise tokenizers.TokenizerError(f"config.data.tokenizer_path={spec!r}: no such file")
+  if not given and not workdir and training:
+    return [None] * len(names)  # no run directory: built in memory, nothing written
+  paths = given or [os.path.join(workdir or "", n) for n in names]
+  if config.model.tokenizer != "bytes" and not training and not all(os.path.exists(p)
+                                                                     for p in paths):
+    raise tokenizers.TokenizerError(
+        f"no tokenizer at {', '.join(paths)}: train first with --mode=train in this "
+        f"workdir (it saves the tokenizer there) or set config.data.tokenizer_path")
+  return paths
+
+
+def check_config(config, family) -> None:
+  """The data fields every source reads, and which tokenizers `family` can use."""
+  from config_checks import ConfigError, Fields  # pylint: disable=g-import-not-at-top
+  from input_pipeline import sources, synthetic  # pylint: disable=g-import-not-at-top
+  data = Fields(config, "data")
+  data.text("dataset", "'synthetic', 'files' or a tensorflow-datasets name")
+  for field in ("min_digits", "max_digits", "max_input_length", "max_target_length",
+                "num_eval_examples"):
+    data.integer(field, 1)
+  for field in ("shuffle_seed", "data_threads", "data_prefetch", "device_prefetch"):
+    data.integer(field, 0)
+  data.integer("max_eval_length", 2)
+  for field in ("max_input_length", "max_target_length", "max_eval_length"):
+    if data[field] > MAX_LENGTH:
+      data.fail(field, f"expected at most {MAX_LENGTH} tokens (a row's attention scores grow "
+                       f"with its length squared)")
+  if data["dataset"] == "synthetic":
+    data.choice("synthetic_task", synthetic.CLASSIFICATION_TASKS
+                if family.digits_kind == "classification" else synthetic.SEQ2SEQ_TASKS)
+    if data["min_digits"] > data["max_digits"]:
+      data.fail("min_digits", f"must be <= max_digits={data['max_digits']}")
+    return
+  if data["dataset"] == "files" and not data["data_dir"]:
+    data.fail("data_dir", "dataset='files' needs the directory of the files")
+  if data["dataset"] == "files":
+    try:  # the one parser of this field; its error names the field already
+      stems = dict(sources.parse_mapping(data["file_splits"], "data.file_splits"))
+    except sources.DataError as e:
+      raise ConfigError(str(e)) from None
+    if family.digits_kind == "lm" and data["validation_fraction"] > 0:
+      if "train" not in stems or "validation" in stems:
+        data.fail("validation_fraction", "it holds out the end of the 'train' split as "
+                                         "'validation', so config.data.file_splits needs a "
+                                         "train split and no validation split")
+      stems["validation"] = "(held out)"
+    for field in ("train_split", "eval_split"):
+      if data[field] not in stems:
+        data.fail(field, f"not a split of config.data.file_splits "
+                         f"({', '.join(stems) or 'none'})")
+  for field in ("train_split", "eval_split"):
+    data.text(field, "a split name such as 'train' or 'validation'")
+  model = Fields(config, "model")
+  model.choice("tokenizer", family.tokenizers)
+  model.integer("vocab_size", 8)
+  data.integer("tokenizer_max_sentences", 1)

@@ -1,0 +1,156 @@
+"""Text for a language model: local text files or a tfds dataset by name with a `text`
+feature (tiny_shakespeare, lm1b), read once and tokenized once (characters, bytes or
+SentencePiece, saved in the workdir), then cut into windows of one contiguous stream
+(input_pipeline/windows.py) or into documents, each its own row (cut at the context).
+"""
+
+from typing import Dict, List, Optional
+
+import grain
+import numpy as np
+from absl import logging
+
+from input_pipeline import local_builders, sources, tokenizers, windows
+from input_pipeline.local_builders import DataError
+from tasks.sources import tokenizer_paths
+
+TOKENIZER_FILES = {"chars": "tokenizer.json", "sentencepiece": "tokenizer.model",
+                   "bytes": "tokenizer.bytes"}  # bytes need no file; the name is unused
+
+
+class TextCorpus:
+  """The documents of a text dataset, tokenized with one tokenizer."""
+
+  has_text = True
+  output_vocab_size = 0
+
+  def __init__(self, config, workdir: Optional[str], training: bool):
+    self.config = config
+    self._builder = self._make_builder()
+    self._raw: Dict[str, object] = {}
+    self._documents: Dict[str, List[str]] = {}
+    self._tokens: Dict[str, list] = {}
+    kind = config.model.tokenizer
+    paths = tokenizer_paths(config, workdir, [TOKENIZER_FILES[kind]], training)
+    self.tokenizer = tokenizers.get_or_build(kind, paths[0], self._tokenizer_texts,
+                                             config.model.vocab_size, keep_whitespace=True)
+    self.vocab_size = self.tokenizer.vocab_size
+    self.eos_id = self.tokenizer.eos_id
+    self.kind_label = f"{self.tokenizer.kind} text"
+
+  def _make_builder(self):
+    """The tfds builder of config.data.dataset (local text files or a tfds name)."""
+    d = self.config.data
+    if d.dataset == "files":
+      splits = {split: [name for name in names.split("+") if name]
+                for split, names in sources.parse_mapping(d.file_splits,
+                                                          "data.file_splits").items()}
+      return local_builders.text_files_builder(
+          d.data_dir, splits, d.text_documents, d.validation_fraction,
+          sources.default_data_dir(d.tfds_data_dir))
+    builder = sources.tfds_builder(d.dataset, d.tfds_data_dir)
+    features = list(builder.info.features.keys())
+    if "text" not in features:
+      raise DataError(f"config.data.dataset={d.dataset!r} has no 'text' feature to model (it "
+                      f"has {', '.join(features)}); language models read a 'text' feature")
+    return builder
+
+  def documents(self, split: str) -> List[str]:
+    """The non-empty texts of a split, in dataset order."""
+    if split not in self._documents:
+      d = self.config.data
+      if d.dataset == "files":
+        known = [name for name, _ in self._builder.builder_config.splits]
+        known += ["validation"] if d.validation_fraction > 0 else []
+        if split not in known:
+          raise DataError(f"split {split!r} is not one of the text files' splits "
+                          f"({', '.join(known)}; see config.data.file_splits and "
+                          f"config.data.validation_fraction)")
+      if split not in self._raw:
+        self._raw.update(sources.open_splits(self._builder, [split],
+                                             needs_tensorflow=d.dataset != "files"))
+      texts = [t for t in sources.read_all(self._raw[split],
+                                           lambda ex: sources.as_text(ex["text"])) if t]
+      if not texts:
+        raise DataError(f"split {split!r} of {d.dataset} has no text")
+      self._documents[split] = texts
+    return self._documents[split]
+
+  def _tokenizer_texts(self) -> List[str]:
+    """Lines of the training split (sentencepiece skips texts over 4 KB, so whole books
+    are fed a line at a time), an evenly strided sample of at most
+    config.data.tokenizer_max_sentences."""
+    documents = self.documents(self.config.data.train_split)
+    if self.config.model.tokenizer == "chars":
+      return documents
+    lines = [line for doc in documents for line in doc.split("\n") if line.strip()]
+    stride = -(-len(lines) // self.config.data.tokenizer_max_sentences)
+    return lines[::stride]
+
+  def tokenized(self, split: str) -> list:
+    """The documents of a split as int32 token arrays (no EOS)."""
+    if split not in self._tokens:
+      self._tokens[split] = self.tokenizer.encode_batch(self.documents(split))
+    return self._tokens[split]
+
+  def stream(self, split: str) -> np.ndarray:
+    """The split as one token stream, each document followed by EOS."""
+    return windows.concatenate(self.tokenized(split), self.eos_id)
+
+  def _document_rows(self, split: str) -> list:
+    """Each document + EOS as examples of at most the context length (long ones cut)."""
+    length = self.config.data.max_target_length
+    rows = []
+    for tokens in self.tokenized(split):
+      tokens = np.append(tokens, self.eos_id).astype(np.int32)
+      rows += [{"inputs": tokens[i:i + length]} for i in range(0, len(tokens), length)]
+    return rows
+
+  def examples(self, split: str):
+    d = self.config.data
+    split = {"train": d.train_split, "eval": d.eval_split}.get(split, split)
+    if d.lm_batching == "windows":
+      return windows.cut_windows(self.stream(split), d.max_target_length)
+    return self._document_rows(split)
+
+  def train_windows(self, batch_size, num_devices, process_index=0, process_count=1):
+    """Endless training batches of random windows of the training stream, or None when
+    config.data.lm_batching is "documents" (rows batched like any other examples)."""
+    d = self.config.data
+    if d.lm_batching == "documents":
+      return None
+    try:
+      source = windows.WindowBatches(
+          self.stream(d.train_split), d.max_target_length, batch_size=batch_size,
+          num_devices=num_devices, seed=d.shuffle_seed, process_index=process_index,
+          process_count=process_count)
+    except ValueError as e:  # the fields to change, by name
+      raise DataError(f"{e} (config.train.batch_size={batch_size}, "
+                      f"config.data.max_target_length={d.max_target_length})") from None
+    logging.info("training stream: %d tokens, %d windows of %d a epoch (%d batches)",
+                 len(source.stream), len(source.stream) // d.max_target_length,
+                 d.max_target_length, source.batches_per_epoch)
+    return grain.MapDataset.source(source)
+
+  def eval_lengths(self, lengths: Dict[str, int]) -> Dict[str, int]:
+    return lengths
+
+  def decode(self, tokens) -> str:
+    return self.tokenizer.decode(tokens)
+
+  def pieces(self, tokens, field: str = "inputs") -> List[str]:
+    del field
+    return self.tokenizer.pieces(tokens)
+
+  def encode(self, text: str) -> np.ndarray:
+    return self.tokenizer.encode(text)
+
+  def text_lengths(self) -> np.ndarray:
+    """Characters (or bytes) each id stands for: bits per character."""
+    return self.tokenizer.text_lengths()
+
+  def never_sampled(self):
+    """Ids sampling must never pick: padding, and the unknown piece for characters and
+    bytes (they reserve id 2 and never encode to it; an undertrained model sampled hot
+    could still pick it)."""
+    return (0,) if self.tokenizer.kind == "sentencepiece" else (0, tokenizers.UNK_ID)

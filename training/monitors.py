@@ -1,0 +1,148 @@
+"""What watches the training loop: the non-finite guard, the profiler trace of a few
+steps, and the best checkpoint.
+
+    NonFiniteGuard   stops (or counts skipped updates) on a NaN/inf loss or gradient
+    StepTrace        a jax.profiler trace of config.train.profile_steps steps
+    BestCheckpoint   keeps the checkpoint with the best config.eval.best_metric
+"""
+
+import json
+import os
+from typing import Dict, List, Optional
+
+import jax
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+import files
+from training import checkpointing
+
+NONFINITE_UPDATES = ("stop", "skip")  # config.train.nonfinite_updates
+
+class NonFiniteLossError(RuntimeError):
+  """The loss or gradients became NaN/inf; the offending update was not applied."""
+
+
+class NonFiniteGuard:
+  """Acts on the steps whose loss or gradient was not finite (their update was never
+  applied, see training/steps.train_step): config.train.nonfinite_updates="stop" stops
+  the run at the first, "skip" counts them and stops once more than
+  config.train.max_skipped_updates were skipped."""
+
+  HINT = ("Lower config.optim.learning_rate, raise config.optim.warmup_steps or enable "
+          "config.optim.max_grad_norm")
+
+  def __init__(self, config, directory: str):
+    self.skip = config.train.nonfinite_updates == "skip"
+    self.limit = config.train.max_skipped_updates
+    self.directory = directory
+    self.skipped = 0
+
+  def check(self, flags: List[float], done: int, last_saved: Optional[int]) -> None:
+    """`flags` are the `nonfinite` metrics of the steps ending at `done`."""
+    bad = [done - len(flags) + 1 + i for i, flag in enumerate(flags) if flag]
+    if not bad:
+      return
+    saved = (f"step {last_saved} in {self.directory}" if last_saved is not None
+             else f"(none) in {self.directory}")
+    if self.skip:
+      self.skipped += len(bad)
+      logging.warning("non-finite loss or gradient: skipped the update of step(s) %s "
+                      "(%d skipped in this run)", ", ".join(map(str, bad)), self.skipped)
+      if self.skipped <= self.limit:
+        return
+      raise NonFiniteLossError(
+          f"{self.skipped} updates skipped for a non-finite loss or gradient in this run, "
+          f"more than config.train.max_skipped_updates={self.limit} (the last at step "
+          f"{bad[-1]}); no checkpoint holds a non-finite value. Last good checkpoint: "
+          f"{saved}. {self.HINT}.")
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {bad[0]}; that update was skipped and no "
+        f"checkpoint was written after it. Last good checkpoint: {saved}. {self.HINT} "
+        f"(or set config.train.nonfinite_updates='skip' to skip such updates).")
+
+
+class StepTrace:
+  """A jax.profiler trace (config.train.profile_steps) of the `count` steps after a run's first
+  (which compiles), written under `directory` (TensorBoard's profile plugin or XProf
+  reads it: `<directory>/plugins/profile/<time>/<host>.xplane.pb`).
+
+  The device is waited for at both ends, so the trace holds exactly those steps, their
+  input pipeline and their host-to-device copies, not the compilation before them.
+  """
+
+  def __init__(self, directory: str, first: int, count: int):
+    """first: the run's first step (0-based: the number of updates applied before it)."""
+    self.directory, self.start, self.count = directory, first + 1, count
+    self.active = False
+    self.done = first
+
+  def before(self, step: int, state) -> None:
+    """Call before step `step` (0-based) is dispatched, with the state it will update."""
+    if self.count and step == self.start:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(self.directory)
+      self.active = True
+
+  def after(self, done: int, state) -> None:
+    """Call after the step that leaves `done` updates applied, with its output state."""
+    self.done = done
+    if self.active and done == self.start + self.count:
+      self.close(state)
+
+  def close(self, state=None) -> None:
+    """Ends the trace if one is running (also when the run ends or fails early)."""
+    if not self.active:
+      return
+    self.active = False
+    if state is not None:
+      jax.block_until_ready(state)
+    jax.profiler.stop_trace()
+    logging.info("profiler trace of steps %d to %d written to %s", self.start + 1,
+                 self.done, self.directory)
+
+
+class BestCheckpoint:
+  """Keeps the checkpoint with the best value of `config.eval.best_metric` in <workdir>/best.
+
+  Every process calls `update` (an orbax save involves them all); process 0 (`is_chief`)
+  decides and writes the record best.json.
+  """
+
+  LOWER_IS_BETTER = ("loss", "perplexity")
+
+  def __init__(self, config, workdir: str, is_chief: bool = True):
+    self.metric = config.eval.best_metric
+    self.enabled = bool(self.metric)
+    self.is_chief = is_chief
+    self.record = os.path.join(workdir, "best", "best.json")
+    self.best = None
+    if self.enabled and os.path.exists(self.record):
+      with open(self.record, encoding="utf-8") as f:
+        self.best = json.load(f)["value"]
+    self.checkpoints = (checkpointing.Checkpointer(workdir, keep=1, subdir="best")
+                        if self.enabled else None)
+
+  def update(self, step: int, metrics: Dict[str, float], host_state, config_dict) -> None:
+    if not self.enabled or self.metric not in metrics:
+      return
+    value = metrics[self.metric]
+    lower = self.metric in self.LOWER_IS_BETTER
+    better = self.best is None or (value < self.best if lower else value > self.best)
+    if jax.process_count() > 1:  # all save or none: process 0's decision
+      better = bool(multihost_utils.broadcast_one_to_all(np.int32(better)))
+    if not better:
+      return
+    self.best = value
+    self.checkpoints.save(step, host_state, config_dict)
+    self.checkpoints.wait()  # the record below must never name a checkpoint not on disk
+    if self.is_chief:
+      files.write_atomically(self.record, json.dumps(
+          {"metric": self.metric, "value": value, "step": step}))
+    logging.info("new best %s %.4g at step %d (saved in %s)", self.metric, value, step,
+                 self.checkpoints.directory)
+
+  def close(self) -> None:
+    if self.checkpoints is not None:
+      self.checkpoints.close()

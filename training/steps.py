@@ -1,0 +1,190 @@
+"""The pure steps and the state they update, and where they run (pmap over devices).
+
+    TrainState           step, parameters, optimizer state, dropout key
+    train_step           one optimizer update on a device's shard (micro-batches, psum)
+    eval_step            summed loss metrics of a batch (optionally with heads removed)
+    compile_steps        the pmapped train, eval and predict functions: the one place
+                         pmap appears, so a jit-with-sharding wrapper could serve them later
+    replicate, prefetch_to_devices, unreplicate_to_host: host <-> device layouts
+
+The steps take the task (tasks.base.Task) and the optimizer as arguments; nothing here
+knows a task family or a file.
+"""
+
+import collections
+import functools
+from typing import Any, List, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+AXIS = "devices"  # the pmap axis name, used by every collective
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training; checkpoints hold it with host arrays."""
+  step: jax.Array  # number of updates applied
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # base key; dropout keys are folded from it per step and device
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int):
+  """One optimizer update on this device's shard of the batch.
+
+  The loss is summed over tokens, the gradient and the token count are summed across
+  micro-batches and devices, and the gradient is divided once by the global count.
+  An update whose loss or gradient is not finite is not applied.
+  """
+  step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
+                                jax.lax.axis_index(AXIS))
+
+  def grads_and_sums(micro_batch, rng):
+    def loss_fn(params):
+      sums = task.loss(params, micro_batch, rng, train=True)
+      return sums["loss"], sums
+    return jax.grad(loss_fn, has_aux=True)(state.params)
+
+  if grad_accum_steps == 1:
+    grads, sums = grads_and_sums(batch, step_rng)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape((grad_accum_steps, -1) + x.shape[1:]), batch)
+
+    def accumulate(carry, xs):
+      index, micro_batch = xs
+      new = grads_and_sums(micro_batch, jax.random.fold_in(step_rng, index))
+      return jax.tree.map(jnp.add, carry, new), None
+
+    zeros = jax.tree.map(jnp.zeros_like,
+                         jax.eval_shape(grads_and_sums, jax.tree.map(lambda x: x[0], micro),
+                                        step_rng))
+    (grads, sums), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(grad_accum_steps), micro))
+
+  # Throughput counts real tokens of every sequence field (padding excluded).
+  sums = {**sums, "tokens": sum(jnp.sum(batch[k] > 0).astype(jnp.float32)
+                                for k in ("inputs", "targets") if k in batch)}
+  grads, sums = jax.lax.psum((grads, sums), AXIS)
+  grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
+  grad_norm = optax.tree.norm(grads)
+  finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
+
+  def apply_update(_):
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return optax.apply_updates(state.params, updates), opt_state
+
+  # A cond, not a select over every parameter: only the taken branch runs.
+  params, opt_state = jax.lax.cond(finite, apply_update,
+                                   lambda _: (state.params, state.opt_state), None)
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  stats = {"grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
+           "nonfinite": 1.0 - finite.astype(jnp.float32)}
+  return new_state, {**sums, **stats}
+
+
+def eval_step(params, batch, head_mask=None, *, task):
+  """Summed loss metrics of one batch, summed over devices; `head_mask`: the heads to
+  remove (see inspection.attention_maps.head_mask_tree), None for the whole model."""
+  masked = {} if head_mask is None else {"head_mask": head_mask}  # the plain call otherwise
+  return jax.lax.psum(task.loss(params, batch, None, train=False, **masked), AXIS)
+
+
+def step_devices(devices: Sequence[jax.Device]) -> List[jax.Device]:
+  """The devices a pmapped step spans: `devices` in one process; with several processes
+  (jax.distributed), every process's local devices, process by process. Each process
+  then calls the step with its own `[local_devices, ...]` arrays (host-local: its rows of
+  the global batch) and gets its devices' outputs back; the collectives (psum) span all.
+
+  (pmap given only this process's devices would run each process on its own, silently:
+  no gradient would be summed across processes.)
+  """
+  if jax.process_count() == 1:
+    return list(devices)
+  if set(devices) != set(jax.local_devices()):
+    raise ValueError(f"with {jax.process_count()} processes every process steps on all its "
+                     f"local devices ({len(jax.local_devices())}), not {len(devices)}")
+  return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
+
+
+def compile_steps(task, tx, config, devices: Sequence[jax.Device]):
+  """The pmapped train, eval and predict functions (the one place pmap appears)."""
+  devices = step_devices(devices)
+  p_train = jax.pmap(functools.partial(train_step, task=task, tx=tx,
+                                       grad_accum_steps=config.train.grad_accum_steps),
+                     axis_name=AXIS, devices=devices, donate_argnums=(0,))
+  p_eval = jax.pmap(functools.partial(eval_step, task=task), axis_name=AXIS, devices=devices)
+  p_predict = jax.pmap(task.predict, axis_name=AXIS, devices=devices)
+  return p_train, p_eval, p_predict
+
+
+def compile_masked_eval(task, devices: Sequence[jax.Device]):
+  """The pmapped eval step taking a head mask, the same on every device, as a third
+  argument (head importance)."""
+  return jax.pmap(functools.partial(eval_step, task=task), axis_name=AXIS,
+                  devices=step_devices(devices), in_axes=(0, 0, None))
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def create_state(task, tx, seed: int) -> TrainState:
+  """A fresh state on the host (device 0 of this process)."""
+  params_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
+  params = jax.jit(task.init_params)(params_rng)
+  return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=dropout_rng)
+
+
+def replicate(tree, devices: Sequence[jax.Device]):
+  """One copy of `tree` per device, laid out as the pmapped step returns its outputs.
+
+  (flax.jax_utils.replicate uses another mesh axis name, so the step's second call would
+  see a different input sharding and compile again.) `devices` are this process's: with
+  several processes, pmap takes and returns such host-local arrays, each process's share
+  of a global array over every process's devices (see `step_devices`).
+  """
+  sharding = device_sharding(devices)
+  return jax.tree.map(
+      lambda x: jax.device_put(np.stack([np.asarray(x)] * len(devices)), sharding), tree)
+
+
+def device_sharding(devices: Sequence[jax.Device]) -> jax.sharding.NamedSharding:
+  """Row i of a `[len(devices), ...]` array on `devices[i]`: the layout in which the
+  pmapped steps take their inputs (this process's devices, see `replicate`)."""
+  return jax.sharding.NamedSharding(jax.sharding.Mesh(np.array(devices), (AXIS,)),
+                                    jax.sharding.PartitionSpec(AXIS))
+
+
+def prefetch_to_devices(iterator, devices: Sequence[jax.Device], size: int, count: int):
+  """Yields `count` pairs (batch, position) from a grain iterator of host batches
+  `[local_devices, per_device_batch, ...]`.
+
+  With `size` > 0 each batch is put on `devices` (`device_sharding`) `size` batches before
+  it is yielded, so its host-to-device copy (asynchronous) overlaps the steps before it
+  instead of starting when its step is called; with 0 the host batches pass through (the
+  pmapped step copies them). `position` is the iterator's state just after that batch: a
+  checkpoint saved after the batch's step must hold it, not the state after the batches
+  already fetched ahead, or a resumed run would skip them. Nothing past `count` is read.
+  """
+  sharding = device_sharding(devices)
+  queue = collections.deque()
+  fetched = 0
+  for _ in range(count):
+    while fetched < count and len(queue) <= size:
+      batch = next(iterator)
+      position = iterator.get_state()
+      queue.append((jax.device_put(batch, sharding) if size else batch, position))
+      fetched += 1
+    yield queue.popleft()
+
+
+def unreplicate_to_host(tree):
+  """Device 0's copy of a pmapped pytree, as numpy arrays (what checkpoints hold)."""
+  return jax.tree.map(
+      lambda x: np.asarray(x.addressable_shards[0].data).reshape(x.shape[1:]), tree)
