@@ -69,13 +69,7 @@ def check_loop_config(config: ml_collections.ConfigDict, num_devices: int = 1) -
   if evaluation["num_attention_images"] > MAX_ATTENTION_IMAGES:
     evaluation.fail("num_attention_images", f"expected at most {MAX_ATTENTION_IMAGES} (each "
                                             f"is drawn at every evaluation)")
-  family = tasks.TASKS[config.task]
-  allowed = ("", "loss", "perplexity", "accuracy") + family.metrics
-  if config.data.dataset == "synthetic":
-    allowed = tuple(m for m in allowed if m not in ("bleu", "chrf"))
-  if evaluation["best_metric"] not in allowed:
-    evaluation.fail("best_metric", f"task {config.task!r} on {config.data.dataset} data "
-                                   f"reports {', '.join(repr(m) for m in allowed)}")
+  _check_best_metric(config)
   per_update = num_devices * config.train.grad_accum_steps
   if config.train.batch_size % per_update:
     loop.fail("batch_size", f"it must be divisible by devices x grad_accum_steps = "
@@ -83,6 +77,24 @@ def check_loop_config(config: ml_collections.ConfigDict, num_devices: int = 1) -
   if config.eval.eval_batch_size % num_devices:
     evaluation.fail("eval_batch_size", f"it must be divisible by the number of devices "
                                        f"({num_devices})")
+
+
+def _check_best_metric(config: ml_collections.ConfigDict) -> None:
+  """config.eval.best_metric: "" (off), a loss metric, or one the family reports (on the
+  data it reports it for)."""
+  evaluation, metric = Fields(config, "eval"), config.eval.best_metric
+  every = ("", "loss", "perplexity", "accuracy") + tuple(
+      m for family in tasks.TASKS.values() for m in family.metrics + family.text_metrics)
+  evaluation.choice("best_metric", tuple(dict.fromkeys(every)))
+  family = tasks.TASKS[config.task]
+  if metric in every[:4] or metric in family.metrics or (
+      metric in family.text_metrics and config.data.dataset != "synthetic"):
+    return
+  for name, other in tasks.TASKS.items():
+    if metric in other.text_metrics:
+      evaluation.fail("best_metric", f"{metric} is reported by {name} on real text only")
+    if metric in other.metrics:
+      evaluation.fail("best_metric", f"{metric} is reported by {name} only")
 
 
 def check_same_model(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:

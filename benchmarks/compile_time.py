@@ -8,7 +8,7 @@ For a decoder-only model (generation) and an encoder-decoder model (translation;
 means N encoder and N decoder layers) at the base preset's width (d_model 512, d_ff 2048,
 8 heads, its dropout 0.1), with `--layers` layers (6 and 24) and `config.model.scan_layers`
 False and True, it builds the task and state as train.py does and times, `--reps` times,
-the two halves of compiling `train.compile_steps`'s pmapped train step (Adam, clipping, the
+the two halves of compiling `train_steps.compile_steps`'s pmapped train step (Adam, clipping, the
 non-finite guard: the program a run compiles):
 
   trace+lower s  p_train.lower(state, batch): tracing the Python model into StableHLO
@@ -42,12 +42,12 @@ import jax  # noqa: E402
 
 from benchmarks import run_record  # noqa: E402
 import train  # noqa: E402
-import validation  # noqa: E402
 from benchmarks import train_throughput  # noqa: E402
 from configs import default as default_config  # noqa: E402
-from training import optimizers  # noqa: E402
+from training import optimizers, reporting  # noqa: E402
+from training import steps as train_steps  # noqa: E402
 
-# CPU buffers cannot be donated; train.compile_steps donates the state for accelerators.
+# CPU buffers cannot be donated; train_steps.compile_steps donates the state for accelerators.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 FAMILIES = {"generation": "decoder-only", "translation": "enc-dec"}
@@ -102,7 +102,7 @@ def build_config(case: Case):
     # The synthetic digit lengths only have to pass validation: the batch is random tokens.
     config.data.max_digits = min(config.data.max_digits, (case.length - 2) // 2)
     config.data.min_digits = min(config.data.min_digits, config.data.max_digits)
-  validation.validate(config, num_devices=1)
+  train.validate(config, num_devices=1)
   return config
 
 
@@ -116,11 +116,11 @@ def run_case(case: Case, reps: int, steps: int, seed: int) -> Dict[str, Any]:
                                    overrides={"scan_layers": True})
     train_throughput.check_model_knobs(knobs, config, task)
   tx = optimizers.make_optimizer(config)
-  state = train.create_state(task, tx, config.seed)
+  state = train_steps.create_state(task, tx, config.seed)
   devices = jax.local_devices()[:1]
-  p_state = train.replicate(state, devices)
+  p_state = train_steps.replicate(state, devices)
   leaves = len(jax.tree.leaves(state.params))
-  params = train.count_parameters(state.params)
+  params = reporting.count_parameters(state.params)
   del state
   batch = train_throughput.synthetic_batch(task, task.vocab_size, case.batch, seed)
 
@@ -128,7 +128,7 @@ def run_case(case: Case, reps: int, steps: int, seed: int) -> Dict[str, Any]:
   compiled = None
   for _ in range(reps):
     jax.clear_caches()
-    p_train, _, _ = train.compile_steps(task, tx, config, devices)  # a fresh function
+    p_train, _, _ = train_steps.compile_steps(task, tx, config, devices)  # a fresh function
     t0 = time.perf_counter()
     lowered = p_train.lower(p_state, batch)
     t1 = time.perf_counter()

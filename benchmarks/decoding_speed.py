@@ -62,9 +62,9 @@ import numpy as np  # noqa: E402
 
 from benchmarks import run_record  # noqa: E402
 import tasks  # noqa: E402
-import train  # noqa: E402
 from configs import default as default_config  # noqa: E402
 from models import decoding  # noqa: E402
+from training import reporting  # noqa: E402
 
 MODELS = {  # name -> (task, size preset)
     "lm_small": ("generation", "small"),
@@ -284,7 +284,7 @@ def run_row(task, params, row: Row, args) -> Dict[str, Any]:
       "src_length": args.src_length if task.name == "translation" else 0,
       "vocab_size": task.vocab_size, "dtype": task.config.compute.dtype,
       "attention_impl": task.config.compute.attention_impl,
-      "params": train.count_parameters(params),
+      "params": reporting.count_parameters(params),
       "compile_s": compile_s, "first_call_s": first_s, "decode_s": seconds,
       "round_s": round_s, "calls_per_round": per_round,
       "tokens_per_sec": row.batch * new_tokens / seconds,

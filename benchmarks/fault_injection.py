@@ -69,10 +69,9 @@ def restore(workdir: str, step: Optional[int] = None):
   """A checkpoint of `workdir` as a host TrainState (the model from its config.json)."""
   import jax  # pylint: disable=g-import-not-at-top
   import tasks  # pylint: disable=g-import-not-at-top
-  import train  # pylint: disable=g-import-not-at-top
-  from training import checkpointing, optimizers  # pylint: disable=g-import-not-at-top
+  from training import checkpointing, optimizers, steps  # pylint: disable=g-import-not-at-top
   config = saved_config(workdir)
-  template = jax.device_get(train.create_state(
+  template = jax.device_get(steps.create_state(
       tasks.get_task(config, workdir, training=False), optimizers.make_optimizer(config),
       config.seed))
   checkpoints = checkpointing.Checkpointer(workdir, keep=1000)

@@ -77,10 +77,8 @@ def loss_without_first_positions(workdir, overrides):
   import jax.numpy as jnp
   import numpy as np
 
-  import tasks
-  import train
+  import modes.run
   from configs import generation
-  from training import optimizers
 
   config = generation.get_config()
   for item in overrides:  # --config.group.field=value, as main.py applies them
@@ -91,8 +89,9 @@ def loss_without_first_positions(workdir, overrides):
       node = node[group]
     kind = type(node[field])
     node[field] = (value in ("True", "true", "1")) if kind is bool else kind(value)
-  task = tasks.get_task(config, workdir, training=False)
-  _, params = train._restore_params(task, optimizers.make_optimizer(config), config, workdir)
+  run = modes.run.open_run(config, workdir)
+  task = run.task
+  _, params = run.restore()
   length = config.data.max_target_length
   windows = np.stack([np.pad(w["inputs"], (0, length - len(w["inputs"])))
                       for w in task.data_source("eval")])

@@ -8,7 +8,7 @@ dense bfloat16 peak and against a bfloat16 matmul measured in the same run.
 The step is the real one: benchmarks/train_throughput.py's `run_shape` builds the task
 from configs/default.py (`--task` at `--size`, default the paper's base translation model;
 its preset dropout unless `--dropout`), sets bfloat16 compute and the fused attention path
-(cuDNN on GPU) as the `gpu` preset does, and times `train.compile_steps`'s pmapped step
+(cuDNN on GPU) as the `gpu` preset does, and times `steps.compile_steps`'s pmapped step
 (forward, backward, clipping, Adam) on one device over random non-zero tokens, `--batch`
 rows of `--length` source and target tokens, vocabulary `--vocab_size`. Model FLOPs are
 `train_throughput.model_flops` (6 per matmul weight per token, plus attention; PaLM

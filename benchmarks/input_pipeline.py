@@ -57,13 +57,13 @@ import numpy as np  # noqa: E402
 from benchmarks import run_record  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
-import validation  # noqa: E402
 from configs import classification, generation, presets, translation  # noqa: E402
 from input_pipeline import batching, sources, tokenizers  # noqa: E402
-from training import optimizers  # noqa: E402
+from training import optimizers, reporting  # noqa: E402
+from training import steps as train_steps  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# CPU buffers cannot be donated; train.compile_steps donates the state for accelerators.
+# CPU buffers cannot be donated; train_steps.compile_steps donates the state for accelerators.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 # corpus -> (config module, the corpus's folder under --data_root)
@@ -91,7 +91,7 @@ def build_config(corpus: str, data_root: str, tfds_data_dir: str, quick: bool):
       presets.update_groups(config, QUICK_SENTENCEPIECE)
     config.model.num_encoder_layers = min(config.model.num_encoder_layers, 1)
     config.model.num_decoder_layers = min(config.model.num_decoder_layers, 1)
-  validation.validate(config, num_devices=1)
+  train.validate(config, num_devices=1)
   return config
 
 
@@ -198,13 +198,13 @@ def measure_steps(task, config, rounds: int, steps: int) -> Dict[str, Any]:
   everything read ahead, and by the pipeline read in the loop."""
   devices = jax.local_devices()[:1]
   tx = optimizers.make_optimizer(config)
-  state = train.create_state(task, tx, config.seed)
-  params = train.count_parameters(state.params)
-  p_train, _, _ = train.compile_steps(task, tx, config, devices)
-  p_state = train.replicate(state, devices)
+  state = train_steps.create_state(task, tx, config.seed)
+  params = reporting.count_parameters(state.params)
+  p_train, _, _ = train_steps.compile_steps(task, tx, config, devices)
+  p_state = train_steps.replicate(state, devices)
   del state
   dataset = task.train_dataset(config.train.batch_size, 1)
-  constant = jax.device_put(dataset[0], train.device_sharding(devices))
+  constant = jax.device_put(dataset[0], train_steps.device_sharding(devices))
   ahead = {"pipeline": (config.data.data_threads, config.data.data_prefetch,
                         config.data.device_prefetch),
            "no ahead": (0, 0, 0)}
@@ -214,7 +214,7 @@ def measure_steps(task, config, rounds: int, steps: int) -> Dict[str, Any]:
   iterators, feeds = [], {"constant": iter([(constant, None)] * (warmup + rounds * steps))}
   for mode, (threads, prefetch, size) in ahead.items():
     iterators.append(batching.iterate(dataset, num_threads=threads, prefetch=prefetch))
-    feeds[mode] = train.prefetch_to_devices(iterators[-1], devices, size,
+    feeds[mode] = train_steps.prefetch_to_devices(iterators[-1], devices, size,
                                             warmup + rounds * steps)
 
   def run(mode: str, count: int) -> float:

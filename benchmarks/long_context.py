@@ -10,7 +10,7 @@ The model is the base decoder-only LM of `configs/default.py:task=generation,siz
 256-token vocabulary, at batch 1. For each length, attention implementation and mode, a
 fresh child process (so that its peak resident memory is its own):
 
-- builds the real steps of `train.compile_steps`: "train" is the pmapped train step
+- builds the real steps of `train_steps.compile_steps`: "train" is the pmapped train step
   (forward, backward, clipping, Adam), "infer" the eval step (forward and loss);
 - asks XLA for the compiled program's memory (`memory_analysis`: arguments, outputs and
   temporaries) and does not run it when that exceeds `--max_gib` (this machine has 24 GiB;
@@ -55,8 +55,8 @@ def child(length: int, impl: str, mode: str, steps: int, block: int, max_gib: fl
   import jax  # pylint: disable=g-import-not-at-top
   from benchmarks import train_throughput  # pylint: disable=g-import-not-at-top
   from configs import default, presets  # pylint: disable=g-import-not-at-top
-  import train  # pylint: disable=g-import-not-at-top
   from training import optimizers  # pylint: disable=g-import-not-at-top
+  from training import steps as train_steps  # pylint: disable=g-import-not-at-top
   warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
   config = default.get_config("task=generation,size=base")
@@ -67,9 +67,9 @@ def child(length: int, impl: str, mode: str, steps: int, block: int, max_gib: fl
   task = train_throughput.build_task(config, VOCAB)
   tx = optimizers.make_optimizer(config)
   devices = jax.local_devices()[:1]
-  p_train, p_eval, _ = train.compile_steps(task, tx, config, devices)
-  state = train.create_state(task, tx, config.seed)
-  p_state = train.replicate(state, devices)
+  p_train, p_eval, _ = train_steps.compile_steps(task, tx, config, devices)
+  state = train_steps.create_state(task, tx, config.seed)
+  p_state = train_steps.replicate(state, devices)
   del state
   batch = train_throughput.synthetic_batch(task, VOCAB, 1, seed=0)
   if mode == "train":

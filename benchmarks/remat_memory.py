@@ -5,7 +5,7 @@
 
 For the base decoder-only LM (`configs/default.py:task=generation,size=base`, 256-token
 vocabulary, float32) at `--batch` x `--length` tokens, for every remat policy with and
-without `scan_layers`, it compiles the real pmapped train step (`train.compile_steps`) and
+without `scan_layers`, it compiles the real pmapped train step (`steps.compile_steps`) and
 reports XLA's compiled memory analysis (temporaries: the activations kept for the
 backward pass live there) and the median step time of `--steps` steps after a warm-up
 step. Memory figures are exact properties of the compiled program; times are noisy.
@@ -24,16 +24,15 @@ if __package__ in (None, ""):
 
 import jax  # noqa: E402
 
-import train  # noqa: E402
 from benchmarks import run_record, train_throughput  # noqa: E402
 from configs import default, presets  # noqa: E402
-from training import optimizers  # noqa: E402
+from training import optimizers, steps  # noqa: E402
 
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 GIB = 2**30
 
 
-def measure(remat: str, scan: bool, batch: int, length: int, steps: int, layers: int):
+def measure(remat: str, scan: bool, batch: int, length: int, num_steps: int, layers: int):
   config = default.get_config("task=generation,size=base")
   presets.update_groups(config, dict(
       data=dict(max_target_length=length), train=dict(batch_size=batch),
@@ -41,15 +40,15 @@ def measure(remat: str, scan: bool, batch: int, length: int, steps: int, layers:
   task = train_throughput.build_task(config, 256)
   tx = optimizers.make_optimizer(config)
   devices = jax.local_devices()[:1]
-  p_train, _, _ = train.compile_steps(task, tx, config, devices)
-  p_state = train.replicate(train.create_state(task, tx, config.seed), devices)
+  p_train, _, _ = steps.compile_steps(task, tx, config, devices)
+  p_state = steps.replicate(steps.create_state(task, tx, config.seed), devices)
   data = train_throughput.synthetic_batch(task, 256, batch, seed=0)
   t = time.perf_counter()
   compiled = p_train.lower(p_state, data).compile()
   compile_s = time.perf_counter() - t
   memory = compiled.memory_analysis()
   times = []
-  for i in range(steps + 1):
+  for i in range(num_steps + 1):
     t = time.perf_counter()
     p_state, metrics = p_train(p_state, data)
     jax.block_until_ready((p_state, metrics))

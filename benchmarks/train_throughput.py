@@ -16,7 +16,7 @@ code does not have yet (`Shape.optional`) is skipped, with the reason, when it c
 a group, and stops the run when named.
 
 For each shape it builds the task and model from `configs/default.py` plus overrides,
-creates the state with `train.create_state`, and times `train.compile_steps`'s pmapped
+creates the state with `train_steps.create_state`, and times `train_steps.compile_steps`'s pmapped
 train step (Adam, gradient clipping, the non-finite guard: everything a real step does) on a
 synthetic int32 batch `[1, batch, length]` of random non-zero tokens, so every position is
 a real token (no padding). It reports the compile time (first call, blocked), the second
@@ -56,13 +56,13 @@ import numpy as np  # noqa: E402
 from benchmarks import run_record  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
-import validation  # noqa: E402
 from configs import default as default_config  # noqa: E402
 from configs import presets  # noqa: E402
 from models import TransformerConfig, attention  # noqa: E402
-from training import optimizers  # noqa: E402
+from training import optimizers, reporting  # noqa: E402
+from training import steps as train_steps  # noqa: E402
 
-# CPU buffers cannot be donated; train.compile_steps donates the state for accelerators.
+# CPU buffers cannot be donated; train_steps.compile_steps donates the state for accelerators.
 warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
 
 
@@ -223,7 +223,7 @@ def build_config(shape: Shape):
       config.data.max_target_length = shape.tgt_length
       config.data.max_digits = min(config.data.max_digits, (shape.tgt_length - 2) // 2)
     config.data.min_digits = min(config.data.min_digits, config.data.max_digits)
-  validation.validate(config, num_devices=1)
+  train.validate(config, num_devices=1)
   return config
 
 
@@ -345,7 +345,7 @@ def check_matmul_parameters(cfg: TransformerConfig, family: str, params) -> Dict
     sizes[name] = sizes.get(name, 0) + int(np.prod(leaf.shape))
   unknown = sorted(set(sizes) - {"kernel", *NON_MATMUL_LEAVES})
   assert not unknown, f"parameter leaves {unknown} are not covered by the FLOP formula"
-  total = train.count_parameters(params)
+  total = reporting.count_parameters(params)
   model_matmul = total - sum(sizes.get(k, 0) for k in NON_MATMUL_LEAVES)
   counts = matmul_parameters(cfg, family)
   formula = sum(counts.values())
@@ -445,11 +445,11 @@ def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seco
   cfg = task.model.config
   family = _family(task)
   tx = optimizers.make_optimizer(config)
-  state = train.create_state(task, tx, config.seed)
+  state = train_steps.create_state(task, tx, config.seed)
   counts = check_matmul_parameters(cfg, family, state.params)
   devices = jax.local_devices()[:1]
-  p_train, _, _ = train.compile_steps(task, tx, config, devices)
-  p_state = train.replicate(state, devices)
+  p_train, _, _ = train_steps.compile_steps(task, tx, config, devices)
+  p_state = train_steps.replicate(state, devices)
   del state
   batch = synthetic_batch(task, task.vocab_size, shape.batch, seed)
 

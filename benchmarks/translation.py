@@ -34,12 +34,14 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import tasks  # noqa: E402
+import modes  # noqa: E402
+import modes.run  # noqa: E402
 import train  # noqa: E402
 from configs import default as default_config  # noqa: E402
 from configs import presets  # noqa: E402
 from configs import translation as translation_config  # noqa: E402
 from input_pipeline import batching  # noqa: E402
-from training import optimizers  # noqa: E402
+from training import steps  # noqa: E402
 
 
 def load_config(workdir: str):
@@ -76,13 +78,13 @@ def bleu_table(args):
   for checkpoint, step in [("latest", int(s)) for s in args.steps.split(",")] + (
       [("averaged", s) for s in averages] if args.average else []):
     if checkpoint == "averaged":
-      step = train.average_checkpoints(config, args.workdir, args.average, last_step=step)
+      step = modes.average_checkpoints(config, args.workdir, args.average, last_step=step)
     row = {"checkpoint": checkpoint, "step": step, "minutes": times.get(step, float("nan")) / 60}
     greedy = str(step) in args.greedy_steps.split(",")
     for beam in (4, 1) if greedy else (4,):
       with config.unlocked():
         config.decode.beam_size = beam
-      metrics = train.evaluate_checkpoint(config, args.workdir, split=args.split,
+      metrics = modes.evaluate_checkpoint(config, args.workdir, split=args.split,
                                           step=None if checkpoint == "averaged" else step,
                                           checkpoint=checkpoint)
       row[f"bleu_beam{beam}"] = metrics["bleu"]
@@ -103,10 +105,10 @@ def bleu_table(args):
 def decode_speed(args):
   config = load_config(args.workdir)
   devices = jax.local_devices()[:1]
-  task = tasks.get_task(config, args.workdir, training=False)
-  tx = optimizers.make_optimizer(config)
-  _, params = train._restore_params(task, tx, config, args.workdir)  # pylint: disable=protected-access
-  params = train.replicate(params, devices)
+  run = modes.run.open_run(config, args.workdir, devices)
+  task = run.task
+  _, params = run.restore()
+  params = steps.replicate(params, devices)
   examples = task.data_source(args.split)
   print(f"{args.split}: {len(examples)} sentences, decoded in batches of "
         f"{config.eval.eval_batch_size} ({args.batches or 'all'} batches)")

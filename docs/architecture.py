@@ -38,13 +38,14 @@ DOC = os.path.join(ROOT, "docs", "architecture.md")
 BATCH = 3  # traced batch size, printed as B (no other traced dimension is 3)
 DTYPES = {"float32": "f32", "int32": "i32", "bool": "bool", "bfloat16": "bf16",
           "float16": "f16"}
-# The generated sections: name -> (config variant, overrides of config fields, what to draw).
+# The generated sections: name -> (config variant, overrides of config fields by dotted
+# name, what to draw).
 SECTIONS = {
     "translation": ("task=translation", {}, "model"),
     "generation": ("task=generation", {}, "model"),
     "generation_cache": ("task=generation", {}, "cache"),
     "classification": ("task=classification", {}, "model"),
-    "pre_norm": ("task=classification", {"norm_placement": "pre"}, "encoder"),
+    "pre_norm": ("task=classification", {"model.norm_placement": "pre"}, "encoder"),
 }
 
 
@@ -75,7 +76,9 @@ def _shape(x, batch: bool = True) -> str:
 def build(variant: str, overrides: Optional[dict] = None, decode: bool = False):
   """The run config, the task, its model and the keyword inputs of one dummy batch."""
   config = default.get_config(variant)
-  config.update(overrides or {})
+  for field, value in (overrides or {}).items():
+    group, name = field.split(".")
+    config[group][name] = value
   task = tasks.get_task(config, None, training=False)
   model = task.build_model(decode=decode)
   batch = {k: jnp.ones((BATCH, n), jnp.int32) for k, n in task.lengths.items()}

@@ -20,7 +20,7 @@ def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
   """Averages the parameters of the newest `num_checkpoints` checkpoints of `workdir` (up to
   `last_step` if given) into <workdir>/averaged; returns the newest averaged step.
   Evaluate it with `--mode=eval --checkpoint=averaged`."""
-  run = open_run(config, workdir)
+  run = open_run(config, workdir, jax.local_devices()[:1])  # on the host, no pmap
   directory = checkpointing.checkpoint_directory(workdir)
   if not os.path.isdir(directory):
     raise checkpointing.CheckpointError(f"no checkpoints in {directory}; train first")

@@ -24,7 +24,7 @@ def generate_text(config: ml_collections.ConfigDict, workdir: str, prompts: List
   require_text_family(config, "generate",
                       lambda family: issubclass(family, tasks.base.TextGenerator))
   # (main.py checks this before reading the prompts; callers from Python get it here)
-  run = open_run(config, workdir)
+  run = open_run(config, workdir, jax.local_devices()[:1])  # one jitted call, no pmap
   task, d = run.task, config.decode
   _, params = run.restore(checkpoint, step)
   encoded = task.encode_prompts(prompts)

@@ -28,7 +28,7 @@ def attention_report(config: ml_collections.ConfigDict, workdir: str,
   step<N>-<name>/ an overview, a grid of the heads of every layer of every kind, a
   full-size map for each of `heads` ('LAYER:HEAD' or 'KIND:LAYER:HEAD') and the per-head
   statistics (stats.txt, stats.json). Returns (the paths written, the statistics table)."""
-  run = open_run(config, workdir)
+  run = open_run(config, workdir, jax.local_devices()[:1])  # one example, no pmap
   task = run.task
   single = [h for spec in heads
             for h in attention_maps.parse_head(spec, attention_maps.layout(task))]

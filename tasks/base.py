@@ -46,6 +46,7 @@ class Task:
   # Metrics config.eval.best_metric may name besides the loss-based ones, and the metrics
   # a sweep compares variants by (the first the final evaluation reports).
   metrics: Tuple[str, ...] = ()
+  text_metrics: Tuple[str, ...] = ()  # the same, reported only on text (not digits)
   compare_by: Tuple[str, ...] = ()
   # The --mode that maps lines of text to lines with this family on text ("" = none).
   line_mode: str = ""

@@ -54,7 +54,6 @@ class GenerationTask(base.Task):
       return
     data.choice("lm_batching", LM_BATCHING)
     data.choice("text_documents", local_builders.DOCUMENT_UNITS)
-    data.rate("validation_fraction")
     if data["pack_examples"] and data["lm_batching"] == "windows":
       data.fail("pack_examples", "windows of one stream are full rows already; packing "
                                  "applies to lm_batching='documents'")

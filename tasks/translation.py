@@ -22,7 +22,8 @@ class TranslationTask(base.Task):
   text_source = ParallelText
   digits_kind = "seq2seq"
   attention_fields = {"encoder": "inputs", "decoder": "targets"}
-  metrics = ("exact_match", "bleu", "chrf")
+  metrics = ("exact_match",)
+  text_metrics = ("bleu", "chrf")
   compare_by = ("bleu", "exact_match")
   line_mode = "decode"
   tokenizers = ("sentencepiece", "bytes")

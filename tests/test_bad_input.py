@@ -279,7 +279,7 @@ CASES = [
          ("fewer than one batch of 16 windows of 4096", "config.data.max_target_length=4096"),
          set={"data.max_target_length": "4096"}),
     Case("every_example_longer_than_the_rows", "translation",
-         ("no training example fits max_input_length=2 and max_target_length=2",),
+         ("no training example fits config.data.max_input_length=2 and max_target_length=2",),
          set={"data.max_input_length": "2", "data.max_target_length": "2"}),
 ]
 

@@ -140,9 +140,9 @@ def test_nonfinite_loss_stops_without_saving_it(tmp_path):
   with pytest.raises(train.NonFiniteLossError, match="non-finite loss or gradient at step"):
     train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
   saved = checkpointing.Checkpointer(str(tmp_path), keep=100)
-  steps = saved.all_steps()
+  saved_steps = saved.all_steps()
   saved.close()
-  for step in steps:  # whatever was saved before the error is finite
+  for step in saved_steps:  # whatever was saved before the error is finite
     state = checkpointing.Checkpointer(str(tmp_path), keep=100).restore(
         jax.device_get(steps.create_state(tasks.get_task(config),
                                           optimizers.make_optimizer(config), 0)), step)

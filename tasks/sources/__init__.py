@@ -75,6 +75,8 @@ def check_config(config, family) -> None:
     return
   if data["dataset"] == "files" and not data["data_dir"]:
     data.fail("data_dir", "dataset='files' needs the directory of the files")
+  if family.digits_kind == "lm":
+    data.rate("validation_fraction")
   if data["dataset"] == "files":
     try:  # the one parser of this field; its error names the field already
       stems = dict(sources.parse_mapping(data["file_splits"], "data.file_splits"))
