@@ -39,10 +39,23 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.accel = "cpu"  # the accelerator preset applied (presets.ACCELERATORS: cpu, gpu, tpu)
   c.seed = 0  # parameter initialisation and dropout
 
-  # ---- config.model: what defines the parameters, the vocabulary they index and the
-  # architecture. A checkpoint must match this group (and config.task); the model's
-  # TransformerConfig takes its architecture fields as they are.
-  model = c.model = ml_collections.ConfigDict()
+  c.model = _model()
+  c.compute = _compute()
+  c.data = _data(task)
+  c.optim = _optim(task)
+  c.train = _loop()
+  c.eval = _evaluation()
+  c.decode = _decoding()
+
+  presets.apply_presets(c, variant.get("size", "tiny"), variant.get("accel", "cpu"))
+  return c
+
+
+def _model() -> ml_collections.ConfigDict:
+  """config.model: what defines the parameters, the vocabulary they index and the architecture.
+  A checkpoint must match this group (and config.task); the model's TransformerConfig takes its
+  architecture fields as they are."""
+  model = ml_collections.ConfigDict()
   model.num_encoder_layers = 2  # N for the encoder (translation, classification)
   model.num_decoder_layers = 2  # N for the decoder (translation, generation)
   model.d_model = 64  # model width
@@ -61,17 +74,23 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   model.tokenizer = "sentencepiece"  # real text: "sentencepiece" (trained on the fly) or "bytes"
   model.vocab_size = 8000  # sentencepiece vocabulary size (per language unless shared_vocab)
   model.shared_vocab = True  # translation: one tokenizer for source and target
+  return model
 
-  # ---- config.compute: how the model computes, not what: may change between runs of one workdir.
-  compute = c.compute = ml_collections.ConfigDict()
+
+def _compute() -> ml_collections.ConfigDict:
+  """config.compute: how the model computes, not what: may change between runs of one workdir."""
+  compute = ml_collections.ConfigDict()
   compute.dtype = "float32"  # compute dtype; params, softmax, norms, logits, loss stay float32
   compute.attention_impl = "reference"  # "reference" (ours), "fused" (jax/cuDNN), "blockwise"
   compute.attention_block_size = 512  # blockwise attention: query and key block length
   compute.remat = "none"  # recompute in backward: none, full (each block), matmuls (save dots)
   compute.cpu_devices = 0  # CPU: main.py splits the host into this many pmap devices; 0 = one
+  return compute
 
-  # ---- config.data: data sources, tokenization limits and the input pipeline.
-  data = c.data = ml_collections.ConfigDict()
+
+def _data(task: str) -> ml_collections.ConfigDict:
+  """config.data: data sources, tokenization limits and the input pipeline."""
+  data = ml_collections.ConfigDict()
   data.dataset = "synthetic"  # "synthetic", "files" (local files in data_dir) or a tfds name
   data.data_dir = ""  # directory of the local data files (dataset="files")
   data.tfds_data_dir = ""  # prepared tfds data; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
@@ -98,9 +117,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   data.data_threads = 2  # grain threads making training batches ahead of the step; 0 = in the loop
   data.data_prefetch = 4  # training batches those threads keep ready in host memory
   data.device_prefetch = 2  # training batches copied to the devices ahead of the step; 0 = none
+  return data
 
-  # ---- config.optim: the optimizer, its schedule and regularisation.
-  optim = c.optim = ml_collections.ConfigDict()
+
+def _optim(task: str) -> ml_collections.ConfigDict:
+  """config.optim: the optimizer, its schedule and regularisation."""
+  optim = ml_collections.ConfigDict()
   optim.optimizer = "adam"  # "adam" (paper) or "adamw" (decay skips biases and norms)
   optim.learning_rate = 3e-3  # peak learning rate, reached at the end of warmup
   optim.schedule = "cosine"  # rsqrt (paper), cosine, linear, constant; all with linear warmup
@@ -114,9 +136,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   optim.dropout_rate = 0.0  # residual, embedding and feed-forward dropout
   optim.attention_dropout_rate = 0.0  # dropout on attention weights (reference path only)
   optim.dropout_rng = "hash"  # dropout masks: "hash" of the index (fast) or "threefry" (JAX's)
+  return optim
 
-  # ---- config.train: the training loop: batch, length, logging, checkpoints, faults.
-  train = c.train = ml_collections.ConfigDict()
+
+def _loop() -> ml_collections.ConfigDict:
+  """config.train: the training loop: batch, length, logging, checkpoints, faults."""
+  train = ml_collections.ConfigDict()
   train.batch_size = 64  # global batch size, split over all devices
   train.grad_accum_steps = 1  # micro-batches accumulated per update
   train.num_train_steps = 3000  # total optimizer updates
@@ -128,9 +153,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   train.allow_config_change = False  # load a checkpoint whose model fields differ from this config
   train.signal_check_every_steps = 10  # several processes: steps between agreeing on a signal
   train.profile_steps = 0  # trace this many steps after a run's first to workdir/profile; 0 = off
+  return train
 
-  # ---- config.eval: evaluation during training and in eval mode.
-  ev = c.eval = ml_collections.ConfigDict()
+
+def _evaluation() -> ml_collections.ConfigDict:
+  """config.eval: evaluation during training and in eval mode."""
+  ev = ml_collections.ConfigDict()
   ev.eval_batch_size = 128  # global batch size for evaluation and decoding
   ev.eval_every_steps = 1000  # held-out evaluation
   ev.num_print_examples = 5  # decoded examples printed at the final evaluation
@@ -139,9 +167,12 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   ev.best_metric = ""  # keep the best checkpoint by this eval metric (bleu, accuracy); "" = off
   ev.num_attention_images = 1  # eval examples whose attention maps each evaluation draws; 0 = off
   ev.head_importance_batches = 0  # --mode=head_importance: eval batches scored per head; 0 = all
+  return ev
 
-  # ---- config.decode: decoding: beam search (translation) and sampling (generation).
-  decode = c.decode = ml_collections.ConfigDict()
+
+def _decoding() -> ml_collections.ConfigDict:
+  """config.decode: decoding: beam search (translation) and sampling (generation)."""
+  decode = ml_collections.ConfigDict()
   decode.beam_size = 1  # beam search width; 1 = greedy (paper: 4)
   decode.length_penalty = 0.6  # beam score = log p / ((5 + length) / 6) ** alpha (paper: 0.6)
   decode.decode_extra_length = 50  # decode at most input length + this many tokens (paper: 50)
@@ -154,9 +185,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   decode.sample_seed = 0  # the sampling seed: the same seed and prompt give the same text
   decode.stop_text = ""  # generation also ends after this text (one token); "" = only at EOS
   decode.eval_prompt_length = 16  # LM samples in eval logs continue this many tokens of eval rows
-
-  presets.apply_presets(c, variant.get("size", "tiny"), variant.get("accel", "cpu"))
-  return c
+  return decode
 
 
 def field_groups() -> Dict[str, str]:

@@ -20,6 +20,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from models import attention  # noqa: E402
+from models import masks as mask_lib  # noqa: E402
 
 TOKENS = "ABCD"
 RADIUS = 2.0  # length of every query and key: sets how sharp the match is
@@ -63,10 +64,10 @@ def masked() -> dict:
   q, k, _ = example()
   token_ids = jnp.array([[5, 6, 7, 0]])  # A B C, then padding (id 0)
   masks = {
-      "padding": attention.padding_mask(token_ids, token_ids),
-      "causal": attention.causal_mask(4),
+      "padding": mask_lib.padding_mask(token_ids, token_ids),
+      "causal": mask_lib.causal_mask(4),
   }
-  masks["padding and causal"] = attention.combine_masks(masks["padding"], masks["causal"])
+  masks["padding and causal"] = mask_lib.combine_masks(masks["padding"], masks["causal"])
   return {name: (np.asarray(m)[0, 0],
                  np.asarray(attention.attention_weights(jnp.asarray(q), jnp.asarray(k), m))[0, 0])
           for name, m in masks.items()}

@@ -16,7 +16,7 @@ flash attention on GPU where shapes and dtypes allow. The blockwise path
 matrix: memory grows linearly with the sequence length, in the forward and the backward
 pass. Tests check that both fast paths equal the reference.
 
-A mask is either a boolean array or an `AttentionMask` (models/masks.py, re-exported here).
+A mask is either a boolean array or an `AttentionMask` (models/masks.py).
 
 Heads can be switched off at apply time (head ablation, tasks/attention_maps.py): a
 `[heads]` float vector passed in the `head_mask` collection under a module's path scales
@@ -30,8 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from models import blockwise_attention
-from models.masks import (MASK_VALUE, AttentionMask, Mask, causal_mask, combine_masks,  # noqa: F401
-                          dense_mask, padding_mask, segment_mask)
+from models.masks import MASK_VALUE, Mask, combine_masks, dense_mask
 
 Array = jax.Array
 

@@ -188,6 +188,30 @@ def _take_beams(x: Array, beams: Array) -> Array:
   return jax.vmap(lambda rows, index: rows[index])(x, beams)
 
 
+def _searching(i, alive_log_probs: Array, finished_scores: Array, alpha: float) -> Array:
+  """Whether some example of a beam search may still improve. An example is done once its
+  finished set is full and its best alive hypothesis, scored at its current length, is no
+  better than the worst finished one (the usual heuristic; it makes beam size 1 exactly
+  greedy), or once nothing is alive. Both sets are sorted best first."""
+  full = jnp.isfinite(finished_scores[:, -1])
+  best_alive = alive_log_probs[:, 0] / length_penalty(i, alpha)
+  done = full & (best_alive <= finished_scores[:, -1])
+  return ~jnp.all(done | ~jnp.isfinite(alive_log_probs[:, 0]))
+
+
+def _next_log_probs(logits: Array, i, max_lengths: Array, eos_id: int) -> Array:
+  """Log-probabilities `[batch, beam, vocab]` of the tokens at position `i`, -inf where a
+  token may not go: padding never, and at an example's last position only EOS, at its own
+  probability (a forced end is not made free). Disallowed candidates are impossible, not
+  merely unlikely: with a small vocabulary they would otherwise fill the beam."""
+  token_ids = jnp.arange(logits.shape[-1])
+  # Padding is never a prediction, so the distribution is over the other tokens.
+  log_probs = jax.nn.log_softmax(
+      jnp.where(token_ids > 0, logits.astype(jnp.float32), MASK_VALUE), axis=-1)
+  allowed = (token_ids > 0) & ((i != max_lengths - 1)[:, None] | (token_ids == eos_id))
+  return jnp.where(allowed[:, None, :], log_probs, -jnp.inf)
+
+
 def beam_search(step_fn: StepFn, cache: Any, batch_size: int, beam_size: int,
                 max_length: int, eos_id: int, alpha: float = 0.6,
                 max_lengths: Optional[Array] = None) -> Tuple[Array, Array]:
@@ -227,13 +251,7 @@ def beam_search(step_fn: StepFn, cache: Any, batch_size: int, beam_size: int,
 
   def cond(state):
     i, _, _, alive_log_probs, _, finished_scores = state
-    # An example is done once its finished set is full and its best alive hypothesis,
-    # scored at its current length, is no better than the worst finished one (the usual
-    # heuristic; it makes beam size 1 exactly greedy). Both sets are sorted best first.
-    full = jnp.isfinite(finished_scores[:, -1])
-    best_alive = alive_log_probs[:, 0] / length_penalty(i, alpha)
-    done = full & (best_alive <= finished_scores[:, -1])
-    return (i < max_length) & ~jnp.all(done | ~jnp.isfinite(alive_log_probs[:, 0]))
+    return (i < max_length) & _searching(i, alive_log_probs, finished_scores, alpha)
 
   def body(state):
     i, cache, alive_tokens, alive_log_probs, finished_tokens, finished_scores = state
@@ -241,15 +259,8 @@ def beam_search(step_fn: StepFn, cache: Any, batch_size: int, beam_size: int,
     last = jnp.where(i > 0, alive_tokens[:, :, jnp.maximum(i - 1, 0)], 0)
     logits, cache = step_fn(cache, last.reshape(rows, 1))
     vocab = logits.shape[-1]
-    logits = logits.astype(jnp.float32).reshape(batch_size, beam_size, vocab)
-    token_ids = jnp.arange(vocab)
-    # Padding is never a prediction, so the distribution is over the other tokens.
-    log_probs = jax.nn.log_softmax(jnp.where(token_ids > 0, logits, MASK_VALUE), axis=-1)
-    # At an example's last position only EOS may follow, at its own probability (a forced
-    # end is not made free). Disallowed candidates are impossible (-inf), not merely
-    # unlikely: with a small vocabulary they would otherwise fill the beam and be returned.
-    allowed = (token_ids > 0) & ((i != max_lengths - 1)[:, None] | (token_ids == eos_id))
-    log_probs = jnp.where(allowed[:, None, :], log_probs, -jnp.inf)  # [batch, beam, vocab]
+    log_probs = _next_log_probs(logits.reshape(batch_size, beam_size, vocab), i,
+                                max_lengths, eos_id)
 
     candidates = (alive_log_probs[:, :, None] + log_probs).reshape(batch_size, -1)
     top_log_probs, top = jax.lax.top_k(candidates, 2 * beam_size)  # [batch, 2 * beam]
@@ -277,10 +288,14 @@ def beam_search(step_fn: StepFn, cache: Any, batch_size: int, beam_size: int,
   finished_scores = jnp.full((batch_size, beam_size), -jnp.inf)
   state = (jnp.array(0, jnp.int32), cache, no_tokens, alive_log_probs, no_tokens,
            finished_scores)
-  i, _, alive_tokens, alive_log_probs, finished_tokens, finished_scores = (
-      jax.lax.while_loop(cond, body, state))
+  return _results(*jax.lax.while_loop(cond, body, state), alpha)
 
-  # An example with no finished hypothesis ran to max_length (i == max_length).
+
+def _results(i, cache, alive_tokens, alive_log_probs, finished_tokens, finished_scores,
+             alpha: float) -> Tuple[Array, Array]:
+  """(tokens, scores) of a finished beam search: the finished hypotheses, or the alive ones
+  of an example that finished none (it ran to max_length: i == max_length)."""
+  del cache
   any_finished = jnp.isfinite(finished_scores[:, :1])  # [batch, 1]
   tokens = jnp.where(any_finished[..., None], finished_tokens, alive_tokens)
   scores = jnp.where(any_finished, finished_scores, alive_log_probs / length_penalty(i, alpha))

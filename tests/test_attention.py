@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import attention
+from models import attention, masks
 from models.attention import MultiHeadAttention
 
 ATOL = 1e-5
@@ -56,14 +56,14 @@ def test_padding_mask_matches_hand_written():
       [[1, 0], [1, 0], [0, 0]],
       [[0, 0], [1, 1], [1, 1]],
   ], bool)[:, None]
-  mask = attention.padding_mask(q_tokens, k_tokens)
+  mask = masks.padding_mask(q_tokens, k_tokens)
   assert mask.shape == (2, 1, 3, 2) and mask.dtype == jnp.bool_
   np.testing.assert_array_equal(mask, expected)
 
 
 def test_causal_mask_matches_hand_written():
   expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], bool)
-  mask = attention.causal_mask(4)
+  mask = masks.causal_mask(4)
   assert mask.shape == (1, 1, 4, 4)
   np.testing.assert_array_equal(mask[0, 0], expected)
 
@@ -71,19 +71,19 @@ def test_causal_mask_matches_hand_written():
 def test_segment_mask_matches_hand_written():
   segments = jnp.array([[1, 1, 2, 0]])
   expected = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], bool)
-  mask = attention.segment_mask(segments, segments)
+  mask = masks.segment_mask(segments, segments)
   assert mask.shape == (1, 1, 4, 4)
   np.testing.assert_array_equal(mask[0, 0], expected)
 
 
 def test_combine_masks_is_broadcast_and_skipping_none():
-  padding = attention.padding_mask(jnp.array([[1, 1, 0]]), jnp.array([[1, 1, 0]]))
-  combined = attention.combine_masks(None, attention.causal_mask(3), padding, None)
+  padding = masks.padding_mask(jnp.array([[1, 1, 0]]), jnp.array([[1, 1, 0]]))
+  combined = masks.combine_masks(None, masks.causal_mask(3), padding, None)
   expected = np.array([[1, 0, 0], [1, 1, 0], [0, 0, 0]], bool)
   assert combined.shape == (1, 1, 3, 3)
   np.testing.assert_array_equal(combined[0, 0], expected)
-  assert attention.combine_masks(None, None) is None
-  np.testing.assert_array_equal(attention.combine_masks(padding), padding)
+  assert masks.combine_masks(None, None) is None
+  np.testing.assert_array_equal(masks.combine_masks(padding), padding)
 
 
 # ----------------------------------------------------------------------------- softmax
@@ -196,16 +196,16 @@ def packed_masks():
   """Padding, causal and segment masks for a [2, 6] batch with two packed rows."""
   tokens = jnp.array([[3, 4, 5, 6, 7, 0], [2, 2, 2, 0, 0, 0]])
   segments = jnp.array([[1, 1, 2, 2, 2, 0], [1, 1, 1, 0, 0, 0]])
-  padding = attention.padding_mask(tokens, tokens)
-  causal = attention.causal_mask(6)
-  segment = attention.segment_mask(segments, segments)
+  padding = masks.padding_mask(tokens, tokens)
+  causal = masks.causal_mask(6)
+  segment = masks.segment_mask(segments, segments)
   return {
       "none": None,
       "padding": padding,
       "causal": causal,
       "segment": segment,
-      "padding_causal": attention.combine_masks(padding, causal),
-      "padding_causal_segment": attention.combine_masks(padding, causal, segment),
+      "padding_causal": masks.combine_masks(padding, causal),
+      "padding_causal_segment": masks.combine_masks(padding, causal, segment),
   }
 
 
@@ -249,7 +249,7 @@ def fuse(p, names):
 def test_fused_qkv_projection_equals_separate_projections():
   """Stacking separate W^Q, W^K, W^V kernels into the fused [d, 3, h, d_k] layout is exact."""
   x = jnp.asarray(np.random.default_rng(13).normal(size=(2, 6, 12)), jnp.float32)
-  mask = attention.causal_mask(6)
+  mask = masks.causal_mask(6)
   separate = MultiHeadAttention(num_heads=3, head_dim=5)
   fused = MultiHeadAttention(num_heads=3, head_dim=5, fused_qkv=True)
   p = random_params(separate, 2, x)["params"]
@@ -306,7 +306,7 @@ def test_mha_cross_attention_matches_numpy():
   rng = np.random.default_rng(16)
   x = jnp.asarray(rng.normal(size=(2, 6, 12)), jnp.float32)
   memory = jnp.asarray(rng.normal(size=(2, 7, 12)), jnp.float32)
-  mask = attention.padding_mask(jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]),
+  mask = masks.padding_mask(jnp.array([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]),
                                 jnp.array([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1]]))
   mha = MultiHeadAttention(num_heads=3, head_dim=5)
   params = random_params(mha, 5, x, memory)
@@ -320,7 +320,7 @@ def test_mha_sows_reference_attention_weights():
   x = jnp.asarray(np.random.default_rng(17).normal(size=(2, 6, 12)), jnp.float32)
   mha = MultiHeadAttention(num_heads=3, head_dim=5)
   params = random_params(mha, 7, x)
-  _, state = mha.apply(params, x, mask=attention.causal_mask(6), mutable=["intermediates"])
+  _, state = mha.apply(params, x, mask=masks.causal_mask(6), mutable=["intermediates"])
   (weights,) = state["intermediates"]["attention_weights"]
   assert weights.shape == (2, 3, 6, 6)
   np.testing.assert_allclose(weights.sum(-1), 1.0, atol=ATOL)

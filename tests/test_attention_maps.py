@@ -19,7 +19,7 @@ from tensorboardX.proto import event_pb2
 import modes
 import tasks
 import train
-from models import attention
+from models import attention, masks
 from inspection import attention_maps
 from tests.cli_helpers import run_main
 from tests.test_translation import cli_flags, write_corpus
@@ -169,7 +169,7 @@ def test_masking_a_head_removes_exactly_its_contribution():
   mha = attention.MultiHeadAttention(num_heads=3, head_dim=4)
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(2, 5, 8)), jnp.float32)
-  mask = attention.padding_mask(jnp.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
+  mask = masks.padding_mask(jnp.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]),
                                 jnp.array([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]))
   params = mha.init(jax.random.PRNGKey(1), x, mask=mask)["params"]
 

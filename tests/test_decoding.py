@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import attention, decoding
+from models import attention, decoding, masks
 from models.transformer import DecoderOnly, EncoderDecoder, TransformerConfig, shift_right
 from tests.model_fixtures import init_params, tiny_model_config
 
@@ -139,7 +139,7 @@ def test_attention_cache_equals_causal_self_attention():
   full_mha = attention.MultiHeadAttention(num_heads=2, head_dim=8)
   cached_mha = attention.MultiHeadAttention(num_heads=2, head_dim=8, decode=True)
   params = init_params(full_mha, x)
-  full = full_mha.apply({"params": params}, x, mask=attention.causal_mask(6))
+  full = full_mha.apply({"params": params}, x, mask=masks.causal_mask(6))
   step = jax.jit(lambda cache, x_t: cached_mha.apply({"params": params, "cache": cache}, x_t,
                                                      mutable=["cache"]))
   cache = decoding.init_cache(cached_mha, x)

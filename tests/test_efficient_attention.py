@@ -11,6 +11,7 @@ import pytest
 
 from model_fixtures import init_params, tiny_model_config
 from models import attention, blockwise_attention
+from models import masks as mask_lib
 from models.attention import AttentionMask
 from models.transformer import Classifier, DecoderOnly, EncoderDecoder
 
@@ -51,9 +52,9 @@ def real_queries(mask):
 def test_attention_mask_dense_equals_the_mask_functions():
   valid, segments = jnp.array([[1, 1, 1, 0]]) > 0, jnp.array([[1, 2, 2, 0]])
   mask = AttentionMask(valid, valid, segments, segments, causal=True)
-  expected = attention.combine_masks(attention.padding_mask(valid, valid),
-                                     attention.causal_mask(4),
-                                     attention.segment_mask(segments, segments))
+  expected = mask_lib.combine_masks(mask_lib.padding_mask(valid, valid),
+                                     mask_lib.causal_mask(4),
+                                     mask_lib.segment_mask(segments, segments))
   np.testing.assert_array_equal(mask.dense(), expected)
   assert mask.shape == (1, 1, 4, 4) and mask.dtype == expected.dtype  # stands in for it
   # A tile is the same slice of the dense mask.

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from models import attention, decoding
+from models import masks as mask_lib
 from models.transformer import DecoderOnly, EncoderDecoder, TransformerConfig
 
 pytestmark = pytest.mark.skipif(
@@ -67,7 +68,7 @@ def masks(q_length, kv_length):
   (decoder) or not (encoder). Causal kinds need q_length == kv_length."""
   q_valid = np.arange(q_length)[None] < np.array([q_length, q_length * 5 // 8])[:, None]
   kv_valid = np.arange(kv_length)[None] < np.array([kv_length, kv_length * 3 // 4])[:, None]
-  out = {"padding": attention.padding_mask(jnp.asarray(q_valid), jnp.asarray(kv_valid))}
+  out = {"padding": mask_lib.padding_mask(jnp.asarray(q_valid), jnp.asarray(kv_valid))}
   if q_length != kv_length:
     return out
   n = q_length
@@ -77,13 +78,13 @@ def masks(q_length, kv_length):
               ).sum(-1) * (np.arange(n)[None] < bounds[:, -1:])
   segments = jnp.asarray(segments, jnp.int32)
   real = segments > 0
-  padding = attention.padding_mask(real, real)
-  segment = attention.combine_masks(padding, attention.segment_mask(segments, segments))
-  causal = attention.causal_mask(n)
+  padding = mask_lib.padding_mask(real, real)
+  segment = mask_lib.combine_masks(padding, mask_lib.segment_mask(segments, segments))
+  causal = mask_lib.causal_mask(n)
   out.update({
       "causal": jnp.broadcast_to(causal, (BATCH, 1, n, n)),
       "packed_encoder": segment,
-      "packed_decoder": attention.combine_masks(segment, causal),
+      "packed_decoder": mask_lib.combine_masks(segment, causal),
   })
   return out
 

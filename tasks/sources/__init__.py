@@ -16,7 +16,10 @@ exact match). A family names its text source; `open_source` picks digits or that
 import os
 from typing import List, Optional
 
-from input_pipeline import tokenizers
+from config_checks import ConfigError, Fields
+from input_pipeline import sources as input_sources
+from input_pipeline import synthetic, tokenizers
+from tasks.sources.digits import Digits
 
 # The longest row a length field may ask for: one row's [length, length] attention scores
 # (a head, float32) are 16 GiB there already, and longer asks fail in an allocation.
@@ -25,10 +28,46 @@ MAX_LENGTH = 65536
 
 def open_source(config, family, workdir: Optional[str], training: bool):
   """The data source of `config.data.dataset` for `family` (a tasks.base.Task class)."""
-  from tasks.sources.digits import Digits  # pylint: disable=g-import-not-at-top
   if config.data.dataset == "synthetic":
     return Digits(config, family.digits_kind)
   return family.text_source(config, workdir, training)
+
+
+class TextSource:
+  """What the text sources share: a tfds builder (local files or a dataset by name), its
+  splits opened once, and one tokenizer for decoding, encoding and the pieces of ids."""
+
+  has_text = True
+  output_vocab_size = 0  # the same vocabulary on both sides unless a source says not
+  tokenizer = None
+
+  def __init__(self, config):
+    self.config = config
+    self._builder = self._make_builder()
+    self._raw = {}
+
+  def _make_builder(self):
+    raise NotImplementedError
+
+  def _open(self, split: str):
+    """The raw random-access source of a split, prepared on first use."""
+    if split not in self._raw:
+      self._raw.update(input_sources.open_splits(
+          self._builder, [split], needs_tensorflow=self.config.data.dataset != "files"))
+    return self._raw[split]
+
+  def eval_lengths(self, lengths):
+    return lengths
+
+  def decode(self, tokens) -> str:
+    return self.tokenizer.decode(tokens)
+
+  def pieces(self, tokens, field: str = "inputs") -> List[str]:
+    del field
+    return self.tokenizer.pieces(tokens)
+
+  def encode(self, text: str):
+    return self.tokenizer.encode(text)
 
 
 def tokenizer_paths(config, workdir: Optional[str], names: List[str],
@@ -53,8 +92,6 @@ def tokenizer_paths(config, workdir: Optional[str], names: List[str],
 
 def check_config(config, family) -> None:
   """The data fields every source reads, and which tokenizers `family` can use."""
-  from config_checks import ConfigError, Fields  # pylint: disable=g-import-not-at-top
-  from input_pipeline import sources, synthetic  # pylint: disable=g-import-not-at-top
   data = Fields(config, "data")
   data.text("dataset", "'synthetic', 'files' or a tensorflow-datasets name")
   for field in ("min_digits", "max_digits", "max_input_length", "max_target_length",
@@ -79,8 +116,8 @@ def check_config(config, family) -> None:
     data.rate("validation_fraction")
   if data["dataset"] == "files":
     try:  # the one parser of this field; its error names the field already
-      stems = dict(sources.parse_mapping(data["file_splits"], "data.file_splits"))
-    except sources.DataError as e:
+      stems = dict(input_sources.parse_mapping(data["file_splits"], "data.file_splits"))
+    except input_sources.DataError as e:
       raise ConfigError(str(e)) from None
     if family.digits_kind == "lm" and data["validation_fraction"] > 0:
       if "train" not in stems or "validation" in stems:

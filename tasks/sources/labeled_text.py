@@ -20,7 +20,7 @@ from absl import logging
 import files
 from input_pipeline import local_builders, sources, tokenizers
 from input_pipeline.local_builders import DataError
-from tasks.sources import tokenizer_paths
+from tasks.sources import TextSource, tokenizer_paths
 
 LABELS_FILE = "labels.json"
 TOKENIZER_FILES = {"sentencepiece": "tokenizer.model",
@@ -28,17 +28,13 @@ TOKENIZER_FILES = {"sentencepiece": "tokenizer.model",
 NO_LABEL = -1  # tfds ClassLabel value of an unlabeled example (e.g. the GLUE test splits)
 
 
-class LabeledText:
+class LabeledText(TextSource):
   """Texts with class labels; the class names of the run in `label_names`."""
 
-  has_text = True
-  output_vocab_size = 0
-
   def __init__(self, config, workdir: Optional[str], training: bool):
-    c = self.config = config
+    c = config
     self.workdir, self.training = workdir, training
-    self._builder = self._make_builder()
-    self._raw: Dict[str, object] = {}
+    super().__init__(config)
     self._rows: Dict[str, Tuple[list, list, list]] = {}
     self._examples: Dict[str, list] = {}
     names = self._label_names_of_run()  # read and checked before anything is written
@@ -97,13 +93,10 @@ class LabeledText:
     split = self.split_name(split)
     if split not in self._rows:
       d = self.config.data
-      if split not in self._raw:
-        self._raw.update(sources.open_splits(self._builder, [split],
-                                             needs_tensorflow=d.dataset != "files"))
       local = d.dataset == "files"
       text_key, label_key = ("text", "label") if local else (d.text_feature, d.label_feature)
       records = sources.read_all(
-          self._raw[split],
+          self._open(split),
           lambda ex: (sources.as_text(ex[text_key]),
                       sources.as_text(ex[label_key]) if local else int(ex[label_key]),
                       int(ex["line"]) if local else -1))
@@ -190,22 +183,9 @@ class LabeledText:
                  else "")
     return out
 
-  def eval_lengths(self, lengths: Dict[str, int]) -> Dict[str, int]:
-    return lengths
-
   def text_of(self, split: str, index: int, tokens) -> str:
     del tokens
     return self.rows(split)[0][index]
-
-  def decode(self, tokens) -> str:
-    return self.tokenizer.decode(tokens)
-
-  def pieces(self, tokens, field: str = "inputs") -> List[str]:
-    del field
-    return self.tokenizer.pieces(tokens)
-
-  def encode(self, text: str) -> np.ndarray:
-    return self.tokenizer.encode(text)
 
   def encode_batch(self, texts: List[str]) -> List[np.ndarray]:
     return self.tokenizer.encode_batch(texts)

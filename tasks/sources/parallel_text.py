@@ -11,20 +11,16 @@ from absl import logging
 
 from input_pipeline import local_builders, sources, tokenizers
 from input_pipeline.local_builders import DataError
-from tasks.sources import tokenizer_paths
+from tasks.sources import TextSource, tokenizer_paths
 
 
-class ParallelText:
+class ParallelText(TextSource):
   """Sentence pairs of config.data.language_pair (source-target), tokenized."""
 
-  has_text = True
-
   def __init__(self, config, workdir: Optional[str], training: bool):
-    self.config = config
     self.source_lang, self.target_lang = config.data.language_pair.split("-")
     self.kind_label = f"{self.source_lang}-{self.target_lang}"
-    self._builder = self._make_builder()
-    self._raw: Dict[str, object] = {}
+    super().__init__(config)
     self._examples: Dict[str, list] = {}
     self._texts: Dict[str, tuple] = {}
     self.source_tokenizer, self.target_tokenizer = self._tokenizers(workdir, training)
@@ -49,15 +45,10 @@ class ParallelText:
     return builder
 
   def _split_source(self, split: str):
-    """The raw (untokenized) random-access source of a split, prepared on first use."""
     d = self.config.data
-    if split not in self._raw:
-      if d.dataset == "files" and split not in dict(self._builder.builder_config.splits):
-        raise DataError(f"split {split!r} is not in config.data.file_splits="
-                        f"{d.file_splits!r}")
-      self._raw.update(sources.open_splits(self._builder, [split],
-                                           needs_tensorflow=d.dataset != "files"))
-    return self._raw[split]
+    if d.dataset == "files" and split not in dict(self._builder.builder_config.splits):
+      raise DataError(f"split {split!r} is not in config.data.file_splits={d.file_splits!r}")
+    return self._open(split)
 
   def texts(self, split: str):
     """(sources, references) of a split as lists of str, in dataset order."""

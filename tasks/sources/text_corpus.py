@@ -12,22 +12,17 @@ from absl import logging
 
 from input_pipeline import local_builders, sources, tokenizers, windows
 from input_pipeline.local_builders import DataError
-from tasks.sources import tokenizer_paths
+from tasks.sources import TextSource, tokenizer_paths
 
 TOKENIZER_FILES = {"chars": "tokenizer.json", "sentencepiece": "tokenizer.model",
                    "bytes": "tokenizer.bytes"}  # bytes need no file; the name is unused
 
 
-class TextCorpus:
+class TextCorpus(TextSource):
   """The documents of a text dataset, tokenized with one tokenizer."""
 
-  has_text = True
-  output_vocab_size = 0
-
   def __init__(self, config, workdir: Optional[str], training: bool):
-    self.config = config
-    self._builder = self._make_builder()
-    self._raw: Dict[str, object] = {}
+    super().__init__(config)
     self._documents: Dict[str, List[str]] = {}
     self._tokens: Dict[str, list] = {}
     kind = config.model.tokenizer
@@ -66,10 +61,7 @@ class TextCorpus:
           raise DataError(f"split {split!r} is not one of the text files' splits "
                           f"({', '.join(known)}; see config.data.file_splits and "
                           f"config.data.validation_fraction)")
-      if split not in self._raw:
-        self._raw.update(sources.open_splits(self._builder, [split],
-                                             needs_tensorflow=d.dataset != "files"))
-      texts = [t for t in sources.read_all(self._raw[split],
+      texts = [t for t in sources.read_all(self._open(split),
                                            lambda ex: sources.as_text(ex["text"])) if t]
       if not texts:
         raise DataError(f"split {split!r} of {d.dataset} has no text")
@@ -131,19 +123,6 @@ class TextCorpus:
                  len(source.stream), len(source.stream) // d.max_target_length,
                  d.max_target_length, source.batches_per_epoch)
     return grain.MapDataset.source(source)
-
-  def eval_lengths(self, lengths: Dict[str, int]) -> Dict[str, int]:
-    return lengths
-
-  def decode(self, tokens) -> str:
-    return self.tokenizer.decode(tokens)
-
-  def pieces(self, tokens, field: str = "inputs") -> List[str]:
-    del field
-    return self.tokenizer.pieces(tokens)
-
-  def encode(self, text: str) -> np.ndarray:
-    return self.tokenizer.encode(text)
 
   def text_lengths(self) -> np.ndarray:
     """Characters (or bytes) each id stands for: bits per character."""
