@@ -12,7 +12,7 @@ import pytest
 from model_fixtures import init_params, tiny_model_config
 from models import attention, blockwise_attention
 from models import masks as mask_lib
-from models.attention import AttentionMask
+from models.masks import AttentionMask
 from models.transformer import Classifier, DecoderOnly, EncoderDecoder
 
 TOL = dict(atol=2e-5, rtol=2e-5)
