@@ -149,3 +149,42 @@ def test_a_mode_for_another_family_is_one_line():
                     f"--config={REPO}/configs/default.py:task=classification", stdin="x\n")
   assert_one_error_line(result, "--mode=decode translates text",
                         "config.task='translation' on real data")
+
+
+def _flatten_saved_configs(workdir):
+  """Rewrites every checkpoint's saved config in the flat form runs wrote before the
+  groups (what a checkpoint of an older version of this code holds)."""
+  import glob  # pylint: disable=g-import-not-at-top
+  import json  # pylint: disable=g-import-not-at-top
+  paths = glob.glob(os.path.join(workdir, "checkpoints", "*", "config", "metadata"))
+  assert paths
+  for path in paths:
+    with open(path, encoding="utf-8") as f:
+      grouped = json.load(f)
+    if "model" not in grouped:
+      continue  # flat already
+    flat = {k: v for k, v in grouped.items() if k not in default.GROUPS}
+    for group in default.GROUPS:
+      flat.update(grouped[group])
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(flat, f)
+
+
+def test_checkpoints_saved_with_a_flat_config_restore_and_resume(tmp_path):
+  import jax  # pylint: disable=g-import-not-at-top
+  import modes  # pylint: disable=g-import-not-at-top
+  from tests.tiny_configs import tiny_config  # pylint: disable=g-import-not-at-top
+  one_device = jax.local_devices()[:1]
+  config = tiny_config(train=dict(num_train_steps=10, checkpoint_every_steps=5),
+                       eval=dict(eval_every_steps=100, num_attention_images=0))
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir, devices=one_device, final_evaluation=False)
+  _flatten_saved_configs(workdir)
+  assert "loss" in modes.evaluate_checkpoint(config, workdir, devices=one_device)
+  longer = config.copy_and_resolve_references()
+  longer.train.num_train_steps = 15
+  train.train_and_evaluate(longer, workdir, devices=one_device, final_evaluation=False)
+  _flatten_saved_configs(workdir)
+  longer.model.d_ff = 128
+  with pytest.raises(config_checks.ConfigError, match=r"model\.d_ff: 64 there, 128 now"):
+    modes.evaluate_checkpoint(longer, workdir, devices=one_device)
