@@ -225,8 +225,9 @@ def _attention_text(config):
   of --input), or None with --example; one-line errors for flags that do not fit."""
   f = flags.FLAGS
   import tasks  # pylint: disable=g-import-not-at-top
+  family = tasks.TASKS.get(config.task)
   if (f.reference is not None
-      and tasks.TASKS[config.task].attention_fields.get("decoder") != "targets"):
+      and getattr(family, "attention_fields", {}).get("decoder") != "targets"):
     _user_error(f"--reference is for translation (the decoder's target text); "
                 f"config.task={config.task!r}")
   if f.example is not None:

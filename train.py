@@ -90,24 +90,30 @@ def _check_best_metric(config: ml_collections.ConfigDict) -> None:
   if metric in every[:4] or metric in family.metrics or (
       metric in family.text_metrics and config.data.dataset != "synthetic"):
     return
-  for name, other in tasks.TASKS.items():
-    if metric in other.text_metrics:
-      evaluation.fail("best_metric", f"{metric} is reported by {name} on real text only")
-    if metric in other.metrics:
-      evaluation.fail("best_metric", f"{metric} is reported by {name} only")
+  text = [name for name, other in tasks.TASKS.items() if metric in other.text_metrics]
+  if text:
+    evaluation.fail("best_metric", f"{metric} is reported by {' and '.join(text)} on real "
+                                   f"text only")
+  owners = [name for name, other in tasks.TASKS.items() if metric in other.metrics]
+  evaluation.fail("best_metric", f"{metric} is reported by {' and '.join(owners)} only")
 
 
 def check_same_model(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
   """ConfigError when `config` differs from the config `saved` with a checkpoint (in
-  `where`) in config.task or a config.model field, unless
+  `where`) in config.task, a config.model field or a field the family names in
+  `identity_fields` (translation: the language pair), unless
   config.train.allow_config_change. A config saved before the fields were grouped is
   regrouped first."""
   saved = default.group_flat_config(saved)
+  fields = [f"model.{k}" for k in config.model]
+  fields += list(getattr(tasks.TASKS.get(config.task), "identity_fields", ()))
   changed = [f"task: {saved['task']!r} there, {config.task!r} now"
              for _ in [0] if "task" in saved and saved["task"] != config.task]
-  model = saved.get("model", {})
-  changed += [f"model.{k}: {model[k]!r} there, {config.model[k]!r} now"
-              for k in config.model if k in model and model[k] != config.model[k]]
+  for path in fields:
+    group, field = path.split(".")
+    then, now = saved.get(group, {}).get(field, config[group][field]), config[group][field]
+    if then != now:
+      changed.append(f"{path}: {then!r} there, {now!r} now")
   if changed and not config.train.allow_config_change:
     raise ConfigError(
         f"the config differs from the one the checkpoint in {where} was trained with in "

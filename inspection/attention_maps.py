@@ -468,7 +468,6 @@ def write_maps(maps: AttentionMaps, directory: str,
   """Writes into `directory`: overview.png, <kind>_layer<i>.png for every layer,
   <kind>_layer<i>_head<j>.png for each of `heads`, stats.txt and stats.json (the per-head
   statistics and `about`: the tokens, the checkpoint). Returns the paths written."""
-  os.makedirs(directory, exist_ok=True)
   paths = [files.write_atomically(os.path.join(directory, "overview.png"), overview_png(maps))]
   for kind in KINDS:
     for layer in range(maps.weights[kind].shape[0] if kind in maps.weights else 0):
@@ -625,7 +624,6 @@ def importance_png(increase: Mapping[str, np.ndarray]) -> bytes:
 def write_importance(directory: str, stem: str, baseline: float,
                      increase: Mapping[str, np.ndarray], about: dict) -> List[str]:
   """<stem>.md (sorted table), .csv, .json and .png (layers x heads) in `directory`."""
-  os.makedirs(directory, exist_ok=True)
   base = os.path.join(directory, stem)
   report = {**about, "baseline_loss": baseline,
             "increase": {k: v.tolist() for k, v in increase.items()},

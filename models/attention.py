@@ -18,7 +18,7 @@ pass. Tests check that both fast paths equal the reference.
 
 A mask is either a boolean array or an `AttentionMask` (models/masks.py).
 
-Heads can be switched off at apply time (head ablation, tasks/attention_maps.py): a
+Heads can be switched off at apply time (head ablation, inspection/attention_maps.py): a
 `[heads]` float vector passed in the `head_mask` collection under a module's path scales
 each head's output before W^O. Without that collection nothing is added to the program.
 """

@@ -10,6 +10,7 @@ checkpoint restored read-only):
     sweep.py          --mode=sweep, --mode=sweep_report: train and compare variants
 """
 
+import tasks
 from modes.average import average_checkpoints
 from modes.evaluate import evaluate_checkpoint
 from modes.generate import generate_text
@@ -21,7 +22,6 @@ from modes.lines import decode_lines, predict_lines, require_text_family
 def check_mode_fits(config, mode: str) -> None:
   """UserError when --mode=`mode` (decode, predict, generate) does not apply to
   config.task on config.data.dataset."""
-  import tasks  # pylint: disable=g-import-not-at-top
   if mode == "generate":
     require_text_family(config, mode, lambda f: issubclass(f, tasks.base.TextGenerator))
   else:

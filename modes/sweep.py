@@ -209,7 +209,7 @@ def _row(variant: Variant, config, directory: str) -> Dict[str, Any]:
       metrics = {k.split("/", 1)[1]: v for k, v in evals[-1].items()
                  if k in ("eval/loss", "eval/perplexity")}
   row["loss"], row["perplexity"] = metrics.get("loss"), metrics.get("perplexity")
-  for name in tasks.TASKS[config.task].compare_by:
+  for name in getattr(tasks.TASKS.get(config.task), "compare_by", ()):
     if name in metrics:
       row["metric"], row["metric_name"] = metrics[name], name
       break

@@ -23,4 +23,7 @@ def check_config(config) -> None:
   family = TASKS[config.task]
   sources.check_config(config, family)
   family.check_model(config)
+  # The decoding fields are checked whatever the family, as they always were.
+  TranslationTask.check_beam_search(config)
+  GenerationTask.check_sampling(config)
   family.check_config(config)

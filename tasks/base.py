@@ -27,10 +27,15 @@ from tasks.sources import open_source
 Array = jax.Array
 Batch = Mapping[str, Array]
 DTYPES = ("float32", "bfloat16")
-# Fields of config.optim and config.compute that TransformerConfig takes (how the model
-# computes and regularises, not what its parameters are).
-RUNTIME_FIELDS = ("dropout_rate", "dropout_rng", "attention_dropout_rate", "attention_impl",
-                  "attention_block_size", "remat")
+# The regularisation fields of config.optim that the model applies.
+DROPOUT_FIELDS = ("dropout_rate", "dropout_rng", "attention_dropout_rate")
+
+
+def model_fields(config) -> Dict[str, Any]:
+  """What TransformerConfig takes from the run config: config.model (what the parameters
+  are), config.compute (how it computes) and the dropout fields of config.optim;
+  `TransformerConfig.from_fields` keeps the names it declares."""
+  return {**config.model, **config.compute, **{f: config.optim[f] for f in DROPOUT_FIELDS}}
 
 
 class Task:
@@ -50,6 +55,9 @@ class Task:
   compare_by: Tuple[str, ...] = ()
   # The --mode that maps lines of text to lines with this family on text ("" = none).
   line_mode: str = ""
+  tokenizers: Tuple[str, ...] = ()  # the config.model.tokenizer kinds its text source takes
+  # Fields outside config.model that a checkpoint must match too ("group.field").
+  identity_fields: Tuple[str, ...] = ()
 
   def __init__(self, config, workdir: Optional[str] = None, training: bool = True):
     """`workdir` holds what the run learns from its data (e.g. a tokenizer); `training`
@@ -69,15 +77,19 @@ class Task:
     """Raises config_checks.ConfigError for a field value this family cannot use."""
 
   @classmethod
+  def tokenizer_files(cls, config) -> int:
+    """How many tokenizer model files config.data.tokenizer_path names."""
+    del config
+    return 1
+
+  @classmethod
   def check_model(cls, config) -> None:
     """The model and compute fields, checked by building the model's TransformerConfig:
     a value it refuses is a ConfigError naming the field in its group."""
     Fields(config, "compute").choice("dtype", DTYPES)
     Fields(config, "compute").integer("cpu_devices", 0)
     try:
-      TransformerConfig.from_fields(
-          config.model, vocab_size=8, **{f: config[g][f] for g in ("optim", "compute")
-                                         for f in config[g] if f in RUNTIME_FIELDS})
+      TransformerConfig.from_fields(model_fields(config), vocab_size=8)
     except InvalidField as e:
       group = next(g for g in ("model", "compute", "optim") if e.field in config[g])
       fail(f"{group}.{e.field}", e.value, e.allowed)
@@ -95,12 +107,9 @@ class Task:
     """config.model as is, the sizes this task's data fixes, and how to compute."""
     c = self.config
     return TransformerConfig.from_fields(
-        c.model, vocab_size=self.vocab_size, output_vocab_size=self.data.output_vocab_size,
-        num_classes=self.num_classes, max_length=self.max_length(),
-        dropout_rate=c.optim.dropout_rate, dropout_rng=c.optim.dropout_rng,
-        attention_dropout_rate=c.optim.attention_dropout_rate,
-        attention_impl=c.compute.attention_impl,
-        attention_block_size=c.compute.attention_block_size,
+        model_fields(c), vocab_size=self.vocab_size,
+        output_vocab_size=self.data.output_vocab_size, num_classes=self.num_classes,
+        max_length=self.max_length(),
         # Decoding runs the blocks as a loop without remat: it takes no gradients, and
         # beam search reorders caches whose first axis is the batch (`decode_params`).
         remat="none" if decode else c.compute.remat,

@@ -41,10 +41,31 @@ class GenerationTask(base.Task):
   compare_by = ("bits_per_char", "bits_per_byte", "exact_match")
   tokenizers = ("chars", "bytes", "sentencepiece")
 
+  @staticmethod
+  def check_sampling(config) -> None:
+    """The sampling fields of config.decode (generate mode and the samples in the eval
+    logs)."""
+    decode = Fields(config, "decode")
+    decode.boolean("greedy")
+    value = decode["temperature"]
+    if not decode["greedy"] and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                 or not value > 0):
+      decode.fail("temperature", "sampling needs a number > 0 (set config.decode.greedy=True "
+                                 "for the most likely tokens)")
+    value = decode["top_p"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+      decode.fail("top_p", "expected a number in (0, 1]")
+    decode.integer("top_k", 0)
+    decode.integer("max_new_tokens", 1)
+    decode.integer("num_samples", 1)
+    decode.integer("sample_seed", 0)
+    decode.integer("eval_prompt_length", 0)
+    if not isinstance(decode["stop_text"], str):
+      decode.fail("stop_text", "expected a string")
+
   @classmethod
   def check_config(cls, config) -> None:
     Fields(config, "model").integer("num_decoder_layers", 1)
-    _check_sampling(config)
     data = Fields(config, "data")
     if data["dataset"] == "synthetic":
       need = 2 * data["max_digits"] + 2  # x SEP f(x) EOS
@@ -230,24 +251,3 @@ class GenerationTask(base.Task):
       raise DataError(f"config.decode.stop_text={text!r} is {len(tokens)} tokens for this "
                       f"tokenizer; it must be exactly one token")
     return int(tokens[0])
-
-
-def _check_sampling(config) -> None:
-  """The sampling fields (generate mode and the samples in the eval logs)."""
-  decode = Fields(config, "decode")
-  decode.boolean("greedy")
-  value = decode["temperature"]
-  if not decode["greedy"] and (isinstance(value, bool) or not isinstance(value, (int, float))
-                               or not value > 0):
-    decode.fail("temperature", "sampling needs a number > 0 (set config.decode.greedy=True "
-                               "for the most likely tokens)")
-  value = decode["top_p"]
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-    decode.fail("top_p", "expected a number in (0, 1]")
-  decode.integer("top_k", 0)
-  decode.integer("max_new_tokens", 1)
-  decode.integer("num_samples", 1)
-  decode.integer("sample_seed", 0)
-  decode.integer("eval_prompt_length", 0)
-  if not isinstance(decode["stop_text"], str):
-    decode.fail("stop_text", "expected a string")

@@ -8,6 +8,7 @@ from typing import Dict, List
 
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from config_checks import Fields
 from models import EncoderDecoder, decoding
@@ -27,11 +28,23 @@ class TranslationTask(base.Task):
   compare_by = ("bleu", "exact_match")
   line_mode = "decode"
   tokenizers = ("sentencepiece", "bytes")
+  identity_fields = ("data.language_pair",)  # the direction the parameters translate
+
+  def __init__(self, config, workdir=None, training=True):
+    super().__init__(config, workdir, training)
+    if self.data.has_text:  # sacrebleu is imported here: a missing one stops the run now
+      logging.info("%s: vocabularies of %d and %d pieces; scores: %s", self.data.kind_label,
+                   self.vocab_size, self.data.output_vocab_size,
+                   "  ".join(f"{k} {v}" for k, v in sacrebleu_signatures().items()))
 
   @classmethod
-  def check_config(cls, config) -> None:
-    Fields(config, "model").integer("num_encoder_layers", 1)
-    Fields(config, "model").integer("num_decoder_layers", 1)
+  def tokenizer_files(cls, config) -> int:
+    """One shared model, or source and target models ("source,target")."""
+    return 1 if config.model.shared_vocab else 2
+
+  @classmethod
+  def check_beam_search(cls, config) -> None:
+    """The beam search fields of config.decode (`predict`)."""
     decode = Fields(config, "decode")
     decode.integer("beam_size", 1)
     decode.integer("decode_extra_length", 0)
@@ -40,6 +53,11 @@ class TranslationTask(base.Task):
     value = decode["length_penalty"]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
       decode.fail("length_penalty", "expected a number >= 0 (0 = no length normalisation)")
+
+  @classmethod
+  def check_config(cls, config) -> None:
+    Fields(config, "model").integer("num_encoder_layers", 1)
+    Fields(config, "model").integer("num_decoder_layers", 1)
     data = Fields(config, "data")
     if data["dataset"] == "synthetic":
       need = data["max_digits"] + 1  # x EOS and f(x) EOS
@@ -56,10 +74,6 @@ class TranslationTask(base.Task):
     if model["shared_vocab"] is False and model["share_embeddings"]:
       model.fail("share_embeddings", "separate source and target vocabularies "
                                      "(shared_vocab=False) need share_embeddings=False")
-    paths = [p for p in data["tokenizer_path"].split(",") if p]
-    if paths and len(paths) != (1 if model["shared_vocab"] else 2):
-      data.fail("tokenizer_path",
-                "expected one model file with shared_vocab=True, two ('source,target') without")
 
   # ---- data and model
   @property

@@ -90,6 +90,16 @@ def test_a_checkpoint_config_saved_flat_is_checked_by_its_model_group():
     train.check_same_model(flat, config, "old/checkpoints")
 
 
+def test_a_translation_checkpoint_also_pins_its_language_pair():
+  config = default.get_config("task=translation")
+  saved = config.to_dict()
+  train.check_same_model(saved, config, "run/checkpoints")
+  config.data.language_pair = "en-de"
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"data\.language_pair: 'de-en' there, 'en-de' now"):
+    train.check_same_model(saved, config, "run/checkpoints")
+
+
 def test_an_old_flat_flag_names_its_new_place():
   result = run_main("--workdir=unused", "--config.num_heads=3")
   assert_one_error_line(result, "--config.num_heads is now --config.model.num_heads")

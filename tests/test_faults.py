@@ -301,7 +301,8 @@ def test_a_model_field_that_differs_from_the_workdir_is_refused(trained, tmp_pat
     modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
   config.model.num_heads = 2
   config.model.activation = "gelu"  # the same parameters, another function
-  with pytest.raises(config_checks.ConfigError, match=r"model\.activation: 'relu' there, 'gelu' now"):
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"model\.activation: 'relu' there, 'gelu' now"):
     modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
   config.train.allow_config_change = True  # the same shapes: it loads
   assert "loss" in modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)

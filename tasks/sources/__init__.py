@@ -40,6 +40,7 @@ class TextSource:
   has_text = True
   output_vocab_size = 0  # the same vocabulary on both sides unless a source says not
   tokenizer = None
+  kind_label = "text"  # what the run's first log line calls the data
 
   def __init__(self, config):
     self.config = config
@@ -135,3 +136,8 @@ def check_config(config, family) -> None:
   model.choice("tokenizer", family.tokenizers)
   model.integer("vocab_size", 8)
   data.integer("tokenizer_max_sentences", 1)
+  paths = [p for p in data["tokenizer_path"].split(",") if p]
+  wanted = family.tokenizer_files(config)
+  if paths and len(paths) != wanted:
+    data.fail("tokenizer_path", "expected one model file" if wanted == 1 else
+              f"expected {wanted} model files, separated by a comma")
