@@ -6,7 +6,8 @@ train.validate calls each group's check (models, optimizers, data sources, famil
 loop), and main.py prints the message as one line.
 """
 
-from typing import Any, Collection
+import math
+from typing import Any, Callable, Collection
 
 from errors import UserError
 
@@ -20,7 +21,9 @@ def fail(path: str, value: Any, allowed: str) -> None:
 
 
 def _number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
+  """A finite int or float (not a bool, nan or inf)."""
+  return (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and math.isfinite(value))
 
 
 class Fields:
@@ -48,15 +51,18 @@ class Fields:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
       self.fail(field, f"expected an integer >= {minimum}")
 
-  def rate(self, field: str, upper_inclusive: bool = False) -> None:
+  def number(self, field: str, ok: Callable[[float], bool], allowed: str) -> None:
+    """Fails with `allowed` unless the value is a finite number for which `ok` holds."""
     value = self.values[field]
-    if not (_number(value) and value >= 0 and (value <= 1 if upper_inclusive else value < 1)):
-      self.fail(field, f"expected a number in [0, 1{']' if upper_inclusive else ')'}")
+    if not (_number(value) and ok(value)):
+      self.fail(field, allowed)
+
+  def rate(self, field: str, upper_inclusive: bool = False) -> None:
+    self.number(field, lambda v: 0 <= v and (v <= 1 if upper_inclusive else v < 1),
+                f"expected a number in [0, 1{']' if upper_inclusive else ')'}")
 
   def positive(self, field: str) -> None:
-    value = self.values[field]
-    if not (_number(value) and value > 0):
-      self.fail(field, "expected a number > 0")
+    self.number(field, lambda v: v > 0, "expected a number > 0")
 
   def boolean(self, field: str) -> None:
     if not isinstance(self.values[field], bool):

@@ -379,6 +379,8 @@ def main(argv):
   if len(argv) > 1:
     _user_error(f"unexpected arguments: {' '.join(argv[1:])} (options are --flags, e.g. "
                 f"--config.train.batch_size=32)")
+  if not flags.FLAGS.workdir.strip():
+    _user_error("--workdir is empty: give the directory of the run (created if missing)")
   config = _load_config()
   sweep, overrides = _load_sweep()
   _set_cpu_devices(config if sweep is None else sweep.config(sweep.variants[0], overrides))

@@ -17,6 +17,7 @@ backward pass instead of keeping them (see `REMAT_POLICIES`).
 """
 
 import dataclasses
+import math
 from typing import Any, Callable, Mapping, Optional
 
 import flax.linen as nn
@@ -110,7 +111,8 @@ class TransformerConfig:
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise InvalidField(field, value, "expected a number in [0, 1)")
     epsilon = self.layer_norm_epsilon
-    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)) or not epsilon > 0:
+    if (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
+        or not 0 < epsilon < math.inf):
       raise InvalidField("layer_norm_epsilon", epsilon, "expected a number > 0")
     for field in ("scan_layers", "fused_qkv", "share_embeddings", "tie_output"):
       if not isinstance(getattr(self, field), bool):

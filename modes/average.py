@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from errors import UserError
 from modes.run import open_run
 from training import checkpointing
 
@@ -20,6 +21,9 @@ def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
   """Averages the parameters of the newest `num_checkpoints` checkpoints of `workdir` (up to
   `last_step` if given) into <workdir>/averaged; returns the newest averaged step.
   Evaluate it with `--mode=eval --checkpoint=averaged`."""
+  if num_checkpoints < 1:
+    raise UserError(f"--num_average={num_checkpoints} is invalid: expected an integer >= 1 "
+                    f"(how many of the newest checkpoints to average)")
   run = open_run(config, workdir, jax.local_devices()[:1])  # on the host, no pmap
   directory = checkpointing.checkpoint_directory(workdir)
   if not os.path.isdir(directory):

@@ -47,14 +47,11 @@ class GenerationTask(base.Task):
     logs)."""
     decode = Fields(config, "decode")
     decode.boolean("greedy")
-    value = decode["temperature"]
-    if not decode["greedy"] and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                 or not value > 0):
-      decode.fail("temperature", "sampling needs a number > 0 (set config.decode.greedy=True "
-                                 "for the most likely tokens)")
-    value = decode["top_p"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-      decode.fail("top_p", "expected a number in (0, 1]")
+    if not decode["greedy"]:
+      decode.number("temperature", lambda v: v > 0, "sampling needs a number > 0 (set "
+                                                    "config.decode.greedy=True for the most "
+                                                    "likely tokens)")
+    decode.number("top_p", lambda v: 0 < v <= 1, "expected a number in (0, 1]")
     decode.integer("top_k", 0)
     decode.integer("max_new_tokens", 1)
     decode.integer("num_samples", 1)

@@ -50,9 +50,8 @@ class TranslationTask(base.Task):
     decode.integer("decode_extra_length", 0)
     if decode["decode_extra_length"] > MAX_LENGTH:
       decode.fail("decode_extra_length", f"expected at most {MAX_LENGTH} tokens")
-    value = decode["length_penalty"]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-      decode.fail("length_penalty", "expected a number >= 0 (0 = no length normalisation)")
+    decode.number("length_penalty", lambda v: v >= 0,
+                  "expected a number >= 0 (0 = no length normalisation)")
 
   @classmethod
   def check_config(cls, config) -> None:

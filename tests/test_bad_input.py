@@ -130,6 +130,11 @@ CASES = [
          set={"decode.top_p": "1.5"}),
     Case("learning_rate_zero", "classification", ("config.optim.learning_rate=0.0", "> 0"),
          set={"optim.learning_rate": "0"}),
+    Case("max_grad_norm_nan", "translation", ("config.optim.max_grad_norm=nan", ">= 0"),
+         set={"optim.max_grad_norm": "nan"}),
+    Case("num_average_zero", "translation", ("--num_average=0", "integer >= 1"),
+         args=("--mode=average", "--num_average=0")),
+    Case("workdir_empty", "generation", ("--workdir is empty",), args=("--workdir=",)),
     # -- incompatible combinations
     Case("chars_tokenizer_for_translation", "translation",
          ("config.model.tokenizer='chars'", "sentencepiece, bytes"),

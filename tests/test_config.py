@@ -150,6 +150,22 @@ def test_fused_with_attention_dropout_is_invalid_by_design():
 # (variant, overrides, num_devices, field, substring of the message)
 INVALID = [
     ("unknown_task", None, dict(task="summarize"), 1, "task", "translation"),
+    # Non-finite floats are not numbers of any range.
+    ("learning_rate_inf", None, dict(optim=dict(learning_rate=float("inf"))), 1,
+     "optim.learning_rate", "> 0"),
+    ("adam_eps_nan", None, dict(optim=dict(adam_eps=float("nan"))), 1, "optim.adam_eps", "> 0"),
+    ("max_grad_norm_nan", None, dict(optim=dict(max_grad_norm=float("nan"))), 1,
+     "optim.max_grad_norm", ">= 0"),
+    ("max_grad_norm_inf", None, dict(optim=dict(max_grad_norm=float("inf"))), 1,
+     "optim.max_grad_norm", ">= 0"),
+    ("length_penalty_inf", None, dict(decode=dict(length_penalty=float("inf"))), 1,
+     "decode.length_penalty", ">= 0"),
+    ("temperature_inf", "task=generation", dict(decode=dict(temperature=float("inf"))), 1,
+     "decode.temperature", "> 0"),
+    ("layer_norm_epsilon_inf", None, dict(model=dict(layer_norm_epsilon=float("inf"))), 1,
+     "model.layer_norm_epsilon", "> 0"),
+    ("dropout_nan", None, dict(optim=dict(dropout_rate=float("nan"))), 1, "optim.dropout_rate",
+     "[0, 1)"),
     ("empty_dataset", None, dict(data=dict(dataset="")), 1, "data.dataset", "synthetic"),
     ("classification_without_a_text_feature", "task=classification",
      dict(data=dict(dataset="imdb_reviews", text_feature="")), 1,

@@ -79,8 +79,6 @@ def check_config(config) -> None:
   for field in ("learning_rate", "adam_eps"):
     optim.positive(field)
   optim.integer("warmup_steps", 0)
-  value = optim["max_grad_norm"]
-  if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-    optim.fail("max_grad_norm", "expected a number >= 0 (0 = no clipping)")
+  optim.number("max_grad_norm", lambda v: v >= 0, "expected a number >= 0 (0 = no clipping)")
   if optim["optimizer"] != "adamw" and optim["weight_decay"] > 0:
     optim.fail("weight_decay", "weight decay needs optimizer='adamw'")
