@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from config_checks import Fields, fail
 from input_pipeline import batching, packing
 from input_pipeline.local_builders import DataError
-from config_checks import Fields, fail
 from models import TransformerConfig, attention, transformer
 from models.transformer import InvalidField
 from tasks import losses
