@@ -107,8 +107,9 @@ def check_same_model(saved: dict, config: ml_collections.ConfigDict, where: str)
   saved = default.group_flat_config(saved)
   fields = [f"model.{k}" for k in config.model]
   fields += list(getattr(tasks.TASKS.get(config.task), "identity_fields", ()))
-  changed = [f"task: {saved['task']!r} there, {config.task!r} now"
-             for _ in [0] if "task" in saved and saved["task"] != config.task]
+  changed = []
+  if "task" in saved and saved["task"] != config.task:
+    changed.append(f"task: {saved['task']!r} there, {config.task!r} now")
   for path in fields:
     group, field = path.split(".")
     then, now = saved.get(group, {}).get(field, config[group][field]), config[group][field]

@@ -95,8 +95,9 @@ class GenerationTask(base.Task):
     return {"inputs": self.config.data.max_target_length}
 
   def train_dataset(self, batch_size, num_devices, process_index=0, process_count=1):
-    windowed = getattr(self.data, "train_windows", None)
-    batches = windowed and windowed(batch_size, num_devices, process_index, process_count)
+    batches = None
+    if self.data.has_text:  # windows of the stream, unless lm_batching is "documents"
+      batches = self.data.train_windows(batch_size, num_devices, process_index, process_count)
     return batches or super().train_dataset(batch_size, num_devices, process_index,
                                             process_count)
 
@@ -112,7 +113,7 @@ class GenerationTask(base.Task):
 
   def extra_sums(self, targets, weights):
     """The characters the scored tokens stand for, for bits per character (text only)."""
-    if not hasattr(self.data, "text_lengths"):
+    if not self.data.has_text:
       return {}
     lengths = jnp.asarray(self.data.text_lengths(), jnp.float32)
     return {"characters": jnp.sum(lengths[targets] * weights)}

@@ -32,7 +32,6 @@ class LabeledText(TextSource):
   """Texts with class labels; the class names of the run in `label_names`."""
 
   def __init__(self, config, workdir: Optional[str], training: bool):
-    c = config
     self.workdir, self.training = workdir, training
     super().__init__(config)
     self._rows: Dict[str, Tuple[list, list, list]] = {}
@@ -43,9 +42,10 @@ class LabeledText(TextSource):
       # tokenizer and the label names are saved in the workdir.
       self.label_names = names
       self.label_ids("eval")
-    paths = tokenizer_paths(c, workdir, [TOKENIZER_FILES[c.model.tokenizer]], training)
-    self.tokenizer = tokenizers.get_or_build(c.model.tokenizer, paths[0],
-                                             self._tokenizer_texts, c.model.vocab_size)
+    model = config.model
+    paths = tokenizer_paths(config, workdir, [TOKENIZER_FILES[model.tokenizer]], training)
+    self.tokenizer = tokenizers.get_or_build(model.tokenizer, paths[0],
+                                             self._tokenizer_texts, model.vocab_size)
     self.vocab_size = self.tokenizer.vocab_size
     self.eos_id = self.tokenizer.eos_id
     self.label_names = names
