@@ -36,9 +36,12 @@
 
 Exit status: 0 done; 2 a user error (bad config, missing, damaged or incompatible
 checkpoint or data, a workdir that cannot be written, a full disk), printed as one line
-without a traceback; 3 a non-finite loss (nothing bad was saved); 4 stopped by SIGTERM or
-SIGINT after writing a complete checkpoint (rerun the same command to resume); 128+N killed
-by a second signal N before the checkpoint was complete (the earlier ones are intact).
+without a traceback; 3 a non-finite loss (nothing bad was saved); 4 stopped by SIGTERM,
+SIGINT or SIGHUP with nothing lost: training after writing a complete checkpoint of its
+last step, anything else (data preparation, the first batch, evaluation, decoding) at
+once, having nothing to save (rerun the same command to resume or start again); 128+N
+killed by a second signal N before the checkpoint was complete (the earlier ones are
+intact).
 """
 
 import os
@@ -47,6 +50,7 @@ import sys
 import traceback
 
 from absl import app, flags, logging
+import ml_collections
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
@@ -162,36 +166,92 @@ def _parse_flags(argv):
   files that fail to load (config_flags lets their own errors through) as user errors."""
   try:
     return flags.FLAGS(argv)
-  except flags.Error as e:
-    _user_error(_one_line(e))
+  except flags.Error as e:  # config_flags wraps a config file's ValueError in one
+    origin, where = _raised_in_config(argv, e)
+    _user_error(_one_line(e) if origin is None else _config_failure(origin, where))
   except Exception as e:  # pylint: disable=broad-except
-    where, inner = _where_in_config(argv, e), e
+    origin, where = _raised_in_config(argv, e)
+    inner = e
     while not where and isinstance(inner, (KeyError, AttributeError)) and inner.args:
       if isinstance(inner, KeyError):  # ml_collections: an override's unknown field path
         _user_error(f"unknown config field in the overrides: "
                     f"{' '.join(str(inner.args[0]).split())}")
       inner = inner.args[0]
-    kind = "" if isinstance(e, OSError) else f"{type(e).__name__}: "  # OSError: no such file
-    _user_error(f"cannot load --config: {kind}{_one_line(e)}{where}")
+    _user_error(_config_failure(origin or e, where))
 
 
-def _where_in_config(argv, error: BaseException) -> str:
-  """' (<config file>, line N)': where the config file's code raised `error`, if it did."""
+def _config_failure(error: BaseException, where: str) -> str:
+  """The line of a config file that failed to load: a UserError's message as it is (a bad
+  variant says what to change), anything else with its type and `where`."""
+  from errors import UserError  # pylint: disable=g-import-not-at-top
+  if isinstance(error, UserError):
+    return _one_line(error)
+  kind = "" if isinstance(error, OSError) else f"{type(error).__name__}: "  # no such file
+  return f"cannot load --config: {kind}{_one_line(error)}{where}"
+
+
+def _config_path(argv) -> str:
+  """The absolute path of the config file --config names (its variant left out)."""
   paths = [a.split("=", 1)[1] for a in argv[1:] if a.startswith(("--config=", "-config="))]
-  path = os.path.abspath((paths[-1] if paths else _DEFAULT_CONFIG).split(":", 1)[0])
-  lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
-           if os.path.abspath(f.filename) == path]
-  return f" ({path}, line {lines[-1]})" if lines else ""
+  return os.path.abspath((paths[-1] if paths else _DEFAULT_CONFIG).split(":", 1)[0])
+
+
+def _raised_in_config(argv, error: BaseException):
+  """(the exception of `error`'s chain that the config file's own code raised, ' (<config
+  file>, line N)' of the last line of that file in its traceback), or (None, ''). The
+  chain is followed because config_flags re-raises a config file's ValueError (and
+  others) as its own error, from the original."""
+  path = _config_path(argv)
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__)
+             if os.path.abspath(f.filename) == path]
+    if lines:
+      return error, f" ({path}, line {lines[-1]})"
+    error = error.__cause__ or error.__context__
+  return None, ""
 
 
 def _load_config():
   """The config, loaded (lazily, by config_flags) from the file named by --config."""
   try:
     config = flags.FLAGS.config
-    config.to_json()  # forces the lazy load here, where errors are caught
-    return config
+    if isinstance(config, ml_collections.ConfigDict):  # else refused below
+      config.to_json()  # forces the lazy load here, where errors are caught
   except Exception as e:  # pylint: disable=broad-except  # a broken config file
-    _user_error(f"cannot load --config: {_one_line(e)}")
+    origin, where = _raised_in_config(sys.argv, e)
+    _user_error(_config_failure(origin or e, where))
+  _check_config_fields(config)
+  return config
+
+
+def _fields_of(config, prefix: str = "") -> set:
+  """The dotted names of a config's leaf fields ("train.batch_size")."""
+  out = set()
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out |= _fields_of(value, f"{prefix}{key}.")
+    else:
+      out.add(prefix + key)
+  return out
+
+
+def _check_config_fields(config) -> None:
+  """A config file's get_config must return a ConfigDict with exactly the fields of
+  configs/default.py: a missing field would fail deep in the run, and an unknown one (a
+  typo such as train.num_train_step) would be ignored without a word."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  path = _config_path(sys.argv)
+  if not isinstance(config, ml_collections.ConfigDict):
+    _user_error(f"cannot load --config: get_config() of {path} returned a value "
+                f"of type {type(config).__name__}, not an ml_collections.ConfigDict")
+  wanted, given = _fields_of(default.get_config()), _fields_of(config)
+  for what, names in (("lacks", wanted - given), ("has unknown", given - wanted)):
+    if names:
+      shown = ", ".join(sorted(names)[:8]) + (", ..." if len(names) > 8 else "")
+      _user_error(f"the config of {path} {what} field(s) {shown}; a config has exactly "
+                  f"the fields of configs/default.py (build it from its get_config)")
 
 
 def _load_sweep():
@@ -257,7 +317,20 @@ def _set_cpu_devices(config) -> None:
     flag = f"--xla_force_host_platform_device_count={count}"
     kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
             if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(kept + [flag])
+    given = {f.split("=", 1)[0].lstrip("-") for f in kept}
+    timeouts = [f"--{name}={seconds}" for name, seconds in CPU_COLLECTIVE_TIMEOUTS.items()
+                if count > 1 and name not in given]
+    os.environ["XLA_FLAGS"] = " ".join(kept + [flag] + timeouts)
+
+
+# Several CPU devices: XLA ends the process ("Termination timeout for all reduce ...
+# Expected 2 threads to join the rendezvous", exit 134) when one device thread waits at a
+# collective of the pmapped step for more than 40 s (its default; a warning at 20 s), which
+# happens on a loaded machine (a 2-core host shared with other jobs). A generous limit
+# here; a value given in XLA_FLAGS wins. The flags are XLA's DebugOptions (jaxlib 0.10.2;
+# xla/debug_options_flags.cc); an XLA that lacks them stops at start-up on XLA_FLAGS.
+CPU_COLLECTIVE_TIMEOUTS = {"xla_cpu_collective_call_warn_stuck_timeout_seconds": 120,
+                           "xla_cpu_collective_call_terminate_timeout_seconds": 600}
 
 
 _PROCESS_FLAGS = ("coordinator_address", "num_processes", "process_id")
@@ -375,12 +448,32 @@ def _run_mode(mode, config, workdir, sweep, overrides):
           f"into {os.path.join(workdir, 'averaged')}")
 
 
+_RESTORING = ("eval", "decode", "generate", "predict", "attention", "head_importance")
+# The modes that read each flag: given to another mode, it would be ignored without a word
+# (--mode=train --split=test trains and evaluates config.data.eval_split).
+_MODE_FLAGS = {
+    "step": _RESTORING + ("average",), "checkpoint": _RESTORING,
+    "split": ("eval", "head_importance"), "input": ("decode", "generate", "predict",
+                                                    "attention"),
+    "prompt": ("generate", "attention"), "reference": ("attention",),
+    "example": ("attention",), "attention_head": ("attention",), "num_average": ("average",),
+}
+
+
+def _refuse_flags_of_other_modes(mode: str) -> None:
+  for name, modes in _MODE_FLAGS.items():
+    if flags.FLAGS[name].present and mode not in modes:
+      _user_error(f"--{name} is for --mode={', --mode='.join(modes)}; --mode={mode} would "
+                  f"ignore it")
+
+
 def main(argv):
   if len(argv) > 1:
     _user_error(f"unexpected arguments: {' '.join(argv[1:])} (options are --flags, e.g. "
                 f"--config.train.batch_size=32)")
   if not flags.FLAGS.workdir.strip():
     _user_error("--workdir is empty: give the directory of the run (created if missing)")
+  _refuse_flags_of_other_modes(flags.FLAGS.mode)
   config = _load_config()
   sweep, overrides = _load_sweep()
   _set_cpu_devices(config if sweep is None else sweep.config(sweep.variants[0], overrides))
@@ -388,13 +481,28 @@ def main(argv):
   from errors import UserError  # pylint: disable=g-import-not-at-top
   from training import monitors, preemption  # pylint: disable=g-import-not-at-top
   try:
-    _run_mode(flags.FLAGS.mode, config, flags.FLAGS.workdir, sweep, overrides)
+    with _stop_request(flags.FLAGS.mode):
+      _run_mode(flags.FLAGS.mode, config, flags.FLAGS.workdir, sweep, overrides)
   except UserError as e:
     _exit(f"error: {e}", 2)
   except monitors.NonFiniteLossError as e:
     _exit(f"error: {e}", 3)
-  except preemption.Preempted as e:
+  except (preemption.Preempted, preemption.Stopped) as e:
     _exit(f"stopped: {e}", preemption.EXIT_PREEMPTED)
+
+
+def _stop_request(mode: str):
+  """The run's one stop flag (training/preemption.py) for SIGTERM, SIGINT and SIGHUP: the
+  training loop finishes its step and saves; anything else (data preparation, the first
+  batch, compilation, evaluation, decoding) has nothing to save and stops at once, exit 4
+  either way. Several processes must stop at the same point: there a signal only sets the
+  flag, which the training loop and evaluations agree on between steps and batches."""
+  from training import preemption  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  several = f.distributed or any(getattr(f, name) is not None for name in _PROCESS_FLAGS)
+  doing = ("preparing --mode=train (before its first step)" if mode == "train" else
+           f"running --mode={mode}")
+  return preemption.StopRequest(interrupt=not several, doing=doing)
 
 
 def _exit(message: str, status: int) -> None:
@@ -409,7 +517,10 @@ def _exit(message: str, status: int) -> None:
   # first, and the message to a copy of the real stderr.
   real_stderr = os.dup(2)
   os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-  os.write(real_stderr, (message + "\n").encode("utf-8", "replace"))
+  try:
+    os.write(real_stderr, (message + "\n").encode("utf-8", "replace"))
+  except OSError:  # the terminal is gone (SIGHUP): the status still says what happened
+    pass
   os._exit(status)  # pylint: disable=protected-access
 
 

@@ -12,6 +12,7 @@ checkpoint) in training/monitors.py. The other modes (eval, decode, generate, ..
 modes/ and use `open_task`, `Evaluator` and `check_same_model` from here.
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -29,12 +30,18 @@ import files
 import tasks
 from config_checks import ConfigError, Fields
 from configs import default, presets
-from input_pipeline import batching
+from input_pipeline import batching, synthetic
 from inspection import attention_maps
-from training import checkpointing, monitors, optimizers, preemption, reporting, steps
+from training import (checkpointing, memory, monitors, optimizers, preemption, reporting,
+                      steps, workdir_lock)
 
 NonFiniteLossError = monitors.NonFiniteLossError
 MAX_ATTENTION_IMAGES = 16
+# Evaluation steps dispatched ahead of the host's wait for their results. Unbounded, a long
+# split queued the steps of all its batches at once (their buffers held, no stop between
+# them), and on a loaded CPU XLA's collective timeout aborted the process (main.py also
+# makes that timeout generous).
+EVAL_IN_FLIGHT = 2
 
 # ----------------------------------------------------------------------------- config
 
@@ -60,6 +67,7 @@ def check_loop_config(config: ml_collections.ConfigDict, num_devices: int = 1) -
   for field in ("max_skipped_updates", "profile_steps"):
     loop.integer(field, 0)
   loop.choice("nonfinite_updates", monitors.NONFINITE_UPDATES)
+  loop.rate("max_skipped_fraction", upper_inclusive=True)
   loop.boolean("allow_config_change")
   for field in ("eval_batch_size", "eval_every_steps"):
     evaluation.integer(field, 1)
@@ -152,10 +160,14 @@ def evaluate(task, p_eval, p_predict, params, eval_dataset, split: str = "eval",
   same number of batches (its rows of each global batch) and gets the same results.
   """
   loss_sums, score_sums, records, lines = [], [], [], []
+  pending = collections.deque()  # loss sums of the batches dispatched but not fetched
   if not task.scores_predictions and not num_examples:
     decode_batches = 0  # predictions that are neither scored nor shown are not made
   for index, batch in enumerate(batching.iterate(eval_dataset, limit=loss_batches)):
-    loss_sums.append(p_eval(params, batch))
+    _check_stop(f"evaluating {split} (batch {index + 1})")
+    pending.append(p_eval(params, batch))
+    if len(pending) > EVAL_IN_FLIGHT:
+      loss_sums.append(jax.device_get(pending.popleft()))
     if decode_batches is not None and index >= decode_batches:
       continue
     predictions = np.asarray(p_predict(params, batch))
@@ -168,9 +180,24 @@ def evaluate(task, p_eval, p_predict, params, eval_dataset, split: str = "eval",
     if len(lines) < num_examples:
       lines += task.format_examples(flat_batch, flat_predictions, num_examples - len(lines),
                                     split=split)
-  sums = sum_dicts([jax.tree.map(lambda x: x[0], s) for s in jax.device_get(loss_sums)])
+  loss_sums += jax.device_get(list(pending))
+  sums = sum_dicts([jax.tree.map(lambda x: x[0], s) for s in loss_sums])
   sums.update(sum_dicts(score_sums))
   return task.summarize(sums, records), lines, records
+
+
+def _check_stop(doing: str) -> None:
+  """preemption.Stopped when a stop signal has arrived (preemption.check). Several
+  processes agree first (a small collective): all of them stop before the same batch, or
+  the others would wait for it forever."""
+  if jax.process_count() == 1:
+    preemption.check(doing)
+    return
+  stop = preemption.current()
+  mine = np.int32(stop.signum or 0) if stop is not None else np.int32(0)
+  signum = int(np.max(multihost_utils.process_allgather(mine)))
+  if signum:
+    raise preemption.Stopped(signum, doing)
 
 
 def final_decode_batches(task, config) -> Optional[int]:
@@ -247,6 +274,14 @@ def chief_first(build, barrier: str):
   return build()
 
 
+def _fewest_ids(config: ml_collections.ConfigDict) -> int:
+  """The smallest vocabulary the config can give the model (the memory estimate is a lower
+  bound): the digits' ids, or on text 256 (bytes) or config.model.vocab_size if fewer."""
+  if config.data.dataset == "synthetic":
+    return synthetic.VOCAB_SIZE
+  return min(config.model.vocab_size, 256)
+
+
 def open_task(config: ml_collections.ConfigDict, workdir: str,
               devices: Optional[Sequence[jax.Device]] = None, training: bool = True,
               split: Optional[str] = "eval"):
@@ -256,8 +291,13 @@ def open_task(config: ml_collections.ConfigDict, workdir: str,
   reporting.quiet_library_logs()
   devices = list(devices or jax.local_devices())
   validate(config, num_devices=len(devices) * jax.process_count())
+  # A batch far too large for the machine is refused here, before any data is read.
+  memory.check_fits(config, tasks.TASKS[config.task].batch_lengths(config),
+                    _fewest_ids(config), devices, jax.process_count(), training=training)
   logging.info("%d local %s device(s) in process %d of %d", len(devices),
                devices[0].platform, jax.process_index(), jax.process_count())
+  if training and workdir and jax.process_index() == 0:
+    files.check_writable(workdir)  # before the data is prepared and a tokenizer trained
 
   def task_and_eval_data():  # opening the eval split may prepare the tfds data
     task = tasks.get_task(config, workdir, training=training)
@@ -274,14 +314,8 @@ def open_task(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _prepare_workdir(workdir: str, config, is_chief: bool) -> None:
-  """Creates `workdir` and writes its config.json (atomically: a kill never leaves half a
-  file). An unwritable workdir stops the run here, before any compute."""
-  try:
-    os.makedirs(workdir, exist_ok=True)
-  except OSError as e:
-    raise checkpointing.CheckpointWriteError(
-        f"cannot write to --workdir={workdir} ({e.strerror or e}); give a directory this "
-        f"user can create and write") from e
+  """Writes the workdir's config.json (atomically: a kill never leaves half a file). The
+  workdir exists by now: process 0 created it to lock it and tried writing there."""
   if is_chief:
     files.write_atomically(os.path.join(workdir, "config.json"), config.to_json(indent=2))
 
@@ -334,29 +368,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   evaluation metrics (empty without `final_evaluation`, which benchmarks skip). `devices`
   defaults to all local devices.
 
-  SIGTERM or SIGINT stop it after the current step with a complete checkpoint
-  (preemption.Preempted is raised); a resumed run continues from that checkpoint's
+  SIGTERM, SIGINT or SIGHUP stop it after the current step (or evaluation batch) with a
+  complete checkpoint (preemption.Preempted is raised); a resumed run continues from that checkpoint's
   parameters, optimizer state and data position exactly.
   """
   run_start = time.perf_counter()
   fresh = not os.path.exists(workdir)
-  try:  # the training data is checked before anything is written into the workdir
-    devices, task, tx, eval_dataset = open_task(config, workdir, devices)
-    train_dataset = task.train_dataset(config.train.batch_size, len(devices),
-                                       jax.process_index(), jax.process_count())
-  except Exception:
-    if fresh and jax.process_index() == 0:  # e.g. a tokenizer trained on unusable data
-      shutil.rmtree(workdir, ignore_errors=True)
-    raise
-  checkpoints = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+  # One trainer per workdir (process 0 holds the lock for all), taken before anything is
+  # written there; a second trainer stops here.
+  lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  if lock is not None:
+    lock.acquire()
   try:
-    state, data_state = _restore_or_create(config, workdir, task, tx, checkpoints,
-                                           jax.process_index() == 0)
-  except BaseException:
-    _close_all(checkpoints)
-    raise
-  loop = _Loop(config, workdir, devices, task, tx, eval_dataset, checkpoints, run_start)
-  return loop.run(state, train_dataset, data_state, final_evaluation)
+    try:  # the training data is checked before anything else is written into the workdir
+      devices, task, tx, eval_dataset = open_task(config, workdir, devices)
+      train_dataset = task.train_dataset(config.train.batch_size, len(devices),
+                                         jax.process_index(), jax.process_count())
+    except BaseException:  # (a stop signal too: nothing here is worth keeping)
+      if lock is not None:  # e.g. a tokenizer trained on unusable data: leave no trace
+        lock.release(remove=lock.created_file)
+        if fresh:
+          shutil.rmtree(workdir, ignore_errors=True)
+      raise
+    checkpoints = checkpointing.Checkpointer(workdir, keep=config.train.keep_checkpoints)
+    try:
+      state, data_state = _restore_or_create(config, workdir, task, tx, checkpoints,
+                                             jax.process_index() == 0)
+    except BaseException:
+      _close_all(checkpoints)
+      raise
+    loop = _Loop(config, workdir, devices, task, tx, eval_dataset, checkpoints, run_start)
+    return loop.run(state, train_dataset, data_state, final_evaluation)
+  finally:
+    if lock is not None:
+      lock.release()
 
 
 class _Loop:
@@ -409,47 +454,86 @@ class _Loop:
       logging.info("training already finished (step %d of %d)", start, total)
     try:
       with preemption.StopRequest() as stop:
+        position = None
         for step in range(start, total):
           trace.before(step, p_state)
-          batch, position = next(batches)
+          try:
+            batch, next_position = self._next_batch(batches, stop, step)
+          except preemption.Stopped as stopped:
+            self._stop_waiting(stopped, step, start, p_state, position, stop)
+          position = next_position
           with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
             p_state, metrics = self.p_train(p_state, batch)
           self.history.append(metrics)
           trace.after(step + 1, p_state)
           self._after_step(step + 1, p_state, position, stop)
-      trace.close(p_state)  # a run shorter than the trace: what ran, without the evaluation
-      self.checkpoints.wait()
-      if not final_evaluation:
-        return {}
-      metrics, _ = self.evaluator.run(
-          "final evaluation", max(start, total), p_state.params, prefix="final",
-          num_examples=self.config.eval.num_print_examples,
-          decode_batches=final_decode_batches(self.task, self.config),
-          elapsed=time.perf_counter() - self.run_start)
-      return metrics
+        trace.close(p_state)  # a run shorter than the trace: what ran, without evaluation
+        self.checkpoints.wait()
+        if not final_evaluation:
+          return {}
+        try:
+          metrics, _ = self.evaluator.run(
+              "final evaluation", max(start, total), p_state.params, prefix="final",
+              num_examples=self.config.eval.num_print_examples,
+              decode_batches=final_decode_batches(self.task, self.config),
+              elapsed=time.perf_counter() - self.run_start)
+        except preemption.Stopped as stopped:  # between two batches; every step is saved
+          raise preemption.Preempted(self.last_saved, stopped.signum,
+                                     self.checkpoints.directory) from None
+        return metrics
     finally:
-      _close_all(trace, self.best, self.checkpoints, self.writer)
+      with preemption.StopRequest():  # a signal now must not cut short a checkpoint write
+        _close_all(trace, self.best, self.checkpoints, self.writer)
+
+  def _next_batch(self, batches, stop: preemption.StopRequest, step: int):
+    """(the batch of update `step + 1`, the data position after it). With one process a
+    signal ends the wait at once (preemption.Stopped): a large batch can take minutes to
+    build. Several processes wait on: they must all stop after the same step."""
+    if jax.process_count() > 1:
+      return next(batches)
+    with stop.interrupting(f"building the batch of step {step + 1}"):
+      return next(batches)
+
+  def _stop_waiting(self, stopped: preemption.Stopped, done: int, start: int, p_state,
+                    position, stop) -> None:
+    """A signal while waiting for the batch after update `done`: saves that update (when
+    this run made it) and raises Preempted; with no update made here, the newest
+    checkpoint stands (Preempted names it), or there is none: `stopped` goes on."""
+    if done > start:
+      self._after_step(done, p_state, position, stop)  # saves, raises Preempted
+    if self.last_saved is not None:
+      raise preemption.Preempted(self.last_saved, stopped.signum,
+                                 self.checkpoints.directory) from None
+    raise stopped
 
   def _after_step(self, done: int, p_state, position, stop) -> None:
     """Logs, evaluates, saves and stops after update `done` as the config says."""
     c = self.config
     stopping = _stop_signal(stop, done, c.train.signal_check_every_steps)
     last = done == c.train.num_train_steps
-    if done % c.train.log_every_steps == 0 or last or stopping:
+    if self.history and (done % c.train.log_every_steps == 0 or last or stopping):
       self._log(done)
     # Periodic evaluations ("eval/" in the logs) decode the same `num_decode_batches`
     # batches every time, so their scores compare (the best checkpoint relies on that);
-    # the final evaluation decodes the whole split ("final/").
+    # the final evaluation decodes the whole split ("final/"). A signal stops an
+    # evaluation between two batches; this step is then saved.
     if done % c.eval.eval_every_steps == 0 and not stopping:
       t0 = time.perf_counter()
-      metrics, _ = self.evaluator.run(
-          "eval", done, p_state.params,
-          num_examples=c.eval.num_print_examples if self.task.prints_samples else 0,
-          decode_batches=c.eval.num_decode_batches or None,
-          loss_batches=c.eval.num_eval_batches or None, elapsed=t0 - self.run_start)
-      self.best.update(done, metrics, steps.unreplicate_to_host(p_state), self.config_dict)
+      try:
+        metrics, _ = self.evaluator.run(
+            "eval", done, p_state.params,
+            num_examples=c.eval.num_print_examples if self.task.prints_samples else 0,
+            decode_batches=c.eval.num_decode_batches or None,
+            loss_batches=c.eval.num_eval_batches or None, elapsed=t0 - self.run_start)
+      except preemption.Stopped as stopped:
+        stopping = stopped.signum
+        if self.history:
+          self._log(done)
+      else:
+        self.best.update(done, metrics, steps.unreplicate_to_host(p_state), self.config_dict)
       self.progress.exclude(time.perf_counter() - t0)
-    if done % c.train.checkpoint_every_steps == 0 or last or stopping:
+    if self.last_saved != done and (done % c.train.checkpoint_every_steps == 0 or last
+                                    or stopping):
       t0 = time.perf_counter()
       if not self.guard.skip:
         self.guard.check([float(m["nonfinite"][0]) for m in self.history], done,

@@ -10,8 +10,16 @@ Starts `python main.py --workdir=W <flags after -->` and, each time, injects one
   kill_during_write  SIGKILL while a checkpoint's temporary directory exists
   kill_random        SIGKILL 0-0.3 s after a new checkpoint appeared
   kill_starting      SIGKILL 0.5-6 s after the start (imports, restore, compilation)
+  second_trainer     a second `main.py` training on the same workdir once the first has
+                     saved: it must be refused at once (exit 2, one line naming the
+                     holder); then SIGTERM to the first (exit 4)
+  eval_beside        `--mode=eval` run twice beside the live trainer (each exit 0): a
+                     reader must not disturb the trainer's saves; then SIGTERM (exit 4)
+  flip_bits          with no trainer running, one byte of an array file of the newest
+                     checkpoint is flipped: `--mode=eval` must exit 2 naming that step as
+                     damaged; the step is then moved aside, as the message advises
 After each fault every checkpoint on disk must restore (finite parameters, the right
-step) and the newest step must not go back. Then the run is finished with one more start,
+step, contents equal to their checksums) and the newest step must not go back. Then the run is finished with one more start,
 and (with --reference) compared bitwise with an uninterrupted run of the same flags.
 Prints a table and writes it as JSON to --output. tests/test_faults.py runs this on a
 tiny model.
@@ -31,16 +39,40 @@ from typing import List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-FAULTS = ("sigterm", "kill_during_write", "kill_random", "kill_starting", "sigterm_twice")
+FAULTS = ("sigterm", "kill_during_write", "kill_random", "kill_starting", "sigterm_twice",
+          "second_trainer", "eval_beside", "flip_bits")
 
 
-def start(workdir: str, flags: List[str], log) -> subprocess.Popen:
+def start(workdir: str, flags: List[str], log=subprocess.PIPE) -> subprocess.Popen:
   """`python main.py` on one CPU device (XLA_FLAGS cleared), output to `log`."""
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
   env.pop("XLA_FLAGS", None)
   return subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"),
                            f"--workdir={workdir}", *flags], cwd=REPO, env=env,
-                          stdout=log, stderr=subprocess.STDOUT)
+                          stdout=log, stderr=subprocess.STDOUT, text=True)
+
+
+def run_beside(workdir: str, flags: List[str]) -> dict:
+  """Another `main.py` on `workdir` (flags include the mode) to its end: exit and last line."""
+  process = start(workdir, flags)
+  output, _ = process.communicate(timeout=300)
+  lines = output.strip().splitlines()
+  return {"exit": process.returncode, "last_line": lines[-1] if lines else ""}
+
+
+def flip_byte(workdir: str, step: int, rng: random.Random) -> str:
+  """Flips one bit in the middle part of the largest array file of checkpoint `step`."""
+  files = [os.path.join(root, name) for root, _, names in
+           os.walk(os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state"))
+           for name in names if os.sep + "d" + os.sep in os.path.join(root, name) + os.sep]
+  path = max(files, key=os.path.getsize)
+  with open(path, "r+b") as f:
+    data = bytearray(f.read())
+    offset = rng.randrange(len(data) // 4, 3 * len(data) // 4)
+    data[offset] ^= 1 << rng.randrange(8)
+    f.seek(0)
+    f.write(data)
+  return path
 
 
 def entries(directory: str) -> List[str]:
@@ -74,7 +106,7 @@ def restore(workdir: str, step: Optional[int] = None):
   template = jax.device_get(steps.create_state(
       tasks.get_task(config, workdir, training=False), optimizers.make_optimizer(config),
       config.seed))
-  checkpoints = checkpointing.Checkpointer(workdir, keep=1000)
+  checkpoints = checkpointing.Checkpointer.for_reading(workdir)
   try:
     return checkpoints.restore(template, step)
   finally:
@@ -86,7 +118,7 @@ def readable_steps(workdir: str) -> List[int]:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from training import checkpointing  # pylint: disable=g-import-not-at-top
-  checkpoints = checkpointing.Checkpointer(workdir, keep=1000)
+  checkpoints = checkpointing.Checkpointer.for_reading(workdir)
   steps = checkpoints.all_steps()
   checkpoints.close()
   for step in steps:
@@ -102,7 +134,9 @@ def inject(fault: str, workdir: str, flags: List[str], rng: random.Random, newes
            log_path: str) -> dict:
   """Starts training, injects `fault`, waits for the process; returns what happened."""
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
-  writing = None
+  writing, beside = None, []
+  if fault == "flip_bits":
+    return _damage(workdir, flags, rng, newest)
   with open(log_path, "w", encoding="utf-8") as log:
     process = start(workdir, flags, log)
     try:
@@ -121,7 +155,11 @@ def inject(fault: str, workdir: str, flags: List[str], rng: random.Random, newes
         elif fault == "kill_random":
           time.sleep(rng.uniform(0.0, 0.3))
           process.kill()
-        elif fault == "sigterm":
+        elif fault in ("sigterm", "second_trainer", "eval_beside"):
+          if fault == "second_trainer":
+            beside.append(run_beside(workdir, flags))
+          elif fault == "eval_beside":
+            beside += [run_beside(workdir, flags + ["--mode=eval"]) for _ in range(2)]
           process.send_signal(signal.SIGTERM)
         elif fault == "sigterm_twice":
           # 1 ms apart, both would reach Python's handler as one signal; 0.1 s lets the
@@ -137,15 +175,46 @@ def inject(fault: str, workdir: str, flags: List[str], rng: random.Random, newes
         process.kill()
   with open(log_path, encoding="utf-8") as f:
     output = f.read()
-  expected = {"sigterm": (4,), "sigterm_twice": (128 + signal.SIGTERM, 4)}.get(
-      fault, (-signal.SIGKILL,))
+  expected = {"sigterm": (4,), "sigterm_twice": (128 + signal.SIGTERM, 4),
+              "second_trainer": (4,), "eval_beside": (4,)}.get(fault, (-signal.SIGKILL,))
+  if fault == "second_trainer":
+    expected_beside = [(2, "is in use by another training run (process")]
+  else:
+    expected_beside = [(0, "")] * len(beside)
   steps = readable_steps(workdir)
-  return {"fault": fault, "exit": code, "expected_exit": code in expected,
+  return {"fault": fault, "exit": code, "expected_exit": code in expected and all(
+              b["exit"] == e and t in b["last_line"]
+              for b, (e, t) in zip(beside, expected_beside)) and len(beside) == len(
+                  expected_beside),
+          "beside": beside,
           "checkpoint_being_written": writing, "steps": steps,
           "newest_went_back": bool(steps) and steps[-1] < newest,
           "stopped_line": next((line for line in output.splitlines()
                                 if line.startswith("stopped:")), ""),
           "tail": output[-2000:] if code not in expected else ""}
+
+
+def _damage(workdir: str, flags: List[str], rng: random.Random, newest: int) -> dict:
+  """flip_bits: damages the newest checkpoint; eval must name it, then it is moved aside
+  (the newest step goes back by design: that is not counted as lost)."""
+  steps = readable_steps(workdir)
+  if not steps:
+    return {"fault": "flip_bits", "exit": None, "expected_exit": True, "steps": steps,
+            "newest_went_back": False, "checkpoint_being_written": None, "beside": [],
+            "stopped_line": "", "tail": "no checkpoint to damage yet"}
+  path = flip_byte(workdir, steps[-1], rng)
+  result = run_beside(workdir, flags + ["--mode=eval"])
+  named = (f"checkpoint step {steps[-1]} in" in result["last_line"]
+           and "is damaged" in result["last_line"])
+  step_dir = os.path.join(os.path.abspath(workdir), "checkpoints", str(steps[-1]))
+  os.replace(step_dir, os.path.join(os.path.dirname(os.path.abspath(workdir)),
+                                    f"damaged-{os.path.basename(workdir)}-{steps[-1]}"))
+  left = readable_steps(workdir)
+  return {"fault": "flip_bits", "exit": result["exit"],
+          "expected_exit": result["exit"] == 2 and named, "damaged_file": path,
+          "beside": [result], "steps": left, "newest_went_back": False,
+          "checkpoint_being_written": None, "stopped_line": "",
+          "tail": "" if named else result["last_line"]}
 
 
 def run(workdir: str, flags: List[str], faults: List[str], seed: int = 0,
@@ -160,7 +229,9 @@ def run(workdir: str, flags: List[str], faults: List[str], seed: int = 0,
     records.append(record)
     # A checkpoint is lost if a step that was on disk is gone and nothing newer replaced
     # it; retention (keep_checkpoints) removes old steps only after newer ones exist.
-    if record["steps"]:
+    if fault == "flip_bits":  # the damaged newest step was moved aside on purpose
+      newest = record["steps"][-1] if record["steps"] else 0
+    elif record["steps"]:
       lost += int(record["newest_went_back"])
       newest = max(newest, record["steps"][-1])
     if record["exit"] == 0:

@@ -100,6 +100,7 @@ def _data(task: str) -> ml_collections.ConfigDict:
   data.eval_split = "validation"  # split evaluated during training and by default in eval mode
   data.text_feature = "sentence"  # classification: the text feature (tfds) or column (files)
   data.label_feature = "label"  # classification: the class-label feature (tfds) or column (files)
+  data.min_class_examples = 10  # classification files: a training label with fewer is refused
   data.synthetic_task = SYNTHETIC_DEFAULTS[task]  # reverse, sort, copy (seq2seq/LM); majority
   data.min_digits = 1  # shortest synthetic digit string
   data.max_digits = 12  # longest synthetic digit string
@@ -150,6 +151,7 @@ def _loop() -> ml_collections.ConfigDict:
   train.keep_checkpoints = 3  # checkpoints kept on disk (the newest ones)
   train.nonfinite_updates = "stop"  # NaN/inf loss or gradient: "stop" the run, or "skip" the update
   train.max_skipped_updates = 100  # nonfinite_updates="skip": stop once a run has skipped more
+  train.max_skipped_fraction = 0.1  # "skip": stop once 10+ skips exceed this share of the run
   train.allow_config_change = False  # load a checkpoint whose model fields differ from this config
   train.signal_check_every_steps = 10  # several processes: steps between agreeing on a signal
   train.profile_steps = 0  # trace this many steps after a run's first to workdir/profile; 0 = off

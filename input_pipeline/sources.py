@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping
 
 import tensorflow_datasets as tfds
 
+import files
 from input_pipeline.local_builders import DataError
 
 INSTALL_TENSORFLOW = "pip install tensorflow-cpu"
@@ -57,7 +58,12 @@ def prepare(builder, needs_tensorflow: bool = True) -> None:
         f"the tensorflow-datasets dataset {builder.info.full_name} is not prepared in "
         f"{builder.data_dir} and preparing it needs TensorFlow: run `{INSTALL_TENSORFLOW}` "
         f"and start again (training itself never imports TensorFlow)")
-  builder.download_and_prepare(file_format="array_record")
+  # tfds prepares into an incomplete.* directory, renamed in when complete and removed
+  # when preparing fails: a full or unwritable data directory leaves no partial data.
+  with files.checked(builder.data_dir, "no partial preparation is left and data prepared "
+                     "before is intact", advice="set config.data.tfds_data_dir to a "
+                     "directory this user can write, on a disk with room"):
+    builder.download_and_prepare(file_format="array_record")
 
 
 def open_splits(builder, splits, needs_tensorflow: bool = True) -> Dict[str, Any]:

@@ -182,8 +182,9 @@ class CharacterTokenizer(Tokenizer):
       raise TokenizerError(
           f"the text has characters outside the character vocabulary{_at(self.path)}: "
           f"{shown}{more}; the vocabulary holds only the characters of the text it was "
-          "built from: rebuild it (delete the file) from text that covers them, or use "
-          "tokenizer kind 'bytes'") from None
+          "built from, and a model trained with it has no id for others: leave them out of "
+          "this text, or train a new run on text that holds them (or with tokenizer kind "
+          "'bytes')") from None
 
   def _decode(self, ids: np.ndarray) -> str:
     chars = self.characters

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import time
 from typing import Dict, Optional, Sequence
 
@@ -25,6 +26,8 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   split = split or config.data.eval_split
   run = open_run(config, workdir, devices, split=split)
   step, params = run.restore(checkpoint, step)
+  if jax.process_index() == 0:  # the reports' place, tried before the compute
+    files.check_writable(os.path.join(workdir, "eval"))
   _, p_eval, p_predict = steps.compile_steps(run.task, run.tx, config, run.devices)
   start = time.perf_counter()
   evaluator = train.Evaluator(run.task, p_eval, p_predict, run.eval_dataset, split=split)
@@ -37,12 +40,21 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   return metrics
 
 
+def report_name(split: str) -> str:
+  """`split` as a part of a report's file name. The split was checked against the
+  dataset's splits already (opening its data); this keeps any name from becoming a path:
+  tfds slices stay readable (train[:10%]), a path separator or other character becomes '_',
+  and a leading '.' too (no hidden file, no '..')."""
+  name = re.sub(r"[^\w.\[\]:%+=-]", "_", split)
+  return "_" + name[1:] if name.startswith(".") else name
+
+
 def _report(run, split: str, checkpoint: str, step: int, metrics, records,
             seconds: float) -> None:
   """Writes <workdir>/eval/<split>-<checkpoint>-step<N>.json (and the predictions file)
   and prints the table."""
   task, config = run.task, run.config
-  stem = os.path.join(run.workdir, "eval", f"{split}-{checkpoint}-step{step}")
+  stem = os.path.join(run.workdir, "eval", f"{report_name(split)}-{checkpoint}-step{step}")
   report = {"split": split, "checkpoint": checkpoint, "step": step,
             "examples": len(records), "seconds": seconds, "metrics": metrics,
             "beam_size": config.decode.beam_size,

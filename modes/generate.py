@@ -13,6 +13,7 @@ from absl import logging
 import tasks
 from modes.lines import require_text_family
 from modes.run import open_run
+from training import preemption
 
 
 def generate_text(config: ml_collections.ConfigDict, workdir: str, prompts: List[str],
@@ -54,6 +55,7 @@ def generate_text(config: ml_collections.ConfigDict, workdir: str, prompts: List
   size = config.eval.eval_batch_size
   outputs = []
   for start in range(0, len(rows), size):
+    preemption.check("--mode=generate")
     tokens = generate(params, prompt[start:start + size], keys[start:start + size],
                       limits[start:start + size])
     outputs += [task.detokenize(t) for t in np.asarray(tokens)]

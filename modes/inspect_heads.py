@@ -10,10 +10,12 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+import files
 import train
 from input_pipeline import batching
 from input_pipeline.local_builders import DataError
 from inspection import attention_maps
+from modes.evaluate import report_name
 from modes.run import open_run
 from training import steps
 
@@ -46,6 +48,7 @@ def attention_report(config: ml_collections.ConfigDict, workdir: str,
     name = attention_maps.directory_name(text or "")
   if not np.asarray(chosen["inputs"]).any():
     raise DataError("nothing to draw: the input has no tokens")
+  files.check_writable(os.path.join(workdir, "attention"))  # before the compute
   maps = attention_maps.example_maps(task, params, [chosen])[0]
   directory = os.path.join(workdir, "attention", f"{checkpoint}-step{step}-{name}")
   about = {"checkpoint": checkpoint, "step": step, "text": text, "reference": reference,
@@ -67,6 +70,7 @@ def head_importance(config: ml_collections.ConfigDict, workdir: str,
   split = split or config.data.eval_split
   run = open_run(config, workdir, devices, split=split)
   step, params = run.restore(checkpoint, step)
+  files.check_writable(os.path.join(workdir, "attention"))  # before the compute
   p_masked = steps.compile_masked_eval(run.task, run.devices)
   params = steps.replicate(params, run.devices)
   batches = list(batching.iterate(run.eval_dataset,
@@ -86,6 +90,7 @@ def head_importance(config: ml_collections.ConfigDict, workdir: str,
                time.perf_counter() - start)
   about = {"split": split, "checkpoint": checkpoint, "step": step, "batches": len(batches)}
   paths = attention_maps.write_importance(
-      os.path.join(workdir, "attention"), f"head_importance-{split}-{checkpoint}-step{step}",
+      os.path.join(workdir, "attention"),
+      f"head_importance-{report_name(split)}-{checkpoint}-step{step}",
       baseline, increase, about)
   return baseline, increase, paths

@@ -11,7 +11,7 @@ import tasks
 from errors import UserError
 from input_pipeline import batching
 from modes.run import open_run
-from training import steps
+from training import preemption, steps
 
 WHAT = {"decode": "translates text", "predict": "labels text", "generate": "continues text"}
 
@@ -46,7 +46,8 @@ def map_lines(config: ml_collections.ConfigDict, workdir: str, lines: List[str],
   dataset = batching.batched_dataset(examples, batch_size=config.eval.eval_batch_size,
                                      num_devices=len(run.devices), lengths=task.eval_lengths,
                                      shuffle=False)
-  for batch in batching.iterate(dataset):
+  for index, batch in enumerate(batching.iterate(dataset)):
+    preemption.check(f"--mode={mode} (batch {index + 1})")
     predictions = np.asarray(p_predict(params, batch))
     flat_inputs = batch["inputs"].reshape((-1, batch["inputs"].shape[-1]))
     flat_index = batch["index"].reshape(-1)

@@ -31,14 +31,14 @@ class Run:
 
   def restore(self, checkpoint: str = "latest", step: Optional[int] = None):
     """(step, host params) of a checkpoint: the newest (or `step`'s) regular one, the best
-    one or the averaged one; never creates or deletes anything in the workdir."""
+    one or the averaged one. Read-only: it creates, renames and deletes nothing, so it
+    works beside a live trainer (reading the newest finished checkpoint)."""
     subdir = CHECKPOINT_KINDS[checkpoint]
     directory = checkpointing.checkpoint_directory(self.workdir, subdir)
-    if not os.path.isdir(directory):  # checked first: reading must not create the workdir
+    if not os.path.lexists(directory):
       raise checkpointing.CheckpointError(
           f"no {checkpoint} checkpoint in {directory}; {_HINTS[checkpoint]}")
-    checkpoints = checkpointing.Checkpointer(
-        self.workdir, keep=self.config.train.keep_checkpoints, subdir=subdir)
+    checkpoints = checkpointing.Checkpointer.for_reading(self.workdir, subdir)
     try:
       if checkpoints.latest_step() is None:
         raise checkpointing.CheckpointError(

@@ -12,6 +12,7 @@ result (final metrics, parameter count, the config it ran). A variant with a res
 never trained again; delete its directory to redo it.
 """
 
+import contextlib
 import csv
 import io
 import json
@@ -27,8 +28,9 @@ import files
 import tasks
 import train
 from config_checks import ConfigError
+from errors import WriteError
 from configs.sweeps import Sweep, SweepError, Variant, config_differences, format_overrides
-from training import reporting
+from training import reporting, workdir_lock
 
 STATE_FILE = "sweep.json"
 PLOT_SIZE = (9.0, 5.5)  # inches at PLOT_DPI: a 900 x 550 pixel image
@@ -129,43 +131,54 @@ def run_sweep(sweep: Sweep, workdir: str, overrides: Optional[Mapping[str, Any]]
     except ConfigError as e:
       raise ConfigError(f"sweep variant {variant.name!r}: {e}") from None
 
-  for index, (variant, config) in enumerate(configs, 1):
-    directory = os.path.join(workdir, variant.name)
-    label = f"sweep {sweep.name}: variant {index}/{len(configs)} {variant.name!r}"
-    state = read_state(directory)
-    if state.get("result"):
-      logging.info("%s finished earlier (%s in %s); skipped", label,
-                   state["result"]["status"], os.path.join(directory, STATE_FILE))
-      continue
-    logging.info("%s (%s): training in %s", label,
-                 format_overrides(variant.overrides) or "the base config", directory)
-    state.setdefault("variant", variant.name)
-    state.setdefault("segments", []).append({"start": time.time(), "seconds": None})
-    _write_state(directory, state)
-    start = time.perf_counter()
-    try:
-      metrics = train.train_and_evaluate(config, directory, devices)
-      result = {"status": "done", "metrics": metrics}
-    except train.NonFiniteLossError as e:
-      logging.error("%s diverged: %s", label, e)
-      result = {"status": "diverged", "message": str(e), "metrics": {}}
-    except BaseException:
-      logging.error("%s did not finish; run the same command to resume it", label)
-      raise
-    finally:
-      state["segments"][-1]["seconds"] = time.perf_counter() - start
-      _write_state(directory, state)
-    records = read_metrics(directory)
-    final = [r["step"] for r in records if "final/loss" in r]
-    trained = [r["step"] for r in records if any(k.startswith("train/") for k in r)]
-    result.update(steps=int(final[-1] if final else max(trained, default=0)),
-                  parameters=count_parameters(config, directory),
-                  config=json.loads(config.to_json()), finished=time.time())
-    state["result"] = result
-    _write_state(directory, state)
-    jax.clear_caches()  # this variant's compiled steps are not needed again
-    write_comparison(sweep, workdir, overrides)
+  # One sweep per workdir (each variant's training also locks its own directory).
+  lock = workdir_lock.WorkdirLock(workdir) if jax.process_index() == 0 else None
+  with lock or contextlib.nullcontext():
+    for index, (variant, config) in enumerate(configs, 1):
+      _train_variant(sweep, workdir, overrides, devices, index, variant, config)
   return write_comparison(sweep, workdir, overrides)
+
+
+def _train_variant(sweep, workdir, overrides, devices, index, variant, config) -> None:
+  """Trains one variant (unless it finished earlier), records its result in its
+  sweep.json and rewrites the comparison."""
+  directory = os.path.join(workdir, variant.name)
+  label = f"sweep {sweep.name}: variant {index}/{len(sweep.variants)} {variant.name!r}"
+  state = read_state(directory)
+  if state.get("result"):
+    logging.info("%s finished earlier (%s in %s); skipped", label,
+                 state["result"]["status"], os.path.join(directory, STATE_FILE))
+    return
+  logging.info("%s (%s): training in %s", label,
+               format_overrides(variant.overrides) or "the base config", directory)
+  state.setdefault("variant", variant.name)
+  state.setdefault("segments", []).append({"start": time.time(), "seconds": None})
+  _write_state(directory, state)
+  start = time.perf_counter()
+  try:
+    metrics = train.train_and_evaluate(config, directory, devices)
+    result = {"status": "done", "metrics": metrics}
+  except train.NonFiniteLossError as e:
+    logging.error("%s diverged: %s", label, e)
+    result = {"status": "diverged", "message": str(e), "metrics": {}}
+  except BaseException:
+    logging.error("%s did not finish; run the same command to resume it", label)
+    state["segments"][-1]["seconds"] = time.perf_counter() - start
+    with contextlib.suppress(WriteError):  # the first error (maybe this disk's) is the one
+      _write_state(directory, state)
+    raise
+  state["segments"][-1]["seconds"] = time.perf_counter() - start
+  _write_state(directory, state)
+  records = read_metrics(directory)
+  final = [r["step"] for r in records if "final/loss" in r]
+  trained = [r["step"] for r in records if any(k.startswith("train/") for k in r)]
+  result.update(steps=int(final[-1] if final else max(trained, default=0)),
+                parameters=count_parameters(config, directory),
+                config=json.loads(config.to_json()), finished=time.time())
+  state["result"] = result
+  _write_state(directory, state)
+  jax.clear_caches()  # this variant's compiled steps are not needed again
+  write_comparison(sweep, workdir, overrides)
 
 
 def count_parameters(config, workdir: str) -> int:

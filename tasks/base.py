@@ -143,10 +143,16 @@ class Task:
     return {"params": params, attention.HEAD_MASK: head_mask}
 
   # ---- data
+  @classmethod
+  def batch_lengths(cls, config) -> Dict[str, int]:
+    """Padded length of every sequence field of a training batch, from the config alone
+    (train.py estimates a batch's memory from it before the task is opened)."""
+    raise NotImplementedError
+
   @property
   def lengths(self) -> Dict[str, int]:
     """Padded length of every sequence field of a training batch."""
-    raise NotImplementedError
+    return self.batch_lengths(self.config)
 
   @property
   def eval_lengths(self) -> Dict[str, int]:
@@ -178,7 +184,7 @@ class Task:
                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
     """One pass over `split` in padded batches, the last one filled with empty examples."""
     return batching.batched_dataset(
-        self.data_source(split), batch_size=batch_size // process_count,
+        self.data.eval_examples(split), batch_size=batch_size // process_count,
         num_devices=num_devices, lengths=self.eval_lengths, shuffle=False,
         process_index=process_index, process_count=process_count)
 

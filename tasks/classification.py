@@ -43,6 +43,7 @@ class ClassificationTask(base.Task):
       data.text(field, "the name of a feature (tfds) or column (files)")
     if data["text_feature"] == data["label_feature"]:
       data.fail("label_feature", "it must differ from text_feature")
+    data.integer("min_class_examples", 1)
     if data["pack_examples"]:
       data.fail("pack_examples", "classification examples are padded rows, one example "
                                  "each; set it to False")
@@ -55,9 +56,9 @@ class ClassificationTask(base.Task):
   def num_classes(self) -> int:
     return len(self.label_names)
 
-  @property
-  def lengths(self) -> Dict[str, int]:
-    return {"inputs": self.config.data.max_input_length}
+  @classmethod
+  def batch_lengths(cls, config) -> Dict[str, int]:
+    return {"inputs": config.data.max_input_length}
 
   def model_inputs(self, batch):
     return {"inputs": batch["inputs"]}

@@ -90,9 +90,9 @@ class GenerationTask(base.Task):
     return not self.data.has_text  # samples of text are shown, not scored
 
   # ---- data and model
-  @property
-  def lengths(self) -> Dict[str, int]:
-    return {"inputs": self.config.data.max_target_length}
+  @classmethod
+  def batch_lengths(cls, config) -> Dict[str, int]:
+    return {"inputs": config.data.max_target_length}
 
   def train_dataset(self, batch_size, num_devices, process_index=0, process_count=1):
     batches = None

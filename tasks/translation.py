@@ -75,9 +75,9 @@ class TranslationTask(base.Task):
                                      "(shared_vocab=False) need share_embeddings=False")
 
   # ---- data and model
-  @property
-  def lengths(self) -> Dict[str, int]:
-    d = self.config.data
+  @classmethod
+  def batch_lengths(cls, config) -> Dict[str, int]:
+    d = config.data
     return {"inputs": d.max_input_length, "targets": d.max_target_length}
 
   @property

@@ -5,8 +5,12 @@ import os
 import sys
 import tempfile
 
+# XLA's CPU collectives abort after 40 s waiting for a device thread: on a loaded 2-core
+# machine 8 fake devices can take that long (main.py raises it the same way).
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_cpu_collective_call_warn_stuck_timeout_seconds=120"
+                           " --xla_cpu_collective_call_terminate_timeout_seconds=600").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests build the same train/eval/decode programs again (each train_and_evaluate call
 # makes fresh functions); a persistent cache, fresh for this session, compiles each once.

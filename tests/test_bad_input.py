@@ -85,6 +85,7 @@ class Case:
   config: Optional[str] = None  # --config=... instead of configs/<task>.py
   stdin: Optional[str] = None
   existing_workdir: bool = False  # the workdir exists (empty) before the run
+  overrides: bool = True  # False: no --config.<field> flags (a config without the fields)
 
 
 def _ragged() -> Files:
@@ -100,6 +101,20 @@ def _bad_utf8_text() -> Files:
 
 def _dev_rows(*rows) -> Files:
   return {"dev.tsv": _table(list(rows))}
+
+
+def _train_rows_plus(label: str, count: int) -> Files:
+  """The good training table with `count` more rows labeled `label` (a typo among 0/1)."""
+  de, en = _sentences(48, 3)
+  rows = [(s, str(i % 2)) for i, s in enumerate(de + en)][:80]
+  return {"train.tsv": _table(rows + [(f"a film number {i}", label) for i in range(count)])}
+
+
+def _held_out_characters() -> Files:
+  """Text whose last lines (in the held-out last 10%) have characters found nowhere before."""
+  lines = _good_files("generation")["input.txt"].splitlines()
+  lines[-5] = "der hund ~ sieht die Ω katze"
+  return {"input.txt": _lines(lines)}
 
 
 CASES = [
@@ -190,6 +205,21 @@ CASES = [
     Case("config_file_without_get_config", "translation",
          ("cannot load --config", "has no attribute 'get_config'"),
          config="{tmp}/empty_config.py"),
+    # config_flags re-raises a ValueError as its own flag error: the file and line are
+    # found in the chain of exceptions.
+    Case("config_file_raises_value_error", "translation",
+         ("cannot load --config", "ValueError: no size 'xl'",
+          "{tmp}/value_error_config.py, line 3"), config="{tmp}/value_error_config.py"),
+    Case("config_file_raises_key_error", "translation",
+         ("cannot load --config", "KeyError: 'layers'", "{tmp}/key_error_config.py, line 2"),
+         config="{tmp}/key_error_config.py"),
+    Case("config_file_with_a_mistyped_field", "translation",
+         ("{tmp}/typo_config.py has unknown field(s) train.num_train_step",
+          "fields of configs/default.py"), config="{tmp}/typo_config.py"),
+    Case("config_file_returning_a_dict", "translation",
+         ("get_config() of {tmp}/dict_config.py", "type dict",
+          "not an ml_collections.ConfigDict"), config="{tmp}/dict_config.py",
+         overrides=False),
     Case("unknown_mode", "translation", ("--mode=tune", "train|eval"), args=["--mode=tune"]),
     Case("positional_argument", "translation", ("unexpected arguments: extra", "--flags"),
          args=["extra"]),
@@ -222,6 +252,31 @@ CASES = [
     Case("eval_split_unknown", "translation",
          ("split 'nosuch' is not in config.data.file_splits",),
          args=["--mode=eval", "--split=nosuch"]),
+    # A split name is checked against the data's splits (synthetic digits too) before a
+    # report is named after it, and never becomes a path.
+    Case("eval_split_unknown_on_synthetic_digits", "translation",
+         ("split 'nosuch'", "the synthetic digits have the splits train, validation"),
+         config="configs/default.py", args=["--mode=eval", "--split=nosuch"]),
+    Case("eval_split_with_a_path_on_synthetic_digits", "generation",
+         ("split '../../escape'", "train, validation"),
+         config="configs/default.py:task=generation",
+         args=["--mode=eval", "--split=../../escape"]),
+    Case("head_importance_split_with_a_path", "translation",
+         ("split '../escape' is not in config.data.file_splits",),
+         args=["--mode=head_importance", "--split=../escape"]),
+    Case("eval_split_of_synthetic_digits", "translation",
+         ("config.data.eval_split='test'", "train, validation"),
+         config="configs/default.py", set={"data.eval_split": "test"}),
+    Case("file_split_named_with_a_path", "classification",
+         ("config.data.file_splits=", "split name '../dev'"),
+         set={"data.file_splits": "train=train.tsv,../dev=dev.tsv",
+              "data.eval_split": "../dev"}),
+    Case("split_flag_in_train_mode", "translation",
+         ("--split is for --mode=eval, --mode=head_importance", "--mode=train would ignore it"),
+         args=["--split=test"]),
+    Case("prompt_flag_in_eval_mode", "generation",
+         ("--prompt is for --mode=generate, --mode=attention", "--mode=eval"),
+         args=["--mode=eval", "--prompt=der hund"]),
     Case("decode_input_not_utf8", "translation",
          ("--input={tmp}/input.de", "cannot read it as UTF-8", "0xff"),
          args=["--mode=decode", "--input={tmp}/input.de"]),
@@ -229,6 +284,15 @@ CASES = [
     Case("ragged_parallel_files", "translation",
          ("parallel files of different lengths", "{data}/train.de has 64 lines",
           "{data}/train.en has 63 lines"), files=_ragged()),
+    # The character vocabulary comes from the training text; the run stops before saving it.
+    Case("characters_only_in_the_held_out_text", "generation",
+         ("split 'validation' (the held-out last 10% of the 'train' text)",
+          "'~' (U+007E) first in line", "'Ω' (U+03A9)", "training split 'train' lacks",
+          "config.model.tokenizer='bytes'"),
+         files=_held_out_characters(), existing_workdir=True),
+    Case("max_skipped_fraction_above_one", "translation",
+         ("config.train.max_skipped_fraction=1.5", "[0, 1]"),
+         set={"train.max_skipped_fraction": "1.5"}),
     Case("invalid_utf8_text", "generation",
          ("{data}/input.txt, line 5: not valid UTF-8", "0xe4"), files=_bad_utf8_text()),
     Case("corrupt_gzip_file", "translation",
@@ -255,6 +319,13 @@ CASES = [
     Case("empty_label", "classification",
          ("{data}/dev.tsv, line 2", "empty label in column 'label'"),
          files=_dev_rows(("a fine film", " "), ("a dull film", "0"))),
+    Case("mistyped_training_label", "classification",
+         ("{data}/train.tsv: label 'positive' has 1 training example(s) (line(s) 82)",
+          "fewer than config.data.min_class_examples=10", "'0': 40, '1': 40, 'positive': 1"),
+         files=_train_rows_plus("positive", 1), existing_workdir=True),
+    Case("min_class_examples_zero", "classification",
+         ("config.data.min_class_examples=0", "integer >= 1"),
+         set={"data.min_class_examples": "0"}),
     Case("one_class_only", "classification",
          ("{data}/train.tsv", "every training label is '1'", "at least two classes"),
          files={"train.tsv": _table([("a fine film", "1"), ("a good film", "1")])}),
@@ -282,7 +353,8 @@ CASES = [
          set={"data.max_eval_length": "1"}),
     Case("context_longer_than_the_text", "generation",
          ("fewer than one batch of 16 windows of 4096", "config.data.max_target_length=4096"),
-         set={"data.max_target_length": "4096"}),
+         # (a small eval batch: 128 rows of 4096 would not fit the memory check first)
+         set={"data.max_target_length": "4096", "eval.eval_batch_size": "8"}),
     Case("every_example_longer_than_the_rows", "translation",
          ("no training example fits config.data.max_input_length=2 and max_target_length=2",),
          set={"data.max_input_length": "2", "data.max_target_length": "2"}),
@@ -291,6 +363,15 @@ CASES = [
 assert len({c.id for c in CASES}) == len(CASES)
 
 # ----------------------------------------------------------------------------- running them
+
+CONFIG_FILES = {  # broken config files the cases name, written in tmp
+    "value_error_config.py": 'def get_config():\n  size = "xl"\n'
+                             '  raise ValueError(f"no size {size!r}")\n',
+    "key_error_config.py": 'def get_config():\n  return {}["layers"]\n',
+    "typo_config.py": "from configs import default\n\n\ndef get_config():\n"
+                      "  c = default.get_config()\n  c.train.num_train_step = 2\n  return c\n",
+    "dict_config.py": 'def get_config():\n  return {"task": "translation"}\n',
+}
 
 
 def _write(directory, files: Files) -> None:
@@ -315,6 +396,7 @@ def _run(case: Case, tmp) -> dict:
   _write(data, case.files)
   _write(tmp, {"broken_config.py": 'raise RuntimeError("no config here")\n',
                "empty_config.py": '"""A config file without get_config."""\n',
+               **CONFIG_FILES,
                "input.de": b"der hund\nsieht \xff die katze\n"})
   if case.existing_workdir:
     os.makedirs(workdir)
@@ -323,7 +405,7 @@ def _run(case: Case, tmp) -> dict:
     return text.format(data=data, tmp=tmp, workdir=workdir)
 
   overrides = {"data.data_dir": data, "data.tfds_data_dir": os.path.join(tmp, "tfds"),
-               **BASE[case.task], **case.set}
+               **BASE[case.task], **case.set} if case.overrides else {}
   args = [f"--config={fill(case.config or f'configs/{case.task}.py')}",
           f"--workdir={workdir}", *(f"--config.{k}={fill(v)}" for k, v in overrides.items()),
           *map(fill, case.args)]
@@ -342,3 +424,17 @@ def test_main_refuses_bad_input_in_one_line_writing_nothing(case, tmp_path):
     assert os.listdir(workdir) == []
   else:
     assert not os.path.exists(workdir), sorted(os.listdir(workdir))
+
+
+def test_a_mistyped_label_common_enough_to_train_is_named_in_a_warning(tmp_path):
+  """A label mistyped in config.data.min_class_examples rows or more is a class: the run
+  goes on (exit 0) with a warning line that names it among the others."""
+  case = Case("label_mixing_words_and_integers", "classification", (),
+              files=_train_rows_plus("positive", 10))
+  result = _run(case, tmp_path)["result"]
+  assert result.returncode == 0, result.stderr[-3000:]
+  warnings = [line for line in result.stderr.splitlines()
+              if line.startswith("W") and "train.tsv: the training labels mix" in line]
+  assert len(warnings) == 1, result.stderr[-3000:]
+  assert ("mix integers (0, 1) and words (positive), each a class ('0': 40, '1': 40, "
+          "'positive': 10); a mistyped label?") in warnings[0]

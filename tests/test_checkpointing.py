@@ -115,6 +115,81 @@ def test_interrupted_save_is_not_a_checkpoint(tmp_path, checkpointer):
   resumed.close()
 
 
+def _flip_one_bit(checkpointer, step):
+  """Flips one bit in the middle of step's largest array file (zstd-compressed; at this
+  place it still decodes, to other values): the damage only the checksums can see."""
+  files = [os.path.join(root, name) for root, _, names in
+           os.walk(os.path.join(checkpointer.step_directory(step), "state"))
+           for name in names if os.path.basename(root) == "d"]
+  path = max(files, key=os.path.getsize)
+  data = bytearray(open(path, "rb").read())
+  data[len(data) // 2] ^= 0x01
+  open(path, "wb").write(bytes(data))
+
+
+def test_the_checksums_name_a_flipped_bit_and_the_newest_intact_step(checkpointer, tmp_path):
+  """The arrays restore (the file still decodes) but one value changed: the restore names
+  the step, the array and the newest earlier step that restores intact; the checksums are
+  of the saved values, so an intact step still restores bitwise."""
+  rng = np.random.default_rng(0)
+  first, second = (rng.standard_normal(4096).astype(np.float32) for _ in range(2))
+  state = _state(1)
+  state["params"]["dense"]["bias"] = first
+  checkpointer.save(1, state, CONFIG)
+  checkpointer.wait()
+  state["params"]["dense"]["bias"] = second
+  checkpointer.save(2, state, CONFIG)
+  checkpointer.wait()
+  template = _state(0)
+  template["params"]["dense"]["bias"] = np.zeros((4096,), np.float32)
+  _flip_one_bit(checkpointer, 2)
+  reader = checkpointing.Checkpointer.for_reading(str(tmp_path))
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"checkpoint step 2 in .* is damaged or incomplete \(the contents "
+                           r"of params/dense/bias differ from the checksums written with "
+                           r"them\); move .*/2 away to use the previous checkpoint \(step 1, "
+                           r"which restores intact\)"):
+    reader.restore(template)
+  np.testing.assert_array_equal(reader.restore(template, step=1)["params"]["dense"]["bias"],
+                                first)
+  _flip_one_bit(checkpointer, 1)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=r"step 2 .* no earlier checkpoint restores intact"):
+    reader.restore(template)
+  reader.close()
+
+
+def test_a_checkpoint_without_checksums_still_restores(checkpointer):
+  """Checkpoints written before checksums were saved are read unverified."""
+  checkpointer.save(3, _state(3), CONFIG)
+  checkpointer.wait()
+  checksums = os.path.join(checkpointer.step_directory(3), "checksums")
+  assert json.load(open(os.path.join(checksums, "metadata")))[checkpointing.CHECKSUM]
+  for name in os.listdir(checksums):
+    os.remove(os.path.join(checksums, name))
+  os.rmdir(checksums)
+  _assert_same(checkpointer.restore(_state(0)), _state(3))
+
+
+def test_a_reader_creates_nothing_and_cannot_save(tmp_path, checkpointer):
+  checkpointer.save(2, _state(2), CONFIG)
+  checkpointer.wait()
+  partial = os.path.join(checkpointer.directory, "3.orbax-checkpoint-tmp-17", "state")
+  os.makedirs(partial)  # a live trainer's save in flight
+  before = sorted(os.listdir(checkpointer.directory))
+  reader = checkpointing.Checkpointer.for_reading(str(tmp_path))
+  assert reader.all_steps() == [2]
+  _assert_same(reader.restore(_state(0)), _state(2))
+  with pytest.raises(ValueError, match="opened for reading"):
+    reader.save(4, _state(4), CONFIG)
+  reader.close()
+  assert sorted(os.listdir(checkpointer.directory)) == before
+  assert not os.path.exists(os.path.join(str(tmp_path), "best"))
+  with pytest.raises(checkpointing.CheckpointError, match="is a file where the checkpoint"):
+    open(os.path.join(str(tmp_path), "best"), "w").close()
+    checkpointing.Checkpointer.for_reading(str(tmp_path), "best")
+
+
 def test_saving_does_not_alias_the_live_state(checkpointer):
   """save() returns before the write finishes; changing the arrays afterwards (the next
   training step) must not change what is written."""

@@ -269,6 +269,49 @@ def test_one_training_label_or_a_broken_labels_file_is_refused(tmp_path):
     labeled_text.load_labels(str(path))
 
 
+def test_a_rare_training_label_is_refused_or_named_in_a_warning(caplog):
+  ids, names = [0] * 500 + [1] * 480 + [2] * 3, ["0", "1", "positive"]
+  lines = list(range(2, 2 + len(ids)))
+  with pytest.raises(DataError) as error:
+    labeled_text.check_class_sizes(ids, names, "train.tsv", lines, minimum=10)
+  assert str(error.value).startswith(
+      "train.tsv: label 'positive' has 3 training example(s) (line(s) 982, 983, 984), fewer "
+      "than config.data.min_class_examples=10")
+  assert "('0': 500, '1': 480, 'positive': 3)" in str(error.value)
+  # Allowed by the minimum, a class under 1/100 of the largest and a mix of integers and
+  # words are warned about; balanced integer labels are not.
+  with caplog.at_level("WARNING"):
+    labeled_text.check_class_sizes(ids, names, "train.tsv", lines, minimum=3)
+  warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warned) == 2, warned
+  assert "label 'positive' has only 3 training examples, under 1/100 of the largest" in warned[0]
+  assert "mix integers (0, 1) and words (positive)" in warned[1]
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    labeled_text.check_class_sizes([0, 1, 2] * 10, ["Neg", "neg", "pos"], "train.tsv", lines,
+                                   minimum=10)
+  warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+  assert len(warned) == 1 and "labels 'Neg' and 'neg' differ only in case" in warned[0]
+  caplog.clear()
+  with caplog.at_level("WARNING"):
+    labeled_text.check_class_sizes([0, 1] * 10, ["0", "1"], "train.tsv", lines, minimum=10)
+  assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_a_mistyped_training_label_stops_the_run_before_anything_is_written(tmp_path):
+  rows = write_corpus(tmp_path / "corpus")["train"]
+  write_table(tmp_path / "corpus" / "train.tsv", ["sentence", "label"],
+              [list(r) for r in rows[:-1]] + [[rows[-1][0], "postive"]], gz=True)
+  config = tiny_config(tmp_path / "corpus", tmp_path / "tfds")
+  workdir = tmp_path / "run"
+  with pytest.raises(DataError, match=r"train\.tsv\.gz: label 'postive' has 1 training "
+                                      r"example\(s\) \(line\(s\) 401\)"):
+    tasks.get_task(config, str(workdir), training=True)
+  assert not workdir.exists()
+  presets.update_groups(config, dict(data=dict(min_class_examples=1)))  # kept on request
+  assert tasks.get_task(config, None).label_names == ["negative", "positive", "postive"]
+
+
 # ----------------------------------------------------------------------------- metrics
 
 

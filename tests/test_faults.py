@@ -6,6 +6,7 @@ run ends exactly where the uninterrupted one does."""
 import glob
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -19,6 +20,7 @@ import numpy as np
 import pytest
 
 import config_checks
+import errors
 import modes
 import tasks
 import train
@@ -26,7 +28,7 @@ from benchmarks import fault_injection
 from tests import test_classification, test_generation, test_translation
 from tests.cli_helpers import REPO, assert_one_error_line, run_main
 from tests.tiny_configs import tiny_config
-from training import checkpointing, optimizers, preemption, steps
+from training import checkpointing, monitors, optimizers, preemption, steps, workdir_lock
 
 ONE_DEVICE = jax.local_devices()[:1]
 TWO_DEVICES = jax.local_devices()[:2]
@@ -36,7 +38,7 @@ def host_state(config, workdir, step=None):
   """A checkpoint of `workdir` (the newest, or `step`'s) as a host TrainState."""
   template = jax.device_get(steps.create_state(
       tasks.get_task(config), optimizers.make_optimizer(config), config.seed))
-  checkpoints = checkpointing.Checkpointer(workdir, keep=100)
+  checkpoints = checkpointing.Checkpointer.for_reading(workdir)
   try:
     return checkpoints.restore(template, step)
   finally:
@@ -319,12 +321,15 @@ def test_an_incompatible_checkpoint_names_the_differing_parameters(trained, tmp_
     train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage_metadata", "delete_arrays"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage_metadata", "delete_arrays",
+                                    "flip_a_bit"])
 def test_a_damaged_checkpoint_is_named_and_the_previous_one_still_resumes(trained, tmp_path,
                                                                           damage):
   config, workdir = _copy(trained, tmp_path)
   step_dir = os.path.join(workdir, "checkpoints", "10")
-  if damage == "truncate":
+  if damage == "flip_a_bit":  # still decodes: only the checksums can tell
+    fault_injection.flip_byte(workdir, 10, random.Random(0))
+  elif damage == "truncate":
     for path in glob.glob(os.path.join(step_dir, "state", "**", "d", "*"), recursive=True):
       with open(path, "r+b") as f:
         f.truncate(7)
@@ -348,14 +353,131 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_still_resumes(traine
   assert result.returncode == 2, result.stderr[-3000:]
   last = result.stderr.strip().splitlines()[-1]
   for text in ("error: checkpoint step 10", "is damaged or incomplete",
-               "to use the previous checkpoint (step 5)"):
+               "to use the previous checkpoint (step 5, which restores intact)"):
     assert text in last, last
+  if damage == "flip_a_bit":
+    assert re.search(r"the contents of \S+ differ from the checksums written with them",
+                     last), last
   with pytest.raises(checkpointing.CheckpointError, match="step 10 .* damaged"):
     train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
   shutil.move(step_dir, str(tmp_path / "damaged-10"))  # what the message advises
   config.train.num_train_steps = 12
   train.train_and_evaluate(config, workdir, devices=ONE_DEVICE, final_evaluation=False)
   assert fault_injection.readable_steps(workdir)[-1] == 12
+
+
+# ----------------------------------------------------------------------------- one workdir
+
+
+def test_the_workdir_lock_names_its_holder_and_dies_with_it(tmp_path):
+  """A process holding the lock keeps a second one out (one line naming its process and
+  host); SIGKILL releases it: no stale lock."""
+  workdir = str(tmp_path / "run")
+  code = (f"import sys, time; sys.path.insert(0, {REPO!r})\n"
+          "from training import workdir_lock\n"
+          f"lock = workdir_lock.WorkdirLock({workdir!r}); lock.acquire()\n"
+          "print('locked', flush=True); time.sleep(600)\n")
+  holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(workdir_lock.WorkdirBusyError,
+                       match=rf"--workdir={re.escape(workdir)} is in use by another training "
+                             rf"run \(process {holder.pid} on host "):
+      workdir_lock.WorkdirLock(workdir).acquire()
+  finally:
+    holder.kill()
+    holder.wait()
+  with workdir_lock.WorkdirLock(workdir):  # the kernel released it with the process
+    pass
+
+
+def test_a_second_trainer_is_refused_and_readers_beside_a_trainer_disturb_nothing(tmp_path):
+  """Real processes (benchmarks/fault_injection.py): a second trainer on a live workdir
+  exits 2 at once naming the holder; eval run twice beside the trainer (which saves every
+  step) exits 0 and the trainer, stopped later by SIGTERM, saves and exits 4; a bit
+  flipped in the newest checkpoint makes eval exit 2 naming it. Every checkpoint left
+  restores and verifies, and the newest never goes back."""
+  workdir, rng = str(tmp_path / "run"), random.Random(0)
+  flags = [f for f in KILL_FLAGS if "num_train_steps" not in f]
+  flags.append("--config.train.num_train_steps=100000")  # stopped by the faults
+  newest = 0
+  for fault in ("second_trainer", "eval_beside", "flip_bits"):
+    record = fault_injection.inject(fault, workdir, flags, rng, newest,
+                                    str(tmp_path / "log.txt"))
+    print(fault, record["exit"], record["beside"], record["steps"])
+    assert record["expected_exit"], record
+    assert record["steps"], record
+    if fault != "flip_bits":
+      assert not record["newest_went_back"], record
+    newest = record["steps"][-1]
+
+
+def test_readers_never_delete_or_rename_anything(trained, tmp_path):
+  """A save in flight (orbax's temporary step directory) and retired steps waiting in the
+  trash are the trainer's: eval, decode-style restores and average leave them."""
+  config, workdir = _copy(trained, tmp_path)
+  directory = checkpointing.checkpoint_directory(workdir)
+  os.makedirs(os.path.join(directory, "15.orbax-checkpoint-tmp-123", "state"))
+  os.makedirs(os.path.join(directory, checkpointing.TRASH, "1"))
+  before = sorted(os.listdir(directory))
+  modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
+  modes.average_checkpoints(config, workdir, 2)
+  assert sorted(os.listdir(directory)) == before
+  assert fault_injection.readable_steps(workdir) == [5, 10]
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_a_file_where_the_checkpoints_go_is_one_line_before_any_step(tmp_path, mode):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "checkpoints").write_text("not a directory")
+  result = run_main(f"--workdir={workdir}", f"--mode={mode}",
+                    "--config.train.num_train_steps=2", "--config.model.d_model=32",
+                    "--config.model.d_ff=64", "--config.model.num_heads=2")
+  assert_one_error_line(result, f"{workdir}/checkpoints is a file where the checkpoint "
+                                f"directory", "move it away")
+  assert not (workdir / "metrics.jsonl").exists()  # no step ran
+
+
+@pytest.mark.parametrize("record", ['{"metric": "loss", "val', '{"metric": "bleu", "value": 3}',
+                                    '{"metric": "loss", "value": NaN, "step": 5}'])
+def test_a_damaged_or_foreign_best_record_is_named(tmp_path, record):
+  config = tiny_config(eval=dict(best_metric="loss"))
+  path = tmp_path / "best" / "best.json"
+  path.parent.mkdir()
+  path.write_text(record)
+  with pytest.raises(checkpointing.CheckpointError,
+                     match=rf"{re.escape(str(path))} (is damaged|records the best bleu)"):
+    monitors.BestCheckpoint(config, str(tmp_path))
+  assert path.read_text() == record  # left for the user to look at
+
+
+def test_averaging_swaps_the_average_in_whole(trained, tmp_path, monkeypatch):
+  """<workdir>/averaged is replaced in one rename: a failure before it leaves the old
+  average, and one version directory remains after each average."""
+  config, workdir = _copy(trained, tmp_path)
+  final = os.path.join(workdir, "averaged")
+
+  def averaged_steps():
+    checkpoints = checkpointing.Checkpointer.for_reading(workdir, "averaged")
+    try:
+      return checkpoints.restore_config()["averaged_steps"]
+    finally:
+      checkpoints.close()
+
+  modes.average_checkpoints(config, workdir, 2)
+  assert os.path.islink(final) and averaged_steps() == [5, 10]
+  with monkeypatch.context() as patch:
+    def fail(*args):
+      raise OSError(28, "No space left on device")
+    patch.setattr(modes.average.os, "replace", fail)
+    with pytest.raises(errors.WriteError, match="the old average, if any, is intact"):
+      modes.average_checkpoints(config, workdir, 1)
+  assert averaged_steps() == [5, 10]
+  modes.average_checkpoints(config, workdir, 1)
+  assert averaged_steps() == [10]
+  versions = [n for n in os.listdir(workdir) if n.startswith("averaged")]
+  assert sorted(versions) == sorted(["averaged", os.readlink(final)])
 
 
 # ----------------------------------------------------------------------------- the disk

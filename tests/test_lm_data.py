@@ -513,6 +513,43 @@ def test_chars_tokenizer_is_saved_in_the_workdir_and_reloaded_outside_training(
   np.testing.assert_array_equal(loaded.data.stream("validation"), trained.data.stream("validation"))
 
 
+def test_characters_only_in_the_held_out_text_are_named_before_the_vocabulary_is_saved(
+    tmp_path):
+  a, b = write_corpus(tmp_path / "corpus")
+  lines = b.split("\n")
+  lines[-3] = "good night ~ sweet prince Ω"  # in the held-out last 10% of a.txt + b.txt
+  b = "\n".join(lines)
+  write_text(tmp_path / "corpus" / "b.txt", b, gz=True)
+  config = lm_config(tmp_path)
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  with pytest.raises(DataError) as error:
+    tasks.get_task(config, str(workdir), training=True)
+  message = str(error.value)
+  held = (a + b)[int(len(a + b) * 0.9):]
+  line = held[:held.index("~")].count("\n") + 1
+  assert message.startswith(
+      f"split 'validation' (the held-out last 10% of the 'train' text) has characters that "
+      f"the training split 'train' lacks: '~' (U+007E) first in line {line}; 'Ω' (U+03A9) "
+      f"first in line {line}.")
+  assert "config.model.tokenizer='bytes'" in message and "delete" not in message
+  assert os.listdir(workdir) == []  # no vocabulary saved for the next run to trip on
+
+  # A vocabulary made before (another run's) names its file; evaluating a split with
+  # characters it lacks does not advise deleting it: the checkpoints were trained with it.
+  write_corpus(tmp_path / "corpus")
+  tasks.get_task(config, str(workdir), training=True)
+  write_text(tmp_path / "corpus" / "c.txt", "the king ~ speaks\n")
+  presets.update_groups(config, dict(data=dict(file_splits="train=a.txt+b.txt,test=c.txt")))
+  task = tasks.get_task(config, str(workdir), training=False)
+  with pytest.raises(DataError) as error:
+    task.data_source("test")
+  message = str(error.value)
+  assert message.startswith(f"split 'test' has characters outside the character vocabulary "
+                            f"{workdir / 'tokenizer.json'}: '~' (U+007E) first in line 1.")
+  assert "train a new run (another --workdir)" in message and "delete" not in message
+
+
 def test_documents_batching_packs_each_document_row_once_per_epoch(tmp_path):
   a, b = write_corpus(tmp_path / "corpus")
   config = lm_config(tmp_path, data=dict(lm_batching="documents", pack_examples=True,
@@ -573,7 +610,7 @@ def test_too_little_training_text_for_one_batch_is_a_data_error(tmp_path):
   corpus = tmp_path / "corpus"
   corpus.mkdir()
   write_text(corpus / "a.txt", "short text\n" * 4)
-  write_text(corpus / "b.txt", "tiny\n")
+  write_text(corpus / "b.txt", "text\n")  # (characters of the training text only)
   task = tasks.get_task(lm_config(tmp_path), str(tmp_path / "run"), training=True)
   with pytest.raises(DataError, match=r"fewer than one batch of 16 windows of 16"):
     task.train_dataset(16, 8)

@@ -131,6 +131,8 @@ def test_two_processes_train_like_one_process_with_their_devices(tmp_path):
 
   for i in range(2):
     assert f"2 local cpu device(s) in process {i} of 2" in _read(logs[i]), _tail(logs[i])
+  with open(os.path.join(multi, "train.lock"), encoding="utf-8") as f:
+    assert json.load(f)["pid"] == processes[0].pid  # process 0 held the workdir's lock
   a, b = _metrics(multi), _metrics(single)
   losses = _series(a, "train/loss")
   assert sorted(losses) == list(range(1, 7))
@@ -173,7 +175,8 @@ def test_two_processes_on_real_files_build_the_tokenizer_once_and_score_the_spli
   _wait(_start_pair(logs, *flags), logs)
   assert "Generating dataset" in _read(logs[0]) and "Generating dataset" not in _read(logs[1])
   assert sorted(n for n in os.listdir(workdir) if not os.path.isdir(os.path.join(workdir, n))
-                ) == ["config.json", "labels.json", "metrics.jsonl", "tokenizer.model"]
+                ) == ["config.json", "labels.json", "metrics.jsonl", "tokenizer.model",
+                      "train.lock"]
 
   logs = [str(tmp_path / f"eval{i}.log") for i in range(2)]
   _wait(_start_pair(logs, *flags, "--mode=eval", "--checkpoint=best"), logs)

@@ -3,6 +3,7 @@ non-finite losses, and the command line."""
 
 import json
 import os
+import re
 
 import grain
 import jax
@@ -13,8 +14,10 @@ import modes
 import tasks
 import train
 from input_pipeline import batching
+from input_pipeline.local_builders import DataError
+from modes.evaluate import report_name
 from tests.tiny_configs import tiny_config
-from training import checkpointing, optimizers, steps
+from training import checkpointing, monitors, optimizers, steps
 from tests.cli_helpers import run_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -129,9 +132,60 @@ def test_eval_mode_reproduces_final_evaluation(tmp_path):
   assert evaluated == pytest.approx(trained, rel=1e-6)
 
 
+def test_eval_split_names_are_the_datas_and_never_paths(tmp_path):
+  """Synthetic digits have the splits train and validation: another name is refused (it
+  was scored as the eval set under that name, and '../' put the report outside the
+  workdir); the endless training stream is scored on num_eval_examples strings."""
+  workdir = tmp_path / "run"
+  config = tiny_config(train=dict(num_train_steps=2), eval=dict(eval_every_steps=100))
+  train.train_and_evaluate(config, str(workdir), devices=ONE_DEVICE, final_evaluation=False)
+  before = sorted(os.listdir(tmp_path))
+  for split in ("test", "../escape", "../../eval/x"):
+    with pytest.raises(DataError, match=rf"split {re.escape(repr(split))}: the synthetic "
+                                        rf"digits have the splits train, validation"):
+      modes.evaluate_checkpoint(config, str(workdir), devices=ONE_DEVICE, split=split)
+  assert sorted(os.listdir(tmp_path)) == before and not (workdir / "eval").exists()
+  assert len(tasks.get_task(config).data.eval_examples("train")) == 64
+  metrics = modes.evaluate_checkpoint(config, str(workdir), devices=ONE_DEVICE, split="train")
+  with open(workdir / "eval" / "train-latest-step2.json", encoding="utf-8") as f:
+    assert json.load(f)["metrics"] == metrics
+  # A name that passed the dataset's check still never becomes a path in a report's name.
+  assert [report_name(s) for s in ("validation", "train[:10%]", "../x", "a/b", "..")] == [
+      "validation", "train[:10%]", "_._x", "a_b", "_."]
+
+
 def test_eval_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(checkpointing.CheckpointError, match="no latest checkpoint in .*train first"):
     modes.evaluate_checkpoint(tiny_config(), str(tmp_path), devices=ONE_DEVICE)
+
+
+def test_skipped_updates_stop_the_run_past_a_share_of_its_steps():
+  """nonfinite_updates="skip": 59 of 60 updates skipped (under max_skipped_updates=100)
+  stop the run at the first check past max_skipped_fraction from the 10th skip on; a few
+  skips early in a run (1 of 1, 9 of 9) or rare ones do not."""
+  config = tiny_config(train=dict(nonfinite_updates="skip", max_skipped_updates=100,
+                                  max_skipped_fraction=0.1))
+  guard = monitors.NonFiniteGuard(config, "ckpt")
+  guard.check([1.0] * 9, 9, None)  # 9 of 9: too few to judge a share
+  guard.check([0.0] * 91, 100, None)
+  guard.check([1.0], 101, None)  # 10 of 101: 9.9%
+  assert guard.skipped == 10
+  with pytest.raises(train.NonFiniteLossError, match=r"11 updates skipped.*11% of its 102"):
+    guard.check([1.0], 102, None)  # 11 of 102: 10.8%
+  guard = monitors.NonFiniteGuard(config, "ckpt")
+  guard.check([0.0] * 100, 100, None)
+  guard.check([1.0] * 11, 111, None)  # 11 of 111: 9.9%
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r"^59 updates skipped for a non-finite loss or gradient in this "
+                           r"run, 98% of its 60 updates, more than "
+                           r"config\.train\.max_skipped_fraction=0\.1 \(the last at step 60\)"):
+    guard = monitors.NonFiniteGuard(config, "ckpt")
+    guard.check([0.0] + [1.0] * 59, 60, None)
+  config.train.max_skipped_fraction = 1.0  # the share off: the count alone stops it
+  guard = monitors.NonFiniteGuard(config, "ckpt")
+  guard.check([1.0] * 100, 100, None)
+  with pytest.raises(train.NonFiniteLossError, match=r"max_skipped_updates=100"):
+    guard.check([1.0], 101, None)
 
 
 def test_nonfinite_loss_stops_without_saving_it(tmp_path):

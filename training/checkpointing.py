@@ -1,15 +1,21 @@
 """Checkpoints with orbax: asynchronous saves, the newest K kept, resolved config beside them.
 
-A checkpoint step directory holds three items:
-  state/   the train state as host (unreplicated) arrays, so it loads on any device count
-  config/  the resolved run config as JSON
-  data/    each process's training-data iterator position (grain's iterator state, JSON:
-           process_<i>-of-<n>.json), so a resumed run reads the batches the uninterrupted
-           run would have read
+A checkpoint step directory holds four items:
+  state/      the train state as host (unreplicated) arrays, so it loads on any device count
+  checksums/  a CRC-32 of every array of state/ (JSON), checked on every restore: damage
+              that still decodes (flipped bits, a chunk replaced) is named as damage, with
+              the array it hit and the newest earlier step that restores intact
+  config/     the resolved run config as JSON
+  data/       each process's training-data iterator position (grain's iterator state, JSON:
+              process_<i>-of-<n>.json), so a resumed run reads the batches the uninterrupted
+              run would have read
 Orbax writes each step into a temporary directory and renames it when complete, so a save
 that is interrupted (a kill, a full disk) never leaves a step that looks finished, and the
 earlier steps are untouched; steps beyond the newest K are renamed into `deleted/` before
 their files are removed, for the same reason. Nothing is pickled: arrays, JSON and text.
+A reader (`Checkpointer.for_reading`: eval, decode and the other modes) opens the directory
+read-only: it never creates, renames or deletes anything, so it can run beside a live
+trainer, whose save in flight it leaves alone (it sees only finished steps).
 
 Errors name what is wrong: `CheckpointError` for a checkpoint that is missing, damaged or
 written by a different model (with the differing parameters), `CheckpointWriteError` for a
@@ -20,7 +26,8 @@ import json
 import os
 import re
 import shutil
-from typing import Any, List, Mapping, Optional
+import zlib
+from typing import Any, Dict, List, Mapping, Optional
 
 import grain
 import grain.checkpoint  # noqa: F401  (registers grain's orbax handler)
@@ -106,24 +113,60 @@ def tree_differences(saved, wanted, limit: int = 4) -> List[str]:
   return out
 
 
+CHECKSUM = "crc32"  # of each array's bytes (C order); zlib's runs at several GB/s
+
+
+def array_checksums(tree) -> Dict[str, str]:
+  """{"params/...": "<crc32 hex> <dtype>[shape]"} of every array leaf of `tree`."""
+  out = {}
+  for path, leaf in _leaf_paths(tree).items():
+    array = np.ascontiguousarray(np.asarray(leaf))
+    crc = zlib.crc32(array.reshape(-1).view(np.uint8))
+    out[path] = f"{crc:08x} {array.dtype.name}{list(array.shape)}"
+  return out
+
+
+def _directory_blocker(directory: str) -> Optional[str]:
+  """The path that keeps `directory` from being one (a file where it or a parent should
+  be), or None."""
+  path = directory
+  while path and path != os.path.dirname(path):
+    if os.path.lexists(path):
+      return None if os.path.isdir(path) else path
+    path = os.path.dirname(path)
+  return None
+
+
 class Checkpointer:
   """Saves and restores the train state of one workdir (`<workdir>/<subdir>`: the regular
-  checkpoints, or "best" and "averaged")."""
+  checkpoints, or "best" and "averaged"). `Checkpointer.for_reading` opens one read-only."""
 
   def __init__(self, workdir: str, keep: int, async_save: bool = True,
-               subdir: str = "checkpoints"):
+               subdir: str = "checkpoints", read_only: bool = False):
     self.directory = checkpoint_directory(workdir, subdir)
-    # Old steps are renamed into TRASH (atomic) and deleted from there: orbax's own
-    # deletion removes a step's files one by one, so a kill in the middle would leave a
-    # half-deleted step that still looks finished. Temporary directories of saves that
-    # were interrupted are removed when the manager starts.
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        todelete_subdir=TRASH, cleanup_tmp_directories=True)
+    self.read_only = read_only
+    blocker = _directory_blocker(self.directory)
+    if blocker:  # orbax would only fail at the first save, after the steps before it
+      raise (CheckpointError if read_only else CheckpointWriteError)(
+          f"{blocker} is a file where the checkpoint directory {self.directory} should be; "
+          f"move it away (or use another --workdir)")
+    if read_only:
+      options = ocp.CheckpointManagerOptions(
+          read_only=True, create=False, save_interval_steps=0, cleanup_tmp_directories=False)
+    else:
+      # Old steps are renamed into TRASH (atomic) and deleted from there: orbax's own
+      # deletion removes a step's files one by one, so a kill in the middle would leave a
+      # half-deleted step that still looks finished. Temporary directories of saves that
+      # were interrupted are removed when the manager starts (only a writer does that: the
+      # workdir lock makes it the only one).
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+          todelete_subdir=TRASH, cleanup_tmp_directories=True)
     try:
       self._manager = ocp.CheckpointManager(
           self.directory, options=options,
           item_handlers={"state": ocp.StandardCheckpointHandler(),
+                         "checksums": ocp.JsonCheckpointHandler(),
                          "config": ocp.JsonCheckpointHandler(),
                          "data": grain.checkpoint.CheckpointHandler()})
     except OSError as e:
@@ -131,8 +174,15 @@ class Checkpointer:
           f"cannot create the checkpoint directory {self.directory}: {_cause(e)}") from e
     self._empty_trash()
 
+  @classmethod
+  def for_reading(cls, workdir: str, subdir: str = "checkpoints") -> "Checkpointer":
+    """A read-only Checkpointer: restores only; creates, renames and deletes nothing."""
+    return cls(workdir, keep=1, async_save=False, subdir=subdir, read_only=True)
+
   def _empty_trash(self) -> None:
     """Deletes the steps orbax retired into TRASH (only process 0 retires steps)."""
+    if self.read_only:
+      return
     trash = os.path.join(self.directory, TRASH)
     for name in os.listdir(trash) if os.path.isdir(trash) else ():
       shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
@@ -154,8 +204,11 @@ class Checkpointer:
     Returns once the arrays are captured; the write finishes in the background. A failed
     write (this one's or the previous background one's) raises CheckpointWriteError.
     """
+    if self.read_only:
+      raise ValueError(f"{self.directory} was opened for reading")
     self._empty_trash()
     items = {"state": ocp.args.StandardSave(host_state),
+             "checksums": ocp.args.JsonSave({CHECKSUM: array_checksums(host_state)}),
              "config": ocp.args.JsonSave(dict(config))}
     if data_state is not None:
       items["data"] = grain.checkpoint.CheckpointSave(_IteratorPosition(data_state))
@@ -176,33 +229,71 @@ class Checkpointer:
         f"{', '.join(map(str, kept)) or 'none'}). Free disk space or fix the directory's "
         f"permissions, then rerun the same command to resume")
 
-  def _metadata(self, step: int):
+  def _metadata(self, step: int, abstract: Any = None):
     try:
       return self._manager.item_metadata(step)
     except Exception as e:  # pylint: disable=broad-except
-      raise self._damaged(step, e) from e
+      raise self._damaged(step, e, abstract) from e
 
-  def _damaged(self, step: int, error: BaseException) -> CheckpointError:
+  def _damaged(self, step: int, error: BaseException,
+               abstract: Any = None) -> CheckpointError:
+    """The error for a damaged `step`, naming the newest earlier step to fall back to:
+    with `abstract` (the state's shapes), the newest that restores and verifies."""
     older = [s for s in self.all_steps() if s < step]
-    hint = (f"move {self.step_directory(step)} away to use the previous checkpoint "
-            f"(step {older[-1]})" if older else "no earlier checkpoint remains")
+    intact = older[-1] if older else None
+    if abstract is not None:
+      intact = next((s for s in reversed(older) if self._restores(abstract, s)), None)
+    if intact is not None:
+      hint = (f"move {self.step_directory(step)} away to use the previous checkpoint "
+              f"(step {intact}{', which restores intact' if abstract is not None else ''})")
+    else:
+      hint = ("no earlier checkpoint restores intact" if abstract is not None and older
+              else "no earlier checkpoint remains")
     return CheckpointError(
         f"checkpoint step {step} in {self.directory} is damaged or incomplete "
         f"({_cause(error)}); {hint}")
+
+  def _restores(self, abstract: Any, step: int) -> bool:
+    try:
+      self._read_state(abstract, step)
+      return True
+    except Exception:  # pylint: disable=broad-except  # any failure: not intact
+      return False
+
+  def _read_state(self, abstract: Any, step: int) -> Any:
+    """The state arrays of `step`, verified against the checksums saved with them (a
+    checkpoint written before checksums were saved is read unverified)."""
+    items = {"state": ocp.args.StandardRestore(abstract)}
+    verify = os.path.isdir(os.path.join(self.step_directory(step), "checksums"))
+    if verify:
+      items["checksums"] = ocp.args.JsonRestore()
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    if verify:
+      saved = (restored["checksums"] or {}).get(CHECKSUM, {})
+      now = array_checksums(restored["state"])
+      wrong = [k for k in now if saved.get(k) != now[k]]
+      wrong += [k for k in saved if k not in now]
+      if wrong:
+        more = f" and {len(wrong) - 3} more" if len(wrong) > 3 else ""
+        raise ValueError(
+            f"the contents of {', '.join(wrong[:3])}{more} differ from the checksums "
+            f"written with them")
+    return restored["state"]
 
   def restore(self, template: Any, step: Optional[int] = None) -> Any:
     """Restores the state at `step` (default: the newest) shaped like `template`.
 
     Raises CheckpointError naming the differing parameters when the checkpoint holds a
-    different model, and the damaged step when its files cannot be read.
+    different model, and the damaged step (and the newest earlier one that restores
+    intact) when its files cannot be read or its arrays differ from their checksums.
     """
     step = self.latest_step() if step is None else step
     if step is None:
       raise CheckpointError(f"no checkpoint in {self.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-    saved = self._metadata(step)["state"]
+    saved = self._metadata(step, abstract)["state"]
     if saved is None:
-      raise self._damaged(step, FileNotFoundError("no state item"))
+      raise self._damaged(step, FileNotFoundError("no state item"), abstract)
     saved_tree = getattr(saved, "tree", saved)
     differences = tree_differences(saved_tree, abstract)
     if differences:
@@ -212,10 +303,9 @@ class Checkpointer:
           f"with (saved in the checkpoint and in the workdir's config.json) or another "
           f"--workdir")
     try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract)))["state"]
+      restored = self._read_state(abstract, step)
     except Exception as e:  # pylint: disable=broad-except  # tensorstore, json, OS errors
-      raise self._damaged(step, e) from e
+      raise self._damaged(step, e, abstract) from e
     # Checked again on the arrays read: numpy templates come back in the saved shape.
     differences = tree_differences(restored, abstract)
     if differences:

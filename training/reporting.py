@@ -4,12 +4,18 @@ import json
 import logging
 import math
 import os
+import socket
+import struct
 import time
 from typing import Dict, Mapping
 
 import jax
 import numpy as np
-from tensorboardX import SummaryWriter
+from tensorboardX import summary as tb_summary
+from tensorboardX.proto import event_pb2
+from tensorboardX.record_writer import masked_crc32c
+
+import files
 
 
 class _QuietLibraries(logging.Filter):
@@ -22,6 +28,8 @@ class _QuietLibraries(logging.Filter):
     # A failed background save is reported once, as one line, by the CheckpointWriteError
     # it raises; orbax's own records keep their message but not their tracebacks.
     record.exc_info, record.exc_text = None, None
+    if record.getMessage().startswith("Given directory is read only"):
+      return False  # said of every read-only (eval, decode, ...) checkpoint reader
     return record.levelno >= logging.WARNING
 
 
@@ -43,41 +51,68 @@ def _drop_partial_line(path: str) -> None:
       f.truncate(data.rfind(b"\n") + 1)
 
 
+class _EventFile:
+  """A TensorBoard event file, written in the calling thread. (tensorboardX's SummaryWriter
+  writes from a background thread: a full disk there came out as tracebacks, at a later
+  flush and again at exit.) Each call appends whole TFRecords through `files.Appender`."""
+
+  def __init__(self, directory: str, intact: str):
+    name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
+    self._file = files.Appender(os.path.join(directory, name), intact)
+    self._append([event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")])
+
+  def write(self, step: int, *summaries) -> None:
+    self._append([event_pb2.Event(summary=s, step=int(step), wall_time=time.time())
+                  for s in summaries])
+
+  def _append(self, events) -> None:
+    records = []
+    for event in events:  # TFRecord framing: length, its CRC, the data, its CRC
+      data = event.SerializeToString()
+      header = struct.pack("<Q", len(data))
+      records += [header, struct.pack("<I", masked_crc32c(header)), data,
+                  struct.pack("<I", masked_crc32c(data))]
+    self._file.append(b"".join(records))
+
+  def close(self) -> None:
+    self._file.close()
+
+
 class MetricWriter:
   """Writes scalars to TensorBoard (`tensorboard --logdir <workdir>`) and metrics.jsonl.
 
-  Only process 0 writes; other processes get a writer that does nothing.
+  Each write is on the disk when it returns; one that fails (a full disk) raises
+  WriteError, and the files keep their complete earlier records. Only process 0 writes;
+  other processes get a writer that does nothing.
   """
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     if enabled:
-      os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(logdir=os.path.join(workdir, "tensorboard"))
+      intact = "its earlier records are intact, and so are the checkpoints saved before"
       path = os.path.join(workdir, "metrics.jsonl")
-      _drop_partial_line(path)
-      self._jsonl = open(path, "a", encoding="utf-8")
+      with files.checked(path, "its complete records are intact"):
+        _drop_partial_line(path)
+      self._jsonl = files.Appender(path, intact)
+      self._tb = _EventFile(os.path.join(workdir, "tensorboard"), intact)
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
       return
-    for name, value in scalars.items():
-      self._tb.add_scalar(name, value, global_step=step)
     record = {"step": int(step), "time": time.time()}
     record.update({k: float(v) for k, v in scalars.items()})
-    self._jsonl.write(json.dumps(record) + "\n")
-    self._jsonl.flush()
-    self._tb.flush()
+    self._jsonl.append((json.dumps(record) + "\n").encode("utf-8"))
+    self._tb.write(step, *(tb_summary.scalar(name, float(value))
+                           for name, value in scalars.items()))
 
   def write_text(self, step: int, name: str, text: str) -> None:
     if self.enabled:
-      self._tb.add_text(name, text, global_step=step)
+      self._tb.write(step, tb_summary.text(name, text))
 
   def write_image(self, step: int, name: str, image) -> None:
     """`image`: `[height, width, 3]` uint8 (e.g. a rendered confusion matrix)."""
     if self.enabled:
-      self._tb.add_image(name, image, global_step=step, dataformats="HWC")
-      self._tb.flush()
+      self._tb.write(step, tb_summary.image(name, image, dataformats="HWC"))
 
   def close(self) -> None:
     if self.enabled:

@@ -14,6 +14,7 @@ exact match). A family names its text source; `open_source` picks digits or that
 """
 
 import os
+import re
 from typing import List, Optional
 
 from config_checks import ConfigError, Fields
@@ -24,6 +25,7 @@ from tasks.sources.digits import Digits
 # The longest row a length field may ask for: one row's [length, length] attention scores
 # (a head, float32) are 16 GiB there already, and longer asks fail in an allocation.
 MAX_LENGTH = 65536
+SPLIT_NAME = r"\w[\w.-]*"  # a split name of config.data.file_splits (no path, no '..')
 
 
 def open_source(config, family, workdir: Optional[str], training: bool):
@@ -59,6 +61,10 @@ class TextSource:
 
   def eval_lengths(self, lengths):
     return lengths
+
+  def eval_examples(self, split: str):
+    """The examples one evaluation of `split` scores: all of them."""
+    return self.examples(split)
 
   def decode(self, tokens) -> str:
     return self.tokenizer.decode(tokens)
@@ -106,6 +112,7 @@ def check_config(config, family) -> None:
       data.fail(field, f"expected at most {MAX_LENGTH} tokens (a row's attention scores grow "
                        f"with its length squared)")
   if data["dataset"] == "synthetic":
+    data.choice("eval_split", Digits.SPLITS)
     data.choice("synthetic_task", synthetic.CLASSIFICATION_TASKS
                 if family.digits_kind == "classification" else synthetic.SEQ2SEQ_TASKS)
     if data["min_digits"] > data["max_digits"]:
@@ -120,6 +127,10 @@ def check_config(config, family) -> None:
       stems = dict(input_sources.parse_mapping(data["file_splits"], "data.file_splits"))
     except input_sources.DataError as e:
       raise ConfigError(str(e)) from None
+    odd = [name for name in stems if not re.fullmatch(SPLIT_NAME, name)]
+    if odd:  # a split's name becomes part of its reports' file names
+      data.fail("file_splits", f"split name {odd[0]!r}: expected letters, digits, '_', '-' "
+                               f"or '.' (not first)")
     if family.digits_kind == "lm" and data["validation_fraction"] > 0:
       if "train" not in stems or "validation" in stems:
         data.fail("validation_fraction", "it holds out the end of the 'train' split as "

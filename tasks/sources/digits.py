@@ -24,17 +24,32 @@ class Digits:
   label_names = ["minority >= 5", "majority >= 5"]  # classification: label 1 = majority
   kind_label = "digits"
 
+  # The splits a user may name (--split, config.data.eval_split): the training stream and
+  # the held-out strings ("eval", the families' own name, stands for config.data.eval_split).
+  SPLITS = ("train", "validation")
+
   def __init__(self, config, kind: str):
     self.config = config
     self.kind = kind
 
-  def examples(self, split: str):
-    """Random-access example dicts of "train", "eval" or any other split name (eval)."""
+  def examples(self, split: str, size: int = synthetic.TRAIN_SIZE):
+    """Random-access example dicts of "train" (`size` of the endless training stream) or of
+    "validation" (config.data.num_eval_examples held-out strings); "eval" is
+    config.data.eval_split; DataError for any other name."""
     d = self.config.data
+    split = d.eval_split if split == "eval" else split
+    if split not in self.SPLITS:
+      raise DataError(f"split {split!r}: the synthetic digits have the splits "
+                      f"{', '.join(self.SPLITS)} (validation: the held-out strings)")
     train = split == "train"
-    size = synthetic.TRAIN_SIZE if train else d.num_eval_examples
     return synthetic.SyntheticDigits(self.kind, d.synthetic_task, "train" if train else "eval",
-                                     size, d.min_digits, d.max_digits, seed=d.shuffle_seed)
+                                     size if train else d.num_eval_examples, d.min_digits,
+                                     d.max_digits, seed=d.shuffle_seed)
+
+  def eval_examples(self, split: str):
+    """The examples one evaluation of `split` scores: config.data.num_eval_examples strings
+    (of the training stream too, which is endless)."""
+    return self.examples(split, size=self.config.data.num_eval_examples)
 
   def eval_lengths(self, lengths: Dict[str, int]) -> Dict[str, int]:
     """Evaluation rows are as long as training rows (the strings have one length range)."""

@@ -129,7 +129,12 @@ class LabeledText(TextSource):
     if d.dataset != "files":
       return list(self._builder.info.features[d.label_feature].names)
     self._check_labeled("train")
-    return label_names_from(self.rows("train")[1], self._file_of(self.split_name("train")))
+    _, labels, lines = self.rows("train")
+    path = self._file_of(self.split_name("train"))
+    names = label_names_from(labels, path)
+    check_class_sizes(map_labels(labels, names, path, lines), names, path, lines,
+                      d.min_class_examples)
+    return names
 
   def _tokenizer_texts(self) -> List[str]:
     """An evenly strided sample of at most config.data.tokenizer_max_sentences texts."""
@@ -214,6 +219,47 @@ def label_names_from(labels: List[str], path: str) -> List[str]:
     raise DataError(f"{path}: every training label is {names[0]!r}; classification needs "
                     f"at least two classes")
   return names
+
+
+# A class this many times smaller than the largest one is named in a warning (a typo such as
+# 'positive' among 0/1 that occurs more often than config.data.min_class_examples).
+RARE_CLASS_RATIO = 100
+
+
+def check_class_sizes(ids: List[int], names: List[str], path: str, lines: List[int],
+                      minimum: int) -> None:
+  """The classes of the training labels (`ids` of `names`, one per row at `lines` of
+  `path`): DataError for a class with fewer than `minimum` examples (its label becomes a
+  class of the model, whose head then learns it from almost nothing: mostly a typo); a
+  warning for a class far rarer than the largest one, for names that differ only in case
+  and for names that mix integers and words."""
+  counts = np.bincount(np.asarray(ids, np.int64), minlength=len(names))
+  classes = ", ".join(f"{n!r}: {c}" for n, c in zip(names[:20], counts.tolist()))
+  classes += ", ..." if len(names) > 20 else ""
+  for i in np.flatnonzero(counts < minimum).tolist():
+    at = [line for line, y in zip(lines, ids) if y == i]
+    raise DataError(
+        f"{path}: label {names[i]!r} has {counts[i]} training example(s) (line(s) "
+        f"{', '.join(map(str, at[:5]))}{', ...' if len(at) > 5 else ''}), fewer than "
+        f"config.data.min_class_examples={minimum}: each label of the training file "
+        f"becomes a class ({classes}); correct a mistyped label, or lower "
+        f"config.data.min_class_examples to keep the class")
+  for i in np.flatnonzero(counts * RARE_CLASS_RATIO < counts.max()).tolist():
+    logging.warning("%s: label %r has only %d training examples, under 1/%d of the largest "
+                    "class (%s); a mistyped label?", path, names[i], counts[i],
+                    RARE_CLASS_RATIO, classes)
+  folded: Dict[str, List[str]] = {}
+  for name in names:
+    folded.setdefault(name.casefold(), []).append(name)
+  for same in (group for group in folded.values() if len(group) > 1):
+    logging.warning("%s: the training labels %s differ only in case, and each is a class "
+                    "(%s); a mistyped label?", path, " and ".join(map(repr, same)), classes)
+  numbers = [n for n in names if _as_int(n) is not None]
+  if numbers and len(numbers) < len(names):
+    words = [n for n in names if _as_int(n) is None]
+    logging.warning("%s: the training labels mix integers (%s) and words (%s), each a class "
+                    "(%s); a mistyped label?", path, ", ".join(numbers[:10]),
+                    ", ".join(words[:10]), classes)
 
 
 def map_labels(labels: List[str], names: List[str], path: str, lines: List[int]) -> List[int]:

@@ -4,6 +4,7 @@ SentencePiece, saved in the workdir), then cut into windows of one contiguous st
 (input_pipeline/windows.py) or into documents, each its own row (cut at the context).
 """
 
+import os
 from typing import Dict, List, Optional
 
 import grain
@@ -27,6 +28,10 @@ class TextCorpus(TextSource):
     self._tokens: Dict[str, list] = {}
     kind = config.model.tokenizer
     paths = tokenizer_paths(config, workdir, [TOKENIZER_FILES[kind]], training)
+    if training and kind == "chars" and not (paths[0] and os.path.exists(paths[0])):
+      # Checked before the vocabulary is built and saved: a run stopped here leaves none.
+      d = config.data
+      self._check_characters(d.eval_split, set().union(*self.documents(d.train_split)))
     self.tokenizer = tokenizers.get_or_build(kind, paths[0], self._tokenizer_texts,
                                              config.model.vocab_size, keep_whitespace=True)
     self.vocab_size = self.tokenizer.vocab_size
@@ -82,8 +87,42 @@ class TextCorpus(TextSource):
   def tokenized(self, split: str) -> list:
     """The documents of a split as int32 token arrays (no EOS)."""
     if split not in self._tokens:
+      if self.tokenizer.kind == "chars":
+        self._check_characters(split, set(self.tokenizer.characters), self.tokenizer.path)
       self._tokens[split] = self.tokenizer.encode_batch(self.documents(split))
     return self._tokens[split]
+
+  def _check_characters(self, split: str, known, vocabulary: Optional[str] = None) -> None:
+    """DataError naming the characters of `split` outside the character vocabulary `known`
+    (that of the file `vocabulary`, or None: the one this run builds from the training
+    split), where each first occurs, and what to do."""
+    d = self.config.data
+    first, documents = {}, self.documents(split)
+    for n, document in enumerate(documents, 1):
+      for char in set(document) - known - first.keys():
+        line = document.count("\n", 0, document.index(char)) + 1
+        first[char] = f"line {line}" + (f" of document {n}" if len(documents) > 1 else "")
+    if not first:
+      return
+    chars = sorted(first)
+    shown = "; ".join(f"{c!r} (U+{ord(c):04X}) first in {first[c]}" for c in chars[:5])
+    shown += f"; and {len(chars) - 5} more" if len(chars) > 5 else ""
+    held = (f" (the held-out last {d.validation_fraction:.0%} of the {d.train_split!r} text)"
+            if d.dataset == "files" and split == "validation" and d.validation_fraction > 0
+            else "")
+    if vocabulary is None:
+      raise DataError(
+          f"split {split!r}{held} has characters that the training split "
+          f"{d.train_split!r} lacks: {shown}. The character vocabulary is built from the "
+          f"training split alone, so the model would have no id for them: add text holding "
+          f"them to the training split, remove or replace them in {split!r}, or set "
+          f"config.model.tokenizer='bytes' (every character has an id)")
+    raise DataError(
+        f"split {split!r}{held} has characters outside the character vocabulary "
+        f"{vocabulary}: {shown}. That vocabulary holds the characters of the text it was "
+        f"built from (a training run's training split), and a model trained with it has no "
+        f"id for others: remove or replace them in {split!r}, or train a new run (another "
+        f"--workdir) on text that holds them, or with config.model.tokenizer='bytes'")
 
   def stream(self, split: str) -> np.ndarray:
     """The split as one token stream, each document followed by EOS."""
