@@ -1,4 +1,4 @@
-"""Entry point: pick a config, a workdir and a mode.
+r"""Entry point: pick a config, a workdir and a mode.
 
     python main.py --workdir=runs/demo                          # train (or resume), evaluate
     python main.py --workdir=runs/demo --mode=eval              # evaluate the newest checkpoint
@@ -139,7 +139,57 @@ flags.DEFINE_string("coordinator_address", None, "Several processes: host:port o
 flags.DEFINE_integer("num_processes", None, "Several processes: how many take part.")
 flags.DEFINE_integer("process_id", None, "Several processes: this one's index, 0 to "
                      "num_processes - 1.")
+flags.DEFINE_bool("verbose", False, "Log as absl does: every line with its prefix (time, "
+                  "thread, file:line), what libraries log, the whole config (as does -v 1, "
+                  "with debug lines too). Default: plain lines, library messages left out, "
+                  "the config fields that differ from the defaults.")
+flags.DEFINE_bool("help_config", False, "Print every config field with its comment, "
+                  "grouped, and exit.")
 flags.mark_flags_as_required(["workdir"])
+
+# `--help`: a short usage (absl's would list every flag of every module: --helpfull).
+_MODE_SUMMARIES = {
+    "train": "train, resuming from the newest checkpoint, then evaluate (the default)",
+    "eval": "score a split (--split) with a checkpoint; reports in <workdir>/eval",
+    "decode": "translate each line of --input (default: standard input)",
+    "generate": "continue each --prompt (or line of --input) with a language model",
+    "predict": "classify each line of --input: label, probability, each class's",
+    "attention": "draw every head's attention on one input into <workdir>/attention",
+    "head_importance": "the loss with each head removed in turn, a table and a heatmap",
+    "average": "average the newest --num_average checkpoints into <workdir>/averaged",
+    "sweep": "train each variant of --sweep=FILE in <workdir>/<variant>, compare them",
+    "sweep_report": "compare what a sweep has run so far (no training)",
+}
+_USAGE = """\
+usage: python main.py --workdir=DIR [--mode=MODE] [--config=FILE[:VARIANT]]
+                      [--config.GROUP.FIELD=VALUE ...] [flags]
+
+The Transformer of "Attention Is All You Need": train it, evaluate it, decode, generate
+and classify with it, look at its attention. A workdir keeps a run: checkpoints,
+config.json, metrics (tensorboard --logdir DIR); a mode on an existing workdir starts from
+its config.
+
+modes (--mode=):
+{modes}
+
+examples:
+  python main.py --workdir=runs/demo                    # the demo: a few minutes on a CPU
+  python main.py --workdir=runs/demo --mode=eval        # score its newest checkpoint
+  python main.py --config=configs/translation.py --workdir=runs/m30k \\
+      --config.data.data_dir=../shared/data/multi30k    # Multi30k de->en
+  echo "Ein Mann fährt Fahrrad." | python main.py --workdir=runs/m30k --mode=decode
+  python main.py --config=configs/default.py:task=generation,size=small --workdir=runs/lm
+  python main.py --workdir=runs/demo --config.train.num_train_steps=500
+
+more:
+  --help_config   every config field with its comment, grouped (docs/configs.md)
+  --helpfull      every flag (the modes' own: --split, --checkpoint, --prompt, ...)
+  --verbose       the whole config and every library's log lines, absl's prefixes kept
+  README.md and docs/ explain the rest
+
+exit status: 0 done; 2 a user error (one line "error: ..."); 3 a non-finite loss;
+4 stopped by a signal, nothing lost (run the same command again to resume).
+"""
 
 
 def _read_input(path: str):
@@ -164,6 +214,7 @@ def _one_line(error: BaseException) -> str:
 def _parse_flags(argv):
   """absl's flag parsing, with bad flags, overrides of fields the config lacks and config
   files that fail to load (config_flags lets their own errors through) as user errors."""
+  _answer_help(argv)
   try:
     return flags.FLAGS(argv)
   except flags.Error as e:  # config_flags wraps a config file's ValueError in one
@@ -178,6 +229,30 @@ def _parse_flags(argv):
                     f"{' '.join(str(inner.args[0]).split())}")
       inner = inner.args[0]
     _user_error(_config_failure(origin or e, where))
+
+
+def _answer_help(argv) -> None:
+  """--help (-h, -?, --helpshort): the short usage; --help_config: the config's fields;
+  --helpfull: absl's list of every flag. Each printed to standard output, exit 0, before
+  any other flag is checked (no --workdir needed)."""
+  names = {arg.split("=", 1)[0].lstrip("-") for arg in
+           (argv[1:argv.index("--")] if "--" in argv else argv[1:])}
+  try:
+    if names & {"help", "h", "?", "helpshort"}:
+      modes = "\n".join(f"  {mode:<16} {_MODE_SUMMARIES[mode]}"
+                        for mode in MODES + SWEEP_MODES)
+      print(_USAGE.format(modes=modes), end="", flush=True)
+    elif "help_config" in names:
+      from configs import default, field_docs  # pylint: disable=g-import-not-at-top
+      print(field_docs.help_text(default.get_config()), flush=True)
+    elif "helpfull" in names:
+      app.usage(shorthelp=False, writeto_stdout=True)
+      sys.stdout.flush()
+    else:
+      return
+  except BrokenPipeError:  # `--help_config | head`: the reader has seen enough
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+  sys.exit(0)
 
 
 def _config_failure(error: BaseException, where: str) -> str:
@@ -224,6 +299,42 @@ def _load_config():
     _user_error(_config_failure(origin or e, where))
   _check_config_fields(config)
   return config
+
+
+def _refuse_preset_labels(mode: str) -> None:
+  """`--config.size=...` and `--config.accel=...` would relabel the config without applying
+  the preset: one line naming the variant string that does (configs/presets.py)."""
+  from configs import presets  # pylint: disable=g-import-not-at-top
+  from errors import UserError  # pylint: disable=g-import-not-at-top
+  given = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith(("--config=", "-config="))]
+  path = (given[-1] if given else os.path.relpath(_DEFAULT_CONFIG)).split(":", 1)[0]
+  try:
+    presets.refuse_label_overrides(config_flags.get_override_values(flags.FLAGS["config"]),
+                                   None if mode in SWEEP_MODES else path)
+  except UserError as e:
+    _user_error(str(e))
+
+
+def _workdir_config(file_config):
+  """The config of every mode but the sweeps: the one saved in an existing --workdir with
+  the --config.<field> flags on it, unless --config=FILE is given (modes/workdir_config.py)."""
+  from errors import UserError  # pylint: disable=g-import-not-at-top
+  from modes import workdir_config  # pylint: disable=g-import-not-at-top
+  try:
+    return workdir_config.resolve_config(
+        flags.FLAGS.workdir, file_config, config_flags.get_override_values(flags.FLAGS["config"]),
+        explicit_file=flags.FLAGS["config"].present)
+  except UserError as e:
+    _user_error(str(e))
+
+
+def _note_missing_accelerator(config) -> None:
+  """config.accel=gpu or tpu on a machine without one: one line, and the run goes on."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from configs import presets  # pylint: disable=g-import-not-at-top
+  note = presets.missing_accelerator(config, jax.default_backend())
+  if note and jax.process_index() == 0:
+    logging.warning(note)
 
 
 def _fields_of(config, prefix: str = "") -> set:
@@ -442,6 +553,8 @@ def _run_mode(mode, config, workdir, sweep, overrides):
     print(f"sweep {sweep.name}: {sum(r['status'] == 'done' for r in rows)} of {len(rows)} "
           f"variants done; comparison in {os.path.join(workdir, 'comparison.md')}, "
           f"comparison.csv and validation_loss.png", flush=True)
+    for line in sweeps.difference_lines(rows):  # finished variants that ran other flags
+      print(f"  {line}", flush=True)
   else:
     step = modes.average_checkpoints(config, workdir, f.num_average, last_step=f.step)
     print(f"averaged the newest {f.num_average} checkpoints (up to step {step}) "
@@ -474,10 +587,16 @@ def main(argv):
   if not flags.FLAGS.workdir.strip():
     _user_error("--workdir is empty: give the directory of the run (created if missing)")
   _refuse_flags_of_other_modes(flags.FLAGS.mode)
+  _refuse_preset_labels(flags.FLAGS.mode)
   config = _load_config()
   sweep, overrides = _load_sweep()
-  _set_cpu_devices(config if sweep is None else sweep.config(sweep.variants[0], overrides))
+  _set_up_output()  # after the checks above (they print; no jax import for them)
+  if sweep is None:
+    config = _workdir_config(config)
+  first = config if sweep is None else sweep.config(sweep.variants[0], overrides)
+  _set_cpu_devices(first)
   _start_processes(flags.FLAGS.mode)
+  _note_missing_accelerator(first)
   from errors import UserError  # pylint: disable=g-import-not-at-top
   from training import monitors, preemption  # pylint: disable=g-import-not-at-top
   try:
@@ -489,6 +608,15 @@ def main(argv):
     _exit(f"error: {e}", 3)
   except (preemption.Preempted, preemption.Stopped) as e:
     _exit(f"stopped: {e}", preemption.EXIT_PREEMPTED)
+
+
+def _set_up_output() -> None:
+  """Plain lines a person reads (training/reporting.py `plain_logs`), unless --verbose or
+  absl's -v asks for everything as absl logs it."""
+  if flags.FLAGS.verbose or flags.FLAGS.verbosity > 0:
+    return
+  from training import reporting  # pylint: disable=g-import-not-at-top
+  reporting.plain_logs()
 
 
 def _stop_request(mode: str):
@@ -524,5 +652,10 @@ def _exit(message: str, status: int) -> None:
   os._exit(status)  # pylint: disable=protected-access
 
 
-if __name__ == "__main__":
+def run() -> None:
+  """The `transformer` command of an installed project (pyproject.toml): as `python main.py`."""
   app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

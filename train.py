@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import ml_collections
@@ -72,7 +72,7 @@ def check_loop_config(config: ml_collections.ConfigDict, num_devices: int = 1) -
   for field in ("eval_batch_size", "eval_every_steps"):
     evaluation.integer(field, 1)
   for field in ("num_print_examples", "num_decode_batches", "num_eval_batches",
-                "num_attention_images", "head_importance_batches"):
+                "final_decode_batches", "num_attention_images", "head_importance_batches"):
     evaluation.integer(field, 0)
   if evaluation["num_attention_images"] > MAX_ATTENTION_IMAGES:
     evaluation.fail("num_attention_images", f"expected at most {MAX_ATTENTION_IMAGES} (each "
@@ -149,26 +149,44 @@ def _gather_processes(tree):
   return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), gathered)
 
 
+def batch_counts(task, eval_dataset, num_examples: int = 0,
+                 decode_batches: Optional[int] = None,
+                 loss_batches: Optional[int] = None) -> Tuple[int, int]:
+  """(batches `evaluate` scores the loss of, batches of them it predicts) with these
+  arguments: the first `loss_batches` (all when None) and of those the first
+  `decode_batches` (all when None; none when predictions are neither scored nor shown)."""
+  total = len(eval_dataset) if loss_batches is None else min(loss_batches, len(eval_dataset))
+  if not task.scores_predictions and not num_examples:
+    decode_batches = 0  # predictions that are neither scored nor shown are not made
+  return total, total if decode_batches is None else min(decode_batches, total)
+
+
 def evaluate(task, p_eval, p_predict, params, eval_dataset, split: str = "eval",
              num_examples: int = 0, decode_batches: Optional[int] = None,
-             loss_batches: Optional[int] = None):
+             loss_batches: Optional[int] = None, title: str = ""):
   """Loss metrics over the first `loss_batches` batches of the split (all when None), and
   predictions scored on its first `decode_batches` batches (all when None).
 
   Returns (metrics from `task.summarize`, example lines, per-example output records).
   With several processes, each scores the whole split: every process calls this with the
-  same number of batches (its rows of each global batch) and gets the same results.
+  same number of batches (its rows of each global batch) and gets the same results. A
+  long evaluation logs a progress line ("`title`: batch 3/8  ETA 1m10s"; the title
+  defaults to "evaluating `split`").
   """
   loss_sums, score_sums, records, lines = [], [], [], []
   pending = collections.deque()  # loss sums of the batches dispatched but not fetched
-  if not task.scores_predictions and not num_examples:
-    decode_batches = 0  # predictions that are neither scored nor shown are not made
+  total, decode_batches = batch_counts(task, eval_dataset, num_examples, decode_batches,
+                                       loss_batches)
+  # The ETA assumes the batches left cost what the batches so far did: high while the
+  # predicted batches (the first `decode_batches`) are done and loss-only ones remain.
+  progress = reporting.PhaseProgress(f"{title or 'evaluating ' + split}: batch", total)
   for index, batch in enumerate(batching.iterate(eval_dataset, limit=loss_batches)):
     _check_stop(f"evaluating {split} (batch {index + 1})")
+    progress.update(index)
     pending.append(p_eval(params, batch))
     if len(pending) > EVAL_IN_FLIGHT:
       loss_sums.append(jax.device_get(pending.popleft()))
-    if decode_batches is not None and index >= decode_batches:
+    if index >= decode_batches:
       continue
     predictions = np.asarray(p_predict(params, batch))
     if jax.process_count() > 1:
@@ -181,6 +199,8 @@ def evaluate(task, p_eval, p_predict, params, eval_dataset, split: str = "eval",
       lines += task.format_examples(flat_batch, flat_predictions, num_examples - len(lines),
                                     split=split)
   loss_sums += jax.device_get(list(pending))
+  progress.update(total)
+  progress.finish()
   sums = sum_dicts([jax.tree.map(lambda x: x[0], s) for s in loss_sums])
   sums.update(sum_dicts(score_sums))
   return task.summarize(sums, records), lines, records
@@ -201,9 +221,13 @@ def _check_stop(doing: str) -> None:
 
 
 def final_decode_batches(task, config) -> Optional[int]:
-  """Batches a whole-split evaluation predicts: all of them where predictions are scored,
-  else only the num_decode_batches shown as samples."""
-  return None if task.scores_predictions else (config.eval.num_decode_batches or None)
+  """Batches a whole-split evaluation predicts: where predictions are scored, the first
+  config.eval.final_decode_batches (all when 0: a short smoke run may bound it, as an
+  untrained model decodes every example to its length limit), else only the
+  num_decode_batches shown as samples."""
+  if task.scores_predictions:
+    return config.eval.final_decode_batches or None
+  return config.eval.num_decode_batches or None
 
 
 @dataclasses.dataclass
@@ -224,7 +248,8 @@ class Evaluator:
     """Returns (metrics, output records); `elapsed`: seconds since the run started."""
     metrics, lines, records = evaluate(self.task, self.p_eval, self.p_predict, params,
                                        self.dataset, self.split, num_examples, decode_batches,
-                                       loss_batches)
+                                       loss_batches, title=title)
+    scope = self.scope(num_examples, decode_batches, loss_batches, len(records))
     texts = self.task.summary_texts(records)
     attention = attention_maps.EvalSummaries({}, {}, {}, "")
     if self.attention_examples and self.writer is not None and self.writer.enabled:
@@ -233,13 +258,31 @@ class Evaluator:
       attention = attention_maps.eval_summaries(self.task, device_0, self.attention_examples)
     if self.writer is not None:
       self._write(step, prefix, metrics, lines, records, texts, attention, elapsed)
-    logging.info("%s at step %d: %s%s%s%s", title, step,
-                 "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()),
+    logging.info("%s at step %d: %s%s%s%s%s", title, step,
+                 "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), scope,
                  "".join(f"\n{name}:\n{text}" for name, text in texts.items()),
                  f"\nattention (means over layers and heads):\n{attention.log}"
                  if attention.log else "",
                  "".join("\n" + line for line in lines))
     return metrics, records
+
+  def scope(self, num_examples: int = 0, decode_batches: Optional[int] = None,
+            loss_batches: Optional[int] = None, records: int = 0) -> str:
+    """What part of the split an evaluation with these arguments covers, when not all of
+    it: "  (predictions on 1 of 8 batches: 128 examples)"; `records`: its output records."""
+    total, decoded = batch_counts(self.task, self.dataset, num_examples, decode_batches,
+                                  loss_batches)
+    whole, parts = len(self.dataset), []
+    if total < whole:
+      parts.append(f"loss on {total} of {whole} batches")
+    if self.task.scores_predictions and decoded < whole:
+      parts.append(f"predictions on {decoded} of {whole} batches"
+                   + (f": {records} examples" if records else ""))
+    return f"  ({'; '.join(parts)})" if parts else ""
+
+  def covers(self, **args) -> str:
+    """`scope` in words: "predictions on 1 of 8 batches", or "all 8 batches"."""
+    return self.scope(**args).strip()[1:-1] or f"all {len(self.dataset)} batches"
 
   def _write(self, step, prefix, metrics, lines, records, texts, attention, elapsed):
     extra = {} if elapsed is None else {f"{prefix}/elapsed_seconds": elapsed}
@@ -346,18 +389,26 @@ def _restore_or_create(config, workdir, task, tx, checkpoints, is_chief):
   checkpoint's model is checked against `config` before config.json is replaced."""
   start_step = checkpoints.latest_step()
   state = steps.create_state(task, tx, config.seed)
-  data_state = None
+  data_state, saved = None, {}
   if start_step is not None:
-    check_same_model(checkpoints.restore_config(start_step) or {}, config,
-                     checkpoints.directory)
+    saved = default.group_flat_config(checkpoints.restore_config(start_step) or {})
+    check_same_model(saved, config, checkpoints.directory)
   _prepare_workdir(workdir, config, is_chief)
-  logging.info("config:\n%s", config)
+  logging.info("%s", reporting.config_summary(
+      config, default.get_config(f"task={config.task}"),
+      f"configs/default.py:task={config.task}", os.path.join(workdir, "config.json")))
   logging.info("parameters:\n%s", reporting.parameter_table(state.params))
+  logging.info("%s", checkpointing.disk_use_line(
+      state, config.train.keep_checkpoints, bool(config.eval.best_metric), workdir))
   if start_step is not None:
     state = checkpoints.restore(jax.device_get(state), start_step)
     data_state = checkpoints.restore_data_state(start_step)
     logging.info("resumed from the checkpoint at step %d in %s", int(state.step),
                  checkpoints.directory)
+    note = optimizers.length_change_note(
+        config, saved.get("train", {}).get("num_train_steps"), int(state.step))
+    if note and is_chief:  # the decay restarts: said once, the run goes on
+      logging.warning(note)
   return state, data_state
 
 
@@ -425,6 +476,7 @@ class _Loop:
     self.config_dict = json.loads(config.to_json())
     self.last_saved = checkpoints.latest_step()
     self.history: List[Dict[str, jax.Array]] = []
+    self.last_eval = None  # (step, metrics, evaluate's arguments, records) of the last one
 
   def _batches(self, train_dataset, data_state, start: int, total: int):
     """The training batches from `start` on, on the devices ahead of their steps."""
@@ -472,11 +524,7 @@ class _Loop:
         if not final_evaluation:
           return {}
         try:
-          metrics, _ = self.evaluator.run(
-              "final evaluation", max(start, total), p_state.params, prefix="final",
-              num_examples=self.config.eval.num_print_examples,
-              decode_batches=final_decode_batches(self.task, self.config),
-              elapsed=time.perf_counter() - self.run_start)
+          metrics = self._final_evaluation(max(start, total), p_state)
         except preemption.Stopped as stopped:  # between two batches; every step is saved
           raise preemption.Preempted(self.last_saved, stopped.signum,
                                      self.checkpoints.directory) from None
@@ -484,6 +532,36 @@ class _Loop:
     finally:
       with preemption.StopRequest():  # a signal now must not cut short a checkpoint write
         _close_all(trace, self.best, self.checkpoints, self.writer)
+
+  def _final_evaluation(self, step: int, p_state) -> Dict[str, float]:
+    """The whole split evaluated after the last step ("final/"). When this run's periodic
+    evaluation of `step` covered what it would (the loss of every batch and, where
+    predictions are scored, the same predicted batches), its metrics are reused: written
+    again under "final/" with its images (its example lines and tables stay under "eval/")."""
+    c, evaluator = self.config, self.evaluator
+    args = dict(num_examples=c.eval.num_print_examples,
+                decode_batches=final_decode_batches(self.task, c))
+    wanted = batch_counts(self.task, evaluator.dataset, **args)
+    elapsed = time.perf_counter() - self.run_start
+    if self.last_eval is not None and self.last_eval[0] == step:
+      _, metrics, done_args, records = self.last_eval
+      covered = batch_counts(self.task, evaluator.dataset, **done_args)
+      if covered[0] == wanted[0] and (covered[1] == wanted[1]
+                                      or not self.task.scores_predictions):
+        logging.info("final evaluation at step %d: the evaluation at this step covered the "
+                     "whole %s split (%d batches); its metrics are the final ones", step,
+                     evaluator.split, wanted[0])
+        self.writer.write_scalars(step, {**{f"final/{k}": v for k, v in metrics.items()},
+                                         "final/elapsed_seconds": elapsed})
+        for name, image in self.task.summary_images(records).items():  # e.g. the confusion
+          self.writer.write_image(step, f"final/{name}", image)        # matrix
+        return metrics
+      logging.info("final evaluation at step %d: the evaluation at this step covered other "
+                   "batches of the %s split (%s, against %s); evaluating", step,
+                   evaluator.split, evaluator.covers(**done_args), evaluator.covers(**args))
+    metrics, _ = evaluator.run("final evaluation", step, p_state.params, prefix="final",
+                               elapsed=elapsed, **args)
+    return metrics
 
   def _next_batch(self, batches, stop: preemption.StopRequest, step: int):
     """(the batch of update `step + 1`, the data position after it). With one process a
@@ -519,17 +597,18 @@ class _Loop:
     # evaluation between two batches; this step is then saved.
     if done % c.eval.eval_every_steps == 0 and not stopping:
       t0 = time.perf_counter()
+      args = dict(num_examples=c.eval.num_print_examples if self.task.prints_samples else 0,
+                  decode_batches=c.eval.num_decode_batches or None,
+                  loss_batches=c.eval.num_eval_batches or None)
       try:
-        metrics, _ = self.evaluator.run(
-            "eval", done, p_state.params,
-            num_examples=c.eval.num_print_examples if self.task.prints_samples else 0,
-            decode_batches=c.eval.num_decode_batches or None,
-            loss_batches=c.eval.num_eval_batches or None, elapsed=t0 - self.run_start)
+        metrics, records = self.evaluator.run("eval", done, p_state.params,
+                                              elapsed=t0 - self.run_start, **args)
       except preemption.Stopped as stopped:
         stopping = stopped.signum
         if self.history:
           self._log(done)
       else:
+        self.last_eval = (done, metrics, args, records)
         self.best.update(done, metrics, steps.unreplicate_to_host(p_state), self.config_dict)
       self.progress.exclude(time.perf_counter() - t0)
     if self.last_saved != done and (done % c.train.checkpoint_every_steps == 0 or last

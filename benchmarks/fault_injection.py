@@ -268,17 +268,19 @@ def main():
     a, b = restore(args.workdir), restore(args.reference)
     result["bitwise_equal_to_uninterrupted"] = all(
         np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+  if args.output:  # first: the table below is only a view of it
+    with open(args.output, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2)
   print(f"{'fault':<18} {'exit':>5}  {'as expected':<11} {'mid-write':<9} steps on disk")
   for r in result["faults"]:
-    print(f"{r['fault']:<18} {r['exit']:>5}  {str(r['expected_exit']):<11} "
+    print(f"{r['fault']:<18} {str(r['exit']):>5}  {str(r['expected_exit']):<11} "
           f"{str(r['checkpoint_being_written']):<9} {r['steps']}")
+    for other in r.get("beside", ()):
+      print(f"{'':<18} beside it: exit {other['exit']}: {other['last_line'][:150]}")
   print(f"final run: exit {result['final_exit']}, steps {result['final_steps']}; "
         f"checkpoints lost: {result['lost']}; {result['seconds']:.0f} s"
         + (f"; bitwise equal to the uninterrupted run: "
            f"{result['bitwise_equal_to_uninterrupted']}" if args.reference else ""))
-  if args.output:
-    with open(args.output, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -166,6 +166,7 @@ def _evaluation() -> ml_collections.ConfigDict:
   ev.num_print_examples = 5  # decoded examples printed at the final evaluation
   ev.num_decode_batches = 0  # eval batches decoded and scored during training; 0 = all
   ev.num_eval_batches = 0  # eval batches whose loss is computed during training; 0 = all
+  ev.final_decode_batches = 0  # eval batches the final evaluation (and eval mode) decodes; 0 = all
   ev.best_metric = ""  # keep the best checkpoint by this eval metric (bleu, accuracy); "" = off
   ev.num_attention_images = 1  # eval examples whose attention maps each evaluation draws; 0 = off
   ev.head_importance_batches = 0  # --mode=head_importance: eval batches scored per head; 0 = all
@@ -182,7 +183,7 @@ def _decoding() -> ml_collections.ConfigDict:
   decode.temperature = 1.0  # sampling: logits are divided by this (> 0; lower = safer text)
   decode.top_k = 0  # sampling: keep only the k most likely tokens; 0 = all
   decode.top_p = 1.0  # sampling: keep the most likely tokens holding this probability; 1 = all
-  decode.max_new_tokens = 256  # tokens generated after the prompt (at most the model's context)
+  decode.max_new_tokens = 256  # tokens generated after the prompt (past the context, the window slides)
   decode.num_samples = 1  # samples generated per prompt
   decode.sample_seed = 0  # the sampling seed: the same seed and prompt give the same text
   decode.stop_text = ""  # generation also ends after this text (one token); "" = only at EOS

@@ -3,8 +3,11 @@
 A config file's `get_config(arg)` takes a variant string such as
 `"task=generation,size=small,accel=gpu"`: comma-separated `key=value` pairs, parsed by
 `parse_variant`. Presets only set fields; `--config.<field>=<value>` flags still override
-anything afterwards.
+anything afterwards. `config.size` and `config.accel` record the presets applied: a
+`--config.size=...` or `--config.accel=...` flag is refused (it would apply nothing).
 """
+
+from typing import Optional
 
 import ml_collections
 
@@ -70,6 +73,35 @@ def parse_variant(arg, allowed):
                          f"{', '.join(allowed[key])}")
     out[key] = value
   return out
+
+
+# The top-level fields that record the presets applied. Only a variant string applies a
+# preset: a `--config.size=...` flag would change the record, not the fields.
+LABELS = ("size", "accel")
+
+
+def refuse_label_overrides(overrides, config_file: Optional[str]) -> None:
+  """VariantError for an override of a preset's label (`{"size": "small"}`), naming the
+  variant string of `config_file` that applies the preset (None: a sweep's base)."""
+  for name in LABELS:
+    if name in overrides:
+      value = overrides[name]
+      where = (f"the variant string: --config={config_file}:{name}={value} (keys task, size, "
+               f"accel, comma-separated)" if config_file else
+               f"the sweep file's base config (get_config(\"{name}={value}\"))")
+      raise VariantError(f"--config.{name}={value} would only relabel the config, not apply "
+                         f"the {name} preset; choose presets with {where}")
+
+
+def missing_accelerator(config: ml_collections.ConfigDict, platform: str) -> str:
+  """One line when config.accel names an accelerator that JAX's default backend
+  (`platform`: cpu, gpu, tpu) is not, else ""."""
+  if config.accel == "cpu" or platform == config.accel:
+    return ""
+  return (f"config.accel={config.accel}, but JAX found no {config.accel.upper()}: running "
+          f"on {platform} with the {config.accel} preset's settings as they are "
+          f"(compute.dtype={config.compute.dtype}, compute.attention_impl="
+          f"{config.compute.attention_impl}, train.batch_size={config.train.batch_size})")
 
 
 def apply_presets(config: ml_collections.ConfigDict, size: str, accel: str) -> None:

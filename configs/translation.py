@@ -44,6 +44,9 @@ def get_config(arg=None):
   c.decode.length_penalty = 0.6
   c.decode.decode_extra_length = 50
   c.eval.best_metric = "bleu"
+  # What --mode=average averages by default (--num_average=5; the paper's base models
+  # average the last 5 checkpoints): one run keeps 5 + the best on disk, not 20.
+  c.train.keep_checkpoints = 5
   c.eval.num_decode_batches = 4
   c.eval.num_print_examples = 3
   if name == "multi30k":
@@ -60,7 +63,6 @@ def get_config(arg=None):
     c.eval.eval_every_steps = 250
     c.eval.num_decode_batches = 2
     c.train.checkpoint_every_steps = 100
-    c.train.keep_checkpoints = 20
     c.train.log_every_steps = 50
   else:
     c.model.vocab_size = 32000  # the paper's shared source-target vocabulary size

@@ -7,12 +7,16 @@ is missing and the data is not prepared yet, the run stops before any work and n
 command that installs it.
 """
 
+import contextlib
 import importlib
 import importlib.util
+import io
 import os
+import time
 from typing import Any, Callable, Dict, List, Mapping
 
 import tensorflow_datasets as tfds
+from absl import logging
 
 import files
 from input_pipeline.local_builders import DataError
@@ -60,10 +64,21 @@ def prepare(builder, needs_tensorflow: bool = True) -> None:
         f"and start again (training itself never imports TensorFlow)")
   # tfds prepares into an incomplete.* directory, renamed in when complete and removed
   # when preparing fails: a full or unwritable data directory leaves no partial data.
+  # One tfds call with its progress bars off: announced and timed instead.
+  logging.info("preparing the dataset %s in %s (once; later runs read it) ...",
+               builder.info.full_name, builder.data_dir)
+  start = time.perf_counter()
   with files.checked(builder.data_dir, "no partial preparation is left and data prepared "
                      "before is intact", advice="set config.data.tfds_data_dir to a "
                      "directory this user can write, on a disk with room"):
-    builder.download_and_prepare(file_format="array_record")
+    # tfds prints "Downloading and preparing dataset Unknown size ..." and "... Subsequent
+    # calls will reuse this data." to stdout (decode's output there); our two lines say it.
+    with contextlib.redirect_stdout(io.StringIO()):
+      builder.download_and_prepare(file_format="array_record")
+  logging.info("prepared %s (%s) in %.1fs", builder.info.full_name,
+               ", ".join(f"{name}: {split.num_examples} examples"
+                         for name, split in builder.info.splits.items()),
+               time.perf_counter() - start)
 
 
 def open_splits(builder, splits, needs_tensorflow: bool = True) -> Dict[str, Any]:

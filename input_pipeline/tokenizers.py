@@ -16,10 +16,12 @@ import json
 import os
 import random
 import re
+import time
 from typing import Callable, Iterable, List, Optional
 
 import numpy as np
 import sentencepiece as spm
+from absl import logging
 
 import files
 from errors import UserError
@@ -379,6 +381,10 @@ def _train(texts: Iterable[str], vocab_size: int, name: str, *, model_type: str 
   corpus = f"the training text ({seen} sentences" + (
       f", {len(sample)} sampled" if seen > len(sample) else "") + ")"
   model = io.BytesIO()
+  # One call into sentencepiece, with no progress to report: announced and timed instead
+  # (seconds for Multi30k, minutes for a large corpus).
+  logging.info("training a %d-piece sentencepiece tokenizer on %s ...", vocab_size, corpus)
+  start = time.perf_counter()
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(sample), model_writer=model, vocab_size=vocab_size,
@@ -391,6 +397,7 @@ def _train(texts: Iterable[str], vocab_size: int, name: str, *, model_type: str 
                 add_dummy_prefix=False) if keep_whitespace else {}))
   except RuntimeError as e:
     raise _training_error(e, vocab_size, corpus) from e
+  logging.info("trained the sentencepiece tokenizer in %.1fs", time.perf_counter() - start)
   return model.getvalue()
 
 

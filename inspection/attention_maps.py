@@ -7,7 +7,8 @@
   attended distance, weight on the previous token, the first token and the diagonal, and
   the peak weight of a row (for cross-attention: how sharply a target token aligns).
 - `layer_grid_png`, `overview_png`, `head_png`, `kind_grid_image`: heatmaps (matplotlib,
-  Agg canvas) with the token pieces on the axes, as PNG bytes or an image array.
+  Agg canvas) with the token pieces on the axes, all on one colour scale (weights 0 to 1)
+  with a colour bar, as PNG bytes or an image array.
 - `head_importance`: the loss with each head switched off in turn (the `head_mask`
   collection of models/attention.py), and its table and heatmap.
 
@@ -34,6 +35,7 @@ import numpy as np
 
 import files
 from input_pipeline import local_builders
+from training import reporting
 
 DataError = local_builders.DataError
 KINDS = ("encoder_self", "decoder_self", "cross")
@@ -46,14 +48,28 @@ STATS = ("entropy", "distance", "previous", "first", "diagonal", "peak")
 START, CLS = "<s>", "<cls>"  # labels of the decoder's start symbol and the classifier's vector
 
 # Figure sizes in pixels (the PNGs come out exactly this size): a labelled map gets CELL
-# pixels per token plus MARGIN for its tick labels, within [MIN_PANEL, MAX_PANEL]; overview
-# thumbnails are THUMB square; TITLE pixels on top of every figure; COLORBAR beside a single
-# head's map.
+# pixels per token plus MARGIN for its tick labels, within [MIN_PANEL, MAX_PANEL]; an
+# overview thumbnail gets THUMB_CELL pixels per token plus THUMB_MARGIN, within [THUMB,
+# THUMB_MAX] (THUMB square, unlabelled, past LABELLED_THUMBS tokens); TITLE pixels on top
+# of every figure; COLORBAR on the right of every attention figure.
 DPI = 100
 CELL, MARGIN, MIN_PANEL, MAX_PANEL = 22, 160, 250, 1800
-THUMB, TITLE, COLORBAR, ROW_LABEL = 160, 50, 90, 110
+THUMB, THUMB_CELL, THUMB_MARGIN, THUMB_MAX = 200, 11, 90, 440
+TITLE, COLORBAR, ROW_LABEL = 50, 90, 110
 GRID_COLUMNS = 4  # heads per row of a layer grid
-LABELLED_THUMBS = 24  # overview thumbnails carry token labels up to this many tokens
+LABELLED_THUMBS = 32  # overview thumbnails carry token labels up to this many tokens
+# Tick labels longer than this many characters are cut (with "…") so that they stay in
+# their margin: (labelled map, overview thumbnail).
+LABEL_CHARS = (12, 8)
+# Every attention figure colours weights on one fixed scale, 0 to 1 (a weight is a
+# probability): a colour means the same weight in every panel, figure, checkpoint and
+# TensorBoard image, so a near-uniform head (weights near 1/keys) stays dark next to a
+# focused one. A per-panel scale would stretch the uniform head to full brightness.
+WEIGHT_RANGE = (0.0, 1.0)
+WEIGHT_LABEL = "attention weight"  # the colour bar's label
+# SentencePiece's word-start mark "\u2581" is drawn by the font as a bar below the line,
+# detached from its piece; the axes write it as the byte tokenizer writes a space.
+SPACE_MARK = "\u2423"
 
 
 # ----------------------------------------------------------------------------- extraction
@@ -299,15 +315,24 @@ def panel_pixels(queries: int, keys: int) -> Tuple[int, int]:
 
 
 def layer_grid_pixels(heads: int, queries: int, keys: int) -> Tuple[int, int]:
-  """(width, height) of `layer_grid_png`: GRID_COLUMNS heads a row."""
+  """(width, height) of `layer_grid_png`: GRID_COLUMNS heads a row, then the colour bar."""
   width, height = panel_pixels(queries, keys)
   columns = min(heads, GRID_COLUMNS)
-  return columns * width, -(-heads // columns) * height + TITLE
+  return columns * width + COLORBAR, -(-heads // columns) * height + TITLE
 
 
-def overview_pixels(rows: int, heads: int) -> Tuple[int, int]:
-  """(width, height) of an overview of `rows` (kind, layer) rows of `heads` thumbnails."""
-  return ROW_LABEL + heads * THUMB, rows * THUMB + TITLE
+def thumb_pixels(tokens: int) -> int:
+  """The side of an overview thumbnail whose longest axis has `tokens` tokens."""
+  if tokens > LABELLED_THUMBS:
+    return THUMB
+  return min(THUMB_MAX, max(THUMB, THUMB_MARGIN + THUMB_CELL * tokens))
+
+
+def overview_pixels(rows: int, heads: int, tokens: int) -> Tuple[int, int]:
+  """(width, height) of an overview of `rows` (kind, layer) rows of `heads` thumbnails
+  whose longest axis has `tokens` tokens, and the colour bar."""
+  side = thumb_pixels(tokens)
+  return ROW_LABEL + heads * side + COLORBAR, rows * side + TITLE
 
 
 def head_pixels(queries: int, keys: int) -> Tuple[int, int]:
@@ -333,18 +358,35 @@ def _place(figure, pixels, left, top, width, height, pad=(0, 0, 0, 0)):
   return figure.add_axes((x0 / w, 1 - y1 / h, max(x1 - x0, 1) / w, max(y1 - y0, 1) / h))
 
 
+def tick_label(piece: str, limit: int) -> str:
+  """How a token piece is written on an axis: SentencePiece's word-start mark as
+  SPACE_MARK, cut to `limit` characters."""
+  text = piece.replace("\u2581", SPACE_MARK)
+  return text if len(text) <= limit else text[:limit - 1] + "\u2026"
+
+
 def _draw(axes, weights: np.ndarray, rows: List[str], cols: List[str], labels: bool,
-          fontsize: float = 7.0):
-  """One heatmap, coloured from 0 to its own largest weight."""
-  image = axes.imshow(weights, cmap="viridis", vmin=0.0, vmax=max(float(weights.max()), 1e-9),
+          fontsize: float = 7.0, limit: int = LABEL_CHARS[0]):
+  """One heatmap on the shared WEIGHT_RANGE colour scale."""
+  image = axes.imshow(weights, cmap="viridis", vmin=WEIGHT_RANGE[0], vmax=WEIGHT_RANGE[1],
                       aspect="auto", interpolation="nearest")
   if labels:
-    axes.set_xticks(range(len(cols)), labels=cols, rotation=90, fontsize=fontsize)
-    axes.set_yticks(range(len(rows)), labels=rows, fontsize=fontsize)
+    axes.set_xticks(range(len(cols)), labels=[tick_label(c, limit) for c in cols],
+                    rotation=90, fontsize=fontsize)
+    axes.set_yticks(range(len(rows)), labels=[tick_label(r, limit) for r in rows],
+                    fontsize=fontsize)
+    axes.tick_params(length=2, pad=1)
   else:
     axes.set_xticks([])
     axes.set_yticks([])
   return image
+
+
+def _colorbar(figure, image, axes) -> None:
+  """The colour bar of the figure's one scale, in the box `axes`."""
+  bar = figure.colorbar(image, cax=axes)
+  bar.set_label(WEIGHT_LABEL, fontsize=8)
+  bar.ax.tick_params(labelsize=7)
 
 
 def _title(figure, pixels, text: str) -> None:
@@ -375,46 +417,56 @@ def _layer_grid(maps: AttentionMaps, kind: str, layer: int):
   _title(figure, pixels, f"{TITLES[kind]}\nlayer {layer}")
   columns = min(heads, GRID_COLUMNS)
   # Tick labels take the left and bottom margins; the head's title the top one.
-  pad = (MARGIN * 0.55, 10, 25, MARGIN * 0.45)
+  pad = (MARGIN // 2, 10, 25, MARGIN // 2)
   for head in range(heads):
     r, c = divmod(head, columns)
     axes = _place(figure, pixels, c * width, TITLE + r * height, width, height, pad)
-    _draw(axes, weights[head], maps.queries[kind], maps.keys[kind], labels=True)
+    image = _draw(axes, weights[head], maps.queries[kind], maps.keys[kind], labels=True)
     axes.set_title(f"head {head}", fontsize=8)
+  bar = _place(figure, pixels, columns * width, TITLE, COLORBAR, pixels[1] - TITLE,
+               (10, 50, pad[2], pad[3]))
+  _colorbar(figure, image, bar)
   return figure
 
 
 def layer_grid_png(maps: AttentionMaps, kind: str, layer: int) -> bytes:
-  """Every head of one layer of one kind, GRID_COLUMNS a row, tokens on the axes."""
+  """Every head of one layer of one kind, GRID_COLUMNS a row, tokens on the axes, one
+  colour scale (WEIGHT_RANGE) and its bar."""
   return _png(_layer_grid(maps, kind, layer))
 
 
 def _overview(maps: AttentionMaps, kinds: Sequence[str]):
   rows = [(kind, layer) for kind in kinds for layer in range(maps.weights[kind].shape[0])]
   heads = maps.weights[kinds[0]].shape[1]
-  pixels = overview_pixels(len(rows), heads)
+  tokens = max(max(maps.weights[kind].shape[2:]) for kind in kinds)
+  pixels = overview_pixels(len(rows), heads, tokens)
+  side = thumb_pixels(tokens)
+  labels = tokens <= LABELLED_THUMBS
+  # Labels: left and bottom margins sized for LABEL_CHARS[1] characters, so that they
+  # stay clear of the next thumbnail and of the title of the row below.
+  pad = (THUMB_MARGIN - 20, 6, 20, THUMB_MARGIN - 20) if labels else (6, 6, 20, 6)
   figure = _figure(pixels)
   _title(figure, pixels, "attention of every layer (rows) and head (columns)"
          if len(kinds) > 1 else TITLES[kinds[0]])
   short = {"encoder_self": "enc self", "decoder_self": "dec self", "cross": "cross"}
   for r, (kind, layer) in enumerate(rows):
-    q, k = maps.weights[kind].shape[2:]
-    labels = max(q, k) <= LABELLED_THUMBS
-    pad = (28, 4, 14, 28) if labels else (4, 4, 14, 4)
     for head in range(heads):
-      axes = _place(figure, pixels, ROW_LABEL + head * THUMB, TITLE + r * THUMB, THUMB,
-                    THUMB, pad)
-      _draw(axes, maps.weights[kind][layer, head], maps.queries[kind], maps.keys[kind],
-            labels=labels, fontsize=4.5)
-      axes.set_title(f"head {head}", fontsize=6, pad=2)
-      if head == 0:
-        figure.text(4 / pixels[0], 1 - (TITLE + (r + 0.5) * THUMB) / pixels[1],
-                    f"{short[kind]}\nlayer {layer}", fontsize=8, va="center")
+      axes = _place(figure, pixels, ROW_LABEL + head * side, TITLE + r * side, side, side,
+                    pad)
+      image = _draw(axes, maps.weights[kind][layer, head], maps.queries[kind],
+                    maps.keys[kind], labels=labels, fontsize=6.5, limit=LABEL_CHARS[1])
+      axes.set_title(f"head {head}", fontsize=7.5, pad=3)
+    figure.text(6 / pixels[0], 1 - (TITLE + (r + 0.5) * side) / pixels[1],
+                f"{short[kind]}\nlayer {layer}", fontsize=9, va="center")
+  bar = _place(figure, pixels, ROW_LABEL + heads * side, TITLE, COLORBAR,
+               pixels[1] - TITLE, (10, 50, pad[2], pad[3]))
+  _colorbar(figure, image, bar)
   return figure
 
 
 def overview_png(maps: AttentionMaps) -> bytes:
-  """Every kind, layer (rows) and head (columns) as thumbnails in one picture."""
+  """Every kind, layer (rows) and head (columns) as thumbnails in one picture, on one
+  colour scale (WEIGHT_RANGE) with its bar."""
   return _png(_overview(maps, [k for k in KINDS if k in maps.weights]))
 
 
@@ -424,17 +476,17 @@ def kind_grid_image(maps: AttentionMaps, kind: str) -> np.ndarray:
 
 
 def head_png(maps: AttentionMaps, kind: str, layer: int, head: int) -> bytes:
-  """One head at full size with its colour scale."""
+  """One head at full size with its colour bar (the same scale as the other figures)."""
   weights = maps.weights[kind][layer, head]
   q, k = weights.shape
   pixels = head_pixels(q, k)
   width, height = panel_pixels(q, k)
   figure = _figure(pixels)
   _title(figure, pixels, f"{TITLES[kind]}\nlayer {layer}, head {head}")
-  axes = _place(figure, pixels, 0, TITLE, width, height, (MARGIN * 0.55, 10, 10, MARGIN * 0.45))
+  axes = _place(figure, pixels, 0, TITLE, width, height, (MARGIN // 2, 10, 10, MARGIN // 2))
   image = _draw(axes, weights, maps.queries[kind], maps.keys[kind], labels=True, fontsize=8)
-  bar = _place(figure, pixels, width, TITLE, COLORBAR, height, (10, 50, 10, MARGIN * 0.45))
-  figure.colorbar(image, cax=bar)
+  bar = _place(figure, pixels, width, TITLE, COLORBAR, height, (10, 50, 10, MARGIN // 2))
+  _colorbar(figure, image, bar)
   return _png(figure)
 
 
@@ -547,8 +599,11 @@ def head_importance(shapes: Mapping[str, Tuple[int, int]],
                     loss_of: Callable[[Dict[str, np.ndarray]], float]
                     ) -> Tuple[float, Dict[str, np.ndarray]]:
   """(loss with every head, `{kind: [layers, heads]}` loss increase with that one head
-  removed), from `loss_of({kind: [layers, heads] scales})`."""
+  removed), from `loss_of({kind: [layers, heads] scales})`. A long run logs a progress
+  line ("head importance: head 12/24  ETA 1m10s")."""
   ones = {kind: np.ones(shape, np.float32) for kind, shape in shapes.items()}
+  progress = reporting.PhaseProgress("head importance: head",
+                                     sum(layers * heads for layers, heads in shapes.values()))
   baseline = loss_of(ones)
   increase = {kind: np.zeros(shape, np.float64) for kind, shape in shapes.items()}
   for kind, (layers, heads) in shapes.items():
@@ -557,6 +612,8 @@ def head_importance(shapes: Mapping[str, Tuple[int, int]],
         masks = {k: v.copy() for k, v in ones.items()}
         masks[kind][layer, head] = 0.0
         increase[kind][layer, head] = loss_of(masks) - baseline
+        progress.update(progress.count + 1)
+  progress.finish()
   return baseline, increase
 
 
@@ -588,26 +645,31 @@ def importance_csv(baseline: float, increase: Mapping[str, np.ndarray]) -> str:
 
 
 def importance_pixels(shapes: Sequence[Tuple[int, int]]) -> Tuple[int, int]:
-  """(width, height) of `importance_png`: one panel per kind, side by side."""
+  """(width, height) of `importance_png`: one panel per kind, side by side, then the
+  colour bar."""
   heads = max(h for _, h in shapes)
   layers = max(n for n, _ in shapes)
   panel_w, panel_h = 140 + 60 * heads, 110 + 45 * layers
-  return panel_w * len(shapes), panel_h + TITLE
+  return panel_w * len(shapes) + COLORBAR, panel_h + TITLE
 
 
 def importance_png(increase: Mapping[str, np.ndarray]) -> bytes:
-  """Layers x heads heatmaps of the loss increase, one per kind, the values written in."""
+  """Layers x heads heatmaps of the loss increase, one per kind, the values written in.
+
+  One colour scale for the figure, symmetric about 0 (white: no change; red: the loss
+  rises without the head) up to the largest |increase| of any kind: a loss increase has
+  no natural bound, unlike an attention weight."""
   kinds = list(increase)
   pixels = importance_pixels([increase[k].shape for k in kinds])
-  panel_w = pixels[0] // len(kinds)
+  panel_w = (pixels[0] - COLORBAR) // len(kinds)
   figure = _figure(pixels)
   _title(figure, pixels, "loss increase when one head is removed")
   scale = max(max(float(np.abs(v).max()) for v in increase.values()), 1e-9)
+  pad = (70, 20, 30, 60)
   for n, kind in enumerate(kinds):
     values = increase[kind]
-    axes = _place(figure, pixels, n * panel_w, TITLE, panel_w, pixels[1] - TITLE,
-                  (70, 20, 30, 60))
-    axes.imshow(values, cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto")
+    axes = _place(figure, pixels, n * panel_w, TITLE, panel_w, pixels[1] - TITLE, pad)
+    image = axes.imshow(values, cmap="RdBu_r", vmin=-scale, vmax=scale, aspect="auto")
     axes.set_xticks(range(values.shape[1]))
     axes.set_yticks(range(values.shape[0]))
     axes.set_xlabel("head")
@@ -618,6 +680,10 @@ def importance_png(increase: Mapping[str, np.ndarray]) -> bytes:
         v = values[layer, head]
         axes.text(head, layer, f"{v:+.3f}", ha="center", va="center", fontsize=7,
                   color="white" if abs(v) > 0.6 * scale else "black")
+  bar = _place(figure, pixels, len(kinds) * panel_w, TITLE, COLORBAR, pixels[1] - TITLE,
+               (10, 50, pad[2], pad[3]))
+  figure.colorbar(image, cax=bar).set_label("loss increase", fontsize=8)
+  bar.tick_params(labelsize=7)
   return _png(figure)
 
 

@@ -4,7 +4,8 @@ A decoding step is a function `step_fn(cache, tokens[batch, 1]) -> (logits[batch
 cache)`; the task modules build it from a model in decode mode. The loop is a
 `lax.while_loop`, so a whole decode is one jitted call with no per-token host round trip.
 `generate` fills positions left to right with a prompt forced where given and the rest
-greedy or sampled (temperature, top-k, top-p); `beam_search` keeps the k best hypotheses.
+greedy or sampled (temperature, top-k, top-p), sliding a window over the text past the
+model's context; `beam_search` keeps the k best hypotheses.
 """
 
 from typing import Any, Callable, Optional, Tuple
@@ -112,15 +113,24 @@ def sampling_picker(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
 def generate(step_fn: StepFn, cache: Any, batch_size: int, max_length: int, eos_id: int,
              prompt: Optional[Array] = None, pick: Optional[Callable] = None,
              rng: Optional[Array] = None, limits: Optional[Array] = None,
-             stop_id: int = -1) -> Array:
+             stop_id: int = -1, context: Optional[int] = None,
+             keep: Optional[int] = None) -> Array:
   """Left-to-right generation through the cache, one jitted `lax.while_loop`.
 
   Step i feeds the token of position i - 1 (0, the start token, at i = 0) and fills
   position i: the prompt's token where `prompt` is non-zero, else `pick(logits, key_i)`.
 
+  Past the context (`max_length > context`) the window slides: once the cache's `context`
+  slots are full, it is rebuilt by feeding the start token and the last `keep` tokens,
+  one step each, into the initial (all-zero) `cache`, so the positions restart at 0 as
+  in training, and generation goes on. Position i then sees the tokens
+  from `window_start(i, context, keep)` on; a rebuild costs `keep` steps and comes every
+  `context - keep` tokens.
+
   Args:
     step_fn: one decoding step (see module docstring).
-    cache: the initial cache (from `init_cache`), with room for `max_length` positions.
+    cache: the initial cache (from `init_cache`), with room for `max_length` positions
+      (`context` when given).
     batch_size: number of sequences.
     max_length: positions to fill at most.
     eos_id: a row is finished once it generates this token; later positions are 0.
@@ -131,10 +141,19 @@ def generate(step_fn: StepFn, cache: Any, batch_size: int, max_length: int, eos_
       or one key, from which row b's is `fold_in(rng, b)`.
     limits: optional `[batch]` int: row b stops after filling `limits[b]` positions.
     stop_id: a generated token that also finishes its row (kept in the output); -1 = none.
+    context: the positions the model reads (the cache's slots; the start token takes the
+      first); None = `max_length`, no sliding.
+    keep: tokens a slide keeps, 1 <= keep < context (default half the context).
 
   Returns:
     `[batch, max_length]` int32 tokens (prompt included), 0 after the end of each row.
   """
+  context = max_length if context is None else context
+  keep = context // 2 if keep is None else keep
+  slides = max_length > context
+  if slides and not 0 < keep < context:
+    raise ValueError(f"a sliding window keeps 1 to {context - 1} tokens, got keep={keep}")
+  empty = cache
   if prompt is None:
     prompt = jnp.zeros((batch_size, max_length), jnp.int32)
   pick = pick or sampling_picker(greedy=True)
@@ -144,11 +163,23 @@ def generate(step_fn: StepFn, cache: Any, batch_size: int, max_length: int, eos_
   limits = jnp.full((batch_size,), max_length) if limits is None else limits
 
   def cond(state):
-    i, _, _, _, done = state
+    i, _, _, _, _, done = state
     return (i < max_length) & ~jnp.all(done)
 
+  def rebuild(out, i):
+    """The cache after feeding the start token and out[:, i - keep:i - 1] (the last
+    token, out[:, i - 1], is the next step's)."""
+    def feed(j, cache):
+      before = jax.lax.dynamic_index_in_dim(out, i - keep + j - 1, axis=1, keepdims=False)
+      return step_fn(cache, jnp.where(j == 0, 0, before)[:, None])[1]
+    return jax.lax.fori_loop(0, keep, feed, empty)
+
   def body(state):
-    i, cache, token, out, done = state
+    i, fed, cache, token, out, done = state  # fed: cache slots written
+    if slides:
+      full = fed == context
+      cache = jax.lax.cond(full, lambda: rebuild(out, i), lambda: cache)
+      fed = jnp.where(full, keep, fed)
     logits, cache = step_fn(cache, token[:, None])
     forced = jax.lax.dynamic_index_in_dim(prompt, i, axis=1, keepdims=False)
     keys = jax.vmap(lambda key: jax.random.fold_in(key, i))(rng)
@@ -157,12 +188,23 @@ def generate(step_fn: StepFn, cache: Any, batch_size: int, max_length: int, eos_
     out = jax.lax.dynamic_update_index_in_dim(out, chosen, i, axis=1)
     generated = forced == 0
     done = done | (generated & ((chosen == eos_id) | (chosen == stop_id))) | (i + 1 >= limits)
-    return i + 1, cache, chosen, out, done
+    return i + 1, fed + 1, cache, chosen, out, done
 
-  state = (jnp.array(0), cache, jnp.zeros((batch_size,), jnp.int32),
+  state = (jnp.array(0), jnp.array(0), cache, jnp.zeros((batch_size,), jnp.int32),
            jnp.zeros((batch_size, max_length), jnp.int32),
            jnp.zeros((batch_size,), bool))
-  return jax.lax.while_loop(cond, body, state)[3]
+  return jax.lax.while_loop(cond, body, state)[4]
+
+
+def window_start(i: int, context: int, keep: int) -> int:
+  """The first token position that position i sees in `generate` with a sliding window:
+  0 while the context holds them all; then the window restarts every `context - keep`
+  positions, from the `keep` tokens before it (with the start token, at most `context`
+  positions)."""
+  if i < context:
+    return 0
+  period = context - keep
+  return (i - keep) // period * period
 
 
 def expand_to_beams(x: Array, beam_size: int) -> Array:

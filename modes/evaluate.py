@@ -8,6 +8,8 @@ from typing import Dict, Optional, Sequence
 
 import jax
 import ml_collections
+import numpy as np
+from jax.experimental import multihost_utils
 
 import files
 import train
@@ -30,14 +32,32 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
     files.check_writable(os.path.join(workdir, "eval"))
   _, p_eval, p_predict = steps.compile_steps(run.task, run.tx, config, run.devices)
   start = time.perf_counter()
-  evaluator = train.Evaluator(run.task, p_eval, p_predict, run.eval_dataset, split=split)
+  counts = []  # real examples of each batch whose loss is scored (every batch, here)
+
+  def counting_eval(params, batch):
+    counts.append(real_examples(batch))
+    return p_eval(params, batch)
+
+  evaluator = train.Evaluator(run.task, counting_eval, p_predict, run.eval_dataset,
+                              split=split)
   metrics, records = evaluator.run(
       f"evaluation of the {checkpoint} checkpoint on {split}", step,
       steps.replicate(params, run.devices), num_examples=config.eval.num_print_examples,
       decode_batches=train.final_decode_batches(run.task, config))
+  examples = sum(counts)
+  if jax.process_count() > 1:  # each process scored its rows of every batch
+    examples = int(np.sum(multihost_utils.process_allgather(np.int64(examples))))
   if jax.process_index() == 0:
-    _report(run, split, checkpoint, step, metrics, records, time.perf_counter() - start)
+    _report(run, split, checkpoint, step, metrics, records, time.perf_counter() - start,
+            examples)
   return metrics
+
+
+def real_examples(batch) -> int:
+  """The examples of a host batch (`[devices, rows, length]` arrays) that are not padding:
+  rows whose `inputs` hold a token. An evaluation batch holds one example a row."""
+  inputs = np.asarray(batch["inputs"])
+  return int(np.sum(inputs.reshape(-1, inputs.shape[-1]).any(axis=-1)))
 
 
 def report_name(split: str) -> str:
@@ -50,13 +70,18 @@ def report_name(split: str) -> str:
 
 
 def _report(run, split: str, checkpoint: str, step: int, metrics, records,
-            seconds: float) -> None:
+            seconds: float, examples: int) -> None:
   """Writes <workdir>/eval/<split>-<checkpoint>-step<N>.json (and the predictions file)
-  and prints the table."""
+  and prints the table. `examples`: how many the loss scored (the whole split); the
+  predictions may cover fewer (config.eval.final_decode_batches), said as
+  `predicted_examples`."""
   task, config = run.task, run.config
   stem = os.path.join(run.workdir, "eval", f"{report_name(split)}-{checkpoint}-step{step}")
+  predicted = len(records) if records and len(records) != examples else None
   report = {"split": split, "checkpoint": checkpoint, "step": step,
-            "examples": len(records), "seconds": seconds, "metrics": metrics,
+            "examples": examples,
+            **({} if predicted is None else {"predicted_examples": predicted}),
+            "seconds": seconds, "metrics": metrics,
             "beam_size": config.decode.beam_size,
             "length_penalty": config.decode.length_penalty,
             **task.score_details(), **task.eval_report(records)}
@@ -68,7 +93,8 @@ def _report(run, split: str, checkpoint: str, step: int, metrics, records,
     report[key] = stem + suffix
   files.write_atomically(stem + ".json", json.dumps(report, indent=2) + "\n")
   width = max(len(k) for k in metrics)
-  print(f"{split} ({checkpoint} checkpoint, step {step}, {len(records) or ''} examples)")
+  print(f"{split} ({checkpoint} checkpoint, step {step}, {examples} examples"
+        + ("" if predicted is None else f", predictions on {predicted}") + ")")
   for k, v in metrics.items():
     print(f"  {k:<{width}}  {v:10.4f}")
   for name, signature in task.score_details().get("signatures", {}).items():

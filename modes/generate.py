@@ -26,22 +26,29 @@ def generate_text(config: ml_collections.ConfigDict, workdir: str, prompts: List
                       lambda family: issubclass(family, tasks.base.TextGenerator))
   # (main.py checks this before reading the prompts; callers from Python get it here)
   run = open_run(config, workdir, jax.local_devices()[:1])  # one jitted call, no pmap
-  task, d = run.task, config.decode
   _, params = run.restore(checkpoint, step)
+  return sample(run, params, prompts)
+
+
+def sample(run, params, prompts: List[str]) -> List[List[str]]:
+  """`generate_text` on an opened run and its restored (host) params (api.Model too)."""
+  task, config = run.task, run.config
+  d = config.decode
   encoded = task.encode_prompts(prompts)
   stop_id = task.stop_id()
   context = config.data.max_target_length
   longest = max(len(p) for p in encoded)
-  length = min(context, longest + d.max_new_tokens)
-  if longest + d.max_new_tokens > context:
-    logging.warning("generating at most %d tokens in all (the model's context, "
-                    "config.data.max_target_length); fewer than prompt + max_new_tokens=%d",
-                    context, d.max_new_tokens)
+  # Past the model's context the window slides (decoding.generate; docs/generation.md).
+  length = longest + d.max_new_tokens
+  if length > context:
+    logging.info("%d tokens in all, more than the model's context of %d "
+                 "(config.data.max_target_length): the window slides, keeping %d tokens "
+                 "at each slide", length, context, context // 2)
   rows = [p for p in encoded for _ in range(d.num_samples)]
   prompt = np.zeros((len(rows), length), np.int32)
   for r, tokens in enumerate(rows):
     prompt[r, :len(tokens)] = tokens
-  limits = np.array([min(len(t) + d.max_new_tokens, length) for t in rows], np.int32)
+  limits = np.array([len(t) + d.max_new_tokens for t in rows], np.int32)
 
   @jax.jit
   def generate(params, prompt, rng, limits):

@@ -2,7 +2,6 @@
 (inspection/attention_maps.py does the analysis and drawing)."""
 
 import os
-import time
 from typing import Optional, Sequence
 
 import jax
@@ -82,12 +81,11 @@ def head_importance(config: ml_collections.ConfigDict, workdir: str,
                             jax.device_get([p_masked(params, b, tree) for b in batches])])
     return sums["nll"] / max(sums["weight"], 1.0)
 
-  start = time.perf_counter()
-  baseline, increase = attention_maps.head_importance(attention_maps.layout(run.task),
-                                                      loss_of)
-  logging.info("head importance: %d heads removed one at a time over %d batches in %.1fs",
-               sum(v.size for v in increase.values()), len(batches),
-               time.perf_counter() - start)
+  shapes = attention_maps.layout(run.task)
+  logging.info("head importance: the loss of %d batches of %s with every head, then with "
+               "each of %d heads removed ...", len(batches), split,
+               sum(layers * heads for layers, heads in shapes.values()))
+  baseline, increase = attention_maps.head_importance(shapes, loss_of)  # logs its progress
   about = {"split": split, "checkpoint": checkpoint, "step": step, "batches": len(batches)}
   paths = attention_maps.write_importance(
       os.path.join(workdir, "attention"),

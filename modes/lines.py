@@ -33,29 +33,44 @@ def map_lines(config: ml_collections.ConfigDict, workdir: str, lines: List[str],
   one output line per input line (an empty input line gives an empty output line)."""
   require_text_family(config, mode, lambda family: family.line_mode == mode)
   run = open_run(config, workdir, devices)
-  task = run.task
-  assert isinstance(task, tasks.base.LineMapper), type(task)
   _, params = run.restore(checkpoint, step)
-  _, _, p_predict = steps.compile_steps(task, run.tx, config, run.devices)
-  params = steps.replicate(params, run.devices)
-  wanted = [i for i, line in enumerate(lines) if line.strip()]
-  examples = task.encode_lines([lines[i] for i in wanted])
-  outputs = [""] * len(lines)
-  if not examples:
+  predictor = LinePredictor(run, params)
+  return ["" if output is None else run.task.render_line(output)
+          for output in predictor.outputs(lines, f"--mode={mode}")]
+
+
+class LinePredictor:
+  """A restored checkpoint's pmapped `task.predict` over lines of text, compiled once
+  (the decode and predict modes, and api.Model)."""
+
+  def __init__(self, run, params):
+    assert isinstance(run.task, tasks.base.LineMapper), type(run.task)
+    self.run = run
+    _, _, self._p_predict = steps.compile_steps(run.task, run.tx, run.config, run.devices)
+    self._params = steps.replicate(params, run.devices)
+
+  def outputs(self, lines: List[str], doing: str = "predicting") -> List[Optional[np.ndarray]]:
+    """The prediction for each line (decoded tokens, class probabilities), None for an
+    empty line."""
+    task, config = self.run.task, self.run.config
+    wanted = [i for i, line in enumerate(lines) if line.strip()]
+    examples = task.encode_lines([lines[i] for i in wanted])
+    outputs: List[Optional[np.ndarray]] = [None] * len(lines)
+    if not examples:
+      return outputs
+    dataset = batching.batched_dataset(examples, batch_size=config.eval.eval_batch_size,
+                                       num_devices=len(self.run.devices),
+                                       lengths=task.eval_lengths, shuffle=False)
+    for number, batch in enumerate(batching.iterate(dataset)):
+      preemption.check(f"{doing} (batch {number + 1})")
+      predictions = np.asarray(self._p_predict(self._params, batch))
+      flat_inputs = batch["inputs"].reshape((-1, batch["inputs"].shape[-1]))
+      flat_index = batch["index"].reshape(-1)
+      flat_predictions = predictions.reshape((-1,) + predictions.shape[2:])
+      for x, index, output in zip(flat_inputs, flat_index, flat_predictions):
+        if x.any():
+          outputs[wanted[int(index)]] = output
     return outputs
-  dataset = batching.batched_dataset(examples, batch_size=config.eval.eval_batch_size,
-                                     num_devices=len(run.devices), lengths=task.eval_lengths,
-                                     shuffle=False)
-  for index, batch in enumerate(batching.iterate(dataset)):
-    preemption.check(f"--mode={mode} (batch {index + 1})")
-    predictions = np.asarray(p_predict(params, batch))
-    flat_inputs = batch["inputs"].reshape((-1, batch["inputs"].shape[-1]))
-    flat_index = batch["index"].reshape(-1)
-    flat_predictions = predictions.reshape((-1,) + predictions.shape[2:])
-    for x, index, output in zip(flat_inputs, flat_index, flat_predictions):
-      if x.any():
-        outputs[wanted[int(index)]] = task.render_line(output)
-  return outputs
 
 
 def decode_lines(config, workdir, lines, devices=None, checkpoint="latest", step=None):

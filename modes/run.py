@@ -7,10 +7,12 @@ from typing import Any, List, Optional, Sequence
 
 import jax
 import ml_collections
+from absl import logging
 
 import train
 from training import checkpointing, steps
 
+RETRIES = 5  # newest steps a reader tries when a live trainer retires the one it reads
 CHECKPOINT_KINDS = {"latest": "checkpoints", "best": "best", "averaged": "averaged"}
 _HINTS = {"latest": "train first with --mode=train and the same --workdir",
           "best": "set config.eval.best_metric when training to keep the best checkpoint",
@@ -40,17 +42,29 @@ class Run:
           f"no {checkpoint} checkpoint in {directory}; {_HINTS[checkpoint]}")
     checkpoints = checkpointing.Checkpointer.for_reading(self.workdir, subdir)
     try:
-      if checkpoints.latest_step() is None:
-        raise checkpointing.CheckpointError(
-            f"no {checkpoint} checkpoint in {directory}; {_HINTS[checkpoint]}")
-      if step is not None and step not in checkpoints.all_steps():
-        raise checkpointing.CheckpointError(
-            f"no checkpoint of step {step} in {directory}; it has steps "
-            f"{', '.join(map(str, checkpoints.all_steps()))}")
-      wanted = checkpoints.latest_step() if step is None else step
-      train.check_same_model(checkpoints.restore_config(wanted) or {}, self.config,
-                             directory)
-      state = checkpoints.restore(self.state_shape(), wanted)
+      for attempt in range(RETRIES + 1):
+        if checkpoints.latest_step() is None:
+          raise checkpointing.CheckpointError(
+              f"no {checkpoint} checkpoint in {directory}; {_HINTS[checkpoint]}")
+        if step is not None and step not in checkpoints.all_steps():
+          raise checkpointing.CheckpointError(
+              f"no checkpoint of step {step} in {directory}; it has steps "
+              f"{', '.join(map(str, checkpoints.all_steps()))}")
+        wanted = checkpoints.latest_step() if step is None else step
+        try:
+          train.check_same_model(checkpoints.restore_config(wanted) or {}, self.config,
+                                 directory)
+          state = checkpoints.restore(self.state_shape(), wanted)
+          break
+        except checkpointing.CheckpointError:
+          # A live trainer retires its oldest steps as it saves: the newest step of a
+          # moment ago may be gone by now. Then the newest is read again; a step that is
+          # still there is really damaged.
+          checkpoints.reload()
+          if step is not None or wanted in checkpoints.all_steps() or attempt == RETRIES:
+            raise
+          logging.info("checkpoint step %d was retired by the trainer while it was read; "
+                       "reading the newest again", wanted)
     finally:
       checkpoints.close()
     return int(state.step), state.params

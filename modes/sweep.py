@@ -29,12 +29,23 @@ import tasks
 import train
 from config_checks import ConfigError
 from errors import WriteError
-from configs.sweeps import Sweep, SweepError, Variant, config_differences, format_overrides
+from configs.sweeps import (Sweep, SweepError, Variant, config_differences,
+                            field_differences, format_overrides)
 from training import reporting, workdir_lock
 
 STATE_FILE = "sweep.json"
 PLOT_SIZE = (9.0, 5.5)  # inches at PLOT_DPI: a 900 x 550 pixel image
 PLOT_DPI = 100
+# The loss plot's lines: variant i gets colour i % 20 (matplotlib's ten, then ten of other
+# hues), line style i // 10 (solid for the first ten, dashed for the next) and marker
+# i % 7, so the first twenty variants have twenty colours and the first forty are
+# distinct (colour, style) pairs.
+PLOT_COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+               "#7f7f7f", "#bcbd22", "#17becf",
+               "#000000", "#000080", "#800000", "#b8860b", "#e600e6", "#008080", "#6b8e23",
+               "#fa8072", "#66cc00", "#8000ff")
+PLOT_STYLES = ("-", "--", ":", "-.")
+PLOT_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 # ----------------------------------------------------------------------------- records
@@ -203,16 +214,15 @@ def _row(variant: Variant, config, directory: str) -> Dict[str, Any]:
          "train_seconds": seconds if state.get("segments") else None,
          "train_seconds_lower_bound": not complete, "steps": result.get("steps"),
          "loss": None, "perplexity": None, "metric": None, "metric_name": None,
-         "status": "not started"}
+         "status": "not started", "differences": None}
   metrics = result.get("metrics") or {}
   if result:
     row["status"] = result["status"]
     if result["status"] == "diverged":
       row["status"] = "diverged: " + result.get("message", "").split(";")[0]
-    changed = config_differences(result.get("config", {}), config)
-    if changed:
-      fields = ", ".join(c.split(":")[0] for c in changed)
-      row["status"] += f" (with another config: {fields} differ now)"
+    # A finished variant is reported as it ran (its recorded config); where the flags
+    # given now build another config, `difference_lines` says so.
+    row["differences"] = field_differences(result.get("config", {}), config)
   elif records:  # stopped or still running: its newest evaluation
     trained = [int(r["step"]) for r in records if any(k.startswith("train/") for k in r)]
     row["steps"] = max(trained, default=0)
@@ -228,6 +238,33 @@ def _row(variant: Variant, config, directory: str) -> Dict[str, Any]:
       break
   row["curve"] = loss_curve(records)
   return row
+
+
+def difference_lines(rows: Sequence[Dict[str, Any]]) -> List[str]:
+  """One line per config field where finished variants ran with another value than the
+  config the current flags build for them (which variants, both values, and the flag that
+  gives what they ran); [] when every finished variant matches. A report without the
+  sweep's flags (say a smoke run's --config.train.num_train_steps=20) still counts its
+  finished variants as done, and says this."""
+  finished = [r for r in rows if r.get("differences") is not None]
+  by_field: Dict[str, List[Any]] = {}
+  for r in finished:
+    for field, (then, now) in r["differences"].items():
+      by_field.setdefault(field, []).append((r["variant"], then, now))
+  lines = []
+  for field, entries in sorted(by_field.items()):
+    who = (f"all {len(finished)} finished variants" if len(entries) == len(finished) else
+           "variant" + "s" * (len(entries) > 1) + " " + ", ".join(v for v, _, _ in entries))
+    pairs = {(json.dumps(then), json.dumps(now)) for _, then, now in entries}
+    if len(pairs) == 1:
+      _, then, now = entries[0]
+      flag = (f"; --config.{field}={then} builds theirs" if then is not None else
+              " (the field is new since they ran)")
+      lines.append(f"{field}: {who} ran with {then!r}, the flags now give {now!r}{flag}")
+    else:
+      lines.append(f"{field}: " + "; ".join(f"{v} ran with {then!r}, the flags now give "
+                                            f"{now!r}" for v, then, now in entries))
+  return lines
 
 
 def _number(value, digits: int) -> str:
@@ -279,11 +316,31 @@ def _markdown(sweep: Sweep, rows: Sequence[Dict[str, Any]], metric_names: Sequen
               *[_number(r["metric"], 2) if r["metric_name"] == name else ""
                 for name in metric_names], r["status"]]
     lines.append("| " + " | ".join(cell(v) for v in values) + " |")
+  differences = difference_lines(rows)
+  if differences:
+    lines += ["", "Finished variants are reported as they ran (the config each recorded); "
+              "these fields differ from the configs the flags of this report build:", ""]
+    lines += [f"- {line}" for line in differences]
   return "\n".join(lines) + "\n"
+
+
+def line_style(index: int) -> Dict[str, str]:
+  """The colour, line style and marker of the loss plot's line for variant `index`."""
+  n = len(PLOT_COLORS)
+  return {"color": PLOT_COLORS[index % n],
+          "linestyle": PLOT_STYLES[(index // 10) % len(PLOT_STYLES)],
+          "marker": PLOT_MARKERS[index % len(PLOT_MARKERS)]}
 
 
 def _plot(sweep: Sweep, rows: Sequence[Dict[str, Any]]) -> bytes:
   """validation_loss.png: validation loss against step, a line per variant."""
+  out = io.BytesIO()
+  loss_figure(sweep, rows).savefig(out, format="png", dpi=PLOT_DPI)
+  return out.getvalue()
+
+
+def loss_figure(sweep: Sweep, rows: Sequence[Dict[str, Any]]):
+  """The matplotlib Figure of `_plot` (Agg canvas)."""
   # The Agg canvas directly: no pyplot state, no display backend.
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
@@ -292,14 +349,11 @@ def _plot(sweep: Sweep, rows: Sequence[Dict[str, Any]]) -> bytes:
   figure = Figure(figsize=PLOT_SIZE, dpi=PLOT_DPI)
   FigureCanvasAgg(figure)
   axes = figure.add_axes((0.1, 0.1, 0.62, 0.82))
-  colors = [f"C{i}" for i in range(10)]
-  styles = ("-", "--", ":", "-.")
   plotted = 0
   for i, r in enumerate(rows):
     if r["curve"]:
       steps, losses = zip(*r["curve"].items())
-      axes.plot(steps, losses, color=colors[i % 10], linestyle=styles[(i // 10) % 4],
-                marker="o", markersize=3, label=r["variant"])
+      axes.plot(steps, losses, **line_style(i), markersize=3, label=r["variant"])
       plotted += 1
   if plotted:
     axes.set_yscale("log")  # plain numbers on its ticks, not powers of ten
@@ -314,9 +368,7 @@ def _plot(sweep: Sweep, rows: Sequence[Dict[str, Any]]) -> bytes:
   axes.set_ylabel("validation loss")
   axes.set_title(f"sweep {sweep.name}: validation loss")
   axes.grid(True, which="both", alpha=0.3)
-  out = io.BytesIO()
-  figure.savefig(out, format="png", dpi=PLOT_DPI)
-  return out.getvalue()
+  return figure
 
 
 def write_comparison(sweep: Sweep, workdir: str,

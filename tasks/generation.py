@@ -126,16 +126,21 @@ class GenerationTask(base.Task):
     `rng`: one key, or `[batch]` keys, one a row (see decoding.generate).
     `cached=False` recomputes the whole prefix at every position instead of reading the
     key/value cache (the reference the cache is tested against, and the slow baseline
-    of benchmarks/generation.py). Returns `[batch, length]` tokens, prompts included.
+    of benchmarks/generation.py). Rows longer than the model's context
+    (config.data.max_target_length) slide a window over the text, keeping the last half
+    of the context at each slide (decoding.generate). Returns `[batch, length]` tokens,
+    prompts included.
     """
     batch_size, length = prompt.shape
+    context = min(length, self.config.data.max_target_length)
     picker = picker or self.picker()
     if cached:
-      step, cache = self._cached_step(params, prompt)
+      step, cache = self._cached_step(params, prompt[:, :context])
     else:
-      step, cache = self._uncached_step(params, batch_size, length)
+      step, cache = self._uncached_step(params, batch_size, context)
     return decoding.generate(step, cache, batch_size, length, self.eos_id, prompt=prompt,
-                             pick=picker, rng=rng, limits=limits, stop_id=stop_id)
+                             pick=picker, rng=rng, limits=limits, stop_id=stop_id,
+                             context=context)
 
   def _cached_step(self, params, prompt):
     decoder = self.build_model(decode=True)

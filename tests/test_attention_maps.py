@@ -236,7 +236,7 @@ def test_head_importance_removes_each_head_once_and_ranks_them():
   assert table[4] == "| 1 | cross | 0 | 1 | 1.9000 | +0.9000 |"
   width, height = attention_maps.importance_pixels([(2, 3), (1, 3)])
   assert png_size(attention_maps.importance_png(increase)) == (width, height) == (
-      2 * (140 + 60 * 3), 110 + 45 * 2 + 50)
+      2 * (140 + 60 * 3) + 90, 110 + 45 * 2 + 50)  # 90 px: the colour bar
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -302,18 +302,115 @@ def hand_built_maps(layers=2, heads=3, q=5, k=7):
 def test_pngs_have_the_documented_pixel_sizes():
   maps = hand_built_maps()
   # A labelled map is 160 px of margin + 22 px a token wide/high (at least 250 px).
+  # Every figure has a 90 px colour bar on its right.
   side_7, side_5 = 160 + 22 * 7, max(250, 160 + 22 * 5)
   assert png_size(attention_maps.head_png(maps, "cross", 1, 2)) == (side_7 + 90, side_5 + 50)
-  assert png_size(attention_maps.layer_grid_png(maps, "cross", 0)) == (3 * side_7,
+  assert png_size(attention_maps.layer_grid_png(maps, "cross", 0)) == (3 * side_7 + 90,
                                                                        side_5 + 50)
-  # 2 kinds x 2 layers = 4 rows of 3 thumbnails of 160 px, 110 px of row labels.
-  assert png_size(attention_maps.overview_png(maps)) == (110 + 3 * 160, 4 * 160 + 50)
+  # 2 kinds x 2 layers = 4 rows of 3 thumbnails of 200 px (at least), 110 px of row labels.
+  assert png_size(attention_maps.overview_png(maps)) == (110 + 3 * 200 + 90, 4 * 200 + 50)
   image = attention_maps.kind_grid_image(maps, "cross")
-  assert image.shape == (2 * 160 + 50, 110 + 3 * 160, 3) and image.dtype == np.uint8
+  assert image.shape == (2 * 200 + 50, 110 + 3 * 200 + 90, 3) and image.dtype == np.uint8
   assert image.std() > 10  # something is drawn
   # Six heads wrap after four; a long sentence is capped.
-  assert attention_maps.layer_grid_pixels(6, 5, 7) == (4 * side_7, 2 * side_5 + 50)
+  assert attention_maps.layer_grid_pixels(6, 5, 7) == (4 * side_7 + 90, 2 * side_5 + 50)
   assert attention_maps.panel_pixels(500, 3) == (250, 1800)
+  # Thumbnails grow 11 px a token past 10 tokens up to 440 px; unlabelled past 32 tokens.
+  assert [attention_maps.thumb_pixels(t) for t in (5, 20, 32, 33)] == [200, 310, 440, 200]
+
+
+def constant_heads_maps(values, q=5, k=7):
+  """One layer of cross-attention whose head h has every weight `values[h]` (a one-hot
+  diagonal where the value is None)."""
+  heads = []
+  for v in values:
+    heads.append(np.eye(q, k, dtype=np.float32) if v is None else np.full((q, k), v, np.float32))
+  weights = np.stack(heads)[None]
+  return attention_maps.AttentionMaps(
+      weights={"cross": weights}, queries={"cross": [f"t{i}" for i in range(q)]},
+      keys={"cross": [f"s{i}" for i in range(k)]})
+
+
+def viridis(value):
+  from matplotlib import colormaps  # pylint: disable=g-import-not-at-top
+  return tuple(int(round(255 * c)) for c in colormaps["viridis"](value)[:3])
+
+
+def png_pixels(data: bytes) -> np.ndarray:
+  return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+def test_every_figure_colours_weights_on_one_scale_with_its_bar():
+  """A uniform head (1/7 on every key) is drawn as weight 1/7, dark, whatever the other
+  heads hold, not stretched to the brightest colour as on a per-panel scale; equal
+  weights are equal colours in every panel; the colour bar shows 0 to 1."""
+  uniform = viridis(1 / 7)
+  maps = constant_heads_maps([1 / 7, 1 / 7, None, 0.5])
+  q, k = 5, 7
+  width, height = attention_maps.panel_pixels(q, k)
+  pad_l, pad_r, pad_t, pad_b = 80, 10, 25, 80
+  grid = png_pixels(attention_maps.layer_grid_png(maps, "cross", 0))
+
+  def centre(left, top, w, h, pads):  # the middle of a panel's map: row 2, column 3
+    x = left + pads[0] + (w - pads[0] - pads[1]) * (3.5 / k)
+    y = top + pads[2] + (h - pads[2] - pads[3]) * (2.5 / q)
+    return grid_or_image[int(y), int(x)].astype(int)
+
+  grid_or_image = grid
+  expected = np.array([uniform, uniform, viridis(0.0), viridis(0.5)])
+  colours = [centre(c * width, 50, width, height, (pad_l, pad_r, pad_t, pad_b))
+             for c in range(4)]
+  assert np.abs(np.array(colours) - expected).max() <= 2, colours
+  side = attention_maps.thumb_pixels(k)
+  pads = (attention_maps.THUMB_MARGIN - 20, 6, 20, attention_maps.THUMB_MARGIN - 20)
+  for grid_or_image in (png_pixels(attention_maps.overview_png(maps)),
+                        attention_maps.kind_grid_image(maps, "cross")):
+    colours = [centre(110 + c * side, 50, side, side, pads) for c in range(4)]
+    assert np.abs(np.array(colours) - expected).max() <= 2, colours
+  # A figure of uniform heads only: no map pixel is near the top of the scale, while
+  # its colour bar (the last 90 px) runs from viridis(0) to viridis(1).
+  only_uniform = constant_heads_maps([1 / 7, 1 / 7])
+  for image in (png_pixels(attention_maps.layer_grid_png(only_uniform, "cross", 0)),
+                png_pixels(attention_maps.overview_png(only_uniform)),
+                png_pixels(attention_maps.head_png(only_uniform, "cross", 0, 1)),
+                attention_maps.kind_grid_image(only_uniform, "cross")):
+    maps_part, bar = image[:, :-90].astype(int), image[:, -90:].astype(int)
+    top = np.array(viridis(1.0))
+    assert np.abs(maps_part - top).sum(-1).min() > 60
+    assert np.abs(bar - top).sum(-1).min() < 30
+    assert np.abs(bar - np.array(viridis(0.0))).sum(-1).min() < 30
+    assert (np.abs(maps_part - np.array(uniform)).sum(-1) < 4).sum() > 1000
+
+
+def test_labels_stay_clear_of_each_other_and_keep_the_word_mark_attached():
+  """Long SentencePiece pieces: in the overview and a layer grid no head's tick labels or
+  title reach another head, a row label or the figure's edge; "▁" is drawn as "␣"."""
+  from matplotlib.transforms import Bbox  # pylint: disable=g-import-not-at-top
+  words = ["\u2581Ein", "\u2581Fahrradfahrerinnenverein", "\u2581f\u00e4hrt", "rad",
+           "\u2581", ".", "</s>"] * 3
+  rng = np.random.default_rng(1)
+  weights = rng.random((2, 3, len(words), len(words))).astype(np.float32)
+  weights /= weights.sum(-1, keepdims=True)
+  maps = attention_maps.AttentionMaps(
+      weights={"encoder_self": weights, "cross": weights[:, :, :9]},
+      queries={"encoder_self": words, "cross": words[:9]},
+      keys={"encoder_self": words, "cross": words})
+  for figure in (attention_maps._overview(maps, ["encoder_self", "cross"]),  # pylint: disable=protected-access
+                 attention_maps._layer_grid(maps, "encoder_self", 1)):  # pylint: disable=protected-access
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    boxes = [a.get_tightbbox(renderer) for a in figure.axes]
+    boxes += [t.get_window_extent(renderer) for t in figure.texts]
+    inside = Bbox.from_bounds(0, 0, figure.bbox.width, figure.bbox.height)
+    for i, box in enumerate(boxes):
+      assert inside.containsx(box.x0) and inside.containsx(box.x1), (i, box)
+      assert inside.containsy(box.y0) and inside.containsy(box.y1), (i, box)
+      for other in boxes[i + 1:]:
+        assert not box.overlaps(other), (box, other)
+    labels = [t.get_text() for a in figure.axes for t in a.get_xticklabels()]
+    assert "\u2423Ein" in labels and not any("\u2581" in t for t in labels)
+    assert any(t.endswith("\u2026") for t in labels)  # the long piece is cut
+  assert attention_maps.tick_label("\u2581Fahrradfahrerinnenverein", 8) == "\u2423Fahrra\u2026"
 
 
 def test_write_maps_writes_every_layer_and_the_asked_heads(tmp_path):
@@ -380,10 +477,10 @@ def test_evaluations_write_attention_images_and_statistics(trained):
   config, workdir = trained
   images = read_event_images(workdir)
   # One layer of each kind, 2 heads: one row of 2 thumbnails.
-  size = attention_maps.overview_pixels(1, 2)
+  sizes = {attention_maps.overview_pixels(1, 2, tokens) for tokens in range(1, 129)}
   for kind in attention_maps.KINDS:
     width, height, png = images[f"eval/attention/example_0/{kind}"]
-    assert (width, height) == size == png_size(png)
+    assert (width, height) == png_size(png) and (width, height) in sizes
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     records = [json.loads(line) for line in f]
   evaluation = [r for r in records if "eval/loss" in r][-1]
@@ -409,7 +506,7 @@ def test_attention_mode_draws_a_sentence_and_its_reference(trained):
   assert report["tokens"]["cross"] == {"queries": tgt, "keys": src}
   assert report["tokens"]["decoder_self"]["queries"] == ["<s>"] + tgt[:-1]
   assert set(report["statistics"]) == set(attention_maps.KINDS)
-  expected = {"overview.png": attention_maps.overview_pixels(3, 2),
+  expected = {"overview.png": attention_maps.overview_pixels(3, 2, 17),
               "encoder_self_layer0.png": attention_maps.layer_grid_pixels(2, 17, 17),
               "cross_layer0.png": attention_maps.layer_grid_pixels(2, 13, 17),
               "cross_layer0_head1.png": attention_maps.head_pixels(13, 17)}

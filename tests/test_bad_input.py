@@ -434,7 +434,7 @@ def test_a_mistyped_label_common_enough_to_train_is_named_in_a_warning(tmp_path)
   result = _run(case, tmp_path)["result"]
   assert result.returncode == 0, result.stderr[-3000:]
   warnings = [line for line in result.stderr.splitlines()
-              if line.startswith("W") and "train.tsv: the training labels mix" in line]
+              if line.startswith("warning: ") and "train.tsv: the training labels mix" in line]
   assert len(warnings) == 1, result.stderr[-3000:]
   assert ("mix integers (0, 1) and words (positive), each a class ('0': 40, '1': 40, "
           "'positive': 10); a mistyped label?") in warnings[0]

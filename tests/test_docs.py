@@ -2,8 +2,11 @@
 quote what they print (docs/architecture.md and docs/attention.md cannot drift from the code)."""
 
 import importlib.util
+import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -144,3 +147,70 @@ def test_architecture_trace_covers_every_parameter(task):
   assert owners <= called, owners - called
   logits = root.output[0]
   assert logits.shape[0] == arch.BATCH and logits.dtype == jnp.float32
+
+
+# ----------------------------------------------------------------------------- demo.py
+
+
+def test_readme_quotes_the_recorded_demo_run():
+  """README's demo output (the progress line, the ending, the parameter count, the Results
+  cell) is docs/demo_results.json's, recorded by docs/demo.py from a real run, and the demo
+  config has not changed since that run (else: rerun docs/demo.py and paste its quotes)."""
+  demo = load("demo")
+  with open(demo.RECORD, encoding="utf-8") as f:
+    record = json.load(f)
+  assert demo.config_drift(record["config"]) == []
+  with open(os.path.join(os.path.dirname(DOCS), "README.md"), encoding="utf-8") as f:
+    readme = f.read()
+  for quote in demo.readme_quotes(record):
+    assert quote in readme, quote
+
+
+def test_demo_record_parses_the_printed_output():
+  """docs/demo.py reads the progress line, the evaluations' exact match, the last step's
+  evaluation lines and the parameter count from the demo's output, with or without absl's
+  prefix, and refuses output that lacks one of them."""
+  demo = load("demo")
+  output = "\n".join([
+      "I1204 20:57:48.061405 1400804 train.py:570] module  parameters",
+      "total         233,000",
+      "step 100/3000  loss 1.2  acc 0.5  (includes compilation)",
+      f"step {demo.QUOTED_STEP}/3000  loss 0.0084  acc 0.99  35.1 steps/s  ETA 1m",
+      "step 3000/3000  loss 0.001  acc 1  30.0 steps/s  ETA 0s",
+      "eval at step 1000: loss 0.5  exact_match 0.832",
+      "eval at step 3000: loss 0.01  exact_match 1",
+      "final evaluation at step 3000: loss 0.01  exact_match 1",
+      "  input: 123 -> 321"])
+  record = demo.parse(output)
+  assert record["progress_line"].startswith(f"step {demo.QUOTED_STEP}/3000")
+  assert record["exact_match"] == {"1000": 0.832, "3000": 1.0}
+  assert record["ending"] == ["eval at step 3000: loss 0.01  exact_match 1",
+                              "final evaluation at step 3000: loss 0.01  exact_match 1",
+                              "input: 123 -> 321"]
+  assert record["parameters"] == 233000 and record["steps_per_second"] == [30.0, 35.1]
+  with pytest.raises(ValueError, match="a final evaluation"):
+    demo.parse(output.replace("final evaluation at", "eval at"))
+
+
+SHARED_DATA = os.path.join(os.path.dirname(os.path.dirname(DOCS)), "shared", "data")
+
+
+@pytest.mark.skipif(not os.path.isdir(SHARED_DATA), reason="needs ../shared/data")
+def test_the_python_api_example_runs_as_a_notebook(tmp_path):
+  """docs/python_api.md's python cells, in order, in one namespace (their own asserts
+  check the results), as a user runs them: a fresh Python on one CPU device, from the
+  repository root, with the runs directory moved under tmp_path."""
+  cells = re.findall(r"```python\n(.*?)```", read("python_api.md"), re.S)
+  assert len(cells) >= 4 and 'RUNS = os.path.join("runs", "python_api")' in cells[0]
+  cells[0] = cells[0].replace('os.path.join("runs", "python_api")', repr(str(tmp_path / "runs")))
+  script = tmp_path / "notebook.py"
+  script.write_text("\n".join(f"# cell {i + 1}\n{cell}" for i, cell in enumerate(cells)))
+  root = os.path.dirname(DOCS)
+  # (a notebook started in the repository root imports from it; so does `pip install -e .`)
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
+  env.pop("XLA_FLAGS", None)  # the tests' 8 fake devices
+  result = subprocess.run([sys.executable, str(script)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=1200)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "ROMEO:" in result.stdout
+  assert os.path.isdir(tmp_path / "runs" / "sst2" / "checkpoints")

@@ -426,6 +426,30 @@ def test_readers_never_delete_or_rename_anything(trained, tmp_path):
   assert fault_injection.readable_steps(workdir) == [5, 10]
 
 
+def test_a_reader_whose_step_the_trainer_retires_reads_the_newest_again(trained, tmp_path,
+                                                                        monkeypatch):
+  """The race eval beside a trainer that saves every step runs into: the newest step when
+  the reader looked (10) is retired before it is read, after a newer one (15) was saved.
+  The reader reads the newest again instead of calling step 10 damaged."""
+  config, workdir = _copy(trained, tmp_path)
+  directory = checkpointing.checkpoint_directory(workdir)
+  real = checkpointing.Checkpointer.restore_config
+  calls = []
+
+  def trainer_moves_on(self, step=None):
+    calls.append(step)
+    if len(calls) == 1:  # the trainer saves step 15 (a copy of 10 here), retires 10
+      shutil.copytree(os.path.join(directory, "10"), os.path.join(directory, "15"))
+      shutil.move(os.path.join(directory, "10"), str(tmp_path / "retired-10"))
+    return real(self, step)
+
+  monkeypatch.setattr(checkpointing.Checkpointer, "restore_config", trainer_moves_on)
+  run = modes.run.open_run(config, workdir, ONE_DEVICE)
+  step, params = run.restore()
+  assert calls == [10, 15] and step == 10  # (the copy holds step 10's state)
+  assert_bitwise_equal(params, host_state(config, str(tmp_path / "copy"), 15).params)
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_a_file_where_the_checkpoints_go_is_one_line_before_any_step(tmp_path, mode):
   workdir = tmp_path / "run"

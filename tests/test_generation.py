@@ -268,6 +268,57 @@ def test_generate_ends_rows_at_eos_stop_id_and_limits():
       [7, 8, 9, 10, 11, 1, 2, 3, 4, 5]]
 
 
+def sliding_starts(length, context, keep):
+  """The first position each position sees, worked out step by step (the oracle of
+  decoding.window_start): a window may hold context - 1 tokens after the start token;
+  when the next one would not fit, it keeps its last `keep`."""
+  starts, start = [], 0
+  for i in range(length):
+    if i - start == context:
+      start = i - keep
+    starts.append(start)
+  return starts
+
+
+def window_sum_step(context):
+  """A fake model that predicts 1 + (the sum of the tokens in its cache) mod (VOCAB - 1):
+  its prediction depends on exactly which tokens the cache holds. The cache is the
+  `[batch, context]` tokens fed and how many; a write past the end would be lost."""
+  def step(cache, tokens):
+    fed, count = cache
+    fed = jax.lax.dynamic_update_index_in_dim(fed, tokens[:, 0], count, axis=1)
+    following = jnp.sum(fed, axis=1) % (VOCAB - 1) + 1
+    return jax.nn.one_hot(following, VOCAB) * 10.0, (fed, count + 1)
+  return step
+
+
+@pytest.mark.parametrize("context, keep, length", [(6, 3, 20), (5, 1, 13), (5, 4, 16),
+                                                   (8, 4, 8)])
+def test_generate_slides_its_window_past_the_context(context, keep, length):
+  prompt = np.zeros((3, length), np.int32)
+  prompt[1, :2] = [4, 9]
+  prompt[2, :4] = [3, 3, 7, 2]
+  empty = (jnp.zeros((3, context), jnp.int32), jnp.array(0))
+  out = np.asarray(decoding.generate(window_sum_step(context), empty, 3, length, -5,
+                                     prompt=jnp.asarray(prompt), context=context,
+                                     keep=keep))
+  starts = sliding_starts(length, context, keep)
+  assert [decoding.window_start(i, context, keep) for i in range(length)] == starts
+  # The reference: each position from the sum of the tokens of its window, from scratch.
+  expected = prompt.copy()
+  for i in range(length):
+    for r in range(3):
+      if not prompt[r, i]:
+        expected[r, i] = expected[r, starts[i]:i].sum() % (VOCAB - 1) + 1
+  np.testing.assert_array_equal(out, expected)
+
+
+def test_generate_refuses_a_window_that_keeps_nothing_or_everything():
+  for keep in (0, 6):
+    with pytest.raises(ValueError, match="keeps 1 to 5 tokens"):
+      decoding.generate(counting_step, 0, 1, 10, -5, context=6, keep=keep)
+
+
 # ----------------------------------------------------------------------------- the task
 
 
@@ -339,6 +390,43 @@ def test_cached_sampling_equals_recomputing_and_follows_the_seed(random_model):
   run = jax.jit(lambda p, x, r: task.generate(p, x, r, picker=without_eos(
       decoding.sampling_picker())))
   np.testing.assert_array_equal(run(params, prompt, jax.random.PRNGKey(0)), out[True, 0])
+
+
+def cropped_window_reference(task, params, prompt, picker, rng, keep):
+  """Generation past the context without the cache or decoding.generate: each position
+  is picked from the logits of a fresh full forward pass over its cropped window (the
+  tokens from `sliding_starts` on, then filler 1s that causality hides), with the key
+  decoding.generate gives position i of row b."""
+  rows, length = prompt.shape
+  context = task.config.data.max_target_length
+  forward = jax.jit(lambda p, x: task.model.apply({"params": p}, x))
+  out = np.array(prompt)
+  for i, start in enumerate(sliding_starts(length, context, keep)):
+    window = np.ones((rows, context), np.int32)
+    window[:, :i - start] = out[:, start:i]
+    logits = forward(params, window)[:, i - start]
+    keys = jnp.stack([jax.random.fold_in(jax.random.fold_in(rng, b), i)
+                      for b in range(rows)])
+    picked = np.asarray(picker(logits, keys))
+    out[:, i] = np.where(prompt[:, i] > 0, prompt[:, i], picked)
+  return out
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_generation_past_the_context_equals_recomputing_the_cropped_window(random_model,
+                                                                           greedy):
+  task, params = random_model
+  context = task.config.data.max_target_length  # 32 (float32 compute)
+  length = 3 * context + 5  # five slides of the 32-token window, keeping 16
+  prompt = prompts_of(task, (0, 4, 20), length=length)
+  picker = without_eos(decoding.sampling_picker(greedy=greedy))
+  rng = jax.random.PRNGKey(3)
+  cached = jax.jit(lambda p, x, r: task.generate(p, x, r, picker=picker))(params, prompt, rng)
+  reference = cropped_window_reference(task, params, prompt, picker, rng, context // 2)
+  assert_prompts_kept_and_rows_filled(np.asarray(cached), prompt)
+  np.testing.assert_array_equal(cached, reference)
+  uncached = jax.jit(lambda p, x, r: task.generate(p, x, r, cached=False, picker=picker))
+  np.testing.assert_array_equal(uncached(params, prompt, rng), reference)
 
 
 def test_perplexity_is_exp_of_the_mean_token_loss_over_the_whole_split(random_model):
@@ -446,21 +534,29 @@ def test_greedy_generation_continues_the_memorised_text(trained):
   for prompt, (text,) in zip(prompts, texts):
     start = POEM.index(prompt)
     assert text == TEXT[start:start + len(prompt) + 14], (prompt, text)
-  # The context caps prompt + new tokens; stop_text ends a sample after that character.
+  # Past the 32-character context the window slides, keeping 16 characters: enough for
+  # the memorised text to go on. stop_text ends a sample after that character.
   long_prompt = TEXT[:31]  # the longest prompt the context takes
-  (long,), (stopped,) = generate(trained, [long_prompt, "how i"], greedy=True,
-                                 max_new_tokens=26, stop_text="\n")
-  assert long == TEXT[:32]  # max_target_length characters in all
+  (long,), (longer,) = generate(trained, [long_prompt, "twinkle twinkle"], greedy=True,
+                                max_new_tokens=90)
+  assert long == TEXT[:31 + 90]  # max_new_tokens new characters, past the context
+  assert longer == TEXT[:15 + 90]
+  (stopped,), = generate(trained, ["how i"], greedy=True, max_new_tokens=26, stop_text="\n")
   assert stopped == "how i wonder what you are\n"
 
 
-def test_eval_mode_writes_the_perplexity_of_the_checkpoint(trained):
+def test_eval_mode_writes_the_perplexity_of_the_checkpoint(trained, capsys):
   metrics = modes.evaluate_checkpoint(trained["config"], trained["workdir"],
                                       devices=ONE_DEVICE)
   path = os.path.join(trained["workdir"], "eval", "validation-latest-step300.json")
   with open(path, encoding="utf-8") as f:
     report = json.load(f)
   assert report["step"] == 300 and report["split"] == "validation"
+  # Language modelling writes no per-example records; the examples scored are the
+  # validation text's windows: 428 characters and EOS in windows of 32 tokens.
+  assert report["examples"] == math.ceil((428 + 1) / 32) == 14
+  assert "predicted_examples" not in report
+  assert "validation (latest checkpoint, step 300, 14 examples)" in capsys.readouterr().out
   assert report["metrics"] == pytest.approx(metrics)
   for name in ("perplexity", "bits_per_char", "loss"):  # the same params, the same split
     assert metrics[name] == pytest.approx(trained["metrics"][name], rel=1e-5)

@@ -173,7 +173,8 @@ def test_two_processes_on_real_files_build_the_tokenizer_once_and_score_the_spli
            "--config.train.checkpoint_every_steps=4"]
   logs = [str(tmp_path / f"train{i}.log") for i in range(2)]
   _wait(_start_pair(logs, *flags), logs)
-  assert "Generating dataset" in _read(logs[0]) and "Generating dataset" not in _read(logs[1])
+  assert ("preparing the dataset" in _read(logs[0])
+          and "preparing the dataset" not in _read(logs[1]))
   assert sorted(n for n in os.listdir(workdir) if not os.path.isdir(os.path.join(workdir, n))
                 ) == ["config.json", "labels.json", "metrics.jsonl", "tokenizer.model",
                       "train.lock"]

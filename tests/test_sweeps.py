@@ -181,3 +181,62 @@ def test_comparison_of_a_partial_sweep(tmp_path):
   markdown = (tmp_path / "comparison.md").read_text()
   assert "train.num_train_steps=50" in markdown and ">= 45s" in markdown
   assert _png_size(str(tmp_path / "validation_loss.png")) == (900, 550)
+
+
+def test_loss_plot_gives_every_variant_its_own_line():
+  """Twelve variants (Table 3 has eleven and more): twelve colours, and no two lines of a
+  larger sweep look the same."""
+  sweep = Sweep(tiny_config(), [Variant(f"v{i}") for i in range(12)], name="twelve")
+  rows = [{"variant": f"v{i}", "curve": {100: 3.0 - 0.1 * i, 200: 2.0 - 0.1 * i}}
+          for i in range(12)]
+  lines = sweeps.loss_figure(sweep, rows).axes[0].get_lines()
+  assert [l.get_label() for l in lines] == [r["variant"] for r in rows]
+  from matplotlib.colors import to_hex  # pylint: disable=g-import-not-at-top
+  assert len({to_hex(l.get_color()) for l in lines}) == 12
+  styles = [tuple(sweeps.line_style(i).values()) for i in range(40)]
+  assert len({s[:2] for s in styles}) == 40  # (colour, line style)
+  assert len({s[0] for s in styles[:20]}) == 20
+
+
+def _finish(workdir, sweep, variant, overrides):
+  """Records `variant` as finished (done) with the config `overrides` build, as run_sweep
+  would, without training."""
+  directory = os.path.join(workdir, variant.name)
+  os.makedirs(directory)
+  config = sweep.config(variant, overrides)
+  result = {"status": "done", "metrics": {"loss": 1.25, "perplexity": 3.5}, "steps": 20,
+            "parameters": 1000, "config": json.loads(config.to_json()), "finished": 1.0}
+  with open(os.path.join(directory, sweeps.STATE_FILE), "w", encoding="utf-8") as f:
+    json.dump({"variant": variant.name, "segments": [{"start": 0.0, "seconds": 5.0}],
+               "result": result}, f)
+
+
+def test_report_without_the_sweeps_flags_counts_finished_variants_and_names_the_flags(
+    tmp_path):
+  path, workdir = _write_sweep(tmp_path), str(tmp_path / "sweep")
+  sweep = load_sweep(path)
+  base, wide = sweep.variants
+  # A smoke run: both variants ran with fewer steps; "wide" also with more heads.
+  _finish(workdir, sweep, base, {"train.num_train_steps": 20})
+  _finish(workdir, sweep, wide, {"train.num_train_steps": 20, "model.num_heads": 4})
+
+  rows = sweeps.write_comparison(sweep, workdir)  # no flags: num_train_steps is 4
+  assert [r["status"] for r in rows] == ["done", "done"]
+  assert [r["loss"] for r in rows] == [1.25, 1.25]
+  lines = sweeps.difference_lines(rows)
+  assert lines == [
+      "model.num_heads: variant wide ran with 4, the flags now give 2; "
+      "--config.model.num_heads=4 builds theirs",
+      "train.num_train_steps: all 2 finished variants ran with 20, the flags now give 4; "
+      "--config.train.num_train_steps=20 builds theirs"]
+  markdown = open(os.path.join(workdir, "comparison.md"), encoding="utf-8").read()
+  assert all(f"- {line}" in markdown for line in lines)
+  # With the flags they ran, nothing differs.
+  matching = sweeps.write_comparison(sweep, workdir, {"train.num_train_steps": 20})
+  assert sweeps.difference_lines(matching) == [lines[0]]
+
+  result = run_main("--mode=sweep_report", f"--sweep={path}", f"--workdir={workdir}")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "2 of 2 variants done" in result.stdout
+  assert "  train.num_train_steps: all 2 finished variants ran with 20" in result.stdout
+  assert "--config.model.num_heads=4 builds theirs" in result.stdout

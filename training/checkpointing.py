@@ -126,6 +126,29 @@ def array_checksums(tree) -> Dict[str, str]:
   return out
 
 
+def state_bytes(tree) -> int:
+  """Bytes of the arrays of a (host or device) tree: what its checkpoint's state/ holds,
+  before the few kilobytes of metadata, checksums, config and data position."""
+  return sum(int(np.prod(np.shape(x))) * np.dtype(x.dtype).itemsize
+             for x in jax.tree.leaves(tree) if hasattr(x, "dtype"))
+
+
+def _megabytes(n: float) -> str:
+  return f"{n / 1e9:.3g} GB" if n >= 1e9 else f"{n / 1e6:.3g} MB"
+
+
+def disk_use_line(state, keep: int, best: bool, workdir: str) -> str:
+  """What a run's checkpoints will take on disk, in one line: `keep` checkpoints of the
+  size of `state`, and one more (<workdir>/best) when `best`."""
+  size = state_bytes(state)
+  total = (keep + best) * size
+  line = (f"checkpoints will take about {_megabytes(total)} in {workdir}: {keep} kept "
+          f"(config.train.keep_checkpoints) x {_megabytes(size)} each")
+  if best:
+    line += " + 1 best (config.eval.best_metric)"
+  return line
+
+
 def _directory_blocker(directory: str) -> Optional[str]:
   """The path that keeps `directory` from being one (a file where it or a parent should
   be), or None."""
@@ -189,6 +212,10 @@ class Checkpointer:
 
   def latest_step(self) -> Optional[int]:
     return self._manager.latest_step()
+
+  def reload(self) -> None:
+    """Lists the steps on disk again (a live trainer adds and retires steps meanwhile)."""
+    self._manager.reload()
 
   def all_steps(self):
     return list(self._manager.all_steps())

@@ -46,6 +46,25 @@ def learning_rate_schedule(name: str, peak: float, warmup_steps: int,
   return schedule
 
 
+def length_change_note(config, saved_steps, step: int) -> str:
+  """One line when a run resumed at `step` with config.train.num_train_steps changed from
+  `saved_steps` (its checkpoint's) and a schedule whose decay spans num_train_steps
+  (cosine, linear) and the rate at `step` changes with it (raised after the decay began:
+  it jumps back up, from 0 at the old end). Else ""."""
+  o, total = config.optim, config.train.num_train_steps
+  if (o.schedule not in ("cosine", "linear") or not isinstance(saved_steps, int)
+      or saved_steps == total or step >= total):
+    return ""
+  then, now = (float(learning_rate_schedule(o.schedule, o.learning_rate, o.warmup_steps,
+                                            length)(step)) for length in (saved_steps, total))
+  if abs(now - then) <= 1e-6 * abs(o.learning_rate):
+    return ""  # still warming up: the decay has not begun, the longer one just follows
+  return (f"config.train.num_train_steps {'raised' if total > saved_steps else 'lowered'} "
+          f"from {saved_steps} to {total} on resume: the {o.schedule} schedule decays over "
+          f"num_train_steps, so the learning rate at step {step} jumps from {then:.3g} to "
+          f"{now:.3g} (to extend a run, see docs/faults.md, Resume)")
+
+
 def decay_mask(params):
   """True for weight matrices (decayed); False for biases, norm scales and other vectors."""
   return jax.tree.map(lambda p: p.ndim > 1, params)

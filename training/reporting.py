@@ -7,10 +7,11 @@ import os
 import socket
 import struct
 import time
-from typing import Dict, Mapping
+from typing import Callable, Dict, Mapping, Optional
 
 import jax
 import numpy as np
+from absl import logging as absl_logging
 from tensorboardX import summary as tb_summary
 from tensorboardX.proto import event_pb2
 from tensorboardX.record_writer import masked_crc32c
@@ -38,6 +39,91 @@ def quiet_library_logs() -> None:
   absl_logger = logging.getLogger("absl")
   if not any(isinstance(f, _QuietLibraries) for f in absl_logger.filters):
     absl_logger.addFilter(_QuietLibraries())
+
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Library warnings given on every run about nothing a user can change: tfds, before it
+# has prepared local files, and when it builds a local files builder's config.
+_ROUTINE_WARNINGS = ("Variant folder ", "Using custom data configuration")
+
+
+_LIBRARY_DIRS = {"site-packages", "dist-packages"}
+
+
+def _from_project(record: logging.LogRecord) -> bool:
+  """Whether this project (or a script of the user's) logged `record` through absl, rather
+  than a library (jax through its own loggers; tfds, orbax through absl from an installed
+  package's directory)."""
+  if record.name != "absl":
+    return False
+  path = os.path.abspath(record.pathname)
+  relative = os.path.relpath(path, _ROOT).split(os.sep)
+  if relative[0] != ".." and not _LIBRARY_DIRS & set(relative):
+    return True  # this project's files (all of them where it is installed in site-packages)
+  return not _LIBRARY_DIRS & set(path.split(os.sep))
+
+
+class _LibraryNoise(logging.Filter):
+  """Drops what libraries log below WARNING (jax probing for a TPU, tfds preparing data,
+  orbax saving) and their routine warnings; their other warnings and errors pass."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if _from_project(record):
+      return True
+    return (record.levelno >= logging.WARNING
+            and not record.getMessage().startswith(_ROUTINE_WARNINGS))
+
+
+class PlainFormatter(logging.Formatter):
+  """A log record as a person reads it: the message alone, a warning marked "warning: ",
+  an error "ERROR: " (a line "error: ..." is main.py's last word on a failed run)."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    text = super().format(record)
+    if record.levelno >= logging.ERROR:
+      return "ERROR: " + text
+    return "warning: " + text if record.levelno >= logging.WARNING else text
+
+
+def plain_logs() -> None:
+  """main.py's output unless --verbose: absl's lines without their prefix ("I1204
+  17:06:19.557893 139664382217088 train.py:616] "), warnings and errors marked, what
+  libraries say for themselves left out, and the config as its differences from the
+  defaults (`config_summary`). Without this call (--verbose, a Python caller) everything
+  is logged as absl does."""
+  absl_logging.use_absl_handler()  # app.run has; a Python caller may not have
+  handler = absl_logging.get_absl_handler()
+  handler.setFormatter(PlainFormatter())
+  if not any(isinstance(f, _LibraryNoise) for f in handler.filters):
+    handler.addFilter(_LibraryNoise())
+
+
+def _plain() -> bool:
+  return isinstance(absl_logging.get_absl_handler().python_handler.formatter, PlainFormatter)
+
+
+def _leaves(config, prefix: str = ""):
+  """(dotted name, value) of each field of a ConfigDict (or dict), in its order."""
+  for key, value in config.items():
+    if hasattr(value, "items"):
+      yield from _leaves(value, f"{prefix}{key}.")
+    else:
+      yield prefix + key, value
+
+
+def config_summary(config, defaults, defaults_name: str, saved_in: str) -> str:
+  """The config as the log shows it: whole where lines keep absl's prefix (--verbose, a
+  Python caller), else after `plain_logs` only its fields whose values differ from
+  `defaults` (named `defaults_name`; the whole config is in the file `saved_in`)."""
+  if not _plain():
+    return f"config:\n{config}"
+  default_values = dict(_leaves(defaults))
+  changed = [f"  {name} = {value!r}" for name, value in _leaves(config)
+             if name not in default_values or default_values[name] != value]
+  where = f"the whole config is in {saved_in}; --verbose prints it"
+  if not changed:
+    return f"config: the defaults of {defaults_name} ({where})"
+  return "\n".join([f"config, where it differs from {defaults_name} ({where}):"] + changed)
 
 
 def _drop_partial_line(path: str) -> None:
@@ -161,6 +247,56 @@ class Progress:
   def exclude(self, seconds: float) -> None:
     """Leaves `seconds` of work that is not training (evaluation, saves) out of the rate."""
     self._last_time += seconds
+
+
+# A long phase (an evaluation, head importance, tokenizer training) logs its progress line
+# at most this often; a phase shorter than this logs nothing.
+PHASE_EVERY_SECONDS = 10.0
+
+
+class PhaseProgress:
+  """The progress line of a long phase that counts to a known total: "<what> 12/40  ETA
+  1m05s" (the ETA from the rate so far), logged at most every `every` seconds; `finish()`
+  adds "<what> 40/40 in 2m10s" when a line was logged, so a short phase stays silent.
+
+      progress = PhaseProgress("final evaluation: batch", len(batches))
+      for i, batch in enumerate(batches):
+        ...
+        progress.update(i + 1)
+      progress.finish()
+  """
+
+  def __init__(self, what: str, total: Optional[int], every: Optional[float] = None,
+               clock: Callable[[], float] = time.perf_counter,
+               log: Optional[Callable[..., None]] = None):
+    self.what, self.total = what, total
+    self.every = PHASE_EVERY_SECONDS if every is None else every
+    self._clock, self._log = clock, log or absl_logging.info
+    self._start = self._last = clock()
+    self.count, self.lines = 0, 0
+
+  def update(self, count: int) -> None:
+    """`count` items are done (at the total, `finish` says so)."""
+    self.count = count
+    now = self._clock()
+    if now - self._last < self.every or (self.total and count >= self.total):
+      return
+    self._last, self.lines = now, self.lines + 1
+    if self.total:
+      rate = count / max(now - self._start, 1e-9)
+      eta = (self.total - count) / rate if rate > 0 else float("inf")
+      self._log("%s %d/%d  ETA %s", self.what, count, self.total, format_duration(eta))
+    else:
+      self._log("%s %d  (%s so far)", self.what, count,
+                format_duration(now - self._start))
+
+  def finish(self) -> float:
+    """The phase's seconds; logged when a progress line was."""
+    elapsed = self._clock() - self._start
+    if self.lines:
+      self._log("%s %d%s in %s", self.what, self.count,
+                f"/{self.total}" if self.total else "", format_duration(elapsed))
+    return elapsed
 
 
 def parameter_table(params, depth: int = 2) -> str:

@@ -25,7 +25,7 @@ import json
 import os
 import re
 import traceback
-from typing import Any, Dict, Mapping, Optional, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import ml_collections
 
@@ -157,10 +157,18 @@ def format_overrides(overrides: Mapping[str, Any]) -> str:
   return ", ".join(f"{k}={v}" for k, v in overrides.items())
 
 
+def field_differences(recorded: Dict[str, Any],
+                      config: ml_collections.ConfigDict) -> Dict[str, Tuple[Any, Any]]:
+  """`{field: (value then, value now)}` for each field where a run's recorded config (its
+  JSON) differs from `config` (None: the field is absent on that side)."""
+  now = flatten(json.loads(config.to_json()))
+  recorded = flatten(default.group_flat_config(recorded))  # a run before the groups: flat
+  return {k: (recorded.get(k), now.get(k))
+          for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)}
+
+
 def config_differences(recorded: Dict[str, Any], config: ml_collections.ConfigDict):
   """`field: then -> now` for each field where a run's recorded config (its JSON) differs
   from `config`."""
-  now = flatten(json.loads(config.to_json()))
-  recorded = flatten(default.group_flat_config(recorded))  # a run before the groups: flat
-  return [f"{k}: {recorded.get(k)!r} then, {now.get(k)!r} now"
-          for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)]
+  return [f"{k}: {then!r} then, {now!r} now"
+          for k, (then, now) in field_differences(recorded, config).items()]
