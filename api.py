@@ -162,8 +162,8 @@ def load(workdir: str, checkpoint: str = "latest", step: Optional[int] = None,
     raise UserError(f"{os.path.join(workdir, workdir_config.CONFIG_FILE)}: no such file; "
                     f"give the workdir of a training run")
   overrides = dict(overrides or {})
-  unknown = [name for name in overrides
-             if not sweeps.has_field(default.get_config(), name)]
+  fields = default.get_config()
+  unknown = [name for name in overrides if not sweeps.has_field(fields, name)]
   if unknown:
     raise UserError(f"load: unknown config field(s) {', '.join(unknown)} (dotted names such "
                     f"as decode.beam_size)")

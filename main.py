@@ -153,7 +153,7 @@ _MODE_SUMMARIES = {
     "eval": "score a split (--split) with a checkpoint; reports in <workdir>/eval",
     "decode": "translate each line of --input (default: standard input)",
     "generate": "continue each --prompt (or line of --input) with a language model",
-    "predict": "classify each line of --input: label, probability, each class's",
+    "predict": "classify each line of --input: the label and every class's probability",
     "attention": "draw every head's attention on one input into <workdir>/attention",
     "head_importance": "the loss with each head removed in turn, a table and a heatmap",
     "average": "average the newest --num_average checkpoints into <workdir>/averaged",
