@@ -213,11 +213,16 @@ def _check_stop(doing: str) -> None:
   if jax.process_count() == 1:
     preemption.check(doing)
     return
-  stop = preemption.current()
-  mine = np.int32(stop.signum or 0) if stop is not None else np.int32(0)
-  signum = int(np.max(multihost_utils.process_allgather(mine)))
+  signum = _agreed_signal(preemption.current())
   if signum:
     raise preemption.Stopped(signum, doing)
+
+
+def _agreed_signal(stop: Optional[preemption.StopRequest]) -> int:
+  """The largest signal number any process has received (0: none); a collective every
+  process must call."""
+  mine = np.int32(stop.signum or 0) if stop is not None else np.int32(0)
+  return int(np.max(multihost_utils.process_allgather(mine)))
 
 
 def final_decode_batches(task, config) -> Optional[int]:
@@ -256,8 +261,7 @@ class Evaluator:
       device_0 = jax.tree.map(lambda x: x.addressable_shards[0].data.reshape(x.shape[1:]),
                               params)
       attention = attention_maps.eval_summaries(self.task, device_0, self.attention_examples)
-    if self.writer is not None:
-      self._write(step, prefix, metrics, lines, records, texts, attention, elapsed)
+    self.write(step, prefix, metrics, records, lines, texts, attention, elapsed)
     logging.info("%s at step %d: %s%s%s%s%s", title, step,
                  "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()), scope,
                  "".join(f"\n{name}:\n{text}" for name, text in texts.items()),
@@ -284,7 +288,14 @@ class Evaluator:
     """`scope` in words: "predictions on 1 of 8 batches", or "all 8 batches"."""
     return self.scope(**args).strip()[1:-1] or f"all {len(self.dataset)} batches"
 
-  def _write(self, step, prefix, metrics, lines, records, texts, attention, elapsed):
+  def write(self, step: int, prefix: str, metrics, records, lines=(), texts=None,
+            attention=None, elapsed: Optional[float] = None) -> None:
+    """Writes an evaluation's metrics, example lines, tables (`texts`, default: the task's
+    summary of `records`) and images under `prefix` (nothing without a writer)."""
+    if self.writer is None:
+      return
+    texts = self.task.summary_texts(records) if texts is None else texts
+    attention = attention or attention_maps.EvalSummaries({}, {}, {}, "")
     extra = {} if elapsed is None else {f"{prefix}/elapsed_seconds": elapsed}
     self.writer.write_scalars(step, {**{f"{prefix}/{k}": v for k, v in metrics.items()},
                                      **extra,
@@ -372,7 +383,7 @@ def _stop_signal(stop: preemption.StopRequest, step: int, every: int) -> int:
     return stop.signum or 0
   if step % every:
     return 0
-  return int(np.max(multihost_utils.process_allgather(np.int32(stop.signum or 0))))
+  return _agreed_signal(stop)
 
 
 def _close_all(*closables) -> None:
@@ -420,8 +431,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   defaults to all local devices.
 
   SIGTERM, SIGINT or SIGHUP stop it after the current step (or evaluation batch) with a
-  complete checkpoint (preemption.Preempted is raised); a resumed run continues from that checkpoint's
-  parameters, optimizer state and data position exactly.
+  complete checkpoint (preemption.Preempted is raised); a resumed run continues from that
+  checkpoint's parameters, optimizer state and data position exactly.
   """
   run_start = time.perf_counter()
   fresh = not os.path.exists(workdir)
@@ -537,7 +548,7 @@ class _Loop:
     """The whole split evaluated after the last step ("final/"). When this run's periodic
     evaluation of `step` covered what it would (the loss of every batch and, where
     predictions are scored, the same predicted batches), its metrics are reused: written
-    again under "final/" with its images (its example lines and tables stay under "eval/")."""
+    again under "final/" with its tables and images (example lines stay under "eval/")."""
     c, evaluator = self.config, self.evaluator
     args = dict(num_examples=c.eval.num_print_examples,
                 decode_batches=final_decode_batches(self.task, c))
@@ -551,10 +562,7 @@ class _Loop:
         logging.info("final evaluation at step %d: the evaluation at this step covered the "
                      "whole %s split (%d batches); its metrics are the final ones", step,
                      evaluator.split, wanted[0])
-        self.writer.write_scalars(step, {**{f"final/{k}": v for k, v in metrics.items()},
-                                         "final/elapsed_seconds": elapsed})
-        for name, image in self.task.summary_images(records).items():  # e.g. the confusion
-          self.writer.write_image(step, f"final/{name}", image)        # matrix
+        evaluator.write(step, "final", metrics, records, elapsed=elapsed)
         return metrics
       logging.info("final evaluation at step %d: the evaluation at this step covered other "
                    "batches of the %s split (%s, against %s); evaluating", step,

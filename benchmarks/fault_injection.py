@@ -19,8 +19,9 @@ Starts `python main.py --workdir=W <flags after -->` and, each time, injects one
                      checkpoint is flipped: `--mode=eval` must exit 2 naming that step as
                      damaged; the step is then moved aside, as the message advises
 After each fault every checkpoint on disk must restore (finite parameters, the right
-step, contents equal to their checksums) and the newest step must not go back. Then the run is finished with one more start,
-and (with --reference) compared bitwise with an uninterrupted run of the same flags.
+step, contents equal to their checksums) and the newest step must not go back. Then the
+run is finished with one more start, and (with --reference) compared bitwise with an
+uninterrupted run of the same flags.
 Prints a table and writes it as JSON to --output. tests/test_faults.py runs this on a
 tiny model.
 """

@@ -183,7 +183,7 @@ def _decoding() -> ml_collections.ConfigDict:
   decode.temperature = 1.0  # sampling: logits are divided by this (> 0; lower = safer text)
   decode.top_k = 0  # sampling: keep only the k most likely tokens; 0 = all
   decode.top_p = 1.0  # sampling: keep the most likely tokens holding this probability; 1 = all
-  decode.max_new_tokens = 256  # tokens generated after the prompt (past the context, the window slides)
+  decode.max_new_tokens = 256  # new tokens after the prompt; past the context, the window slides
   decode.num_samples = 1  # samples generated per prompt
   decode.sample_seed = 0  # the sampling seed: the same seed and prompt give the same text
   decode.stop_text = ""  # generation also ends after this text (one token); "" = only at EOS

@@ -8,10 +8,11 @@
 The demo is `python main.py --workdir=runs/demo` (configs/default.py). This script runs
 that command in a fresh workdir, times it, and keeps from its output: the progress line
 at step QUOTED_STEP, the evaluations' exact match at each step, the lines of the last
-step's evaluations (with the first printed decode, if any) and the parameter count. It also keeps the config fields that decide
-those numbers. tests/test_docs.py checks, without training anything, that the README
-quotes this record (`readme_quotes`) and that the demo config has not changed since it
-was made: after changing the demo, rerun this script and paste the quotes it prints.
+step's evaluations (with the first printed decode, if any) and the parameter count. It
+also keeps the config fields that decide those numbers. tests/test_docs.py checks, without
+training anything, that the README quotes this record (`readme_quotes`) and that the demo
+config has not changed since it was made: after changing the demo, rerun this script and
+paste the quotes it prints.
 """
 
 import argparse

@@ -395,8 +395,9 @@ def test_labels_stay_clear_of_each_other_and_keep_the_word_mark_attached():
       weights={"encoder_self": weights, "cross": weights[:, :, :9]},
       queries={"encoder_self": words, "cross": words[:9]},
       keys={"encoder_self": words, "cross": words})
-  for figure in (attention_maps._overview(maps, ["encoder_self", "cross"]),  # pylint: disable=protected-access
-                 attention_maps._layer_grid(maps, "encoder_self", 1)):  # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  for figure in (attention_maps._overview(maps, ["encoder_self", "cross"]),
+                 attention_maps._layer_grid(maps, "encoder_self", 1)):
     figure.canvas.draw()
     renderer = figure.canvas.get_renderer()
     boxes = [a.get_tightbbox(renderer) for a in figure.axes]

@@ -234,7 +234,8 @@ def test_parameter_count_is_a_lower_bound_of_the_real_one():
     task_object = tasks.get_task(config)
     shapes = jax.eval_shape(task_object.init_params, jax.random.PRNGKey(0))
     real = sum(x.size for x in jax.tree.leaves(shapes))
-    estimate = memory.parameter_count(config, train._fewest_ids(config))  # pylint: disable=protected-access
+    fewest = train._fewest_ids(config)  # pylint: disable=protected-access
+    estimate = memory.parameter_count(config, fewest)
     assert real * 0.25 < estimate <= real, (task, estimate, real)
 
 
