@@ -560,7 +560,8 @@ class _Loop:
       if covered[0] == wanted[0] and (covered[1] == wanted[1]
                                       or not self.task.scores_predictions):
         logging.info("final evaluation at step %d: the evaluation at this step covered the "
-                     "whole %s split (%d batches); its metrics are the final ones", step,
+                     "whole %s split (%d batches); its metrics, and the examples printed "
+                     "with it above, are the final ones", step,
                      evaluator.split, wanted[0])
         evaluator.write(step, "final", metrics, records, elapsed=elapsed)
         return metrics

@@ -62,14 +62,18 @@ def _model() -> ml_collections.ConfigDict:
   model.d_ff = 256  # feed-forward inner width
   model.num_heads = 4  # attention heads h
   model.head_dim = 0  # per-head size d_k = d_v; 0 = d_model // num_heads
+  model.num_kv_heads = 0  # key/value heads: 1 multi-query, a divisor grouped-query; 0 = num_heads
   model.norm_placement = "post"  # "post" (paper: LN(x + f(x))) or "pre" (x + f(LN(x)))
-  model.positional_encoding = "sinusoidal"  # "sinusoidal" (paper) or "learned"
+  model.positional_encoding = "sinusoidal"  # "sinusoidal" (paper), "learned" or "rope" (rotary)
   model.fused_qkv = False  # one projection for q, k and v instead of three
   model.share_embeddings = True  # one embedding matrix for source and target
   model.tie_output = True  # output projection = target embedding transposed
-  model.activation = "relu"  # feed-forward non-linearity: relu (paper) or gelu
+  model.activation = "relu"  # feed-forward: relu (paper), gelu, silu, relu2; gated swiglu, geglu
+  model.norm = "layer"  # normalization: "layer" (paper) or "rms" (RMSNorm)
+  model.qk_norm = False  # normalise each head's queries and keys (QK-norm) with model.norm
+  model.biases = "ffn"  # dense-layer biases: "ffn" (paper), "all" (attention too), "none"
   model.pooling = "mean"  # classification pooling: "mean" over tokens or a learned "cls"
-  model.layer_norm_epsilon = 1e-6  # added to the variance in layer norm
+  model.layer_norm_epsilon = 1e-6  # added to the variance in layer norm (and RMSNorm)
   model.scan_layers = False  # identical layers as one nn.scan (one compiled layer; stacked)
   model.tokenizer = "sentencepiece"  # real text: "sentencepiece" (trained on the fly) or "bytes"
   model.vocab_size = 8000  # sentencepiece vocabulary size (per language unless shared_vocab)
@@ -124,8 +128,9 @@ def _data(task: str) -> ml_collections.ConfigDict:
 def _optim(task: str) -> ml_collections.ConfigDict:
   """config.optim: the optimizer, its schedule and regularisation."""
   optim = ml_collections.ConfigDict()
-  optim.optimizer = "adam"  # "adam" (paper) or "adamw" (decay skips biases and norms)
-  optim.learning_rate = 3e-3  # peak learning rate, reached at the end of warmup
+  optim.optimizer = "adam"  # "adam" (paper), "adamw" (decay skips biases, norms) or "muon"
+  optim.learning_rate = 3e-3  # peak learning rate, reached at the end of warmup (muon: Adam's part)
+  optim.muon_learning_rate = 0.02  # muon: peak rate of its orthogonalised matrix updates
   optim.schedule = "cosine"  # rsqrt (paper), cosine, linear, constant; all with linear warmup
   optim.warmup_steps = 200  # linear warmup length
   optim.adam_b1 = 0.9  # Adam beta1
@@ -134,6 +139,7 @@ def _optim(task: str) -> ml_collections.ConfigDict:
   optim.weight_decay = 0.0  # AdamW decoupled weight decay
   optim.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables it
   optim.label_smoothing = 0.1 if task == "translation" else 0.0  # paper: 0.1
+  optim.z_loss = 0.0  # training loss += z_loss * (log softmax normaliser)^2 (PaLM: 1e-4)
   optim.dropout_rate = 0.0  # residual, embedding and feed-forward dropout
   optim.attention_dropout_rate = 0.0  # dropout on attention weights (reference path only)
   optim.dropout_rng = "hash"  # dropout masks: "hash" of the index (fast) or "threefry" (JAX's)

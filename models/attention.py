@@ -18,6 +18,10 @@ pass. Tests check that both fast paths equal the reference.
 
 A mask is either a boolean array or an `AttentionMask` (models/masks.py).
 
+Since 2017 (each a field of `TransformerConfig`): rotary positions (`rotary_embedding`),
+a norm on queries and keys (`qk_norm`), fewer key/value heads than query heads (grouped-query
+and multi-query attention, `num_kv_heads`) and biases on the projections (`use_bias`).
+
 Heads can be switched off at apply time (head ablation, inspection/attention_maps.py): a
 `[heads]` float vector passed in the `head_mask` collection under a module's path scales
 each head's output before W^O. Without that collection nothing is added to the program.
@@ -28,8 +32,10 @@ from typing import Callable, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from models import blockwise_attention
+from models.layers import make_norm
 from models.masks import MASK_VALUE, Mask, combine_masks, dense_mask
 
 Array = jax.Array
@@ -67,6 +73,36 @@ def attention_weights(query: Array, key: Array, mask: Optional[Array] = None) ->
   return stable_softmax(logits, axis=-1)
 
 
+def rotary_embedding(x: Array, positions: Array, max_timescale: float = 1e4) -> Array:
+  """Rotary position embedding, RoPE (Su et al., 2021, "RoFormer").
+
+  Feature i of a head is paired with feature i + d/2 and the pair is rotated by the angle
+  position * 10000^(-2i/d). A rotation by m*theta of q and by n*theta of k leaves
+  q . k depending on m - n only, so attention scores see relative positions, through the
+  cache too (keys are cached already rotated). The half-split pairing is GPT-NeoX's and
+  LLaMA's; the paper pairs neighbours, which is the same up to a permutation of features.
+
+  Args:
+    x: `[batch, length, heads, head_dim]` queries or keys (head_dim even).
+    positions: `[batch, length]` int.
+
+  Returns:
+    `[batch, length, heads, head_dim]` in x's dtype (rotated in float32).
+  """
+  half = x.shape[-1] // 2
+  inv_timescale = jnp.asarray(max_timescale ** (-np.arange(half, dtype=np.float32) / half))
+  angles = positions.astype(jnp.float32)[..., None, None] * inv_timescale  # [b, l, 1, d/2]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+def repeat_kv_heads(x: Array, num_heads: int) -> Array:
+  """`[batch, length, kv_heads, d]` -> `[batch, length, num_heads, d]`: each key/value
+  head serves num_heads / kv_heads consecutive query heads (grouped-query attention)."""
+  return jnp.repeat(x, num_heads // x.shape[-2], axis=-2) if x.shape[-2] != num_heads else x
+
+
 def fused_backend(dtype) -> str:
   """cuDNN's flash attention on NVIDIA GPUs for 16-bit inputs; XLA's fused op otherwise."""
   half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -92,7 +128,8 @@ def dot_product_attention(
     query: `[batch, q_length, heads, head_dim]`.
     key, value: `[batch, kv_length, heads, head_dim]`.
     mask: bool, broadcastable to `[batch, heads, q_length, kv_length]` (True = attend), or
-      an `AttentionMask`.
+      an `AttentionMask`. Keys and values may have fewer heads than queries (a divisor of
+      theirs: grouped-query attention).
     implementation: "reference" (written here), "fused" (jax.nn.dot_product_attention,
       through cuDNN on GPU for bfloat16/float16, see `fused_backend`) or "blockwise"
       (online softmax over blocks of `block_size` queries and keys, linear memory).
@@ -114,13 +151,14 @@ def dot_product_attention(
     if dropout_rate > 0.0 and not deterministic:
       raise ValueError(f"the {implementation} attention path has no attention dropout; "
                        f"use 'reference'")
+  mask = dense_mask(mask) if implementation != "blockwise" else mask
+  if implementation == "fused":  # takes fewer key/value heads as they are
+    return jax.nn.dot_product_attention(query, key, value, mask=mask,
+                                        implementation=fused_backend(query.dtype))
+  key, value = (repeat_kv_heads(t, query.shape[-2]) for t in (key, value))
   if implementation == "blockwise":
     return blockwise_attention.blockwise_attention(query, key, value, mask,
                                                    block_size=block_size)
-  mask = dense_mask(mask)
-  if implementation == "fused":
-    return jax.nn.dot_product_attention(query, key, value, mask=mask,
-                                        implementation=fused_backend(query.dtype))
 
   weights = attention_weights(query, key, mask)
   probs = weights
@@ -147,10 +185,24 @@ class MultiHeadAttention(nn.Module):
     block_size: queries and keys per tile of the blockwise path.
     decode: keep a key/value cache for incremental (one token at a time) decoding.
     dtype: compute dtype; parameters are always float32.
+    num_kv_heads: key/value heads, a divisor of num_heads (1: multi-query attention, Shazeer
+      2019; between: grouped-query attention, Ainslie et al. 2023); 0 = num_heads. The
+      decoding cache holds only these.
+    use_bias: biases on the four projections (GPT-2 has them; the paper does not).
+    qk_norm: "" or a norm kind ("layer", "rms") applied to each head's queries and keys
+      before the dot product (Dehghani et al., 2023): bounds the logits' growth.
+    norm_epsilon: that norm's epsilon.
+    rope: rotate queries and keys by their positions (`rotary_embedding`); self-attention
+      only, and `positions` must be given.
   """
 
   num_heads: int
   head_dim: int
+  num_kv_heads: int = 0
+  use_bias: bool = False
+  qk_norm: str = ""
+  norm_epsilon: float = 1e-6
+  rope: bool = False
   fused_qkv: bool = False
   dropout_rate: float = 0.0
   implementation: str = "reference"
@@ -161,12 +213,15 @@ class MultiHeadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Optional[Array] = None,
-               mask: Optional[Mask] = None, deterministic: bool = True) -> Array:
+               mask: Optional[Mask] = None, deterministic: bool = True,
+               positions: Optional[Array] = None) -> Array:
     """Args:
       inputs_q: `[batch, q_length, d_model]`.
       inputs_kv: `[batch, kv_length, d_model]`, or None for self-attention.
       mask: bool `[batch, 1 or heads, q_length, kv_length]` or an `AttentionMask`.
       deterministic: disables dropout.
+      positions: `[batch, q_length]` int positions of the queries (= of the keys in
+        self-attention); used by rotary positions only.
 
     Returns:
       `[batch, q_length, d_model]`.
@@ -175,13 +230,17 @@ class MultiHeadAttention(nn.Module):
     if self_attention:
       inputs_kv = inputs_q
     d_model = inputs_q.shape[-1]
-    # No biases, as in the paper's W^Q, W^K, W^V, W^O. A key bias would be worse than
+    # No biases by default, as in the paper's W^Q, W^K, W^V, W^O. A key bias is worse than
     # useless: softmax ignores it (it adds the same q.b to every logit of a row), so its
-    # gradient is rounding noise that Adam would scale up into random updates.
+    # gradient is rounding noise that Adam would scale up into random updates. GPT-2 has
+    # them (use_bias), so its weights load as they are.
     dense = lambda features, name: nn.DenseGeneral(  # noqa: E731
-        features, axis=-1, use_bias=False, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=self.kernel_init, name=name)
+        features, axis=-1, use_bias=self.use_bias, dtype=self.dtype,
+        param_dtype=jnp.float32, kernel_init=self.kernel_init, name=name)
     heads = (self.num_heads, self.head_dim)
+    kv_heads = (self.num_kv_heads or self.num_heads, self.head_dim)
+    if self.fused_qkv and kv_heads != heads:
+      raise ValueError("fused_qkv needs as many key/value heads as query heads")
     if self.fused_qkv and self_attention:
       query, key, value = jnp.moveaxis(dense((3,) + heads, "qkv")(inputs_q), -3, 0)
     elif self.fused_qkv:
@@ -189,8 +248,15 @@ class MultiHeadAttention(nn.Module):
       key, value = jnp.moveaxis(dense((2,) + heads, "kv")(inputs_kv), -3, 0)
     else:
       query = dense(heads, "query")(inputs_q)
-      key = dense(heads, "key")(inputs_kv)
-      value = dense(heads, "value")(inputs_kv)
+      key = dense(kv_heads, "key")(inputs_kv)
+      value = dense(kv_heads, "value")(inputs_kv)
+    if self.qk_norm:
+      query = make_norm(self.qk_norm, self.norm_epsilon, self.dtype, False, "query_norm")(query)
+      key = make_norm(self.qk_norm, self.norm_epsilon, self.dtype, False, "key_norm")(key)
+    if self.rope and self_attention:
+      if positions is None:
+        raise ValueError("rotary positions need the query positions")
+      query, key = rotary_embedding(query, positions), rotary_embedding(key, positions)
 
     if self.decode and self_attention:
       key, value, mask = self._update_cache(key, value, mask)
@@ -213,7 +279,7 @@ class MultiHeadAttention(nn.Module):
     if self.has_variable(HEAD_MASK, "heads"):  # `[heads]`: 0 removes a head's contribution
       scales = self.get_variable(HEAD_MASK, "heads")
       out = out * jnp.asarray(scales, out.dtype)[:, None]
-    return nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=False, dtype=self.dtype,
+    return nn.DenseGeneral(d_model, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
                            param_dtype=jnp.float32, kernel_init=self.kernel_init,
                            name="out")(out)
 

@@ -9,8 +9,22 @@ import numpy as np
 
 Array = jax.Array
 
-POSITIONAL_ENCODINGS = ("sinusoidal", "learned")
-ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu}
+POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope")  # rope: models/attention.py
+NORMS = ("layer", "rms")
+# Biases of the dense layers: "ffn" (as the paper: feed-forward and layer norm only), "all"
+# (attention projections too, as GPT-2), "none" (no bias anywhere, as PaLM and LLaMA).
+BIASES = ("ffn", "all", "none")
+
+
+def relu_squared(x: Array) -> Array:
+  """max(0, x)^2 (So et al., 2021, "Primer")."""
+  return jnp.square(nn.relu(x))
+
+
+# The feed-forward non-linearity. "gelu" is GELU's tanh approximation (as in BERT and
+# GPT-2); the gated ones multiply act(x W_gate) by x W1 (Shazeer, 2020, "GLU Variants").
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu, "relu2": relu_squared}
+GATED_ACTIVATIONS = {"swiglu": nn.silu, "geglu": nn.gelu}
 DROPOUT_RNGS = ("hash", "threefry")
 
 
@@ -71,22 +85,55 @@ class LayerNorm(nn.Module):
 
   epsilon: float = 1e-6
   dtype: jnp.dtype = jnp.float32
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """`[..., features]` -> `[..., features]`."""
     features = x.shape[-1]
     scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
     x32 = x.astype(jnp.float32)
     mean = jnp.mean(x32, axis=-1, keepdims=True)
     var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-    return (y * scale + bias).astype(self.dtype)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon) * scale
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+    return y.astype(self.dtype)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square normalization (Zhang & Sennrich, 2019): x / sqrt(mean(x^2) + eps) *
+  scale. Layer norm without the mean subtraction and the bias: one statistic instead of
+  two, and in their experiments the centring made no difference. Float32 statistics, as
+  in LayerNorm."""
+
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """`[..., features]` -> `[..., features]`."""
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    ms = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    return (x32 * jax.lax.rsqrt(ms + self.epsilon) * scale).astype(self.dtype)
+
+
+def make_norm(kind: str, epsilon: float, dtype, use_bias: bool = True, name=None) -> nn.Module:
+  """The normalization layer `kind` ("layer" or "rms"; RMSNorm never has a bias)."""
+  if kind == "layer":
+    return LayerNorm(epsilon, dtype, use_bias, name=name)
+  if kind == "rms":
+    return RMSNorm(epsilon, dtype, name=name)
+  raise ValueError(f"unknown norm {kind!r}; expected one of {NORMS}")
 
 
 class FeedForward(nn.Module):
-  """Position-wise feed-forward network (section 3.3): FFN(x) = max(0, x W1 + b1) W2 + b2."""
+  """Position-wise feed-forward network (section 3.3): FFN(x) = max(0, x W1 + b1) W2 + b2.
+
+  With a gated activation ("swiglu", "geglu"): FFN(x) = (act(x W_gate) * x W1) W2, a third
+  `[d_model, d_ff]` matrix (`wi_gate`); keep parameters equal by using 2/3 of the d_ff.
+  """
 
   d_ff: int
   dropout_rate: float = 0.0
@@ -94,20 +141,22 @@ class FeedForward(nn.Module):
   dtype: jnp.dtype = jnp.float32
   kernel_init: Callable = nn.initializers.xavier_uniform()
   dropout_rng: str = "hash"  # see keep_mask
+  use_bias: bool = True
 
   @nn.compact
   def __call__(self, x: Array, deterministic: bool = True) -> Array:
     """`[batch, length, d_model]` -> `[batch, length, d_model]`."""
-    d_model = x.shape[-1]
-    h = nn.Dense(self.d_ff, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=self.kernel_init, bias_init=nn.initializers.zeros,
-                 name="wi")(x)
-    h = ACTIVATIONS[self.activation](h)
+    dense = lambda features, name: nn.Dense(  # noqa: E731
+        features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=self.kernel_init, bias_init=nn.initializers.zeros, name=name)
+    h = dense(self.d_ff, "wi")(x)
+    if self.activation in GATED_ACTIVATIONS:
+      h = GATED_ACTIVATIONS[self.activation](dense(self.d_ff, "wi_gate")(x)) * h
+    else:
+      h = ACTIVATIONS[self.activation](h)
     # Dropout on the hidden activations, as in tensor2tensor's "relu_dropout".
     h = Dropout(self.dropout_rate, self.dropout_rng)(h, deterministic=deterministic)
-    return nn.Dense(d_model, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=self.kernel_init, bias_init=nn.initializers.zeros,
-                    name="wo")(h)
+    return dense(x.shape[-1], "wo")(h)
 
 
 class Embed(nn.Module):
@@ -166,6 +215,8 @@ class PositionalEncoding(nn.Module):
     features = x.shape[-1]
     if self.kind == "sinusoidal":
       enc = sinusoidal_encoding(positions, features)
+    elif self.kind == "rope":  # rotary positions act inside attention, on queries and keys
+      return x
     elif self.kind == "learned":
       # At the scale of the sinusoids (variance 1/2) and of the embeddings they are added
       # to (unit variance after the sqrt(d_model) factor). A GPT-style 0.02 would leave

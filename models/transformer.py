@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from models import attention, masks
 from models import layers
-from models.layers import Dropout, Embed, FeedForward, LayerNorm, PositionalEncoding
+from models.layers import Dropout, Embed, FeedForward, PositionalEncoding
 
 Array = jax.Array
 
@@ -50,11 +50,12 @@ class InvalidField(ValueError):
 
 # Fields that must be one of a few names.
 CHOICES = {"norm_placement": NORM_PLACEMENTS, "positional_encoding": layers.POSITIONAL_ENCODINGS,
-           "activation": tuple(layers.ACTIVATIONS), "pooling": POOLINGS,
+           "activation": tuple(layers.ACTIVATIONS) + tuple(layers.GATED_ACTIVATIONS),
+           "pooling": POOLINGS, "norm": layers.NORMS, "biases": layers.BIASES,
            "attention_impl": attention.IMPLEMENTATIONS, "remat": REMAT_POLICIES,
            "dropout_rng": layers.DROPOUT_RNGS}
-MINIMUMS = {"d_model": 1, "d_ff": 1, "num_heads": 1, "head_dim": 0, "num_encoder_layers": 0,
-            "num_decoder_layers": 0, "attention_block_size": 1}
+MINIMUMS = {"d_model": 1, "d_ff": 1, "num_heads": 1, "head_dim": 0, "num_kv_heads": 0,
+            "num_encoder_layers": 0, "num_decoder_layers": 0, "attention_block_size": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +71,7 @@ class TransformerConfig:
   d_ff: int = 2048
   num_heads: int = 8
   head_dim: int = 64  # per-head size d_k = d_v; 0 = d_model // num_heads
+  num_kv_heads: int = 0  # key/value heads (grouped-query attention); 0 = num_heads
   num_encoder_layers: int = 6
   num_decoder_layers: int = 6
   dropout_rate: float = 0.1  # residual, embedding and feed-forward dropout
@@ -82,8 +84,11 @@ class TransformerConfig:
   share_embeddings: bool = True  # one embedding for source and target
   tie_output: bool = True  # logits use the target embedding matrix
   pooling: str = "mean"
-  activation: str = "relu"
+  activation: str = "relu"  # layers.ACTIVATIONS or a gated one (layers.GATED_ACTIVATIONS)
+  norm: str = "layer"  # "layer" (paper) or "rms"
   layer_norm_epsilon: float = 1e-6
+  qk_norm: bool = False  # normalise each head's queries and keys (with `norm`)
+  biases: str = "ffn"  # layers.BIASES: which dense layers have biases
   attention_impl: str = "reference"
   attention_block_size: int = 512  # tile length of the blockwise attention path
   remat: str = "none"  # see REMAT_POLICIES
@@ -114,7 +119,7 @@ class TransformerConfig:
     if (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
         or not 0 < epsilon < math.inf):
       raise InvalidField("layer_norm_epsilon", epsilon, "expected a number > 0")
-    for field in ("scan_layers", "fused_qkv", "share_embeddings", "tie_output"):
+    for field in ("scan_layers", "fused_qkv", "share_embeddings", "tie_output", "qk_norm"):
       if not isinstance(getattr(self, field), bool):
         raise InvalidField(field, getattr(self, field), "expected True or False")
     if self.head_dim == 0 and self.d_model % self.num_heads:
@@ -122,6 +127,16 @@ class TransformerConfig:
                          f"it must divide d_model={self.d_model} (or set head_dim explicitly)")
     if self.positional_encoding == "sinusoidal" and self.d_model % 2:
       raise InvalidField("d_model", self.d_model, "sinusoidal positions need an even d_model")
+    num_heads = self.num_heads
+    head_dim = self.head_dim or self.d_model // num_heads
+    if self.num_kv_heads and num_heads % self.num_kv_heads:
+      raise InvalidField("num_kv_heads", self.num_kv_heads,
+                         f"it must divide num_heads={num_heads} (0 = num_heads)")
+    if self.fused_qkv and self.num_kv_heads not in (0, num_heads):
+      raise InvalidField("fused_qkv", True, f"one q/k/v projection needs num_kv_heads equal "
+                         f"to num_heads={num_heads}; set fused_qkv=False")
+    if self.positional_encoding == "rope" and head_dim % 2:
+      raise InvalidField("head_dim", head_dim, "rotary positions need an even head_dim")
     if self.attention_impl != "reference" and self.attention_dropout_rate > 0:
       raise InvalidField("attention_impl", self.attention_impl,
                          f"the {self.attention_impl} path has no attention dropout; set "
@@ -156,16 +171,25 @@ def default_positions(tokens: Array) -> Array:
   return jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
 
 
-def _attention(cfg: TransformerConfig, name: str, decode: bool = False):
+def _attention(cfg: TransformerConfig, name: str, decode: bool = False,
+               self_attention: bool = True):
   return attention.MultiHeadAttention(
-      num_heads=cfg.num_heads, head_dim=cfg.head_dim, fused_qkv=cfg.fused_qkv,
+      num_heads=cfg.num_heads, head_dim=cfg.head_dim, num_kv_heads=cfg.num_kv_heads,
+      use_bias=cfg.biases == "all", qk_norm=cfg.norm if cfg.qk_norm else "",
+      norm_epsilon=cfg.layer_norm_epsilon,
+      rope=self_attention and cfg.positional_encoding == "rope", fused_qkv=cfg.fused_qkv,
       dropout_rate=cfg.attention_dropout_rate, implementation=cfg.attention_impl,
       block_size=cfg.attention_block_size, decode=decode, dtype=cfg.dtype, name=name)
 
 
 def _feed_forward(cfg: TransformerConfig):
   return FeedForward(cfg.d_ff, cfg.dropout_rate, cfg.activation, cfg.dtype,
-                     dropout_rng=cfg.dropout_rng, name="ffn")
+                     dropout_rng=cfg.dropout_rng, use_bias=cfg.biases != "none", name="ffn")
+
+
+def _norm(cfg: TransformerConfig, name: str) -> nn.Module:
+  return layers.make_norm(cfg.norm, cfg.layer_norm_epsilon, cfg.dtype,
+                          use_bias=cfg.biases != "none", name=name)
 
 
 def _sublayer(cfg: TransformerConfig, x: Array, fn: Callable[[Array], Array], name: str,
@@ -174,7 +198,7 @@ def _sublayer(cfg: TransformerConfig, x: Array, fn: Callable[[Array], Array], na
 
   post-norm (paper): LN(x + Dropout(fn(x)));  pre-norm: x + Dropout(fn(LN(x))).
   """
-  norm = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name=f"{name}_norm")
+  norm = _norm(cfg, f"{name}_norm")
   pre = cfg.norm_placement == "pre"
   y = fn(norm(x) if pre else x)
   y = Dropout(cfg.dropout_rate, cfg.dropout_rng)(y, deterministic=deterministic)
@@ -187,12 +211,14 @@ class EncoderBlock(nn.Module):
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x: Array, mask: Optional[masks.Mask], deterministic: bool) -> Array:
+  def __call__(self, x: Array, mask: Optional[masks.Mask], positions: Array,
+               deterministic: bool) -> Array:
     """x: `[batch, length, d_model]`; mask: an `AttentionMask` or `[batch, 1, length,
-    length]` bool."""
+    length]` bool; positions: `[batch, length]` int (for rotary positions)."""
     cfg = self.config
     x = _sublayer(cfg, x, lambda h: _attention(cfg, "self_attention")(
-        h, mask=mask, deterministic=deterministic), "self_attention", deterministic)
+        h, mask=mask, deterministic=deterministic, positions=positions),
+                  "self_attention", deterministic)
     return _sublayer(cfg, x, lambda h: _feed_forward(cfg)(h, deterministic=deterministic),
                      "ffn", deterministic)
 
@@ -206,13 +232,16 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, y: Array, self_mask: Optional[masks.Mask],
                encoded: Optional[Array], cross_mask: Optional[masks.Mask],
-               deterministic: bool) -> Array:
-    """y: `[batch, tgt_length, d_model]`; encoded: `[batch, src_length, d_model]`."""
+               positions: Array, deterministic: bool) -> Array:
+    """y: `[batch, tgt_length, d_model]`; encoded: `[batch, src_length, d_model]`;
+    positions: `[batch, tgt_length]` int (for rotary positions)."""
     cfg = self.config
     y = _sublayer(cfg, y, lambda h: _attention(cfg, "self_attention", decode=cfg.decode)(
-        h, mask=self_mask, deterministic=deterministic), "self_attention", deterministic)
+        h, mask=self_mask, deterministic=deterministic, positions=positions),
+                  "self_attention", deterministic)
     if self.cross_attention:
-      y = _sublayer(cfg, y, lambda h: _attention(cfg, "cross_attention")(
+      y = _sublayer(cfg, y, lambda h: _attention(cfg, "cross_attention",
+                                                 self_attention=False)(
           h, encoded, mask=cross_mask, deterministic=deterministic),
                     "cross_attention", deterministic)
     return _sublayer(cfg, y, lambda h: _feed_forward(cfg)(h, deterministic=deterministic),
@@ -325,10 +354,10 @@ class Encoder(nn.Module):
                            name="positions")(x, positions)
     x = Dropout(cfg.dropout_rate, cfg.dropout_rng)(x, deterministic=deterministic)
     mask = masks.AttentionMask(valid, valid, segmentation, segmentation)
-    x = _block_stack(cfg, EncoderBlock, cfg.num_encoder_layers, x, mask,
+    x = _block_stack(cfg, EncoderBlock, cfg.num_encoder_layers, x, mask, positions,
                      deterministic=deterministic)
     if cfg.norm_placement == "pre":
-      x = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="final_norm")(x)
+      x = _norm(cfg, "final_norm")(x)
     return x
 
 
@@ -368,13 +397,14 @@ class Decoder(nn.Module):
                            name="positions")(y, positions)
     y = Dropout(cfg.dropout_rate, cfg.dropout_rng)(y, deterministic=deterministic)
     y = _block_stack(cfg, DecoderBlock, cfg.num_decoder_layers, y, self_mask, encoded,
-                     cross_mask, deterministic=deterministic,
+                     cross_mask, positions, deterministic=deterministic,
                      cross_attention=self.cross_attention)
     if cfg.norm_placement == "pre":
-      y = LayerNorm(cfg.layer_norm_epsilon, cfg.dtype, name="final_norm")(y)
+      y = _norm(cfg, "final_norm")(y)
     if cfg.tie_output:
       return embed.attend(y)
-    return nn.Dense(cfg.target_vocab_size, dtype=jnp.float32, param_dtype=jnp.float32,
+    return nn.Dense(cfg.target_vocab_size, use_bias=cfg.biases != "none",
+                    dtype=jnp.float32, param_dtype=jnp.float32,
                     kernel_init=nn.initializers.xavier_uniform(), name="logits")(
                         y.astype(jnp.float32))
 
@@ -483,5 +513,6 @@ class Classifier(nn.Module):
     else:
       raise ValueError(f"unknown pooling {cfg.pooling!r}; expected one of {POOLINGS}")
     pooled = Dropout(cfg.dropout_rate, cfg.dropout_rng)(pooled, deterministic=deterministic)
-    return nn.Dense(cfg.num_classes, dtype=jnp.float32, param_dtype=jnp.float32,
+    return nn.Dense(cfg.num_classes, use_bias=cfg.biases != "none",
+                    dtype=jnp.float32, param_dtype=jnp.float32,
                     kernel_init=nn.initializers.xavier_uniform(), name="head")(pooled)

@@ -201,8 +201,10 @@ class Task:
                               deterministic=not train,
                               rngs={"dropout": dropout_rng} if train else {})
     targets, weights = self.loss_targets(batch)
+    # The z-loss is a training regulariser; evaluations score the cross-entropy alone.
     sums = losses.cross_entropy_sums(logits, targets, weights,
-                                     self.config.optim.label_smoothing)
+                                     self.config.optim.label_smoothing,
+                                     self.config.optim.z_loss if train else 0.0)
     return {**sums, **self.extra_sums(targets, weights)}
 
   def extra_sums(self, targets: Array, weights: Array) -> Dict[str, Array]:

@@ -14,7 +14,7 @@ Array = jax.Array
 
 
 def cross_entropy_sums(logits: Array, targets: Array, weights: Array,
-                       label_smoothing: float = 0.0) -> Dict[str, Array]:
+                       label_smoothing: float = 0.0, z_loss: float = 0.0) -> Dict[str, Array]:
   """Label-smoothed cross-entropy (section 5.4), summed over weighted positions.
 
   Args:
@@ -23,11 +23,15 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array,
     weights: `[...]` float, 0 for padding.
     label_smoothing: epsilon_ls; the target distribution puts 1 - eps on the true class
       and eps / (vocab - 1) on each other class.
+    z_loss: adds z_loss * (log Z)^2 per token to `loss`, Z the softmax normaliser
+      sum_j exp(z_j) (PaLM, Chowdhery et al. 2022): it pulls log Z towards 0 so the logits
+      cannot drift to large values, which in 16-bit arithmetic makes softmax lose precision.
 
   Returns:
     dict of scalars: `loss` (smoothed cross-entropy minus the entropy of the smoothed
-    target, so a perfect model scores 0), `nll` (unsmoothed negative log-likelihood, for
-    perplexity), `correct` (argmax hits) and `weight`.
+    target, so a perfect model scores 0, plus the z-loss term), `nll` (unsmoothed negative
+    log-likelihood, for perplexity), `correct` (argmax hits), `weight`, and with z_loss
+    `log_z_squared` (the sum of (log Z)^2, unscaled).
   """
   # Written with logsumexp and a fused one-hot select rather than log_softmax and a gather:
   # no [tokens, vocab] log-probability array is materialised, and the backward pass is
@@ -49,5 +53,9 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array,
   else:
     loss = nll
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return {"loss": jnp.sum(loss * weights), "nll": jnp.sum(nll * weights),
-          "correct": jnp.sum(correct * weights), "weight": jnp.sum(weights)}
+  sums = {"nll": jnp.sum(nll * weights), "correct": jnp.sum(correct * weights),
+          "weight": jnp.sum(weights)}
+  if z_loss > 0.0:
+    sums["log_z_squared"] = jnp.sum(jnp.square(lse) * weights)
+    loss = loss + z_loss * jnp.square(lse)
+  return {"loss": jnp.sum(loss * weights), **sums}

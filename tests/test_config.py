@@ -218,7 +218,7 @@ INVALID = [
     ("unknown_norm_placement", None,
      dict(model=dict(norm_placement="sandwich")), 1, "model.norm_placement", "pre"),
     ("unknown_positional_encoding", None,
-     dict(model=dict(positional_encoding="rope")), 1, "model.positional_encoding", "sinusoidal"),
+     dict(model=dict(positional_encoding="alibi")), 1, "model.positional_encoding", "sinusoidal"),
     ("heads_not_dividing", None, dict(model=dict(num_heads=3)), 1, "model.num_heads", "d_model=64"),
     ("zero_d_model", None, dict(model=dict(d_model=0)), 1, "model.d_model", ">= 1"),
     ("negative_d_ff", None, dict(model=dict(d_ff=-4)), 1, "model.d_ff", ">= 1"),

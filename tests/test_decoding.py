@@ -26,6 +26,12 @@ VARIANTS = {
     "fused_qkv_pre_norm_learned": dict(fused_qkv=True, norm_placement="pre",
                                        positional_encoding="learned", **ONE_LAYER),
     "fused_attention": dict(attention_impl="fused", **ONE_LAYER),
+    # The components since 2017 together (rotary positions through the cache, grouped
+    # key/value heads in a smaller cache), and attention biases.
+    "since_2017": dict(norm="rms", positional_encoding="rope", activation="swiglu",
+                       qk_norm=True, biases="none", num_kv_heads=1, tie_output=False,
+                       norm_placement="pre", **ONE_LAYER),
+    "attention_biases_gqa": dict(biases="all", num_kv_heads=1, num_heads=2, **ONE_LAYER),
 }
 
 
@@ -129,7 +135,7 @@ def test_encoder_decoder_cached_decoding_equals_full_forward(variant):
   assert_cached_steps_match(encoder_decoder_setup(tiny_model_config(**VARIANTS[variant])))
 
 
-@pytest.mark.parametrize("variant", ["paper", "fused_qkv_pre_norm_learned"])
+@pytest.mark.parametrize("variant", ["paper", "fused_qkv_pre_norm_learned", "since_2017"])
 def test_decoder_only_cached_decoding_equals_full_forward(variant):
   assert_cached_steps_match(decoder_only_setup(tiny_model_config(**VARIANTS[variant])))
 

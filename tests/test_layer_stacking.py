@@ -25,6 +25,10 @@ VARIANTS = [
     dict(scan_layers=True, remat="matmuls"),
     dict(scan_layers=True, remat="full", attention_impl="blockwise", attention_block_size=4),
 ]
+# The components since 2017 (rotary positions, grouped key/value heads, a gated feed-forward,
+# RMSNorm, QK-norm, no biases), plain and under scan + remat.
+SINCE_2017 = dict(norm="rms", positional_encoding="rope", activation="swiglu", qk_norm=True,
+                  biases="none", num_kv_heads=1)
 
 
 def batch():
@@ -49,9 +53,19 @@ def masked_square_loss(model, args):
     f"{k}={v[k]}" for k in v if k != "attention_block_size"))
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_remat_and_scan_give_the_plain_loss_and_gradients(family, variant):
+  assert_same_loss_and_gradients(family, {}, variant)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_remat_and_scan_with_the_components_since_2017(family):
+  assert_same_loss_and_gradients(family, SINCE_2017,
+                                 dict(scan_layers=True, remat="matmuls", **SINCE_2017))
+
+
+def assert_same_loss_and_gradients(family, plain_fields, variant):
   cls, fields = FAMILIES[family]
   args = [batch()[f] for f in fields]
-  plain = cls(tiny_model_config(num_encoder_layers=3, num_decoder_layers=3))
+  plain = cls(tiny_model_config(num_encoder_layers=3, num_decoder_layers=3, **plain_fields))
   other = cls(tiny_model_config(num_encoder_layers=3, num_decoder_layers=3, **variant))
   params = init_params(plain, *args)
   scanned = variant.get("scan_layers", False)

@@ -18,7 +18,7 @@ import optax
 from config_checks import Fields
 
 SCHEDULES = ("rsqrt", "cosine", "linear", "constant")
-OPTIMIZERS = ("adam", "adamw")
+OPTIMIZERS = ("adam", "adamw", "muon")
 
 
 def learning_rate_schedule(name: str, peak: float, warmup_steps: int,
@@ -70,14 +70,46 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim > 1, params)
 
 
+# Muon's matrices, by the name of the parameter's module: (reduction axes, output axes),
+# counted from the end so that a scanned stack's leading layer axis is a batch axis (each
+# layer's matrix is orthogonalised on its own, as are fused q/k/v's three).
+MUON_AXES = {"query": (-3, (-2, -1)), "key": (-3, (-2, -1)), "value": (-3, (-2, -1)),
+             "qkv": (-4, (-2, -1)), "kv": (-4, (-2, -1)), "out": ((-3, -2), -1),
+             "wi": (-2, -1), "wi_gate": (-2, -1), "wo": (-2, -1)}
+
+
+def muon_dimension_numbers(params):
+  """Per parameter: Muon's dimension numbers for the hidden weight matrices (attention and
+  feed-forward kernels); None (AdamW) for embeddings, position tables, output and
+  classifier heads, norms and biases, as Jordan et al. (2024) prescribe."""
+  def spec(path, leaf):
+    names = [getattr(k, "key", str(k)) for k in path]
+    if names[-1] != "kernel" or len(names) < 2 or names[-2] not in MUON_AXES:
+      return None
+    return optax.contrib.MuonDimensionNumbers(*MUON_AXES[names[-2]])
+  return jax.tree_util.tree_map_with_path(spec, params)
+
+
 def make_optimizer(config) -> optax.GradientTransformation:
-  """Clipping + Adam/AdamW with the configured schedule (paper: Adam 0.9/0.98/1e-9)."""
+  """Clipping + Adam/AdamW/Muon with the configured schedule (paper: Adam 0.9/0.98/1e-9).
+
+  Muon (Jordan et al., 2024) updates each hidden weight matrix by the orthogonalised
+  (Newton-Schulz) Nesterov momentum of its gradient, at `muon_learning_rate`; every other
+  parameter takes AdamW at `learning_rate` (optax.contrib.muon). Both follow the schedule.
+  """
   o = config.optim
   if o.optimizer not in OPTIMIZERS:
     raise ValueError(f"unknown optimizer {o.optimizer!r}; expected one of {OPTIMIZERS}")
   schedule = learning_rate_schedule(o.schedule, o.learning_rate, o.warmup_steps,
                                     config.train.num_train_steps)
-  if o.optimizer == "adamw":
+  if o.optimizer == "muon":
+    muon_schedule = learning_rate_schedule(o.schedule, o.muon_learning_rate, o.warmup_steps,
+                                           config.train.num_train_steps)
+    opt = optax.contrib.muon(
+        muon_schedule, weight_decay=o.weight_decay, weight_decay_mask=decay_mask,
+        adam_b1=o.adam_b1, adam_b2=o.adam_b2, adam_learning_rate=schedule,
+        adam_weight_decay=o.weight_decay, muon_weight_dimension_numbers=muon_dimension_numbers)
+  elif o.optimizer == "adamw":
     opt = optax.adamw(schedule, b1=o.adam_b1, b2=o.adam_b2, eps=o.adam_eps,
                       weight_decay=o.weight_decay, mask=decay_mask)
   else:
@@ -95,9 +127,10 @@ def check_config(config) -> None:
   optim.choice("schedule", SCHEDULES)
   for field in ("label_smoothing", "adam_b1", "adam_b2", "weight_decay"):
     optim.rate(field)
-  for field in ("learning_rate", "adam_eps"):
+  for field in ("learning_rate", "adam_eps", "muon_learning_rate"):
     optim.positive(field)
+  optim.number("z_loss", lambda v: v >= 0, "expected a number >= 0 (0 = no z-loss)")
   optim.integer("warmup_steps", 0)
   optim.number("max_grad_norm", lambda v: v >= 0, "expected a number >= 0 (0 = no clipping)")
-  if optim["optimizer"] != "adamw" and optim["weight_decay"] > 0:
-    optim.fail("weight_decay", "weight decay needs optimizer='adamw'")
+  if optim["optimizer"] == "adam" and optim["weight_decay"] > 0:
+    optim.fail("weight_decay", "weight decay needs optimizer='adamw' or 'muon'")
