@@ -4,6 +4,7 @@
     python -m benchmarks.decoding_speed --quick                  # a smoke test, under a minute
     python -m benchmarks.decoding_speed --models=lm_small,mt_small --modes=greedy,beam
     python -m benchmarks.decoding_speed --accel=gpu --output=runs/decoding_speed.json
+    python -m benchmarks.decoding_speed --models=lm_base --modes=greedy --kv_heads=0,2,1
 
 Rows: each model (`--models`: the decoder-only LM and the encoder-decoder translation model
 at the small and base presets of configs/default.py, randomly initialised) x each mode
@@ -88,14 +89,17 @@ class Row:
 # ----------------------------------------------------------------------------- set-up
 
 
-def build_task(model: str, accel: str, new_tokens: int, src_length: int, vocab_size: int):
+def build_task(model: str, accel: str, new_tokens: int, src_length: int, vocab_size: int,
+               kv_heads: int = 0):
   """The task of `model` at its preset, with a `vocab_size` vocabulary, a context of
-  `new_tokens` (the decode length) and an EOS id no decoder can produce."""
+  `new_tokens` (the decode length), `kv_heads` key/value heads and an EOS id no decoder
+  can produce."""
   task_name, size = MODELS[model]
   config = default_config.get_config(f"task={task_name},size={size},accel={accel}")
   with config.unlocked():
     config.data.max_target_length = new_tokens
     config.data.max_input_length = src_length
+    config.model.num_kv_heads = kv_heads
   task = tasks.get_task(config)
   task.vocab_size = vocab_size
   task.model = task.build_model(decode=False)
@@ -232,6 +236,16 @@ def expected_tokens(task, row: Row, new_tokens: int) -> int:
 # ----------------------------------------------------------------------------- timing
 
 
+def cache_bytes(task, row: Row, new_tokens: int, src_length: int) -> int:
+  """Bytes of the decoding cache for the row's batch x beam rows (shapes only)."""
+  rows = row.batch * row.beam
+  args = [jnp.zeros((rows, new_tokens), jnp.int32)]
+  if task.name == "translation":
+    args.insert(0, jnp.zeros((rows, src_length), jnp.int32))
+  shapes = jax.eval_shape(task.build_model(decode=True).init, jax.random.PRNGKey(0), *args)
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(shapes["cache"]))
+
+
 def run_row(task, params, row: Row, args) -> Dict[str, Any]:
   """Compiles and times one row; returns its result."""
   new_tokens = args.new_tokens
@@ -285,6 +299,9 @@ def run_row(task, params, row: Row, args) -> Dict[str, Any]:
       "vocab_size": task.vocab_size, "dtype": task.config.compute.dtype,
       "attention_impl": task.config.compute.attention_impl,
       "params": reporting.count_parameters(params),
+      "kv_heads": task.config.model.num_kv_heads or task.config.model.num_heads,
+      "heads": task.config.model.num_heads,
+      "cache_bytes": cache_bytes(task, row, new_tokens, args.src_length),
       "compile_s": compile_s, "first_call_s": first_s, "decode_s": seconds,
       "round_s": round_s, "calls_per_round": per_round,
       "tokens_per_sec": row.batch * new_tokens / seconds,
@@ -299,15 +316,17 @@ def run_row(task, params, row: Row, args) -> Dict[str, Any]:
 
 
 def markdown_table(results: List[Dict[str, Any]]) -> str:
-  head = ("| model | family | params | dtype | mode | batch | rows | src | new tokens | "
-          "compile s | first call s | decode ms | tokens/s | row tokens/s |")
+  head = ("| model | family | params | kv heads | dtype | mode | batch | rows | src | "
+          "new tokens | cache MiB | compile s | first call s | decode ms | tokens/s | "
+          "row tokens/s |")
   lines = [head, "|" + "---|" * head.count(" | ") + "---|"]
   for r in results:
     mode = f"beam {r['beam']}" if r["mode"] == "beam" else r["mode"]
     lines.append(
-        f"| {r['model']} | {r['family']} | {r['params'] / 1e6:.2f}M | {r['dtype']} | {mode} | "
+        f"| {r['model']} | {r['family']} | {r['params'] / 1e6:.2f}M | "
+        f"{r['kv_heads']} of {r['heads']} | {r['dtype']} | {mode} | "
         f"{r['batch']} | {r['rows']} | {r['src_length'] or ''} | {r['new_tokens']} | "
-        f"{r['compile_s']:.1f} | {r['first_call_s']:.2f} | {r['decode_s'] * 1e3:.1f} | "
+        f"{r['cache_bytes'] / 2**20:.2f} | {r['compile_s']:.1f} | {r['first_call_s']:.2f} | {r['decode_s'] * 1e3:.1f} | "
         f"{r['tokens_per_sec']:,.0f} | {r['row_tokens_per_sec']:,.0f} |")
   return "\n".join(lines)
 
@@ -330,6 +349,8 @@ def parse_args(argv=None):
   parser.add_argument("--min_round_seconds", type=float, default=1.0,
                       help="calls a round are raised until it lasts about this long")
   parser.add_argument("--seed", type=int, default=0, help="source tokens")
+  parser.add_argument("--kv_heads", default="0",
+                      help="comma-separated config.model.num_kv_heads values (0 = num_heads)")
   parser.add_argument("--quick", action="store_true",
                       help="smoke test: small models, 8 tokens, vocab 1000, 2 short rounds")
   parser.add_argument("--output", default="", help="also write the results as JSON here")
@@ -355,15 +376,16 @@ def main(argv=None):
   start = time.perf_counter()
   load_before = os.getloadavg()
   results = []
-  for model in models:
-    task = build_task(model, args.accel, args.new_tokens, args.src_length, args.vocab_size)
+  for model, kv_heads in [(m, int(k)) for m in models for k in args.kv_heads.split(",")]:
+    task = build_task(model, args.accel, args.new_tokens, args.src_length, args.vocab_size,
+                      kv_heads)
     params = task.init_params(jax.random.PRNGKey(0))
     for mode in modes:
       for batch in batches:
         row = Row(model, mode, batch, args.beam if mode == "beam" else 1)
         result = run_row(task, params, row, args)
         results.append(result)
-        print(f"{model} {mode} batch {batch}: compile {result['compile_s']:.1f} s, "
+        print(f"{model} ({result['kv_heads']} kv heads) {mode} batch {batch}: compile {result['compile_s']:.1f} s, "
               f"decode {result['decode_s'] * 1e3:.1f} ms, "
               f"{result['tokens_per_sec']:,.0f} tokens/s ({result['nonzero_tokens']} "
               f"tokens checked; {result['loops_top_level']} loop, "

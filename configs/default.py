@@ -64,10 +64,12 @@ def _model() -> ml_collections.ConfigDict:
   model.head_dim = 0  # per-head size d_k = d_v; 0 = d_model // num_heads
   model.num_kv_heads = 0  # key/value heads: 1 multi-query, a divisor grouped-query; 0 = num_heads
   model.norm_placement = "post"  # "post" (paper: LN(x + f(x))) or "pre" (x + f(LN(x)))
-  model.positional_encoding = "sinusoidal"  # "sinusoidal" (paper), "learned" or "rope" (rotary)
+  model.positional_encoding = "sinusoidal"  # sinusoidal (paper), learned, rope, sinusoidal_halves
   model.fused_qkv = False  # one projection for q, k and v instead of three
   model.share_embeddings = True  # one embedding matrix for source and target
   model.tie_output = True  # output projection = target embedding transposed
+  model.scale_embeddings = True  # multiply embeddings by sqrt(d_model) (paper; GPT-2 does not)
+  model.logits_bias = False  # a learned bias per output id added to the logits (Marian)
   model.activation = "relu"  # feed-forward: relu (paper), gelu, silu, relu2; gated swiglu, geglu
   model.norm = "layer"  # normalization: "layer" (paper) or "rms" (RMSNorm)
   model.qk_norm = False  # normalise each head's queries and keys (QK-norm) with model.norm

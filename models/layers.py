@@ -9,7 +9,9 @@ import numpy as np
 
 Array = jax.Array
 
-POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope")  # rope: models/attention.py
+# "sinusoidal_halves": the same sinusoids with every sin before every cos (tensor2tensor's and
+# Marian's layout); rope: models/attention.py.
+POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope", "sinusoidal_halves")
 NORMS = ("layer", "rms")
 # Biases of the dense layers: "ffn" (as the paper: feed-forward and layer norm only), "all"
 # (attention projections too, as GPT-2), "none" (no bias anywhere, as PaLM and LLaMA).
@@ -21,9 +23,15 @@ def relu_squared(x: Array) -> Array:
   return jnp.square(nn.relu(x))
 
 
+def gelu_exact(x: Array) -> Array:
+  """x * Phi(x) with the normal CDF written with erf (PyTorch's default GELU)."""
+  return nn.gelu(x, approximate=False)
+
+
 # The feed-forward non-linearity. "gelu" is GELU's tanh approximation (as in BERT and
 # GPT-2); the gated ones multiply act(x W_gate) by x W1 (Shazeer, 2020, "GLU Variants").
-ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "silu": nn.silu, "relu2": relu_squared}
+ACTIVATIONS = {"relu": nn.relu, "gelu": nn.gelu, "gelu_exact": gelu_exact, "silu": nn.silu,
+               "relu2": relu_squared}
 GATED_ACTIVATIONS = {"swiglu": nn.silu, "geglu": nn.gelu}
 DROPOUT_RNGS = ("hash", "threefry")
 
@@ -185,12 +193,14 @@ class Embed(nn.Module):
                       preferred_element_type=jnp.float32)
 
 
-def sinusoidal_encoding(positions: Array, features: int, max_timescale: float = 1e4) -> Array:
+def sinusoidal_encoding(positions: Array, features: int, max_timescale: float = 1e4,
+                        halves: bool = False) -> Array:
   """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(pos / 10000^(2i/d)).
 
   Args:
     positions: `[batch, length]` int positions (they restart at 0 in each packed segment).
     features: d_model (even).
+    halves: put all the sines first, then all the cosines (feature i and d/2 + i).
 
   Returns:
     `[batch, length, features]` float32, sin and cos interleaved as in the paper.
@@ -198,7 +208,7 @@ def sinusoidal_encoding(positions: Array, features: int, max_timescale: float = 
   i = np.arange(features // 2, dtype=np.float32)
   inv_timescale = jnp.asarray(max_timescale ** (-2.0 * i / features))
   angles = positions.astype(jnp.float32)[..., None] * inv_timescale
-  enc = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+  enc = jnp.stack([jnp.sin(angles), jnp.cos(angles)], axis=-2 if halves else -1)
   return enc.reshape(positions.shape + (features,))
 
 
@@ -213,8 +223,8 @@ class PositionalEncoding(nn.Module):
   def __call__(self, x: Array, positions: Array) -> Array:
     """x: `[batch, length, d]`; positions: `[batch, length]` int -> x + PE(positions)."""
     features = x.shape[-1]
-    if self.kind == "sinusoidal":
-      enc = sinusoidal_encoding(positions, features)
+    if self.kind in ("sinusoidal", "sinusoidal_halves"):
+      enc = sinusoidal_encoding(positions, features, halves=self.kind == "sinusoidal_halves")
     elif self.kind == "rope":  # rotary positions act inside attention, on queries and keys
       return x
     elif self.kind == "learned":

@@ -83,6 +83,8 @@ class TransformerConfig:
   fused_qkv: bool = False
   share_embeddings: bool = True  # one embedding for source and target
   tie_output: bool = True  # logits use the target embedding matrix
+  scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (paper; GPT-2 does not)
+  logits_bias: bool = False  # a learned bias per output id added to the logits (Marian's)
   pooling: str = "mean"
   activation: str = "relu"  # layers.ACTIVATIONS or a gated one (layers.GATED_ACTIVATIONS)
   norm: str = "layer"  # "layer" (paper) or "rms"
@@ -119,13 +121,14 @@ class TransformerConfig:
     if (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
         or not 0 < epsilon < math.inf):
       raise InvalidField("layer_norm_epsilon", epsilon, "expected a number > 0")
-    for field in ("scan_layers", "fused_qkv", "share_embeddings", "tie_output", "qk_norm"):
+    for field in ("scan_layers", "fused_qkv", "share_embeddings", "tie_output", "qk_norm",
+                  "scale_embeddings", "logits_bias"):
       if not isinstance(getattr(self, field), bool):
         raise InvalidField(field, getattr(self, field), "expected True or False")
     if self.head_dim == 0 and self.d_model % self.num_heads:
       raise InvalidField("num_heads", self.num_heads,
                          f"it must divide d_model={self.d_model} (or set head_dim explicitly)")
-    if self.positional_encoding == "sinusoidal" and self.d_model % 2:
+    if self.positional_encoding.startswith("sinusoidal") and self.d_model % 2:
       raise InvalidField("d_model", self.d_model, "sinusoidal positions need an even d_model")
     num_heads = self.num_heads
     head_dim = self.head_dim or self.d_model // num_heads
@@ -165,6 +168,11 @@ def shift_right(tokens: Array, segmentation: Optional[Array] = None) -> Array:
     previous = jnp.pad(segmentation, ((0, 0), (1, 0)))[:, :-1]
     shifted = jnp.where(segmentation != previous, 0, shifted)
   return shifted
+
+
+def embed_scale(cfg: TransformerConfig) -> Array:
+  """The factor on the embeddings: sqrt(d_model) (section 3.4), or 1."""
+  return jnp.sqrt(jnp.float32(cfg.d_model if cfg.scale_embeddings else 1)).astype(cfg.dtype)
 
 
 def default_positions(tokens: Array) -> Array:
@@ -341,7 +349,7 @@ class Encoder(nn.Module):
     embed = self.embed if self.embed is not None else Embed(
         cfg.vocab_size, cfg.d_model, cfg.dtype, name="embed")
     positions = default_positions(inputs) if positions is None else positions
-    x = embed(inputs) * jnp.sqrt(jnp.float32(cfg.d_model)).astype(cfg.dtype)
+    x = embed(inputs) * embed_scale(cfg)
     valid = inputs > 0
     if self.cls_token:
       cls = self.param("cls", nn.initializers.normal(1.0), (cfg.d_model,), jnp.float32)
@@ -392,7 +400,7 @@ class Decoder(nn.Module):
         position.value = position.value + 1
     elif positions is None:
       positions = default_positions(decoder_inputs)
-    y = embed(decoder_inputs) * jnp.sqrt(jnp.float32(cfg.d_model)).astype(cfg.dtype)
+    y = embed(decoder_inputs) * embed_scale(cfg)
     y = PositionalEncoding(cfg.positional_encoding, cfg.max_length, cfg.dtype,
                            name="positions")(y, positions)
     y = Dropout(cfg.dropout_rate, cfg.dropout_rng)(y, deterministic=deterministic)
@@ -402,11 +410,16 @@ class Decoder(nn.Module):
     if cfg.norm_placement == "pre":
       y = _norm(cfg, "final_norm")(y)
     if cfg.tie_output:
-      return embed.attend(y)
-    return nn.Dense(cfg.target_vocab_size, use_bias=cfg.biases != "none",
-                    dtype=jnp.float32, param_dtype=jnp.float32,
-                    kernel_init=nn.initializers.xavier_uniform(), name="logits")(
-                        y.astype(jnp.float32))
+      logits = embed.attend(y)
+    else:
+      logits = nn.Dense(cfg.target_vocab_size, use_bias=cfg.biases != "none",
+                        dtype=jnp.float32, param_dtype=jnp.float32,
+                        kernel_init=nn.initializers.xavier_uniform(), name="logits")(
+                            y.astype(jnp.float32))
+    if cfg.logits_bias:
+      logits = logits + self.param("logits_bias", nn.initializers.zeros,
+                                   (cfg.target_vocab_size,), jnp.float32)
+    return logits
 
 
 def _decoder_self_mask(cfg: TransformerConfig, targets: Array,

@@ -240,3 +240,45 @@ def test_report_without_the_sweeps_flags_counts_finished_variants_and_names_the_
   assert "2 of 2 variants done" in result.stdout
   assert "  train.num_train_steps: all 2 finished variants ran with 20" in result.stdout
   assert "--config.model.num_heads=4 builds theirs" in result.stdout
+
+
+SWEEP_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                         "configs", "sweeps")
+
+
+@pytest.mark.parametrize("name", sorted(f[:-3] for f in os.listdir(SWEEP_DIR)
+                                        if f.endswith(".py") and f != "__init__.py"))
+def test_committed_sweep_files_build_valid_configs(name):
+  """Every variant of every committed sweep passes the run's config checks (a typo in a
+  field's value fails here, not an hour into the sweep)."""
+  import train  # pylint: disable=g-import-not-at-top
+  sweep = load_sweep(os.path.join(SWEEP_DIR, f"{name}.py"))
+  sweep.check()
+  for variant in sweep.variants:
+    train.validate(sweep.config(variant), num_devices=1)
+
+
+def test_since_2017_summary_pairs_seeds_and_calls_small_differences_noise():
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(SWEEP_DIR), "..", "docs", "since_2017.py")
+  spec = importlib.util.spec_from_file_location("docs_since_2017", path)
+  summary_module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(summary_module)
+
+  def row(variant, loss):
+    return {"variant": variant, "component": summary_module.component(variant), "loss": loss,
+            "parameters": 100, "seconds": 1.0, "curve": {10: loss + 1, 20: loss}}
+  rows = [row("base", 2.00), row("base_s1", 2.02), row("a", 1.99), row("a_s1", 2.01),
+          row("b", 1.90), row("b_s1", 1.92), row("c", 2.10), row("c_s1", 2.12), row("d", 1.5)]
+  summary = summary_module.summarize(rows, order=["base", "c"])
+  assert [c["component"] for c in summary["components"]] == ["base", "c", "a", "b", "d"]
+  assert summary["spread"] == pytest.approx(0.02)  # every pair differs by 0.02
+  verdicts = {c["component"]: c["verdict"] for c in summary["components"]}
+  assert verdicts == {"base": "", "a": "within noise", "b": "better", "c": "worse",
+                      "d": "one seed: no verdict"}
+  by_name = {c["component"]: c for c in summary["components"]}
+  assert by_name["b"]["difference"] == pytest.approx(-0.10)
+  assert by_name["a"]["curve"] == {10: pytest.approx(3.0), 20: pytest.approx(2.0)}
+  table = summary_module.markdown(summary, {"b": "the better one"})
+  assert "| b | the better one | 100 (+0.0%) | 1.9000, 1.9200 | 1.9100 | -0.1000 | better |" \
+      in table
