@@ -56,7 +56,7 @@ from ml_collections import config_flags
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs",
                                "default.py")
 MODES = ("train", "eval", "decode", "generate", "predict", "average", "attention",
-         "head_importance")
+         "head_importance", "export")
 SWEEP_MODES = ("sweep", "sweep_report")  # --sweep=FILE: configs/sweeps/__init__.py
 
 def _user_error(message: str) -> None:
@@ -101,6 +101,8 @@ flags.DEFINE_enum("mode", "train", MODES + SWEEP_MODES, "train: train (resuming)
                   "<workdir>/attention/; head_importance: the loss with each head removed "
                   "in turn, a table and a heatmap in <workdir>/attention/; average: "
                   "average the newest --num_average checkpoints into <workdir>/averaged; "
+                  "export: write a checkpoint to --output as a Hugging Face folder "
+                  "(--format=hf: GPT-2 or Marian) or raw safetensors (--format=safetensors); "
                   "sweep: train each variant of --sweep in <workdir>/<variant> (skipping "
                   "finished ones), then compare them in <workdir>/comparison.md, .csv and "
                   "validation_loss.png; sweep_report: only the comparison, of what is there.")
@@ -128,6 +130,9 @@ flags.DEFINE_multi_string("attention_head", None, "attention: also draw this hea
                           "size: LAYER:HEAD (in every kind of attention) or KIND:LAYER:HEAD, "
                           "KIND one of encoder_self, decoder_self, cross; repeatable.")
 flags.DEFINE_integer("num_average", 5, "average: how many of the newest checkpoints.")
+flags.DEFINE_enum("format", "hf", ("hf", "safetensors"), "export: hf (a Hugging Face folder "
+                  "transformers loads: GPT-2, Marian) or safetensors (any model, raw).")
+flags.DEFINE_string("output", "", "export: the folder to write (must not exist).")
 flags.DEFINE_string("sweep", None, "sweep/sweep_report: the sweep file (configs/sweeps/*.py): "
                     "a base config and its variants; --config.<field>=<value> flags apply "
                     "to every variant.")
@@ -555,13 +560,17 @@ def _run_mode(mode, config, workdir, sweep, overrides):
           f"comparison.csv and validation_loss.png", flush=True)
     for line in sweeps.difference_lines(rows):  # finished variants that ran other flags
       print(f"  {line}", flush=True)
+  elif mode == "export":
+    from modes import export  # pylint: disable=g-import-not-at-top
+    print(export.export(config, workdir, f.output, f.format, f.checkpoint, f.step), flush=True)
   else:
     step = modes.average_checkpoints(config, workdir, f.num_average, last_step=f.step)
     print(f"averaged the newest {f.num_average} checkpoints (up to step {step}) "
           f"into {os.path.join(workdir, 'averaged')}")
 
 
-_RESTORING = ("eval", "decode", "generate", "predict", "attention", "head_importance")
+_RESTORING = ("eval", "decode", "generate", "predict", "attention", "head_importance",
+              "export")
 # The modes that read each flag: given to another mode, it would be ignored without a word
 # (--mode=train --split=test trains and evaluates config.data.eval_split).
 _MODE_FLAGS = {
@@ -570,6 +579,7 @@ _MODE_FLAGS = {
                                                     "attention"),
     "prompt": ("generate", "attention"), "reference": ("attention",),
     "example": ("attention",), "attention_head": ("attention",), "num_average": ("average",),
+    "format": ("export",), "output": ("export",),
 }
 
 
@@ -593,6 +603,7 @@ def main(argv):
   _set_up_output()  # after the checks above (they print; no jax import for them)
   if sweep is None:
     config = _workdir_config(config)
+    _apply_pretrained(config)
   first = config if sweep is None else sweep.config(sweep.variants[0], overrides)
   _set_cpu_devices(first)
   _start_processes(flags.FLAGS.mode)
@@ -608,6 +619,16 @@ def main(argv):
     _exit(f"error: {e}", 3)
   except (preemption.Preempted, preemption.Stopped) as e:
     _exit(f"stopped: {e}", preemption.EXIT_PREEMPTED)
+
+
+def _apply_pretrained(config) -> None:
+  """config.init_from: the folder's model fields and tokenizer (pretrained/__init__.py)."""
+  from errors import UserError  # pylint: disable=g-import-not-at-top
+  import pretrained  # pylint: disable=g-import-not-at-top
+  try:
+    pretrained.apply_to_config(config)
+  except UserError as e:
+    _user_error(str(e))
 
 
 def _set_up_output() -> None:

@@ -38,6 +38,7 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.size = "tiny"  # the size preset applied (presets.SIZES: tiny, small, base, big)
   c.accel = "cpu"  # the accelerator preset applied (presets.ACCELERATORS: cpu, gpu, tpu)
   c.seed = 0  # parameter initialisation and dropout
+  c.init_from = ""  # a Hugging Face folder (GPT-2, Marian): its model, weights and tokenizer
 
   c.model = _model()
   c.compute = _compute()
@@ -70,6 +71,7 @@ def _model() -> ml_collections.ConfigDict:
   model.tie_output = True  # output projection = target embedding transposed
   model.scale_embeddings = True  # multiply embeddings by sqrt(d_model) (paper; GPT-2 does not)
   model.logits_bias = False  # a learned bias per output id added to the logits (Marian)
+  model.mask_special_logits = False  # ids 0 (padding), 2 (unknown) never predicted (GPT-2 import)
   model.activation = "relu"  # feed-forward: relu (paper), gelu, silu, relu2; gated swiglu, geglu
   model.norm = "layer"  # normalization: "layer" (paper) or "rms" (RMSNorm)
   model.qk_norm = False  # normalise each head's queries and keys (QK-norm) with model.norm

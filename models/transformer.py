@@ -38,6 +38,9 @@ POOLINGS = ("mean", "cls")
 # recomputed).
 REMAT_POLICIES = ("none", "full", "matmuls")
 SCANNED = "layers"  # the module name of a scanned stack of blocks
+# Ids that stand for no token of a pretrained vocabulary (padding, unknown) where
+# config.mask_special_logits says so (see pretrained/__init__.py).
+SPECIAL_IDS = (0, 2)
 
 
 class InvalidField(ValueError):
@@ -85,6 +88,7 @@ class TransformerConfig:
   tie_output: bool = True  # logits use the target embedding matrix
   scale_embeddings: bool = True  # multiply embeddings by sqrt(d_model) (paper; GPT-2 does not)
   logits_bias: bool = False  # a learned bias per output id added to the logits (Marian's)
+  mask_special_logits: bool = False  # ids 0 (padding) and 2 (unknown) are never predicted
   pooling: str = "mean"
   activation: str = "relu"  # layers.ACTIVATIONS or a gated one (layers.GATED_ACTIVATIONS)
   norm: str = "layer"  # "layer" (paper) or "rms"
@@ -122,7 +126,7 @@ class TransformerConfig:
         or not 0 < epsilon < math.inf):
       raise InvalidField("layer_norm_epsilon", epsilon, "expected a number > 0")
     for field in ("scan_layers", "fused_qkv", "share_embeddings", "tie_output", "qk_norm",
-                  "scale_embeddings", "logits_bias"):
+                  "scale_embeddings", "logits_bias", "mask_special_logits"):
       if not isinstance(getattr(self, field), bool):
         raise InvalidField(field, getattr(self, field), "expected True or False")
     if self.head_dim == 0 and self.d_model % self.num_heads:
@@ -419,6 +423,9 @@ class Decoder(nn.Module):
     if cfg.logits_bias:
       logits = logits + self.param("logits_bias", nn.initializers.zeros,
                                    (cfg.target_vocab_size,), jnp.float32)
+    if cfg.mask_special_logits:  # a constant, not a parameter: training cannot move it
+      special = jnp.isin(jnp.arange(cfg.target_vocab_size), jnp.array(SPECIAL_IDS))
+      logits = jnp.where(special, masks.MASK_VALUE, logits)
     return logits
 
 

@@ -31,8 +31,6 @@ from errors import UserError
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 NEW = -1  # a row of ours that the original vocabulary has no token for
-# A logit bias that removes an id from every softmax: exp(-1e9 - max) is 0 in float32.
-NEVER = -1e9
 
 
 class PretrainedError(UserError, ValueError):
@@ -154,10 +152,66 @@ class VocabularyMap:
 
 def never_predicted(vocab: VocabularyMap) -> List[int]:
   """Our ids that stand for no token of the original (padding, and an unknown id the
-  original lacks): imported models give them the logit bias NEVER."""
+  original lacks): an imported GPT-2 never predicts them (mask_special_logits)."""
   return [i for i in range(vocab.size) if vocab.original[i] == NEW]
 
 
 def save_json(path: str, value: Any) -> None:
   import files  # pylint: disable=g-import-not-at-top
   files.write_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def module_of(folder: str):
+  """(config.json, the architecture module: pretrained.gpt2 or pretrained.marian)."""
+  from pretrained import gpt2, marian  # pylint: disable=g-import-not-at-top
+  config = read_config(folder)
+  name = architecture(config, folder)
+  return config, {gpt2.ARCHITECTURE: gpt2, marian.ARCHITECTURE: marian}[name]
+
+
+FAMILY = {"GPT2LMHeadModel": "generation", "MarianMTModel": "translation"}
+
+
+def apply_to_config(config) -> None:
+  """A run with config.init_from set takes its model from the folder: the config.model
+  fields of its architecture (they replace what the config had), the vocabulary size and
+  tokenizer kind. Raises PretrainedError for a folder that cannot be read or a task
+  that is not the architecture's family."""
+  folder = config.get("init_from", "")
+  if not folder:
+    return
+  hf_config, module = module_of(folder)
+  family = FAMILY[module.ARCHITECTURE]
+  if config.task != family:
+    raise PretrainedError(f"config.init_from={folder} holds a {module.ARCHITECTURE}, a "
+                          f"{family} model; use a {family} config (e.g. "
+                          f"--config=configs/{family}.py), not config.task={config.task!r}")
+  fields = module.model_fields(hf_config, os.path.join(folder, CONFIG_FILE))
+  with config.unlocked():
+    for name, value in fields.items():
+      config.model[name] = value
+    config.model.tokenizer = "huggingface"
+    config.model.vocab_size = module.vocabulary(hf_config).size
+    config.model.shared_vocab = True
+
+
+def tokenizer(config, side: str = "source"):
+  """The tokenizer of config.init_from (Marian: of `side`, "source" or "target")."""
+  from pretrained import tokenizer_files  # pylint: disable=g-import-not-at-top
+  hf_config, module = module_of(config.init_from)
+  vocab = module.vocabulary(hf_config)
+  if module.ARCHITECTURE == "MarianMTModel":
+    return tokenizer_files.MarianPieces(vocab, config.init_from, side)
+  return tokenizer_files.ByteLevelBPE(vocab, config.init_from)
+
+
+def load_params(config, max_length: int) -> Dict[str, Any]:
+  """The parameters of config.init_from in the layout of this run's model (loop layout;
+  the caller stacks them for scanned layers)."""
+  folder = config.init_from
+  hf_config, module = module_of(folder)
+  return module.params_from(read_weights(folder), hf_config, module.vocabulary(hf_config),
+                            max_length, folder)

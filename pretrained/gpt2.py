@@ -10,15 +10,17 @@ splits into W^Q, W^K, W^V.
 Ids (see pretrained/__init__.py): ours are [padding, <|endoftext|>, unknown, GPT-2's ids
 0..n-2]. GPT-2 starts a text after <|endoftext|>, so our start symbol (id 0, the input
 before the first token) gets that token's embedding; ids 0 and 2 stand for no token of
-GPT-2 and a logit bias of NEVER (`logits_bias=True`) keeps them out of every softmax, so
-the imported model's distributions over GPT-2's tokens are GPT-2's.
+GPT-2, and `mask_special_logits=True` keeps them out of every softmax (a constant, which
+fine-tuning cannot move), so the imported model's distributions over GPT-2's tokens are
+GPT-2's. An export drops those two rows; the start symbol then becomes <|endoftext|> again
+(after fine-tuning, the two embeddings may differ: `start_symbol_drift` measures it).
 """
 
 from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from pretrained import (NEVER, NEW, PretrainedError, VocabularyMap, never_predicted, require)
+from pretrained import NEW, PretrainedError, VocabularyMap, never_predicted, require
 
 ARCHITECTURE = "GPT2LMHeadModel"
 # Hugging Face's activation names -> ours.
@@ -27,8 +29,10 @@ ACTIVATIONS = {"gelu_new": "gelu", "gelu_pytorch_tanh": "gelu", "gelu_fast": "ge
 # What GPT-2's architecture fixes, as config.model fields.
 FIXED = dict(num_encoder_layers=0, norm_placement="pre", norm="layer",
              positional_encoding="learned", biases="all", tie_output=True,
-             scale_embeddings=False, logits_bias=True, qk_norm=False, num_kv_heads=0,
+             scale_embeddings=False, logits_bias=False, qk_norm=False, num_kv_heads=0,
              fused_qkv=False, head_dim=0)
+# An import's ids 0 and 2 stand for no GPT-2 token: masked out of every softmax.
+IMPORTED = dict(FIXED, mask_special_logits=True)
 
 
 def _prefix(weights: Dict[str, np.ndarray]) -> str:
@@ -48,7 +52,7 @@ def model_fields(config: Dict[str, Any], path: str) -> Dict[str, Any]:
     raise PretrainedError(f"{path}: activation_function={activation!r} has no equivalent here "
                           f"(known: {', '.join(ACTIVATIONS)})")
   d_model = int(config["n_embd"])
-  return {**FIXED, "num_decoder_layers": int(config["n_layer"]), "d_model": d_model,
+  return {**IMPORTED, "num_decoder_layers": int(config["n_layer"]), "d_model": d_model,
           "num_heads": int(config["n_head"]), "d_ff": int(config.get("n_inner") or 4 * d_model),
           "activation": ACTIVATIONS[activation],
           "layer_norm_epsilon": float(config.get("layer_norm_epsilon", 1e-5))}
@@ -89,9 +93,9 @@ def params_from(weights: Dict[str, np.ndarray], config: Dict[str, Any], vocab: V
                                      folder)[:max_length]},
       "final_norm": _norm(weights, f"{p}ln_f", d, folder),
   }
-  bias = np.zeros(vocab.size, np.float32)
-  bias[never_predicted(vocab)] = NEVER
-  decoder["logits_bias"] = bias
+  if [i for i in never_predicted(vocab)] != [0, 2]:
+    raise PretrainedError(f"{folder}: GPT-2's vocabulary has its own padding or unknown token; "
+                          f"this import expects neither")
   for i in range(fields["num_decoder_layers"]):
     h = f"{p}h.{i}."
     qkv = require(weights, h + "attn.c_attn.weight", (d, 3 * d), folder)
@@ -117,11 +121,21 @@ def params_from(weights: Dict[str, np.ndarray], config: Dict[str, Any], vocab: V
 # ----------------------------------------------------------------------------- export
 
 
+def start_symbol_drift(params: Dict[str, Any], vocab: VocabularyMap) -> float:
+  """An imported model's start symbol (row 0) is <|endoftext|>'s embedding at import; the
+  largest difference between the two rows now (0 unless fine-tuning moved them)."""
+  if vocab.original[0] != NEW:
+    return 0.0
+  emb = np.asarray(params["decoder"]["embed"]["embedding"], np.float32)
+  return float(np.max(np.abs(emb[0] - emb[1])))
+
+
 def unsupported(model: Dict[str, Any]) -> Dict[str, Any]:
   """The config.model fields (name -> value) of a decoder-only model that GPT-2's
   architecture cannot express."""
   wrong = {k: model[k] for k in ("norm_placement", "norm", "positional_encoding", "qk_norm",
-                                 "num_kv_heads", "tie_output")
+                                 "num_kv_heads", "tie_output", "scale_embeddings",
+                                 "logits_bias")
            if k in model and model[k] != FIXED[k]}
   if model.get("activation") not in ACTIVATIONS.values():
     wrong["activation"] = model.get("activation")
@@ -142,12 +156,6 @@ def to_hf(params: Dict[str, Any], model: Dict[str, Any], vocab: VocabularyMap,
   d = int(model["d_model"])
   heads = int(model["num_heads"])
   emb = np.asarray(dec["embed"]["embedding"], np.float32)
-  if "logits_bias" in dec:
-    bias = np.asarray(dec["logits_bias"], np.float32)
-    missing = vocab.original == NEW
-    if np.any(bias[~missing] != 0) or np.any(bias[missing] > NEVER / 2):
-      raise PretrainedError("logits_bias is not the import's (zero on GPT-2's ids, NEVER "
-                            "elsewhere): GPT-2 has no output bias to hold it")
   wte = vocab.original_rows(emb)
   out = {"transformer.wte.weight": wte,
          "transformer.wpe.weight": np.asarray(dec["positions"]["table"], np.float32),
@@ -175,6 +183,9 @@ def to_hf(params: Dict[str, Any], model: Dict[str, Any], vocab: VocabularyMap,
     out[h + "mlp.c_proj.bias"] = ffn_bias(wo, d)
   activation = {"gelu": "gelu_new", "gelu_exact": "gelu", "relu": "relu", "silu": "silu"}
   eos = int(vocab.original[eos_id])
+  # The token before a text: our start symbol's id where the original has it (a model
+  # trained here), else GPT-2's convention, <|endoftext|>.
+  bos = int(vocab.original[0]) if vocab.original[0] != NEW else eos
   config = {
       "architectures": [ARCHITECTURE], "model_type": "gpt2", "vocab_size": int(wte.shape[0]),
       "n_positions": int(out["transformer.wpe.weight"].shape[0]), "n_embd": d,
@@ -182,6 +193,6 @@ def to_hf(params: Dict[str, Any], model: Dict[str, Any], vocab: VocabularyMap,
       "activation_function": activation[model["activation"]],
       "layer_norm_epsilon": float(model["layer_norm_epsilon"]),
       "resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0,
-      "bos_token_id": eos, "eos_token_id": eos, "tie_word_embeddings": True,
+      "bos_token_id": bos, "eos_token_id": eos, "tie_word_embeddings": True,
   }
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}, config

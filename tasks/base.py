@@ -21,6 +21,7 @@ from input_pipeline import batching, packing
 from input_pipeline.local_builders import DataError
 from models import TransformerConfig, attention, transformer
 from models.transformer import InvalidField
+import pretrained
 from tasks import losses
 from tasks.sources import open_source
 
@@ -122,6 +123,25 @@ class Task:
   def decode_params(self, params: Any) -> Any:
     """`params` in the layout of `build_model(decode=True)` (blocks unscanned)."""
     return transformer.unstack_layers(params) if self.config.model.scan_layers else params
+
+  def initial_params(self, rng: Array) -> Any:
+    """Step 0's parameters: config.init_from's weights (checked against the model's
+    shapes), or `init_params`."""
+    if not self.config.get("init_from"):
+      return jax.jit(self.init_params)(rng)
+    expected = jax.eval_shape(self.init_params, rng)
+    params = pretrained.load_params(self.config, self.max_length())
+    if self.config.model.scan_layers:
+      params = transformer.stack_layers(params)
+    shapes = lambda tree: {jax.tree_util.keystr(p): tuple(x.shape)  # noqa: E731
+                           for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+    got, want = shapes(params), shapes(expected)
+    if got != want:
+      diff = sorted(set(got.items()) ^ set(want.items()))[:3]
+      raise pretrained.PretrainedError(
+          f"the weights of config.init_from={self.config.init_from} do not fit this run's "
+          f"model (first differences: {diff}); was a config.model field overridden?")
+    return jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
 
   def init_params(self, rng: Array) -> Any:
     """Float32 parameters, initialised from shapes of one dummy example."""

@@ -39,7 +39,7 @@ class GenerationTask(base.Task):
   attention_fields = {"decoder": "inputs"}
   metrics = ("exact_match",)
   compare_by = ("bits_per_char", "bits_per_byte", "exact_match")
-  tokenizers = ("chars", "bytes", "sentencepiece")
+  tokenizers = ("chars", "bytes", "sentencepiece", "huggingface")
 
   @staticmethod
   def check_sampling(config) -> None:

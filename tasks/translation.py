@@ -27,7 +27,7 @@ class TranslationTask(base.Task):
   text_metrics = ("bleu", "chrf")
   compare_by = ("bleu", "exact_match")
   line_mode = "decode"
-  tokenizers = ("sentencepiece", "bytes")
+  tokenizers = ("sentencepiece", "bytes", "huggingface")
   identity_fields = ("data.language_pair",)  # the direction the parameters translate
 
   def __init__(self, config, workdir=None, training=True):

@@ -166,7 +166,7 @@ def compile_masked_eval(task, devices: Sequence[jax.Device]):
 def create_state(task, tx, seed: int) -> TrainState:
   """A fresh state on the host (device 0 of this process)."""
   params_rng, dropout_rng = jax.random.split(jax.random.PRNGKey(seed))
-  params = jax.jit(task.init_params)(params_rng)
+  params = task.initial_params(params_rng)
   return TrainState(step=jnp.array(0, jnp.int32), params=params, opt_state=tx.init(params),
                     rng=dropout_rng)
 

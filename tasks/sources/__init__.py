@@ -145,6 +145,9 @@ def check_config(config, family) -> None:
     data.text(field, "a split name such as 'train' or 'validation'")
   model = Fields(config, "model")
   model.choice("tokenizer", family.tokenizers)
+  if model["tokenizer"] == "huggingface" and not config.get("init_from"):
+    model.fail("tokenizer", "the 'huggingface' tokenizer is a pretrained model's: set "
+                            "config.init_from to its folder")
   model.integer("vocab_size", 8)
   data.integer("tokenizer_max_sentences", 1)
   paths = [p for p in data["tokenizer_path"].split(",") if p]

@@ -11,6 +11,7 @@ from absl import logging
 
 from input_pipeline import local_builders, sources, tokenizers
 from input_pipeline.local_builders import DataError
+import pretrained
 from tasks.sources import TextSource, tokenizer_paths
 
 
@@ -65,6 +66,8 @@ class ParallelText(TextSource):
     after the data has been read and checked: bad data leaves no trace in it)."""
     c = self.config
     kind, size = c.model.tokenizer, c.model.vocab_size
+    if kind == "huggingface":  # a pretrained model's own (config.init_from), one vocabulary
+      return pretrained.tokenizer(c, "source"), pretrained.tokenizer(c, "target")
     names = (["tokenizer.model"] if c.model.shared_vocab else
              [f"tokenizer_{self.source_lang}.model", f"tokenizer_{self.target_lang}.model"])
     paths = tokenizer_paths(c, workdir, names, training)

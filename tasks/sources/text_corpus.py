@@ -11,6 +11,7 @@ import grain
 import numpy as np
 from absl import logging
 
+import pretrained
 from input_pipeline import local_builders, sources, tokenizers, windows
 from input_pipeline.local_builders import DataError
 from tasks.sources import TextSource, tokenizer_paths
@@ -27,6 +28,11 @@ class TextCorpus(TextSource):
     self._documents: Dict[str, List[str]] = {}
     self._tokens: Dict[str, list] = {}
     kind = config.model.tokenizer
+    if kind == "huggingface":  # a pretrained model's own tokenizer (config.init_from)
+      self.tokenizer = pretrained.tokenizer(config)
+      self.vocab_size, self.eos_id = self.tokenizer.vocab_size, self.tokenizer.eos_id
+      self.kind_label = f"{config.init_from}'s tokenizer on text"
+      return
     paths = tokenizer_paths(config, workdir, [TOKENIZER_FILES[kind]], training)
     if training and kind == "chars" and not (paths[0] and os.path.exists(paths[0])):
       # Checked before the vocabulary is built and saved: a run stopped here leaves none.
