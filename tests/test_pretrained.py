@@ -361,20 +361,21 @@ def test_folder_problems_are_one_line_errors(tmp_path, gpt2_folder):
     pretrained.apply_to_config(config)
 
 
+def run_main(workdir, *args, stdin=None, stdout_only=False):
+  result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"),
+                           f"--workdir={workdir}", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600, input=stdin)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return result.stdout if stdout_only else result.stdout + result.stderr
+
+
 def test_every_mode_runs_on_an_imported_gpt2(tmp_path, gpt2_folder):
   """Fine-tune (train from the imported weights), then generate, eval and export; the
   export of an imported model loads in transformers."""
   workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
-  data = os.path.join(DATA, "tinyshakespeare")
-  if not os.path.exists(data):
+  if not os.path.exists(os.path.join(DATA, "tinyshakespeare")):
     pytest.skip("the local tiny Shakespeare corpus is absent")
-
-  def main(*args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"),
-                             f"--workdir={workdir}", *args], capture_output=True, text=True,
-                            cwd=ROOT, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout + result.stderr
+  main = lambda *args: run_main(workdir, *args)  # noqa: E731
   main("--config=configs/generation.py", f"--config.init_from={gpt2_folder}",
        "--config.train.num_train_steps=4", "--config.eval.eval_every_steps=4",
        "--config.compute.cpu_devices=1", "--config.data.max_target_length=32",
@@ -386,3 +387,32 @@ def test_every_mode_runs_on_an_imported_gpt2(tmp_path, gpt2_folder):
   hf = transformers.GPT2LMHeadModel.from_pretrained(out)
   assert hf.config.n_layer == 2
   assert transformers.AutoTokenizer.from_pretrained(out)("ROMEO:")["input_ids"]
+
+
+def test_an_imported_marian_trains_decodes_and_exports(tmp_path, marian_folder):
+  workdir, out = str(tmp_path / "run"), str(tmp_path / "hf")
+  data = os.path.join(DATA, "multi30k")
+  if not os.path.exists(data):
+    pytest.skip("the local Multi30k corpus is absent")
+  run_main(workdir, "--config=configs/translation.py", f"--config.data.data_dir={data}",
+           f"--config.init_from={marian_folder}", "--config.train.num_train_steps=2",
+           "--config.eval.eval_every_steps=2", "--config.eval.num_eval_batches=1",
+           "--config.eval.num_decode_batches=1", "--config.eval.final_decode_batches=1",
+           "--config.eval.num_print_examples=0", "--config.data.max_input_length=32",
+           "--config.data.max_target_length=32", "--config.eval.eval_batch_size=16")
+  # Greedy; at most the source's length (EOS included) + decode_extra_length tokens, the
+  # last of them EOS: without an EOS, that limit - 1 tokens of text.
+  decoded = run_main(workdir, "--mode=decode", "--config.decode.beam_size=1",
+                     "--config.data.max_eval_length=16", "--config.decode.decode_extra_length=8",
+                     stdin="Ein Mann sitzt.\n", stdout_only=True)
+  assert "exported step 2" in run_main(workdir, "--mode=export", f"--output={out}")
+  hf = transformers.MarianMTModel.from_pretrained(out).eval()
+  tokenizer = transformers.MarianTokenizer.from_pretrained(out)
+  source = tokenizer(["Ein Mann sitzt."], return_tensors="pt")
+  with torch.no_grad():
+    ids = hf.generate(**source, num_beams=1, do_sample=False,
+                      max_new_tokens=source["input_ids"].shape[1] + 8 - 1,
+                      bad_words_ids=[[hf.config.pad_token_id]])
+  # The exported model translates as the fine-tuned one does in decode mode.
+  expected = tokenizer.decode(ids[0], skip_special_tokens=True)
+  assert decoded == expected + "\n", (decoded, expected)
