@@ -61,9 +61,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
 def check_loop_config(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   """The config.train and config.eval fields (this module and the modes read them)."""
   loop, evaluation = Fields(config, "train"), Fields(config, "eval")
-  for field in ("batch_size", "num_train_steps", "log_every_steps", "checkpoint_every_steps",
+  for field in ("batch_size", "log_every_steps", "checkpoint_every_steps",
                 "keep_checkpoints", "grad_accum_steps", "signal_check_every_steps"):
     loop.integer(field, 1)
+  # 0 steps: a pretrained model (config.init_from) saved as step 0 and evaluated as it is.
+  loop.integer("num_train_steps", 0 if config.get("init_from") else 1)
   for field in ("max_skipped_updates", "profile_steps"):
     loop.integer(field, 0)
   loop.choice("nonfinite_updates", monitors.NONFINITE_UPDATES)
@@ -531,6 +533,10 @@ class _Loop:
           trace.after(step + 1, p_state)
           self._after_step(step + 1, p_state, position, stop)
         trace.close(p_state)  # a run shorter than the trace: what ran, without evaluation
+        if total == 0 and self.last_saved is None:  # a pretrained model as it is: step 0
+          self.checkpoints.save(0, steps.unreplicate_to_host(p_state), self.config_dict,
+                                data_state={"next_index": 0})
+          self.last_saved = 0
         self.checkpoints.wait()
         if not final_evaluation:
           return {}
