@@ -214,3 +214,22 @@ def test_the_python_api_example_runs_as_a_notebook(tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   assert "ROMEO:" in result.stdout
   assert os.path.isdir(tmp_path / "runs" / "sst2" / "checkpoints")
+
+
+def test_induction_scores_of_hand_built_heads():
+  induction = load("induction_heads")
+  tokens = list("abcab")  # the second "a" (4th) and "b" (5th) occurred before
+  assert induction.induction_targets(tokens) == {3: 1, 4: 2}
+  assert induction.copyable_positions([5, 6, 7, 5, 6]) == [4]
+  n = len(tokens)
+  previous = np.zeros((n, n))
+  previous[0, 0] = 1.0
+  previous[np.arange(1, n), np.arange(n - 1)] = 1.0
+  copier = np.eye(n)
+  copier[3] = np.eye(n)[1]  # query 3 ("a") looks at 1, the token after the earlier "a"
+  copier[4] = np.eye(n)[2]
+  weights = np.stack([previous, copier])[None]  # [1 layer, 2 heads, q, k]
+  np.testing.assert_allclose(induction.previous_token_scores(weights), [[1.0, 0.0]])
+  np.testing.assert_allclose(induction.induction_scores(weights, tokens), [[0.0, 1.0]])
+  lines = induction.repeated_spans(3, seed=0, span=5)
+  assert all(len(set(line[:5])) == 5 and line[:5] == line[5:] for line in lines)
