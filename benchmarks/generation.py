@@ -1,6 +1,7 @@
 """Language-model benchmarks: the nanoGPT tiny-Shakespeare comparison and generation speed.
 
     python benchmarks/generation.py nanogpt --output=/tmp/nanogpt.json
+    python benchmarks/generation.py nanogpt --variant=recipe=fast
     python benchmarks/generation.py speed --variant=size=nanogpt --batches=1,16
 
 nanogpt: trains configs/generation.py (tiny Shakespeare, nanoGPT's CPU model shape) in a
@@ -38,7 +39,8 @@ def run_nanogpt(args, overrides):
   """Trains once in a subprocess; returns the curve and the summary figures."""
   workdir = args.workdir or tempfile.mkdtemp(prefix="nanogpt-")
   command = [sys.executable, os.path.join(REPO, "main.py"),
-             f"--config={os.path.join(REPO, 'configs', 'generation.py')}",
+             f"--config={os.path.join(REPO, 'configs', 'generation.py')}"
+             + (f":{args.variant}" if args.variant else ""),
              f"--workdir={workdir}"] + overrides
   start = time.time()
   result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, check=False)
@@ -53,7 +55,7 @@ def run_nanogpt(args, overrides):
   train = [r for r in records if "train/tokens_per_sec" in r]
   reached = next((p for p in curve if p["val_loss"] <= args.target), None)
   final = next((r for r in records if "final/loss" in r), None)
-  positions = loss_without_first_positions(workdir, overrides)
+  positions = loss_without_first_positions(workdir, overrides, args.variant)
   return {
       "final_val_loss_by_position": positions,
       "command": " ".join(command[1:]), "workdir": workdir, "process_wall_s": total,
@@ -67,7 +69,7 @@ def run_nanogpt(args, overrides):
   }
 
 
-def loss_without_first_positions(workdir, overrides):
+def loss_without_first_positions(workdir, overrides, variant=""):
   """The final checkpoint's validation loss over every window position but the first.
 
   Our windows score each token once, the first of each window without context; nanoGPT's
@@ -80,7 +82,7 @@ def loss_without_first_positions(workdir, overrides):
   import modes.run
   from configs import generation
 
-  config = generation.get_config()
+  config = generation.get_config(variant or None)
   for item in overrides:  # --config.group.field=value, as main.py applies them
     path, value = item[len("--config."):].split("=", 1)
     *groups, field = path.split(".")
@@ -167,6 +169,7 @@ def main():
   sub = parser.add_subparsers(dest="command", required=True)
   p = sub.add_parser("nanogpt")
   p.add_argument("--target", type=float, default=1.88)
+  p.add_argument("--variant", default="", help="of configs/generation.py, e.g. recipe=fast")
   p.add_argument("--workdir", default="")
   p.add_argument("--output", default="")
   s = sub.add_parser("speed")
