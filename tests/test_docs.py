@@ -231,5 +231,8 @@ def test_induction_scores_of_hand_built_heads():
   weights = np.stack([previous, copier])[None]  # [1 layer, 2 heads, q, k]
   np.testing.assert_allclose(induction.previous_token_scores(weights), [[1.0, 0.0]])
   np.testing.assert_allclose(induction.induction_scores(weights, tokens), [[0.0, 1.0]])
-  lines = induction.repeated_spans(3, seed=0, span=5)
-  assert all(len(set(line[:5])) == 5 and line[:5] == line[5:] for line in lines)
+  lines = induction.repeated_spans(20, seed=0, span=6, min_span=3)
+  for line in lines:
+    half = len(line) // 2
+    assert 3 <= half <= 6 and len(set(line[:half])) == half and line[:half] == line[half:]
+  assert len({len(line) for line in lines}) > 1
