@@ -162,6 +162,7 @@ _MODE_SUMMARIES = {
     "attention": "draw every head's attention on one input into <workdir>/attention",
     "head_importance": "the loss with each head removed in turn, a table and a heatmap",
     "average": "average the newest --num_average checkpoints into <workdir>/averaged",
+    "export": "write a checkpoint to --output: Hugging Face (--format=hf) or safetensors",
     "sweep": "train each variant of --sweep=FILE in <workdir>/<variant>, compare them",
     "sweep_report": "compare what a sweep has run so far (no training)",
 }
@@ -185,6 +186,8 @@ examples:
   echo "Ein Mann fährt Fahrrad." | python main.py --workdir=runs/m30k --mode=decode
   python main.py --config=configs/default.py:task=generation,size=small --workdir=runs/lm
   python main.py --workdir=runs/demo --config.train.num_train_steps=500
+  python main.py --config=configs/generation.py --workdir=runs/gpt2 \\
+      --config.init_from=models/gpt2                    # fine-tune a downloaded GPT-2
 
 more:
   --help_config   every config field with its comment, grouped (docs/configs.md)
