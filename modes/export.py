@@ -67,8 +67,6 @@ def hf_arrays(config, params) -> tuple:
   wrong = module.unsupported(model)
   if module is gpt2 and model.get("mask_special_logits") and not config.get("init_from"):
     wrong["mask_special_logits"] = True
-  elif module is marian and abs(float(model.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
-    wrong["layer_norm_epsilon"] = model["layer_norm_epsilon"]
   if wrong:
     names = ", ".join(f"config.model.{k}={v!r}" for k, v in sorted(wrong.items()))
     raise pretrained.PretrainedError(

@@ -156,6 +156,19 @@ def never_predicted(vocab: VocabularyMap) -> List[int]:
   return [i for i in range(vocab.size) if vocab.original[i] == NEW]
 
 
+def unsupported_fields(model: Dict[str, Any], fixed: Dict[str, Any], names: Sequence[str],
+                       activations) -> Dict[str, Any]:
+  """The config.model fields (name -> value) among `names` whose value differs from what
+  an architecture fixes (`fixed`), an activation it lacks, and a head size that does not
+  split d_model (Hugging Face models have d_model = heads x head size)."""
+  wrong = {k: model[k] for k in names if k in model and model[k] != fixed[k]}
+  if model.get("activation") not in activations:
+    wrong["activation"] = model.get("activation")
+  if model.get("head_dim") and model["head_dim"] * model["num_heads"] != model["d_model"]:
+    wrong["head_dim"] = model["head_dim"]
+  return wrong
+
+
 def save_json(path: str, value: Any) -> None:
   import files  # pylint: disable=g-import-not-at-top
   files.write_atomically(path, json.dumps(value, indent=2, sort_keys=True) + "\n")

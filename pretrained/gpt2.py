@@ -20,7 +20,8 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from pretrained import NEW, PretrainedError, VocabularyMap, never_predicted, require
+from pretrained import (NEW, PretrainedError, VocabularyMap, never_predicted, require,
+                        unsupported_fields)
 
 ARCHITECTURE = "GPT2LMHeadModel"
 # Hugging Face's activation names -> ours.
@@ -133,15 +134,10 @@ def start_symbol_drift(params: Dict[str, Any], vocab: VocabularyMap) -> float:
 def unsupported(model: Dict[str, Any]) -> Dict[str, Any]:
   """The config.model fields (name -> value) of a decoder-only model that GPT-2's
   architecture cannot express."""
-  wrong = {k: model[k] for k in ("norm_placement", "norm", "positional_encoding", "qk_norm",
-                                 "num_kv_heads", "tie_output", "scale_embeddings",
-                                 "logits_bias")
-           if k in model and model[k] != FIXED[k]}
-  if model.get("activation") not in ACTIVATIONS.values():
-    wrong["activation"] = model.get("activation")
-  if model.get("head_dim") and model["head_dim"] * model["num_heads"] != model["d_model"]:
-    wrong["head_dim"] = model["head_dim"]
-  return wrong
+  return unsupported_fields(model, FIXED, ("norm_placement", "norm", "positional_encoding",
+                                           "qk_norm", "num_kv_heads", "tie_output",
+                                           "scale_embeddings", "logits_bias"),
+                            ACTIVATIONS.values())
 
 
 def to_hf(params: Dict[str, Any], model: Dict[str, Any], vocab: VocabularyMap,

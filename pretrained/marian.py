@@ -16,7 +16,7 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
-from pretrained import PretrainedError, VocabularyMap, require
+from pretrained import PretrainedError, VocabularyMap, require, unsupported_fields
 
 ARCHITECTURE = "MarianMTModel"
 ACTIVATIONS = {"swish": "silu", "silu": "silu", "gelu": "gelu_exact", "gelu_new": "gelu",
@@ -130,14 +130,13 @@ def params_from(weights: Dict[str, np.ndarray], config: Dict[str, Any], vocab: V
 
 
 def unsupported(model: Dict[str, Any]) -> Dict[str, Any]:
-  """The config.model fields of an encoder-decoder model that Marian cannot express."""
-  wrong = {k: model[k] for k in ("norm_placement", "norm", "positional_encoding", "qk_norm",
-                                 "num_kv_heads", "share_embeddings", "tie_output")
-           if k in model and model[k] != FIXED[k]}
-  if model.get("activation") not in ACTIVATIONS.values():
-    wrong["activation"] = model.get("activation")
-  if model.get("head_dim") and model["head_dim"] * model["num_heads"] != model["d_model"]:
-    wrong["head_dim"] = model["head_dim"]
+  """The config.model fields of an encoder-decoder model that Marian cannot express (its
+  layer norms' epsilon is fixed at 1e-5)."""
+  wrong = unsupported_fields(model, FIXED, ("norm_placement", "norm", "positional_encoding",
+                                            "qk_norm", "num_kv_heads", "share_embeddings",
+                                            "tie_output"), ACTIVATIONS.values())
+  if abs(float(model.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
+    wrong["layer_norm_epsilon"] = model["layer_norm_epsilon"]
   return wrong
 
 
@@ -202,7 +201,4 @@ def to_hf(params: Dict[str, Any], model: Dict[str, Any], vocab: VocabularyMap,
       "share_encoder_decoder_embeddings": True, "tie_word_embeddings": True,
       "normalize_embedding": False, "static_position_embeddings": True,
   }
-  if abs(float(model.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
-    raise PretrainedError(f"layer_norm_epsilon={model['layer_norm_epsilon']}: Marian's layer "
-                          f"norms use 1e-5")
   return {k: np.ascontiguousarray(v, np.float32) for k, v in out.items()}, config
