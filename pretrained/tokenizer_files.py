@@ -49,8 +49,12 @@ class PretrainedTokenizer(base.Tokenizer):
     raise NotImplementedError
 
   def encode(self, text: str) -> np.ndarray:
-    ours = self._to_ours[np.asarray(self._encode_original(text), np.int64)]
-    return ours.astype(np.int32)
+    """Our ids; an original id the model has no row for (a token added to the tokenizer
+    after the model was saved) becomes the unknown id, never an index past the table."""
+    original = np.asarray(self._encode_original(text), np.int64)
+    known = (original >= 0) & (original < len(self._to_ours))
+    ours = np.where(known, self._to_ours[np.where(known, original, 0)], -1)
+    return np.where(ours < 0, base.UNK_ID, ours).astype(np.int32)
 
   def original_ids(self, ids) -> List[int]:
     """Our ids -> the original's (ids with no original token dropped)."""

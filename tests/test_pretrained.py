@@ -416,3 +416,16 @@ def test_an_imported_marian_trains_decodes_and_exports(tmp_path, marian_folder):
   # The exported model translates as the fine-tuned one does in decode mode.
   expected = tokenizer.decode(ids[0], skip_special_tokens=True)
   assert decoded == expected + "\n", (decoded, expected)
+
+
+def test_an_original_id_without_a_row_becomes_the_unknown_id():
+  class Fixed(tokenizer_files.PretrainedTokenizer):
+    def _encode_original(self, text):
+      return [0, 4, 9, 999]  # 9 is the map's NEW-less tail, 999 past every row
+
+    def _decode_original(self, ids):
+      return " ".join(map(str, ids))
+  vocab = pretrained.VocabularyMap.build(10, pad=None, eos=9, unk=None)  # GPT-2 style
+  ours = Fixed(vocab, "folder").encode("anything")
+  assert ours.tolist() == [3, 7, 1, 2]  # 0 -> 3, 4 -> 7, EOS 9 -> 1, 999 -> unknown (2)
+  assert Fixed(vocab, "folder").decode(ours) == "0 4"  # up to EOS
