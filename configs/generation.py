@@ -89,7 +89,7 @@ def get_config(arg=None):
     c.eval.eval_every_steps = c.train.checkpoint_every_steps = 5000
     c.eval.num_eval_batches = 20
     return c
-  # The tiny Shakespeare recipe: about 80 s on a 2-core CPU, validation loss about 1.82
+  # The tiny Shakespeare recipe: about 49 s on a 2-core CPU, validation loss about 1.82
   # (BENCHMARKS.md). Small per-device batches run best on CPU: the batch of 16 is split
   # over two pmap devices, one per core.
   c.train.batch_size = 16

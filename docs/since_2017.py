@@ -111,7 +111,7 @@ def markdown(summary: Mapping[str, Any], descriptions: Mapping[str, str]) -> str
   return "\n".join(lines) + "\n"
 
 
-def plot(summary: Mapping[str, Any], path: str) -> None:
+def plot(summary: Mapping[str, Any], path: str, title: str) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg  # pylint: disable=g-import-not-at-top
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
@@ -126,7 +126,7 @@ def plot(summary: Mapping[str, Any], path: str) -> None:
                 label=f"{c['component']} {c['mean']:.3f}")
   axes.set_xlabel("step")
   axes.set_ylabel("validation loss (mean over seeds)")
-  axes.set_title("tiny Shakespeare, characters: each since-2017 component against the paper's")
+  axes.set_title(title)
   axes.grid(True, alpha=0.3)
   axes.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, frameon=False,
               title="final loss")
@@ -142,7 +142,8 @@ def main(argv=None) -> None:
   parser.add_argument("--output", default="")
   args = parser.parse_args(argv)
   from configs.sweeps import load_sweep  # pylint: disable=g-import-not-at-top
-  variants = load_sweep(args.sweep).variants
+  sweep = load_sweep(args.sweep)
+  variants = sweep.variants
   order = list(dict.fromkeys(component(v.name) for v in variants))
   descriptions = {component(v.name): v.description for v in variants}
   summary = summarize(read_rows(args.sweep_dir), order)
@@ -155,7 +156,8 @@ def main(argv=None) -> None:
     with open(os.path.join(args.output, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=1)
       f.write("\n")
-    plot(summary, os.path.join(args.output, "validation_loss.png"))
+    plot(summary, os.path.join(args.output, "validation_loss.png"),
+         f"sweep {sweep.name}: each component against the paper's")
 
 
 if __name__ == "__main__":
