@@ -62,7 +62,8 @@ def check_loop_config(config: ml_collections.ConfigDict, num_devices: int = 1) -
   """The config.train and config.eval fields (this module and the modes read them)."""
   loop, evaluation = Fields(config, "train"), Fields(config, "eval")
   for field in ("batch_size", "log_every_steps", "checkpoint_every_steps",
-                "keep_checkpoints", "grad_accum_steps", "signal_check_every_steps"):
+                "keep_checkpoints", "grad_accum_steps", "signal_check_every_steps",
+                "steps_per_call"):
     loop.integer(field, 1)
   # 0 steps: a pretrained model (config.init_from) saved as step 0 and evaluated as it is.
   loop.integer("num_train_steps", 0 if config.get("init_from") else 1)
@@ -388,6 +389,20 @@ def _stop_signal(stop: preemption.StopRequest, step: int, every: int) -> int:
   return _agreed_signal(stop)
 
 
+def call_sizes(start: int, total: int, per_call: int, acts_after) -> List[int]:
+  """How the updates after `start` up to `total` are grouped into calls of the train step:
+  `per_call` updates a call (config.train.steps_per_call), except where such a call would
+  pass a step after which the loop acts (`acts_after(done)`: it logs, evaluates, saves,
+  ...) or the end; those updates go one call each, until the next aligned step."""
+  sizes, step = [], start
+  while step < total:
+    n = per_call if step + per_call <= total and not any(
+        acts_after(done) for done in range(step + 1, step + per_call)) else 1
+    sizes.append(n)
+    step += n
+  return sizes
+
+
 def _close_all(*closables) -> None:
   """Closes each (waiting for pending checkpoint writes) even if an earlier one fails."""
   for item in closables:
@@ -478,6 +493,8 @@ class _Loop:
     self.checkpoints, self.run_start = checkpoints, run_start
     self.is_chief = jax.process_index() == 0
     self.p_train, p_eval, p_predict = steps.compile_steps(task, tx, config, devices)
+    self.p_train_many = (steps.compile_multi_step(task, tx, config, devices)
+                         if config.train.steps_per_call > 1 else None)
     self.writer = reporting.MetricWriter(workdir, enabled=self.is_chief)
     self.evaluator = Evaluator(task, p_eval, p_predict, eval_dataset, writer=self.writer,
                                attention_examples=config.eval.num_attention_images)
@@ -491,8 +508,9 @@ class _Loop:
     self.history: List[Dict[str, jax.Array]] = []
     self.last_eval = None  # (step, metrics, evaluate's arguments, records) of the last one
 
-  def _batches(self, train_dataset, data_state, start: int, total: int):
-    """The training batches from `start` on, on the devices ahead of their steps."""
+  def _batches(self, train_dataset, data_state, start: int, sizes: List[int]):
+    """The training batches from `start` on, on the devices ahead of their steps: one item
+    per call of the train step (`sizes`: its updates; see `steps.prefetch_to_devices`)."""
     c = self.config.data
     train_iter = batching.iterate(train_dataset, num_threads=c.data_threads,
                                   prefetch=c.data_prefetch)
@@ -504,23 +522,25 @@ class _Loop:
     if data_state is not None:
       train_iter.set_state(data_state)
     return steps.prefetch_to_devices(train_iter, self.devices, c.device_prefetch,
-                                     max(total - start, 0))
+                                     len(sizes), sizes=sizes)
 
   def run(self, state, train_dataset, data_state, final_evaluation: bool):
     start, total = int(state.step), self.config.train.num_train_steps
     p_state = steps.replicate(state, self.devices)
     del state
-    batches = self._batches(train_dataset, data_state, start, total)
     trace = monitors.StepTrace(os.path.join(self.workdir, "profile", *(
         [f"process_{jax.process_index()}"] if jax.process_count() > 1 else [])),
                                start, self.config.train.profile_steps)
+    sizes = call_sizes(start, total, self.config.train.steps_per_call,
+                       lambda done: self._acts_after(done, trace))
+    batches = self._batches(train_dataset, data_state, start, sizes)
     self.progress = reporting.Progress(start, total)
     if start >= total:
       logging.info("training already finished (step %d of %d)", start, total)
     try:
       with preemption.StopRequest() as stop:
-        position = None
-        for step in range(start, total):
+        position, step = None, start
+        for n in sizes:  # one call of the train step: n updates (steps_per_call)
           trace.before(step, p_state)
           try:
             batch, next_position = self._next_batch(batches, stop, step)
@@ -528,10 +548,11 @@ class _Loop:
             self._stop_waiting(stopped, step, start, p_state, position, stop)
           position = next_position
           with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-            p_state, metrics = self.p_train(p_state, batch)
+            p_state, metrics = (self.p_train if n == 1 else self.p_train_many)(p_state, batch)
           self.history.append(metrics)
-          trace.after(step + 1, p_state)
-          self._after_step(step + 1, p_state, position, stop)
+          step += n
+          trace.after(step, p_state)
+          self._after_step(step, p_state, position, stop)
         trace.close(p_state)  # a run shorter than the trace: what ran, without evaluation
         if total == 0 and self.last_saved is None:  # a pretrained model as it is: step 0
           self.checkpoints.save(0, steps.unreplicate_to_host(p_state), self.config_dict,
@@ -630,7 +651,7 @@ class _Loop:
                                     or stopping):
       t0 = time.perf_counter()
       if not self.guard.skip:
-        self.guard.check([float(m["nonfinite"][0]) for m in self.history], done,
+        self.guard.check([m["nonfinite"] for m in self._fetched_history()], done,
                          self.last_saved)
       # The position after this step's batch (the iterator itself has read ahead).
       self.checkpoints.save(done, steps.unreplicate_to_host(p_state), self.config_dict,
@@ -643,9 +664,29 @@ class _Loop:
                       stopping, done, self.checkpoints.directory)
       raise preemption.Preempted(done, stopping, self.checkpoints.directory)
 
+  def _acts_after(self, done: int, trace: monitors.StepTrace) -> bool:
+    """Whether the loop may act between update `done` and the next (log, evaluate, save,
+    agree on a signal, start or stop the profiler trace): a call of several updates must
+    not run past it (`call_sizes`)."""
+    c = self.config.train
+    periods = [c.log_every_steps, c.checkpoint_every_steps, self.config.eval.eval_every_steps]
+    if jax.process_count() > 1:
+      periods.append(c.signal_check_every_steps)
+    return any(done % p == 0 for p in periods) or done in trace.edges()
+
+  def _fetched_history(self) -> List[Dict[str, float]]:
+    """The training metrics of each update since the last log, in order, as floats (device
+    0's copy: the step sums them over devices). A call of n updates left them `[n]`."""
+    out = []
+    for metrics in jax.device_get(self.history):
+      first = jax.tree.map(lambda x: np.asarray(x[0]), metrics)
+      for i in range(first["loss"].size):
+        out.append(jax.tree.map(lambda x, i=i: float(x.reshape(-1)[i]), first))
+    return out
+
   def _log(self, done: int) -> None:
     """The progress line and the training metrics of the steps since the last one."""
-    fetched = [jax.tree.map(lambda x: float(x[0]), m) for m in jax.device_get(self.history)]
+    fetched = self._fetched_history()
     self.guard.check([m["nonfinite"] for m in fetched], done, self.last_saved)
     sums = sum_dicts(fetched)
     speed = self.progress.update(done, sums["tokens"])

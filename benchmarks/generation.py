@@ -80,17 +80,11 @@ def loss_without_first_positions(workdir, overrides, variant=""):
   import numpy as np
 
   import modes.run
+  from benchmarks import run_record
   from configs import generation
 
-  config = generation.get_config(variant or None)
-  for item in overrides:  # --config.group.field=value, as main.py applies them
-    path, value = item[len("--config."):].split("=", 1)
-    *groups, field = path.split(".")
-    node = config
-    for group in groups:
-      node = node[group]
-    kind = type(node[field])
-    node[field] = (value in ("True", "true", "1")) if kind is bool else kind(value)
+  config = run_record.load_config(generation.__file__ + (f":{variant}" if variant else ""),
+                                  overrides)
   run = modes.run.open_run(config, workdir)
   task = run.task
   _, params = run.restore()

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# On a machine with an NVIDIA GPU: the bfloat16 attention tests, then the base model's MFU.
+# On a machine with an NVIDIA GPU, in one call: the bfloat16 attention tests, the train
+# step's speed and MFU against nanoGPT, the training loop against its pure step, and the
+# tiny-Shakespeare GPU recipe's time to nanoGPT's validation loss, then one table.
 #
-#     bash benchmarks/gpu_check.sh            # ~2-4 min; stops at GPU_CHECK_SECONDS (280)
+#     bash benchmarks/gpu_check.sh            # ~6-8 min; stops at GPU_CHECK_SECONDS (540)
 #     PYTHON=/opt/venv/bin/python bash benchmarks/gpu_check.sh
+#     GPU_CHECK_STEPS=mfu,loop bash benchmarks/gpu_check.sh     # some of the steps
 #
 # 1. Python: $PYTHON, else ./.venv/bin/python, else python3: the first whose jax has a GPU
 #    backend (a copied CPU .venv has none). If none has, or GPU_CHECK_VENV=1, it makes a
@@ -15,24 +18,39 @@
 #    `pip install --no-index --no-deps --target`), never from the index, so the machine's
 #    own GPU jax is not replaced. What is still missing is named, with the command that
 #    fetches it, and the steps that need it are skipped.
-# 3. JAX_PLATFORMS=cuda python -m pytest -q tests/test_gpu.py (tests/conftest.py pins cpu
-#    when JAX_PLATFORMS is unset, which would skip every test).
-# 4. python benchmarks/gpu_mfu.py: the base translation model's bfloat16 train step, MFU
-#    against the card's published dense bf16 peak and against a measured bf16 matmul.
+# Then the steps of GPU_CHECK_STEPS (default tests,mfu,loop,recipe), each within the time
+# left:
+# tests   JAX_PLATFORMS=cuda python -m pytest -q tests/test_gpu.py (tests/conftest.py pins
+#         cpu when JAX_PLATFORMS is unset, which would skip every test).
+# mfu     benchmarks/gpu_mfu.py --shapes=gpu --peer=nanogpt: GPT-2 small (batch 12 and 32)
+#         and the paper's base model, bfloat16; MFU against the card's published dense
+#         bf16 peak and a measured bf16 matmul; nanoGPT's bench.py before and after.
+# loop    benchmarks/loop_speed.py on configs/generation.py:recipe=gpu: main.py's loop
+#         steps/s against the pure step, with steps_per_call 1 and 10.
+# recipe  benchmarks/generation.py nanogpt --variant=recipe=gpu --target=1.47 (ours) and
+#         nanoGPT's own GPU recipe (benchmarks/peers.py): wall time to validation 1.47.
+# The peer (nanoGPT, run with $PEER_PYTHON, default python3, which needs torch) and the
+# text come from ../shared beside the checkout or, where only the checkout travels, from
+# .gpu_carry/peers/nanogpt and .gpu_carry/data/tinyshakespeare (copy them there and carry
+# the folder; .gitignore keeps it out of git).
 #
-# Logs and gpu_mfu.json go to runs/gpu_check/ (GPU_CHECK_OUT). Exit status: 0 when both
-# steps passed, 1 when one failed or was skipped, 2 when no GPU jax could be had.
+# Logs and JSON go to runs/gpu_check/ (GPU_CHECK_OUT); benchmarks/gpu_report.py prints the
+# table from them. Exit status: 0 when every step passed, 1 when one failed or was
+# skipped, 2 when no GPU jax could be had.
 #
 # GPU_CHECK_DRY_RUN=1 rehearses the flow on a machine without a GPU: it takes the first
-# Python with jax on any backend, runs the tests on CPU (they skip, so status is 1) and
-# gpu_mfu.py --tiny. Nothing is installed in a dry run.
+# Python with jax on any backend, runs the tests on CPU (they skip, so status is 1),
+# gpu_mfu.py --tiny, and the loop and recipe steps on a one-layer model for a few steps
+# (the GPU peer steps fail on a CPU-only torch and say so). Nothing is installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 dry=${GPU_CHECK_DRY_RUN:-0}
 # Named, so that a failed GPU start is an error rather than a quiet fall-back to the CPU.
 platform=$([ "$dry" = 1 ] && echo cpu || echo cuda)
 
-budget=${GPU_CHECK_SECONDS:-280}
+budget=${GPU_CHECK_SECONDS:-540}
+steps=${GPU_CHECK_STEPS:-tests,mfu,loop,recipe}
+wanted() { case ",$steps," in *",$1,"*) return 0;; esac; return 1; }
 out=${GPU_CHECK_OUT:-runs/gpu_check}
 cuda=${GPU_CHECK_CUDA:-cuda12}
 site=${GPU_CHECK_SITE:-/tmp/gpu_check_site}  # where .whl/ is installed
@@ -132,44 +150,94 @@ if [ -n "$gone" ]; then
 fi
 missing_for() { for m in $1; do case " $gone " in *" $m "*) echo -n "$m ";; esac; done; }
 
-# ---- 3. tests
+# ---- where the peer and the text are
+for pair in "peers/nanogpt:PEER_NANOGPT_DIR" "data/tinyshakespeare:PEER_SHAKESPEARE_DIR"; do
+  sub=${pair%%:*}; var=${pair##*:}
+  if [ -z "${!var:-}" ] && [ ! -d "../shared/$sub" ] && [ -d ".gpu_carry/$sub" ]; then
+    export "$var=$PWD/.gpu_carry/$sub"
+  fi
+done
+data_dir=${PEER_SHAKESPEARE_DIR:-../shared/data/tinyshakespeare}
+peer_python=${PEER_PYTHON:-python3}
+[ "$dry" = 1 ] && peer_python=${PEER_PYTHON:-$python}
+
 status=0
-tests_gone=$(missing_for "$test_modules")
-if [ -n "$tests_gone" ]; then
-  say "tests skipped: missing $tests_gone"; status=1
-elif [ "$(left)" -lt 30 ]; then
-  say "tests skipped: only $(left) s of the ${budget} s left"; status=1
-else
-  limit=$(( $(left) < 150 ? $(left) : 150 ))
-  echo "== JAX_PLATFORMS=$platform pytest -q tests/test_gpu.py (limit ${limit} s)"
-  JAX_PLATFORMS=$platform timeout "$limit" "$python" -m pytest -q -rs -p no:cacheprovider \
-    tests/test_gpu.py 2>&1 | tee "$out/test_gpu.log"
-  rc=${PIPESTATUS[0]}
-  if [ "$rc" = 124 ]; then say "tests timed out after ${limit} s"; status=1
-  elif [ "$rc" != 0 ]; then say "tests failed (exit $rc)"; status=1
-  elif grep -q "skipped" "$out/test_gpu.log"; then
-    say "tests were skipped: jax did not run on the GPU"; status=1
+# run NAME LIMIT_CAP COMMAND...: runs a step within the time left (at most LIMIT_CAP s),
+# teeing its output to $out/NAME.log; a failure or timeout sets status 1.
+run() {
+  local name=$1 cap=$2; shift 2
+  local limit=$(( $(left) < cap ? $(left) : cap ))
+  if [ "$limit" -lt 20 ]; then say "$name skipped: only $(left) s of the ${budget} s left"
+    status=1; return; fi
+  echo "== $name (limit ${limit} s): $*"
+  JAX_PLATFORMS=$platform PYTHONUNBUFFERED=1 timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
+  local rc=${PIPESTATUS[0]}
+  if [ "$rc" = 124 ]; then say "$name timed out after ${limit} s"; status=1
+  elif [ "$rc" != 0 ]; then say "$name failed (exit $rc)"; status=1
   fi
-fi
-
-# ---- 4. MFU
+}
 mfu_gone=$(missing_for "$mfu_modules")
-if [ -n "$mfu_gone" ]; then
-  say "MFU skipped: missing $mfu_gone"; status=1
-elif [ "$(left)" -lt 60 ]; then
-  say "MFU skipped: only $(left) s of the ${budget} s left"; status=1
-else
-  limit=$(left)
-  echo "== benchmarks/gpu_mfu.py (limit ${limit} s)"
-  tiny=$([ "$dry" = 1 ] && echo --tiny)
-  JAX_PLATFORMS=$platform PYTHONUNBUFFERED=1 timeout "$limit" \
-    "$python" benchmarks/gpu_mfu.py $tiny --output="$out/gpu_mfu.json" 2>&1 \
-    | tee "$out/gpu_mfu.log"
-  rc=${PIPESTATUS[0]}
-  if [ "$rc" = 124 ]; then say "MFU timed out after ${limit} s"; status=1
-  elif [ "$rc" != 0 ]; then say "MFU failed (exit $rc)"; status=1
+
+# ---- 3. tests
+if wanted tests; then
+  tests_gone=$(missing_for "$test_modules")
+  if [ -n "$tests_gone" ]; then
+    say "tests skipped: missing $tests_gone"; status=1
+  else
+    run test_gpu 150 "$python" -m pytest -q -rs -p no:cacheprovider tests/test_gpu.py
+    if grep -q "skipped" "$out/test_gpu.log" 2>/dev/null; then
+      say "tests were skipped: jax did not run on the GPU"; status=1
+    fi
   fi
 fi
 
+# ---- 4. step speed and MFU, beside nanoGPT's bench.py
+if wanted mfu; then
+  if [ -n "$mfu_gone" ]; then say "mfu skipped: missing $mfu_gone"; status=1
+  else
+    tiny=$([ "$dry" = 1 ] && echo --tiny)
+    run gpu_mfu 240 "$python" benchmarks/gpu_mfu.py $tiny --shapes=gpu --peer=nanogpt \
+      --peer_python="$peer_python" --output="$out/gpu_mfu.json"
+  fi
+fi
+
+# ---- 5. the loop against its pure step
+small=()  # the dry run: a one-layer model, a few steps
+[ "$dry" = 1 ] && small=(--config.model.num_decoder_layers=1 --config.model.d_model=32
+  --config.model.d_ff=64 --config.model.num_heads=2 --config.train.batch_size=4
+  --config.data.max_target_length=32 --config.train.log_every_steps=10
+  --config.eval.eval_batch_size=16)
+accel=$([ "$dry" = 1 ] && echo ",accel=cpu")
+if wanted loop; then
+  if [ -n "$mfu_gone" ]; then say "loop skipped: missing $mfu_gone"; status=1
+  else
+    loop_steps=$([ "$dry" = 1 ] && echo 40 || echo 1000)
+    run loop_speed 150 "$python" -m benchmarks.loop_speed \
+      --config="configs/generation.py:recipe=gpu$accel" --steps_per_call=1,10 \
+      --steps="$loop_steps" --output="$out/loop_speed.json" \
+      --config.data.data_dir="$data_dir" "${small[@]}"
+  fi
+fi
+
+# ---- 6. the GPU recipe: time to validation loss 1.47, ours and nanoGPT's
+if wanted recipe; then
+  if [ -n "$mfu_gone" ]; then say "recipe skipped: missing $mfu_gone"; status=1
+  else
+    recipe_steps=()
+    peer_flags=()
+    [ "$dry" = 1 ] && { recipe_steps=(--config.train.num_train_steps=20
+      --config.eval.eval_every_steps=10); peer_flags=(--device=cpu --compile=False
+      --max_iters=20 --eval_interval=10 --eval_iters=2 --batch_size=4 --block_size=32
+      --n_layer=1 --n_head=2 --n_embd=32); }
+    run recipe_ours 200 "$python" benchmarks/generation.py nanogpt \
+      --variant="recipe=gpu$accel" --target=1.47 --output="$out/recipe_ours.json" \
+      --config.data.data_dir="$data_dir" "${small[@]}" "${recipe_steps[@]}"
+    run recipe_nanogpt 200 "$python" -m benchmarks.peers nanogpt_shakespeare \
+      --peer_python="$peer_python" --output="$out/recipe_nanogpt.json" -- "${peer_flags[@]}"
+  fi
+fi
+
+echo "== summary"
+"$python" benchmarks/gpu_report.py "$out" | tee "$out/summary.md"
 echo "== done in $((SECONDS - start)) s; logs in $out/; status $status"
 exit "$status"

@@ -4,6 +4,13 @@ dense bfloat16 peak and against a bfloat16 matmul measured in the same run.
     python benchmarks/gpu_mfu.py                        # on a GPU (benchmarks/gpu_check.sh)
     python benchmarks/gpu_mfu.py --dropout=0 --batch=64 --output=runs/gpu_mfu.json
     python benchmarks/gpu_mfu.py --tiny                 # a smoke test of the code path (CPU)
+    python benchmarks/gpu_mfu.py --shapes=gpu --peer=nanogpt   # GPT-2 small against nanoGPT
+
+`--shapes` times named shapes of benchmarks/train_throughput.py instead (the group `gpu`:
+GPT-2 small at batch 12 and 32, the paper's base model at 128 x 256/256), one row each.
+`--peer=nanogpt` runs nanoGPT's bench.py (benchmarks/peers.py: GPT-2 small, batch 12,
+torch.compile, bfloat16 autocast) before the first row and after the last, and reports
+our tokens/s over its faster run for the rows whose shape names it as their peer.
 
 The step is the real one: benchmarks/train_throughput.py's `run_shape` builds the task
 from configs/default.py (`--task` at `--size`, default the paper's base translation model;
@@ -22,6 +29,7 @@ of `--peak_rounds` such rounds. Nothing here asserts a timing.
 """
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -29,7 +37,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 if __package__ in (None, ""):  # run as a script: put the repository root on the path
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -37,7 +45,7 @@ if __package__ in (None, ""):  # run as a script: put the repository root on the
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from benchmarks import train_throughput  # noqa: E402
+from benchmarks import peers, train_throughput  # noqa: E402
 
 # Dense bfloat16 tensor-core FLOP/s from NVIDIA's datasheets (their headline figures are
 # with 2:4 sparsity, twice these). Matched in order against the device name, so the more
@@ -96,6 +104,27 @@ def measure_bf16_matmul(n: int, calls: int, rounds: int) -> Dict[str, Any]:
           "median_s": seconds, "round_s": per_call, "flops_per_sec": 2.0 * n**3 / seconds}
 
 
+def tiny_version(shape: "train_throughput.Shape") -> "train_throughput.Shape":
+  """`shape` shrunk to a smoke test that runs in seconds on a CPU: one layer of d 32,
+  batch 2, 16 tokens, vocabulary 64; everything else as the shape says."""
+  overrides = dict(shape.overrides, num_encoder_layers=1, num_decoder_layers=1, d_model=32,
+                   d_ff=64, num_heads=2)
+  return dataclasses.replace(shape, batch=2, vocab_size=64, overrides=overrides,
+                             src_length=16 if shape.src_length else 0,
+                             tgt_length=16 if shape.tgt_length else 0)
+
+
+def shapes_of(args) -> List["train_throughput.Shape"]:
+  """The shapes `--shapes` names (groups expanded), or the one of --task/--size/..."""
+  if not args.shapes:
+    return [shape_of(args)]
+  names, skipped = train_throughput.select_shapes(args.shapes)
+  for name, why in skipped:
+    print(f"skipping {name}: {why}", file=sys.stderr, flush=True)
+  shapes = [train_throughput.SHAPES_BY_NAME[n] for n in names]
+  return [tiny_version(s) for s in shapes] if args.tiny else shapes
+
+
 def shape_of(args) -> "train_throughput.Shape":
   overrides = {"dtype": "bfloat16", "attention_impl": args.attention_impl}
   if args.dropout is not None:
@@ -117,6 +146,13 @@ def parse_args(argv=None):
   parser.add_argument("--dropout", type=float, default=None,
                       help="dropout_rate; default: the size preset's (0.1 for base)")
   parser.add_argument("--attention_impl", default="fused")
+  parser.add_argument("--shapes", default="",
+                      help="train_throughput shape or group names (e.g. gpu) instead of "
+                           "--task/--size/--batch/...")
+  parser.add_argument("--peer", choices=("", "nanogpt"), default="",
+                      help="also run nanoGPT's bench.py beside the rows that name it")
+  parser.add_argument("--peer_python", default=sys.executable,
+                      help="a Python with PyTorch (and a GPU) for the peer")
   parser.add_argument("--steps", type=int, default=10, help="timed steps a round (minimum)")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--warmup", type=int, default=3)
@@ -145,39 +181,82 @@ def main(argv=None):
   measured = measure_bf16_matmul(args.peak_size, args.peak_calls, args.peak_rounds)
   print(f"bfloat16 {args.peak_size}^2 matmul: {measured['flops_per_sec'] / 1e12:.1f} TFLOP/s",
         file=sys.stderr, flush=True)
-  row = train_throughput.run_shape(shape_of(args), args.steps, args.rounds, args.warmup,
-                                   args.min_round_seconds, seed=0)
+  peer_runs = []
+  folder = None
+  if args.peer:
+    try:
+      folder = peers.prepare_nanogpt()
+    except peers.PeerUnavailable as e:
+      print(f"peer skipped: {e}", file=sys.stderr, flush=True)
+
+  def measure_peer():
+    if folder is None:
+      return
+    try:
+      options = dict(device="cpu", compile=False, dtype="float32", batch_size=2,
+                     block_size=16) if args.tiny else {}
+      run = peers.nanogpt_bench(folder, args.peer_python, **options)
+    except (peers.PeerUnavailable, subprocess.SubprocessError) as e:
+      print(f"peer failed: {e}", file=sys.stderr, flush=True)
+      return
+    peer_runs.append(run)
+    print(f"peer {run['peer']}: {run['iteration_ms']:.2f} ms an iteration, "
+          f"{run['tokens_per_sec']:,.0f} tokens/s", file=sys.stderr, flush=True)
+
+  measure_peer()
+  rows = []
+  for shape in shapes_of(args):
+    row = train_throughput.run_shape(shape, args.steps, args.rounds, args.warmup,
+                                     args.min_round_seconds, seed=0)
+    row["peer"] = shape.peer
+    rows.append(row)
+    print(f"{shape.name}: step {row['step_s'] * 1e3:.2f} ms, "
+          f"{row['tokens_per_sec']:,.0f} tokens/s", file=sys.stderr, flush=True)
+  measure_peer()
   measured_after = measure_bf16_matmul(args.peak_size, args.peak_calls, args.peak_rounds)
   peak_measured = max(measured["flops_per_sec"], measured_after["flops_per_sec"])
-  achieved = row["flops_per_sec"]
+  peer_best = max((r["tokens_per_sec"] for r in peer_runs), default=None)
+  for row in rows:
+    achieved = row["flops_per_sec"]
+    row["mfu_published"] = achieved / published if published else None
+    row["mfu_measured"] = achieved / peak_measured
+    row["peer_tokens_per_sec"] = peer_best if row["peer"] == "nanogpt_bench" else None
   result = {
       "date": datetime.datetime.now().isoformat(timespec="seconds"),
       "jax": jax.__version__, "backend": jax.default_backend(), "device": name,
       "device_kind": jax.devices()[0].device_kind, "args": vars(args),
       "published_peak_flops_per_sec": published, "published_peak_for": published_for,
       "matmul_before": measured, "matmul_after": measured_after,
-      "measured_peak_flops_per_sec": peak_measured,
-      "mfu_published": achieved / published if published else None,
-      "mfu_measured": achieved / peak_measured,
-      "total_s": time.perf_counter() - start, "row": row,
+      "measured_peak_flops_per_sec": peak_measured, "peer_runs": peer_runs,
+      "total_s": time.perf_counter() - start, "rows": rows,
+      # The single-row form of earlier versions (the first row).
+      "row": rows[0], "mfu_published": rows[0]["mfu_published"],
+      "mfu_measured": rows[0]["mfu_measured"],
   }
-  lengths = (f"{row['batch']} x {row['src_length']}/{row['tgt_length']}"
-             if row["src_length"] else f"{row['batch']} x {row['tgt_length']}")
   print(f"\n{name}; jax {jax.__version__}; published dense bf16 peak: "
         + (f"{published / 1e12:.1f} TFLOP/s ({published_for})" if published else "unknown")
         + f"; measured bf16 {args.peak_size}^2 matmul: "
         f"{measured['flops_per_sec'] / 1e12:.1f} before, "
         f"{measured_after['flops_per_sec'] / 1e12:.1f} after (MFU uses the larger)\n")
-  print("| model | params | batch x lengths | vocab | dropout | attention | compile s | "
+  print("| shape | params | batch x lengths | vocab | dropout | attention | compile s | "
         "step ms | tokens/s | model TFLOP/step | TFLOP/s | MFU % (published) | "
-        "MFU % (measured matmul) |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-  mfu_pub = f"{100 * result['mfu_published']:.1f}" if published else "n/a"
-  print(f"| {row['task']} {row['size']} bf16 | {row['params'] / 1e6:.1f}M | {lengths} | "
-        f"{row['vocab_size']} | {row['dropout_rate']:g} | {row['attention_impl']} | "
-        f"{row['compile_s']:.1f} | {row['step_s'] * 1e3:.2f} | {row['tokens_per_sec']:,.0f} | "
-        f"{row['flops_per_step'] / 1e12:.3f} | {achieved / 1e12:.1f} | {mfu_pub} | "
-        f"{100 * result['mfu_measured']:.1f} |")
+        "MFU % (measured matmul) | peer tokens/s | ours / peer |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for row in rows:
+    lengths = (f"{row['batch']} x {row['src_length']}/{row['tgt_length']}"
+               if row["src_length"] else f"{row['batch']} x {row['tgt_length']}")
+    mfu_pub = f"{100 * row['mfu_published']:.1f}" if published else "n/a"
+    peer = row["peer_tokens_per_sec"]
+    peer_cells = (f"{peer:,.0f} | {row['tokens_per_sec'] / peer:.2f}x" if peer else " | ")
+    print(f"| {row['shape']} | {row['params'] / 1e6:.1f}M | {lengths} | "
+          f"{row['vocab_size']} | {row['dropout_rate']:g} | {row['attention_impl']} | "
+          f"{row['compile_s']:.1f} | {row['step_s'] * 1e3:.2f} | "
+          f"{row['tokens_per_sec']:,.0f} | {row['flops_per_step'] / 1e12:.3f} | "
+          f"{row['flops_per_sec'] / 1e12:.1f} | {mfu_pub} | "
+          f"{100 * row['mfu_measured']:.1f} | {peer_cells} |")
+  for run in peer_runs:
+    print(f"peer: {run['peer']} `{run['command']}`: {run['iteration_ms']:.2f} ms, "
+          f"{run['tokens_per_sec']:,.0f} tokens/s")
   print(f"\ntotal time {result['total_s']:.0f} s")
   if args.output:
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)

@@ -1,5 +1,6 @@
 """What every benchmark prints and saves about its run: the load on the machine, and its
-results as JSON with the date and the JAX version and backend."""
+results as JSON with the date and the JAX version and backend; and a config loaded from
+its file, variant and `--config.*` overrides, as main.py loads it."""
 
 import datetime
 import json
@@ -30,3 +31,44 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
             "jax": jax.__version__, "backend": jax.default_backend(), **payload}
   with open(path, "w", encoding="utf-8") as f:
     json.dump(record, f, indent=2)
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()):
+  """The config of `spec` ("configs/generation.py:recipe=fast": a config file, then its
+  variant), with `--config.group.field=value` `overrides` applied as main.py applies them
+  (the value converted to the field's type)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  path, _, variant = spec.partition(":")
+  module_spec = importlib.util.spec_from_file_location("benchmark_config", path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  config = module.get_config(variant or None)
+  for item in overrides:
+    if not item.startswith("--config.") or "=" not in item:
+      raise SystemExit(f"{item!r}: expected --config.<group>.<field>=<value>")
+    path, value = item[len("--config."):].split("=", 1)
+    *groups, field = path.split(".")
+    node = config
+    for group in groups:
+      node = node[group]
+    kind = type(node[field])
+    node[field] = (value in ("True", "true", "1")) if kind is bool else kind(value)
+  return config
+
+
+def early_int_flag(argv: Sequence[str], name: str, default: int = 0) -> int:
+  """`--name=N` or `--name N` from `argv`, read before argparse (and before JAX starts)."""
+  for i, arg in enumerate(argv):
+    if arg.startswith(f"--{name}="):
+      return int(arg.split("=", 1)[1])
+    if arg == f"--{name}" and i + 1 < len(argv):
+      return int(argv[i + 1])
+  return default
+
+
+def cpu_device_flags(count: int, flags: str) -> str:
+  """XLA_FLAGS `flags` with the host split into `count` devices (main.py's
+  config.compute.cpu_devices); 0 leaves the host one device."""
+  kept = [f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count")]
+  return " ".join(kept + ([f"--xla_force_host_platform_device_count={count}"] if count else []))

@@ -5,6 +5,7 @@
     python -m benchmarks.train_throughput --shapes=families,bf16,variants   # (~15 min)
     python benchmarks/train_throughput.py --shapes=list         # the groups and shapes
     python -m benchmarks.train_throughput --output=runs/throughput.json
+    python -m benchmarks.train_throughput --shapes=nanogpt --cpu_devices=2 --peer=nanogpt
 
 `--shapes` takes shape names and group names (GROUPS): `default` is the 64-token set of
 BENCHMARKS.md's first table; `families` is each task family (translation enc-dec,
@@ -28,6 +29,13 @@ bfloat16 compute are still divided by that float32 peak (the question they answe
 whether bfloat16 trains faster than float32 here); a bfloat16 matmul peak is measured as
 well when such a row runs, and reported next to it.
 
+`--cpu_devices=N` splits the host into N pmap devices (main.py's config.compute.cpu_devices;
+set before JAX starts) and each step's batch over them: `[N, batch / N, length]`.
+`--peer=nanogpt` measures nanoGPT beside the rows that have a peer (`Shape.peer`:
+the nanoGPT CPU shapes; benchmarks/peers.py runs its train.py at the same shape), once
+before the first row and once after the last, and reports our tokens/s over the peer's
+faster measurement.
+
 Nothing here asserts a timing. Two asserts guard the numbers: the FLOP formula's matmul
 parameter count must equal the model's (`check_matmul_parameters`), and the step's loss
 weight must equal batch x length (every token real; batch for classification, whose loss
@@ -49,11 +57,17 @@ from typing import Any, Dict, List, Optional
 if __package__ in (None, ""):  # run as a script: put the repository root on the path
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import run_record  # noqa: E402  (no JAX)
+
+if __name__ == "__main__":  # --cpu_devices must reach XLA_FLAGS before JAX starts
+  os.environ["XLA_FLAGS"] = run_record.cpu_device_flags(
+      run_record.early_int_flag(sys.argv[1:], "cpu_devices"), os.environ.get("XLA_FLAGS", ""))
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from benchmarks import run_record  # noqa: E402
+from benchmarks import peers  # noqa: E402
 import tasks  # noqa: E402
 import train  # noqa: E402
 from configs import default as default_config  # noqa: E402
@@ -93,6 +107,7 @@ class Shape:
   # Needs a feature that may be missing (a config knob the model does not read yet, an
   # attention implementation not registered yet): a group skips it when it is missing.
   optional: bool = False
+  peer: str = ""  # "nanogpt_cpu": --peer=nanogpt measures nanoGPT at this shape beside it
 
 
 # nanoGPT's shakespeare_char CPU command: pre-norm, GELU, learned positions, tied output.
@@ -110,10 +125,12 @@ _WMT_BASE = dict(_WMT, num_encoder_layers=6, num_decoder_layers=6, d_model=512, 
 SHAPES = [
     Shape("nanogpt", "generation", "tiny", batch=12, tgt_length=64, vocab_size=65,
           overrides=_NANOGPT, reference="nanoGPT, PyTorch eager CPU", ref_mfu=47.0,
-          ref_tokens_per_sec=17400.0, note="char-level shakespeare shape, vocab 65"),
+          ref_tokens_per_sec=17400.0, note="char-level shakespeare shape, vocab 65",
+          peer="nanogpt_cpu"),
     Shape("nanogpt_fused", "generation", "tiny", batch=12, tgt_length=64, vocab_size=65,
           overrides=dict(_NANOGPT, attention_impl="fused"), reference="nanoGPT",
-          ref_mfu=47.0, ref_tokens_per_sec=17400.0, note="as nanogpt, fused attention"),
+          ref_mfu=47.0, ref_tokens_per_sec=17400.0, note="as nanogpt, fused attention",
+          peer="nanogpt_cpu"),
     Shape("wmt_small", "translation", "small", batch=32, src_length=64, tgt_length=64,
           vocab_size=32000, overrides=_WMT_SMALL, reference="Flax WMT example, small",
           ref_mfu=37.0, note="vocab 32000 (WMT shared SentencePiece)"),
@@ -176,14 +193,33 @@ VARIANT_SHAPES = [
     _family_shape("translation", "base", "_scan", "layers under nn.scan", optional=True,
                   scan_layers=True),
 ]
-SHAPES = SHAPES + FAMILY_SHAPES + BF16_SHAPES + VARIANT_SHAPES
+# GPU shapes (benchmarks/gpu_mfu.py --shapes=gpu times them with MFU against the card's
+# peak). GPT-2 small as nanoGPT's bench.py builds it: no biases, pre-norm, learned
+# positions, GELU, tied output, dropout 0, context 1024, vocab 50304, bfloat16 compute.
+_GPT2_SMALL = dict(num_decoder_layers=12, num_heads=12, d_model=768, d_ff=3072,
+                   dropout_rate=0.0, norm_placement="pre", positional_encoding="learned",
+                   activation="gelu", tie_output=True, biases="none", dtype="bfloat16",
+                   attention_impl="fused")
+GPU_SHAPES = [
+    Shape("gpt2_small", "generation", "base", batch=12, tgt_length=1024, vocab_size=50304,
+          overrides=_GPT2_SMALL, reference="nanoGPT bench.py (PyTorch, torch.compile)",
+          peer="nanogpt_bench", note="GPT-2 small, bench.py's shape"),
+    Shape("gpt2_small_b32", "generation", "base", batch=32, tgt_length=1024,
+          vocab_size=50304, overrides=_GPT2_SMALL, note="GPT-2 small, batch 32"),
+    Shape("paper_base_gpu", "translation", "base", batch=128, src_length=256,
+          tgt_length=256, vocab_size=32000, overrides=dict(dtype="bfloat16",
+                                                           attention_impl="fused"),
+          note="the paper's base model, dropout 0.1, bfloat16"),
+]
+SHAPES = SHAPES + FAMILY_SHAPES + BF16_SHAPES + VARIANT_SHAPES + GPU_SHAPES
 SHAPES_BY_NAME = {s.name: s for s in SHAPES}
 GROUPS = {
     "default": DEFAULT_SHAPES,
     "families": [s.name for s in FAMILY_SHAPES],
     "bf16": [s.name for s in BF16_SHAPES],
     "variants": [s.name for s in VARIANT_SHAPES],
-    "all": [s.name for s in SHAPES],
+    "gpu": [s.name for s in GPU_SHAPES],
+    "all": [s.name for s in SHAPES if s not in GPU_SHAPES],
 }
 
 
@@ -436,9 +472,10 @@ def synthetic_batch(task, vocab_size: int, batch: int, seed: int) -> Dict[str, n
 
 
 def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seconds: float,
-              seed: int) -> Dict[str, Any]:
-  """Builds `shape`, compiles its train step and times it; returns one result row (MFU is
-  added by the caller, which owns the peak)."""
+              seed: int, num_devices: int = 1) -> Dict[str, Any]:
+  """Builds `shape`, compiles its train step for `num_devices` local devices (the batch
+  split between them) and times it; returns one result row (MFU is added by the caller,
+  which owns the peak)."""
   config = build_config(shape)
   task = build_task(config, shape.vocab_size)
   check_model_knobs(shape, config, task)
@@ -447,11 +484,15 @@ def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seco
   tx = optimizers.make_optimizer(config)
   state = train_steps.create_state(task, tx, config.seed)
   counts = check_matmul_parameters(cfg, family, state.params)
-  devices = jax.local_devices()[:1]
+  devices = jax.local_devices()[:num_devices]
+  if len(devices) < num_devices or shape.batch % num_devices:
+    raise SystemExit(f"shape {shape.name}: {num_devices} devices asked, {len(devices)} "
+                     f"present; the batch ({shape.batch}) must divide between them")
   p_train, _, _ = train_steps.compile_steps(task, tx, config, devices)
   p_state = train_steps.replicate(state, devices)
   del state
-  batch = synthetic_batch(task, task.vocab_size, shape.batch, seed)
+  batch = {k: v.reshape((num_devices, v.shape[1] // num_devices) + v.shape[2:])
+           for k, v in synthetic_batch(task, task.vocab_size, shape.batch, seed).items()}
 
   t0 = time.perf_counter()
   p_state, metrics = p_train(p_state, batch)
@@ -491,6 +532,7 @@ def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seco
   achieved = flops["total"] / step_s
   return {
       "shape": shape.name, "family": family, "task": shape.task, "size": shape.size,
+      "devices": num_devices,
       "params": counts["total"], "params_matmul": counts["matmul"],
       "batch": shape.batch, "src_length": src_len, "tgt_length": tgt_len,
       "vocab_size": task.vocab_size, "dropout_rate": config.optim.dropout_rate,
@@ -543,6 +585,7 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
   columns = [
       ("shape", lambda r: r["shape"]),
       ("family", lambda r: r["family"]),
+      ("devices", lambda r: str(r.get("devices", 1))),
       ("params", lambda r: f"{r['params'] / 1e6:.2f}M"),
       ("batch x lengths", _lengths),
       ("vocab", lambda r: str(r["vocab_size"])),
@@ -564,6 +607,11 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
                     else f"{100 * r['mfu_bf16_peak']:.1f}"))
   columns.append(("reference MFU %", lambda r: "" if r["ref_mfu"] is None
                   else f"{r['ref_mfu']:.0f}"))
+  if any(r.get("peer_tokens_per_sec") for r in rows):
+    columns += [("peer tokens/s", lambda r: f"{r['peer_tokens_per_sec']:,.0f}"
+                 if r.get("peer_tokens_per_sec") else ""),
+                ("ours / peer", lambda r: f"{r['tokens_per_sec'] / r['peer_tokens_per_sec']:.2f}x"
+                 if r.get("peer_tokens_per_sec") else "")]
   lines = ["| " + " | ".join(h for h, _ in columns) + " |",
            "|" + "---|" * len(columns)]
   lines += ["| " + " | ".join(fn(r) for _, fn in columns) + " |" for r in rows]
@@ -588,6 +636,15 @@ def parse_args(argv=None):
                       help="also measure a bfloat16 matmul peak (auto: when a bfloat16 "
                            "row is selected)")
   parser.add_argument("--seed", type=int, default=0, help="synthetic batch tokens")
+  parser.add_argument("--cpu_devices", type=int, default=0,
+                      help="split the host into this many pmap devices and each batch over "
+                           "them (0: one device; set before JAX starts)")
+  parser.add_argument("--peer", choices=("", "nanogpt"), default="",
+                      help="also measure nanoGPT beside the rows that have a peer")
+  parser.add_argument("--peer_python", default=sys.executable,
+                      help="a Python with PyTorch for the peer")
+  parser.add_argument("--peer_iterations", type=int, default=60,
+                      help="nanoGPT iterations a measurement (the first 10 not counted)")
   parser.add_argument("--output", default="", help="also write the results as JSON here")
   return parser.parse_args(argv)
 
@@ -633,8 +690,26 @@ def main(argv=None):
   for name, why in skipped:
     print(f"skipping {name}: {why}", file=sys.stderr, flush=True)
 
+  num_devices = max(args.cpu_devices, 1)
+  if len(jax.local_devices()) < num_devices:
+    raise SystemExit(f"--cpu_devices={args.cpu_devices} but JAX has "
+                     f"{len(jax.local_devices())} device(s): run this file as a script or "
+                     f"module (it sets XLA_FLAGS before JAX starts)")
+  peer_shapes = sorted({SHAPES_BY_NAME[n].peer for n in names
+                        if SHAPES_BY_NAME[n].peer == "nanogpt_cpu"}) if args.peer else []
+  peer_runs: Dict[str, List[Dict[str, Any]]] = {p: [] for p in peer_shapes}
+  folder = peers.prepare_nanogpt() if peer_shapes else None
+
+  def measure_peers():
+    for kind in peer_shapes:
+      run = peers.nanogpt_cpu_iteration(folder, args.peer_python, args.peer_iterations)
+      peer_runs[kind].append(run)
+      print(f"peer {run['peer']}: {run['iteration_ms']:.1f} ms an iteration, "
+            f"{run['tokens_per_sec']:,.0f} tokens/s", file=sys.stderr, flush=True)
+
   start = time.perf_counter()
   load_before = os.getloadavg()
+  measure_peers()
   # The machine may be shared: the peak is measured before every shape and once at the end,
   # and MFU uses the median of those measurements; their spread shows the noise.
   peaks = [measure_peak(args.peak_size, args.peak_reps)]
@@ -646,7 +721,7 @@ def main(argv=None):
     if i:
       peaks.append(measure_peak(args.peak_size, args.peak_reps))
     row = run_shape(SHAPES_BY_NAME[name], args.steps, args.rounds, args.warmup,
-                    args.min_round_seconds, args.seed)
+                    args.min_round_seconds, args.seed, num_devices)
     row["peak_before"] = peaks[-1]["flops_per_sec"]
     row["load_average_after"] = os.getloadavg()
     results.append(row)
@@ -654,6 +729,12 @@ def main(argv=None):
           f"step {row['step_s'] * 1e3:.1f} ms, "
           f"{row['flops_per_sec'] / 1e9:.1f} GFLOP/s (peak just before: "
           f"{row['peak_before'] / 1e9:.1f})", file=sys.stderr, flush=True)
+  measure_peers()
+  for row in results:  # against the peer's faster measurement
+    runs = peer_runs.get(SHAPES_BY_NAME[row["shape"]].peer)
+    if runs:
+      row["peer_runs"] = runs
+      row["peer_tokens_per_sec"] = max(r["tokens_per_sec"] for r in runs)
   peaks.append(measure_peak(args.peak_size, args.peak_reps))
   larger = measure_peak(2 * args.peak_size, max(args.peak_reps // 4, 3))
   peak = statistics.median(p["flops_per_sec"] for p in peaks)
@@ -667,7 +748,8 @@ def main(argv=None):
   total_s = time.perf_counter() - start
   load_after = os.getloadavg()
 
-  print("\n" + run_record.machine_line(f"{len(jax.local_devices())} local device(s)"))
+  print("\n" + run_record.machine_line(f"{num_devices} of {len(jax.local_devices())} local "
+                                       f"device(s) used"))
   print(run_record.load_line(load_before, load_after))
   spread = sorted(p["flops_per_sec"] / 1e9 for p in peaks)
   print(f"peak for MFU: jitted float32 {args.peak_size}x{args.peak_size} matmul "
@@ -682,6 +764,11 @@ def main(argv=None):
   print("tokens/s counts target tokens (enc-dec), sequence tokens (decoder-only) or input "
         "tokens (encoder-only); src+tgt adds an enc-dec's source tokens.\n")
   print(markdown_table(results))
+  for kind, runs in peer_runs.items():
+    print(f"peer ({kind}): {runs[0]['peer']}, `{runs[0]['command']}` (torch threads "
+          f"{runs[0]['torch_threads']}): "
+          + ", ".join(f"{r['iteration_ms']:.1f} ms ({r['tokens_per_sec']:,.0f} tokens/s)"
+                      for r in runs) + " (before the first row, after the last)")
   for name, why in skipped:
     print(f"skipped {name}: {why}")
   print(f"\ntotal time {total_s:.0f} s")
@@ -689,7 +776,7 @@ def main(argv=None):
     run_record.write_json(args.output, {
         "args": vars(args), "peak_flops_per_sec": peak, "peaks": peaks,
         "peak_larger": larger, "peak_bf16": bf16_peak,
-        "skipped": [{"shape": n, "why": w} for n, w in skipped],
+        "skipped": [{"shape": n, "why": w} for n, w in skipped], "peers": peer_runs,
         "load_before": load_before,
         "load_after": load_after, "total_s": total_s, "rows": results})
 

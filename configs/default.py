@@ -155,6 +155,7 @@ def _loop() -> ml_collections.ConfigDict:
   train = ml_collections.ConfigDict()
   train.batch_size = 64  # global batch size, split over all devices
   train.grad_accum_steps = 1  # micro-batches accumulated per update
+  train.steps_per_call = 1  # updates per dispatch (lax.scan over their batches); >1 for short steps
   train.num_train_steps = 3000  # total optimizer updates
   train.log_every_steps = 100  # progress line and training metrics
   train.checkpoint_every_steps = 1000  # asynchronous checkpoint

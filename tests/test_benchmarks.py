@@ -112,3 +112,75 @@ def test_compile_time_compiles_from_nothing_each_repetition(restore_persistent_c
   # A cache hit (in memory or on disk) would return in milliseconds.
   assert second > 0.25 * first, row["compile_s_all"]
   assert row["step_s"] > 0 and row["layers"] == 1 and not row["scan_layers"]
+
+
+def test_gpt2_small_shape_is_nanogpts_bench_model():
+  """The GPU shape that is compared with nanoGPT's bench.py has its parameter count (no
+  biases, layer norms with a scale only, tied output, learned positions; our position
+  table has one row more than the context) and passes the FLOP formula's check."""
+  shape = tt.SHAPES_BY_NAME["gpt2_small"]
+  assert shape.peer == "nanogpt_bench" and shape.batch == 12 and shape.tgt_length == 1024
+  config = tt.build_config(shape)
+  task = tt.build_task(config, shape.vocab_size)
+  tt.check_model_knobs(shape, config, task)
+  params = jax.eval_shape(task.init_params, jax.random.PRNGKey(0))
+  counts = tt.check_matmul_parameters(task.model.config, "decoder-only", params)
+  d, layers, vocab = 768, 12, 50304
+  nanogpt = layers * (12 * d * d + 2 * d) + vocab * d + 1024 * d + d  # weights + ln scales
+  assert counts["total"] == nanogpt + d
+  assert tt.select_shapes("gpu")[0] == tt.GROUPS["gpu"]
+  assert not set(tt.GROUPS["gpu"]) & set(tt.GROUPS["all"])  # never run on the CPU by "all"
+
+
+def test_peer_output_parsing():
+  """The lines nanoGPT's train.py and bench.py print, read back."""
+  from benchmarks import peers  # pylint: disable=g-import-not-at-top
+  out = ("step 0: train loss 4.2, val loss 4.2\niter 0: loss 4.1877, time 2267.44ms, mfu -100.00%\n"
+         "iter 1: loss 3.9, time 38.70ms, mfu 0.04%\nsaving checkpoint\n")
+  assert peers.iteration_ms(out) == [2267.44, 38.7]
+  assert peers.evaluation("step 250: train loss 1.9734, val loss 2.0653") == {
+      "step": 250, "val_loss": 2.0653}
+  assert peers.evaluation("iter 250: loss 1.9, time 3.1ms, mfu 1%") is None
+  assert peers.BENCH.search("time per iteration: 26.5012ms, MFU: 40.12%").group(1) == "26.5012"
+
+
+def test_loop_rate_leaves_out_the_first_interval():
+  from benchmarks import loop_speed  # pylint: disable=g-import-not-at-top
+  records = [{"step": 50, "time": 100.0, "train/loss": 3.0},
+             {"step": 50, "time": 101.0, "eval/loss": 3.0},  # not a training record
+             {"step": 100, "time": 102.0, "train/loss": 2.0},
+             {"step": 150, "time": 104.5, "train/loss": 1.0}]
+  rate = loop_speed.loop_rate(records)
+  assert rate["steps"] == 100 and rate["seconds"] == pytest.approx(4.5)
+  with pytest.raises(SystemExit, match="fewer than 2"):
+    loop_speed.loop_rate(records[:2])
+
+
+def test_early_cpu_devices_flag():
+  from benchmarks import run_record  # pylint: disable=g-import-not-at-top
+  assert run_record.early_int_flag(["--shapes=x", "--cpu_devices=2"], "cpu_devices") == 2
+  assert run_record.early_int_flag(["--cpu_devices", "4"], "cpu_devices") == 4
+  assert run_record.early_int_flag(["--cpu_devices_x=4"], "cpu_devices") == 0
+  flags = "--xla_force_host_platform_device_count=8 --xla_foo=1"
+  assert run_record.cpu_device_flags(2, flags) == (
+      "--xla_foo=1 --xla_force_host_platform_device_count=2")
+  assert run_record.cpu_device_flags(0, flags) == "--xla_foo=1"
+
+
+def test_gpu_report_table(tmp_path):
+  """Ratios from the step, loop and recipe JSON files; a missing file is named."""
+  from benchmarks import gpu_report, run_record  # pylint: disable=g-import-not-at-top
+  row = {"shape": "gpt2_small", "batch": 12, "tokens_per_sec": 500000.0,
+         "peer_tokens_per_sec": 400000.0, "mfu_published": 0.4, "mfu_measured": 0.5}
+  run_record.write_json(str(tmp_path / "gpu_mfu.json"), {
+      "device": "H200", "measured_peak_flops_per_sec": 7e14,
+      "published_peak_flops_per_sec": 9.89e14, "rows": [row]})
+  run_record.write_json(str(tmp_path / "recipe_ours.json"), {
+      "target": 1.47, "reached_target_at": {"step": 1500, "wall_s": 60.0}})
+  run_record.write_json(str(tmp_path / "recipe_nanogpt.json"), {
+      "target": 1.47, "reached": {"step": 1500, "wall_s": 80.0}})
+  text = "\n".join(gpu_report.table(str(tmp_path)))
+  assert "| 500,000 | 400,000 | 1.25x |" in text
+  assert "40.0%; 50.0%" in text
+  assert "60 s (step 1500) | 80 s (step 1500) | 0.75x time |" in text
+  assert "not in" in text and "loop_speed.json" in text

@@ -217,6 +217,64 @@ def test_device_prefetch_yields_each_batch_with_the_position_after_it(size):
   assert isinstance(out[0][0]["inputs"], jax.Array if size else np.ndarray)
 
 
+def test_device_prefetch_stacks_the_batches_of_one_call():
+  """With `sizes`, one item per call: n > 1 batches stacked on axis 1, in order, with the
+  position after the call's last batch; n = 1 a plain batch."""
+  dataset = grain.MapDataset.range(10).map(
+      lambda i: {"inputs": np.full((1, 2, 3), i, np.int32)})
+  iterator = batching.iterate(dataset)
+  out = list(steps.prefetch_to_devices(iterator, ONE_DEVICE, 1, 3, sizes=[2, 1, 3]))
+  shapes = [np.asarray(batch["inputs"]).shape for batch, _ in out]
+  assert shapes == [(1, 2, 2, 3), (1, 2, 3), (1, 3, 2, 3)]
+  assert [np.asarray(out[2][0]["inputs"])[0, :, 0, 0].tolist()] == [[3, 4, 5]]
+  assert [position for _, position in out] == [{"next_index": n} for n in (2, 3, 6)]
+  assert iterator.get_state() == {"next_index": 6}
+
+
+def test_call_sizes_never_run_past_a_step_the_loop_acts_after():
+  assert train.call_sizes(0, 11, 3, lambda done: done % 5 == 0) == [3, 1, 1, 3, 1, 1, 1]
+  assert train.call_sizes(4, 4, 3, lambda done: False) == []
+  assert train.call_sizes(0, 7, 1, lambda done: False) == [1] * 7
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    start, total, per_call = rng.integers(0, 20), rng.integers(20, 60), rng.integers(1, 9)
+    periods = rng.integers(1, 15, size=3)
+    acts = lambda done: any(done % p == 0 for p in periods)  # noqa: E731
+    sizes = train.call_sizes(start, total, per_call, acts)
+    ends = start + np.cumsum(sizes)
+    assert ends[-1] == total and set(sizes) <= {1, per_call}
+    assert {d for d in range(start + 1, total + 1) if acts(d)} <= set(ends.tolist())
+
+
+def test_steps_per_call_makes_the_same_updates(tmp_path):
+  """steps_per_call=3 (one lax.scan per call, single steps around the log and save steps):
+  the same losses, parameters, optimizer state and data position as one update a call,
+  dropout included."""
+  def run(per_call):
+    config = tiny_config("generation", train=dict(num_train_steps=11, log_every_steps=5,
+                                                  checkpoint_every_steps=10,
+                                                  steps_per_call=per_call),
+                         eval=dict(eval_every_steps=100), optim=dict(dropout_rate=0.1))
+    workdir = str(tmp_path / str(per_call))
+    train.train_and_evaluate(config, workdir, devices=ONE_DEVICE, final_evaluation=False)
+    return config, workdir
+  (c1, one), (c3, three) = run(1), run(3)
+  assert sorted(train_losses(three)) == [5, 10, 11]
+  np.testing.assert_allclose([train_losses(three)[s] for s in (5, 10, 11)],
+                             [train_losses(one)[s] for s in (5, 10, 11)], rtol=1e-6)
+  a, b = restored_state(c1, one), restored_state(c3, three)
+  assert int(a.step) == int(b.step) == 11
+  assert_trees_close(a.params, b.params)
+  assert_trees_close(a.opt_state, b.opt_state)
+  positions = []
+  for workdir in (one, three):
+    checkpoints = checkpointing.Checkpointer(workdir, keep=3)
+    positions.append([checkpoints.restore_data_state(s) for s in (10, 11)])
+    checkpoints.close()
+  assert positions[0] == positions[1]
+  assert positions[1][1] is not None
+
+
 def test_profile_steps_writes_a_trace(tmp_path):
   """profile_steps=0 writes nothing; otherwise a resumed run traces the steps after its
   first into <workdir>/profile (an XPlane file, with the steps' annotations)."""

@@ -19,7 +19,8 @@ device, each (a pmapped step holds a replica of everything per device)
     max(num_encoder_layers, num_decoder_layers) blocks of self-attention and feed-forward
     (a translation model has both stacks; biases, norms and positions are left out);
   - training: their gradients and the optimizer's two moments (Adam, AdamW), all float32;
-  - the batches on the device (config.data.device_prefetch ahead, and the one in use);
+  - the batches on the device (config.data.device_prefetch ahead, and the one in use;
+    each of them config.train.steps_per_call batches);
   - activations kept for the backward pass of one micro-batch (batch / devices /
     grad_accum_steps rows), in the compute dtype, per counted block: the block input, q,
     k, v, the attention output, the feed-forward hidden layer, and (reference attention
@@ -109,7 +110,8 @@ def training_need(config, lengths: Mapping[str, int], vocab_size: int, num_devic
   micro_rows = max(rows // (num_devices * t.grad_accum_steps), 1)
   activations = _activations(config, micro_rows, max(lengths.values()), vocab_size,
                              backward=True)
-  on_device = (max(d.device_prefetch, 0) + 1) * batch // num_devices
+  # Each prefetched item (and the one in use) holds the batches of one call of the step.
+  on_device = (max(d.device_prefetch, 0) + 1) * t.steps_per_call * batch // num_devices
   device = state + on_device + activations
   parts = (f"host: {held} batches of {_gib(batch)} and {_gib(objects)} of examples being "
            f"batched; each device: parameters, gradients and optimizer state "

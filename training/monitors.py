@@ -93,6 +93,11 @@ class StepTrace:
     if count:  # the profiler writes only when the trace stops: try the place first
       files.check_writable(directory)
 
+  def edges(self) -> set:
+    """The update counts at which the trace starts and stops: a call of several updates
+    (config.train.steps_per_call) must end at each, not run past it."""
+    return {self.start, self.start + self.count} if self.count else set()
+
   def before(self, step: int, state) -> None:
     """Call before step `step` (0-based) is dispatched, with the state it will update."""
     if self.count and step == self.start:

@@ -2,9 +2,11 @@
 
     TrainState           step, parameters, optimizer state, dropout key
     train_step           one optimizer update on a device's shard (micro-batches, psum)
+    train_steps          several updates in one call (lax.scan of train_step over batches)
     eval_step            summed loss metrics of a batch (optionally with heads removed)
     compile_steps        the pmapped train, eval and predict functions: the one place
                          pmap appears, so a jit-with-sharding wrapper could serve them later
+    compile_multi_step   the pmapped train_steps (config.train.steps_per_call > 1)
     replicate, prefetch_to_devices, unreplicate_to_host: host <-> device layouts
 
 The steps take the task (tasks.base.Task) and the optimizer as arguments; nothing here
@@ -14,7 +16,7 @@ knows a task family or a file.
 import collections
 import functools
 import time
-from typing import Any, List, Sequence
+from typing import Any, List, Optional, Sequence
 
 import flax
 import jax
@@ -92,6 +94,15 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int):
   return new_state, {**sums, **stats}
 
 
+def train_steps(state: TrainState, batches, *, task, tx, grad_accum_steps: int):
+  """`n` updates in one call: `train_step` scanned over `batches`, whose leaves are
+  `[n, ...]` (one batch per update, in order). Returns the state after the last update and
+  each update's metrics stacked `[n]`. The same updates as `n` calls of `train_step`; one
+  dispatch instead of `n` where the host's per-step overhead matters (short steps)."""
+  step = functools.partial(train_step, task=task, tx=tx, grad_accum_steps=grad_accum_steps)
+  return jax.lax.scan(step, state, batches)
+
+
 def eval_step(params, batch, head_mask=None, *, task):
   """Summed loss metrics of one batch, summed over devices; `head_mask`: the heads to
   remove (see inspection.attention_maps.head_mask_tree), None for the whole model."""
@@ -152,6 +163,17 @@ class AnnouncedCompile:
     return getattr(self.fn, name)
 
 
+def compile_multi_step(task, tx, config, devices: Sequence[jax.Device]):
+  """The pmapped `train_steps`: its batches are `[devices, n, per_device_batch, ...]` (see
+  `prefetch_to_devices`' `sizes`), its metrics `[devices, n]`. One compilation per `n`
+  (the loop uses only config.train.steps_per_call)."""
+  return AnnouncedCompile(
+      jax.pmap(functools.partial(train_steps, task=task, tx=tx,
+                                 grad_accum_steps=config.train.grad_accum_steps),
+               axis_name=AXIS, devices=step_devices(devices), donate_argnums=(0,)),
+      f"the train step x {config.train.steps_per_call} (steps_per_call)")
+
+
 def compile_masked_eval(task, devices: Sequence[jax.Device]):
   """The pmapped eval step taking a head mask, the same on every device, as a third
   argument (head importance)."""
@@ -191,24 +213,32 @@ def device_sharding(devices: Sequence[jax.Device]) -> jax.sharding.NamedSharding
                                     jax.sharding.PartitionSpec(AXIS))
 
 
-def prefetch_to_devices(iterator, devices: Sequence[jax.Device], size: int, count: int):
-  """Yields `count` pairs (batch, position) from a grain iterator of host batches
-  `[local_devices, per_device_batch, ...]`.
+def prefetch_to_devices(iterator, devices: Sequence[jax.Device], size: int, count: int,
+                        sizes: Optional[Sequence[int]] = None):
+  """Yields pairs (batch, position) from a grain iterator of host batches
+  `[local_devices, per_device_batch, ...]`: `count` of them, one per step, or with `sizes`
+  one per entry of `sizes`, whose batch is that many consecutive host batches stacked
+  `[local_devices, n, per_device_batch, ...]` when n > 1 (the input of
+  `compile_multi_step`'s function) and a plain batch when n = 1.
 
-  With `size` > 0 each batch is put on `devices` (`device_sharding`) `size` batches before
+  With `size` > 0 each item is put on `devices` (`device_sharding`) `size` items before
   it is yielded, so its host-to-device copy (asynchronous) overlaps the steps before it
   instead of starting when its step is called; with 0 the host batches pass through (the
-  pmapped step copies them). `position` is the iterator's state just after that batch: a
-  checkpoint saved after the batch's step must hold it, not the state after the batches
-  already fetched ahead, or a resumed run would skip them. Nothing past `count` is read.
+  pmapped step copies them). `position` is the iterator's state just after the item's
+  last batch: a checkpoint saved after the item's steps must hold it, not the state after
+  the batches already fetched ahead, or a resumed run would skip them. Nothing past the
+  items asked for is read.
   """
   sharding = device_sharding(devices)
+  sizes = [1] * count if sizes is None else list(sizes)
   queue = collections.deque()
   fetched = 0
-  for _ in range(count):
-    while fetched < count and len(queue) <= size:
-      batch = next(iterator)
+  for _ in range(len(sizes)):
+    while fetched < len(sizes) and len(queue) <= size:
+      group = [next(iterator) for _ in range(sizes[fetched])]
       position = iterator.get_state()
+      batch = group[0] if len(group) == 1 else jax.tree.map(
+          lambda *xs: np.stack(xs, axis=1), *group)
       queue.append((jax.device_put(batch, sharding) if size else batch, position))
       fetched += 1
     yield queue.popleft()
