@@ -2,6 +2,7 @@
 
     python benchmarks/generation.py nanogpt --output=/tmp/nanogpt.json
     python benchmarks/generation.py nanogpt --variant=recipe=fast
+    python benchmarks/generation.py nanogpt --variant=recipe=fast --peer   # nanoGPT beside it
     python benchmarks/generation.py speed --variant=size=nanogpt --batches=1,16
 
 nanogpt: trains configs/generation.py (tiny Shakespeare, nanoGPT's CPU model shape) in a
@@ -13,7 +14,9 @@ nanogpt: trains configs/generation.py (tiny Shakespeare, nanoGPT's CPU model sha
       --target, and the best validation loss; then, from the final checkpoint, the
       validation loss without the first position of each window (predicted without
       context; nanoGPT's targets always have some). Extra `--config.<group>.<field>=y` overrides
-      pass through.
+      pass through. `--peer` then runs nanoGPT's README CPU recipe (benchmarks/peers.py;
+      its train.py, 2,000 iterations of 12 x 64 characters) and reports its process wall
+      time, final validation loss, and our time to --target over its wall time.
 speed: tokens/s of sampling with and without the key/value cache (the uncached path
       recomputes the whole prefix for every new token), at each batch size: one jitted
       call generates `--new_tokens` tokens a row after a one-token prompt (EOS is never
@@ -106,6 +109,22 @@ def loss_without_first_positions(workdir, overrides, variant=""):
           "first_position": float(losses[:, 0][real[:, 0]].mean())}
 
 
+# nanoGPT's README CPU command (../shared/peers/README.md), flags after its config file.
+NANOGPT_EVAL_ITERS = 20
+NANOGPT_CPU_RECIPE = ["--device=cpu", "--compile=False", f"--eval_iters={NANOGPT_EVAL_ITERS}",
+                      "--log_interval=1", "--block_size=64", "--batch_size=12", "--n_layer=4",
+                      "--n_head=4", "--n_embd=128", "--max_iters=2000",
+                      "--lr_decay_iters=2000", "--dropout=0.0"]
+
+
+def run_peer(args):
+  """nanoGPT's README CPU recipe, run once after ours (benchmarks/peers.py)."""
+  from benchmarks import peers  # pylint: disable=g-import-not-at-top
+  folder = peers.prepare_nanogpt()
+  return peers.nanogpt_shakespeare(folder, args.peer_python, args.target,
+                                   flags=NANOGPT_CPU_RECIPE)
+
+
 def run_speed(args):
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp
@@ -166,6 +185,9 @@ def main():
   p.add_argument("--variant", default="", help="of configs/generation.py, e.g. recipe=fast")
   p.add_argument("--workdir", default="")
   p.add_argument("--output", default="")
+  p.add_argument("--peer", action="store_true",
+                 help="also run nanoGPT's README CPU recipe and compare wall times")
+  p.add_argument("--peer_python", default=sys.executable, help="a Python with PyTorch")
   s = sub.add_parser("speed")
   s.add_argument("--variant", default="size=nanogpt")
   s.add_argument("--batches", default="1,16")
@@ -189,6 +211,14 @@ def main():
     print(f"final val loss {by['all_positions']:.4f} over all positions, "
           f"{by['without_first']:.4f} without the first of each window "
           f"(first alone: {by['first_position']:.4f})")
+    if args.peer:
+      result["peer"] = run_peer(args)
+      peer = result["peer"]
+      last = peer["curve"][-1] if peer["curve"] else None
+      print(f"nanoGPT's CPU recipe: process wall {peer['process_wall_s']:.1f} s, final val "
+            f"loss {last['val_loss'] if last else float('nan'):.4f} (its {NANOGPT_EVAL_ITERS}"
+            f"-batch estimate)" + (f"; ours to {args.target} / its wall: "
+                                   f"{hit['wall_s'] / peer['process_wall_s']:.2f}" if hit else ""))
   else:
     if rest:
       parser.error(f"unknown arguments {rest}")
