@@ -121,6 +121,7 @@ def _data(task: str) -> ml_collections.ConfigDict:
   data.pack_examples = False  # pack several examples per training row (segment ids, positions)
   data.validation_fraction = 0.0  # LM text files: hold out this last share of train as validation
   data.text_documents = "file"  # LM text files: a document is a whole "file" or each "line"
+  data.length_bucket = 0  # padded rows: batch similar lengths, cut to a multiple of this; 0 = off
   data.lm_batching = "windows"  # LM real text: "windows" of one stream, or "documents" (own rows)
   data.shuffle_seed = 0  # order of training examples
   data.data_threads = 2  # grain threads making training batches ahead of the step; 0 = in the loop

@@ -10,6 +10,7 @@ process p reads rows [p * b, (p + 1) * b) of the global batch a single process w
 (b = global batch / processes), so the global batch does not depend on the process count.
 """
 
+import functools
 from typing import Dict, Iterator, Mapping, Optional
 
 import grain
@@ -75,7 +76,7 @@ def _pad_and_stack(examples, lengths: Mapping[str, int], batch_size: int,
 def batched_dataset(source, *, batch_size: int, num_devices: int,
                     lengths: Mapping[str, int], shuffle: bool, seed: int = 0,
                     repeat: bool = False, process_index: int = 0,
-                    process_count: int = 1) -> grain.MapDataset:
+                    process_count: int = 1, bucket: int = 0) -> grain.MapDataset:
   """A grain MapDataset of device-shaped batches (see module docstring).
 
   Args:
@@ -88,6 +89,8 @@ def batched_dataset(source, *, batch_size: int, num_devices: int,
     repeat: cycle forever (training); otherwise one pass, last batch zero-filled.
     process_index, process_count: this process reads rows [process_index * batch_size,
       (process_index + 1) * batch_size) of each global batch (see module docstring).
+    bucket: > 0 (one process, endless shuffled training batches): batches of examples of
+      similar length, each cut to a multiple of `bucket` tokens (`length_bucketed`).
   """
   if batch_size % num_devices:
     raise ValueError(f"batch size {batch_size} is not divisible by {num_devices} devices")
@@ -96,11 +99,49 @@ def batched_dataset(source, *, batch_size: int, num_devices: int,
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat(None)
+  if bucket:
+    if not (shuffle and repeat) or process_count > 1:
+      raise ValueError("length buckets are for one process's endless shuffled batches")
+    return length_bucketed(ds, batch_size, num_devices, lengths, bucket, seed)
   if process_count > 1:
     ds = _rows_of_process(ds, source, batch_size, process_index, process_count, repeat)
   return ds.batch(batch_size, drop_remainder=repeat,
                   batch_fn=lambda examples: _pad_and_stack(examples, lengths, batch_size,
                                                            num_devices))
+
+
+BUCKET_WINDOW = 32  # batches whose examples are sorted by length together
+
+
+def length_bucketed(ds: grain.MapDataset, batch_size: int, num_devices: int,
+                    lengths: Mapping[str, int], bucket: int, seed: int) -> grain.MapDataset:
+  """Batches of `ds` (shuffled, endless) in which examples of similar length sit together.
+
+  Each window of BUCKET_WINDOW batches' examples is sorted by length and cut into batches,
+  taken in a random order (seeded per window); each batch is padded to its longest example
+  rounded up to a multiple of `bucket` (at most `lengths`), so short rows are not padded
+  to the longest row of the data. Every example of the window is still seen once, and
+  batch k stays a pure function of (data, seed, k). A step compiles once per padded length.
+  """
+  window = BUCKET_WINDOW * batch_size
+
+  @functools.lru_cache(maxsize=4)  # the data threads read a window's batches in turn
+  def window_order(w: int):
+    examples = [ds[w * window + i] for i in range(window)]
+    size = [max(len(e[k]) for k in lengths) for e in examples]
+    order = sorted(range(window), key=size.__getitem__)
+    turn = np.random.default_rng([seed, w]).permutation(BUCKET_WINDOW)
+    return examples, order, turn
+
+  def make(b: int) -> Batch:
+    w, k = divmod(b, BUCKET_WINDOW)
+    examples, order, turn = window_order(w)
+    rows = [examples[i] for i in order[turn[k] * batch_size:(turn[k] + 1) * batch_size]]
+    longest = max(len(e[key]) for e in rows for key in lengths)
+    cut = {key: min(n, -(-longest // bucket) * bucket) for key, n in lengths.items()}
+    return _pad_and_stack(rows, cut, batch_size, num_devices)
+
+  return grain.MapDataset.range(len(ds) // window * BUCKET_WINDOW).map(make)
 
 
 def _rows_of_process(ds: grain.MapDataset, source, rows: int, process_index: int,

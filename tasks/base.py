@@ -198,7 +198,8 @@ class Task:
     return batching.batched_dataset(
         source, batch_size=batch_size // process_count, num_devices=num_devices,
         lengths=self.lengths, shuffle=True, seed=d.shuffle_seed, repeat=True,
-        process_index=process_index, process_count=process_count)
+        process_index=process_index, process_count=process_count,
+        bucket=d.get("length_bucket", 0))
 
   def eval_dataset(self, split: str, batch_size: int, num_devices: int,
                    process_index: int = 0, process_count: int = 1) -> grain.MapDataset:

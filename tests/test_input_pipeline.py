@@ -371,3 +371,26 @@ def test_read_all_falls_back_when_batched_reads_fail():
       raise TypeError("_getitems() missing 1 required positional argument")
 
   assert sources.read_all(Broken(5), lambda r: r, chunk=2) == list(range(5))
+
+
+def test_length_buckets_keep_every_example_once_and_cut_rows_to_a_multiple():
+  """config.data.length_bucket: a window's examples each appear once, in batches of
+  similar lengths padded to a multiple of the bucket; batch k is the same when read again
+  (a resumed run reads what the uninterrupted one read)."""
+  rng = np.random.default_rng(0)
+  window = batching.BUCKET_WINDOW * 8
+  source = [{"inputs": np.arange(1, rng.integers(1, 41) + 1, dtype=np.int32),
+             "index": np.int32(i)} for i in range(window * 2 + 5)]
+  ds = batching.batched_dataset(source, batch_size=8, num_devices=2, lengths={"inputs": 40},
+                                shuffle=True, seed=3, repeat=True, bucket=16)
+  batches = [ds[k] for k in range(batching.BUCKET_WINDOW)]
+  seen = np.concatenate([b["index"].ravel() for b in batches])
+  assert sorted(seen) == sorted(set(seen)) and len(seen) == window
+  widths = [b["inputs"].shape[-1] for b in batches]
+  assert set(widths) <= {16, 32, 40} and len(set(widths)) > 1
+  for b in batches:
+    real = (b["inputs"] > 0).sum(-1)
+    assert real.max() > b["inputs"].shape[-1] - 16 or b["inputs"].shape[-1] == 16
+    for row, index in zip(b["inputs"].reshape(8, -1), b["index"].ravel()):
+      np.testing.assert_array_equal(row[row > 0], source[index]["inputs"])
+  np.testing.assert_array_equal(ds[5]["inputs"], batches[5]["inputs"])

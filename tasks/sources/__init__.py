@@ -104,8 +104,13 @@ def check_config(config, family) -> None:
   for field in ("min_digits", "max_digits", "max_input_length", "max_target_length",
                 "num_eval_examples"):
     data.integer(field, 1)
-  for field in ("shuffle_seed", "data_threads", "data_prefetch", "device_prefetch"):
+  for field in ("shuffle_seed", "data_threads", "data_prefetch", "device_prefetch",
+                "length_bucket"):
     data.integer(field, 0)
+  if data["length_bucket"] and (data["pack_examples"]
+                                or config.train.get("steps_per_call", 1) > 1):
+    data.fail("length_bucket", "batches of several padded lengths need pack_examples=False "
+                               "and train.steps_per_call=1 (one batch shape per call)")
   data.integer("max_eval_length", 2)
   for field in ("max_input_length", "max_target_length", "max_eval_length"):
     if data[field] > MAX_LENGTH:
