@@ -39,6 +39,8 @@ def get_config(arg=None) -> ml_collections.ConfigDict:
   c.accel = "cpu"  # the accelerator preset applied (presets.ACCELERATORS: cpu, gpu, tpu)
   c.seed = 0  # parameter initialisation and dropout
   c.init_from = ""  # a Hugging Face folder (GPT-2, Marian): its model, weights and tokenizer
+  c.objective = ""  # "" = the family's own; "mlm": masked-token pre-training (classification)
+  c.init_encoder_from = ""  # classification: a workdir whose encoder and tokenizer start the run
 
   c.model = _model()
   c.compute = _compute()
@@ -119,9 +121,9 @@ def _data(task: str) -> ml_collections.ConfigDict:
   data.tokenizer_path = ""  # existing tokenizer model file(s), "src,tgt" if separate; "" = train
   data.tokenizer_max_sentences = 1_000_000  # sentences sampled to train sentencepiece
   data.pack_examples = False  # pack several examples per training row (segment ids, positions)
+  data.length_bucket = 0  # padded rows: batch similar lengths, cut to a multiple of this; 0 = off
   data.validation_fraction = 0.0  # LM text files: hold out this last share of train as validation
   data.text_documents = "file"  # LM text files: a document is a whole "file" or each "line"
-  data.length_bucket = 0  # padded rows: batch similar lengths, cut to a multiple of this; 0 = off
   data.lm_batching = "windows"  # LM real text: "windows" of one stream, or "documents" (own rows)
   data.shuffle_seed = 0  # order of training examples
   data.data_threads = 2  # grain threads making training batches ahead of the step; 0 = in the loop
@@ -147,6 +149,8 @@ def _optim(task: str) -> ml_collections.ConfigDict:
   optim.z_loss = 0.0  # training loss += z_loss * (log softmax normaliser)^2 (PaLM: 1e-4)
   optim.dropout_rate = 0.0  # residual, embedding and feed-forward dropout
   optim.attention_dropout_rate = 0.0  # dropout on attention weights (reference path only)
+  optim.token_dropout = 0.0  # classification training: share of input tokens set to [MASK]
+  optim.mask_rate = 0.15  # objective=mlm: share of tokens predicted (80% [MASK], 10% random id)
   optim.dropout_rng = "hash"  # dropout masks: "hash" of the index (fast) or "threefry" (JAX's)
   return optim
 

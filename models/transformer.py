@@ -518,12 +518,26 @@ class Classifier(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Array, positions: Optional[Array] = None,
-               deterministic: bool = True) -> Array:
-    """inputs: `[batch, length]` -> `[batch, num_classes]` float32 logits."""
+               deterministic: bool = True, token_logits: bool = False,
+               at: Optional[Array] = None) -> Array:
+    """inputs: `[batch, length]` -> `[batch, num_classes]` float32 logits.
+
+    With `token_logits`, `[batch, length, vocab_size]` float32 logits of the token at each
+    position instead, through the encoder's embedding transposed (masked-token
+    pre-training: the parameters stay those of the classifier, the head unused); with
+    `at` (`[batch, k]` int positions) only those, `[batch, k, vocab_size]`.
+    """
     cfg = self.config
     use_cls = cfg.pooling == "cls"
-    x = Encoder(cfg, cls_token=use_cls, name="encoder")(inputs, positions, None,
-                                                         deterministic)
+    encoder = Encoder(cfg, cls_token=use_cls, name="encoder")
+    x = encoder(inputs, positions, None, deterministic)
+    if token_logits:
+      x = x[:, 1:] if use_cls else x
+      if at is not None:
+        x = jnp.take_along_axis(x, at[..., None], axis=1)
+      embedding = encoder.variables["params"]["embed"]["embedding"]
+      return jnp.einsum("bld,vd->blv", x, embedding.astype(x.dtype),
+                        preferred_element_type=jnp.float32)
     x = x.astype(jnp.float32)
     if use_cls:
       pooled = x[:, 0]

@@ -4,8 +4,13 @@ the confusion matrix; class probabilities for --mode=predict.
 On text the classes are those of tasks/sources/labeled_text.py (saved as
 <workdir>/labels.json); on the synthetic digits a string is labelled by whether most of its
 digits are >= 5.
+
+`MaskedLMTask` (config.objective="mlm") trains the same model's encoder to recover masked
+tokens of the same texts instead (tasks/masked_lm.py); a classifier then starts from it
+with config.init_encoder_from.
 """
 
+import math
 from typing import Dict, List, Optional
 
 import jax
@@ -15,8 +20,13 @@ import numpy as np
 from config_checks import Fields
 from input_pipeline import tokenizers
 from models import Classifier
-from tasks import base, classification_metrics
+from tasks import base, classification_metrics, losses, masked_lm
 from tasks.sources.labeled_text import LabeledText
+
+
+# Folded into a step's dropout key for the random draws of the input corruption (token
+# dropout, masking): independent of the model's dropout masks.
+TOKEN_DROPOUT_STREAM = 1
 
 
 class ClassificationTask(base.Task):
@@ -33,6 +43,11 @@ class ClassificationTask(base.Task):
   @classmethod
   def check_config(cls, config) -> None:
     Fields(config, "model").integer("num_encoder_layers", 1)
+    optim = Fields(config, "optim")
+    optim.rate("token_dropout")
+    optim.number("mask_rate", lambda v: 0 < v < 1, "expected a number in (0, 1)")
+    if not isinstance(config.init_encoder_from, str):
+      Fields(config).fail("init_encoder_from", "expected the workdir of a classification run")
     data = Fields(config, "data")
     if data["dataset"] == "synthetic":
       if data["max_input_length"] < data["max_digits"]:
@@ -62,6 +77,23 @@ class ClassificationTask(base.Task):
 
   def model_inputs(self, batch):
     return {"inputs": batch["inputs"]}
+
+  def initial_params(self, rng):
+    """Fresh parameters or config.init_from's; with config.init_encoder_from (when
+    training), that run's encoder under a fresh head."""
+    params = super().initial_params(rng)
+    if not self.config.get("init_encoder_from") or not self.training:
+      return params
+    return {**params, "encoder": masked_lm.load_encoder(self.config, params)}
+
+  def loss(self, params, batch, dropout_rng, train, head_mask=None):
+    """base.Task.loss; in training, config.optim.token_dropout of the tokens first become
+    [MASK] (masked_lm.drop_tokens)."""
+    rate = self.config.optim.token_dropout
+    if train and rate > 0:
+      rng = jax.random.fold_in(dropout_rng, TOKEN_DROPOUT_STREAM)
+      batch = {**batch, "inputs": masked_lm.drop_tokens(rng, batch["inputs"], rate)}
+    return super().loss(params, batch, dropout_rng, train, head_mask)
 
   def loss_targets(self, batch):
     real = batch["inputs"].any(axis=-1).astype(jnp.float32)  # zero-filled examples weigh 0
@@ -164,3 +196,78 @@ class ClassificationTask(base.Task):
     example = {"inputs": self.data.encode(text)}
     self.check_example_lengths(example)
     return example
+
+
+class MaskedLMTask(ClassificationTask):
+  """config.objective="mlm": the classifier's encoder trained to recover masked tokens of
+  the family's texts (labels unused), BERT's way (tasks/masked_lm.py). Evaluations score
+  the masked tokens of the eval split, masked the same way every time: `accuracy` and
+  `perplexity` are over those tokens. Its checkpoints start classifiers
+  (config.init_encoder_from)."""
+
+  line_mode = ""  # no --mode=predict: it predicts tokens, not classes
+  scores_predictions = False
+
+  def corrupt(self, batch, rng: Optional[jax.Array]):
+    """(masked inputs, their original ids, weights: 1 where the loss scores); `rng` None
+    (evaluation) masks with `masked_lm.eval_mask_key`."""
+    inputs = batch["inputs"]
+    rng = masked_lm.eval_mask_key(inputs) if rng is None else rng
+    masked, weights = masked_lm.mask_tokens(rng, inputs, self.config.optim.mask_rate,
+                                            self.vocab_size)
+    return masked, inputs, weights
+
+  def scored_positions(self, length: int) -> int:
+    """How many positions of a row the loss projects onto the vocabulary: twice the
+    expected masks of a full row. The vocabulary projection of the rest (padding, unmasked
+    tokens) would be most of a step's work; a row masked more than that (under 1 in 1000
+    full rows of 64 tokens at 15%) leaves its last masked positions unscored."""
+    return min(length, max(1, math.ceil(2 * self.config.optim.mask_rate * length)))
+
+  def loss(self, params, batch, dropout_rng, train, head_mask=None):
+    """Summed cross-entropy over the masked positions (tasks/losses.py)."""
+    rng = jax.random.fold_in(dropout_rng, TOKEN_DROPOUT_STREAM) if train else None
+    masked, targets, weights = self.corrupt(batch, rng)
+    _, at = jax.lax.top_k(weights, self.scored_positions(weights.shape[-1]))  # masked first
+    targets = jnp.take_along_axis(targets, at, axis=1)
+    weights = jnp.take_along_axis(weights, at, axis=1)
+    logits = self.model.apply(self.variables(params, head_mask), masked, token_logits=True,
+                              at=at, deterministic=not train,
+                              rngs={"dropout": dropout_rng} if train else {})
+    return losses.cross_entropy_sums(logits, targets, weights,
+                                     self.config.optim.label_smoothing,
+                                     self.config.optim.z_loss if train else 0.0)
+
+  def predict(self, params, batch):
+    """`[batch, length]` the most likely id at each masked position (evaluation's masks),
+    -1 elsewhere."""
+    masked, _, weights = self.corrupt(batch, None)
+    logits = self.model.apply({"params": params}, masked, token_logits=True)
+    return jnp.where(weights > 0, jnp.argmax(logits, axis=-1), -1)
+
+  def score(self, batch, predictions):
+    return {}
+
+  def outputs(self, batch, predictions, split: str = "eval") -> List[dict]:
+    return []
+
+  def summarize(self, sums, outputs=None):
+    return base.Task.summarize(self, sums, outputs)  # perplexity kept; no macro F1
+
+  def format_examples(self, batch, predictions, limit, split="eval") -> List[str]:
+    """The text, then each masked token as `was->guessed`."""
+    lines = []
+    indices = batch["index"] if "index" in batch else np.full(len(predictions), -1)
+    for x, index, p in zip(batch["inputs"], indices, predictions):
+      if len(lines) == limit or not x.any():
+        continue
+      at = np.flatnonzero(p >= 0)
+      pieces = self.token_pieces(x[at], "inputs"), self.token_pieces(p[at], "inputs")
+      lines.append(f"text: {self.data.text_of(split, int(index), x)!r}\n  masked: "
+                   + " ".join(f"{a}->{b}" for a, b in zip(*pieces)))
+    return lines
+
+  def encode_lines(self, lines: List[str]) -> list:
+    raise masked_lm.EncoderInitError(
+        "this workdir holds masked-token pre-training (config.objective=mlm), not a "
+        "classifier: fine-tune one with --config.init_encoder_from=<this workdir>")

@@ -20,6 +20,7 @@ from absl import logging
 import files
 from input_pipeline import local_builders, sources, tokenizers
 from input_pipeline.local_builders import DataError
+from tasks import masked_lm
 from tasks.sources import TextSource, tokenizer_paths
 
 LABELS_FILE = "labels.json"
@@ -44,6 +45,8 @@ class LabeledText(TextSource):
       self.label_ids("eval")
     model = config.model
     paths = tokenizer_paths(config, workdir, [TOKENIZER_FILES[model.tokenizer]], training)
+    if training:  # a pre-trained encoder reads its own tokenizer's ids
+      paths[0] = masked_lm.source_tokenizer(config, paths[0], TOKENIZER_FILES[model.tokenizer])
     self.tokenizer = tokenizers.get_or_build(model.tokenizer, paths[0],
                                              self._tokenizer_texts, model.vocab_size)
     self.vocab_size = self.tokenizer.vocab_size
