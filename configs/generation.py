@@ -126,6 +126,9 @@ def get_config(arg=None):
   c.train.log_every_steps = 50
   c.eval.eval_batch_size = 128
   c.optim.adam_b2 = 0.99
+  # Ten updates a dispatch (one lax.scan): the same updates, and 34-36k tokens/s instead of
+  # 24-33k for recipe=fast on the 2-core CPU (BENCHMARKS.md, "Training loop").
+  c.train.steps_per_call = 10
   if c.accel == "cpu":
     c.compute.cpu_devices = 2
   if recipe == "fast":

@@ -647,7 +647,8 @@ def test_main_refuses_bad_input_in_one_line_writing_nothing(trained, tmp_path, m
 
 @pytest.mark.parametrize("variant", [None, "dataset=tiny_shakespeare", "dataset=lm1b",
                                      "tokenizer=bytes", "tokenizer=sentencepiece",
-                                     "size=small", "dataset=lm1b,size=small,accel=gpu"])
+                                     "size=small", "dataset=lm1b,size=small,accel=gpu",
+                                     "recipe=fast", "recipe=gpu"])
 def test_generation_configs_validate(variant):
   c = generation_configs.get_config(variant)
   train.validate(c)
@@ -680,5 +681,14 @@ def test_generation_config_variants_change_what_they_name():
   assert (small.model.d_model == presets.SIZES["small"]["model"]["d_model"]
           and small.size == "small")
   assert generation_configs.get_config("accel=gpu").compute.dtype == "bfloat16"
+  # nanoGPT's GPU recipe (config/train_shakespeare_char.py), on the gpu preset by default.
+  gpu = generation_configs.get_config("recipe=gpu")
+  assert (gpu.accel, gpu.compute.dtype, gpu.compute.cpu_devices) == ("gpu", "bfloat16", 0)
+  assert (gpu.model.num_decoder_layers, gpu.model.num_heads, gpu.model.d_model,
+          gpu.data.max_target_length, gpu.train.batch_size, gpu.train.num_train_steps) == (
+              6, 6, 384, 256, 64, 5000)
+  assert (gpu.optim.dropout_rate, gpu.optim.learning_rate, gpu.optim.adam_b2,
+          gpu.optim.weight_decay) == (0.2, 1e-3, 0.99, 0.1)
+  assert generation_configs.get_config("recipe=gpu,accel=cpu").compute.dtype == "float32"
   with pytest.raises(presets.VariantError, match="dataset='nope' is unknown"):
     generation_configs.get_config("dataset=nope")
