@@ -231,6 +231,18 @@ def test_device_prefetch_stacks_the_batches_of_one_call():
   assert iterator.get_state() == {"next_index": 6}
 
 
+def test_stacking_a_calls_batches_pads_them_to_one_length():
+  """length_bucket cuts batches to different lengths: stacked for one call, the shorter are
+  padded with 0 (padding), their tokens unchanged."""
+  short = np.arange(1, 7, dtype=np.int32).reshape(1, 2, 3)
+  long = np.arange(1, 11, dtype=np.int32).reshape(1, 2, 5)
+  stacked = steps.stack_padded(short, long)
+  assert stacked.shape == (1, 2, 2, 5)
+  np.testing.assert_array_equal(stacked[:, 0, :, :3], short)
+  assert not stacked[:, 0, :, 3:].any()
+  np.testing.assert_array_equal(stacked[:, 1], long)
+
+
 def test_call_sizes_never_run_past_a_step_the_loop_acts_after():
   assert train.call_sizes(0, 11, 3, lambda done: done % 5 == 0) == [3, 1, 1, 3, 1, 1, 1]
   assert train.call_sizes(4, 4, 3, lambda done: False) == []

@@ -237,11 +237,19 @@ def prefetch_to_devices(iterator, devices: Sequence[jax.Device], size: int, coun
     while fetched < len(sizes) and len(queue) <= size:
       group = [next(iterator) for _ in range(sizes[fetched])]
       position = iterator.get_state()
-      batch = group[0] if len(group) == 1 else jax.tree.map(
-          lambda *xs: np.stack(xs, axis=1), *group)
+      batch = group[0] if len(group) == 1 else jax.tree.map(stack_padded, *group)
       queue.append((jax.device_put(batch, sharding) if size else batch, position))
       fetched += 1
     yield queue.popleft()
+
+
+def stack_padded(*arrays: np.ndarray) -> np.ndarray:
+  """Host batch arrays `[local_devices, ...]` of one call, stacked `[local_devices, n, ...]`;
+  arrays of different shapes (config.data.length_bucket cuts each batch to its own length)
+  are first padded with 0, the padding id, to the largest along each axis."""
+  shape = np.max([a.shape for a in arrays], axis=0)
+  padded = [np.pad(a, [(0, int(m) - n) for n, m in zip(a.shape, shape)]) for a in arrays]
+  return np.stack(padded, axis=1)
 
 
 def unreplicate_to_host(tree):
