@@ -574,11 +574,16 @@ def test_unknown_tfds_feature_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("variant", ["", "dataset=glue_sst2", "dataset=imdb,tokenizer=bytes",
-                                     "dataset=ag_news,size=small,accel=gpu"])
+                                     "dataset=ag_news,size=small,accel=gpu", "recipe=mlm",
+                                     "recipe=finetune"])
 def test_classification_configs_validate(variant):
   config = classification_config.get_config(variant)
   train.validate(config)
   assert config.task == "classification" and config.eval.best_metric == "accuracy"
+  if variant.startswith("recipe="):  # two stages of one model: the same config.model
+    assert config.model == classification_config.get_config().model
+    assert (config.objective == "mlm") == (variant == "recipe=mlm")
+    assert bool(config.init_encoder_from) == (variant == "recipe=finetune")
   if not variant:
     assert config.data.dataset == "files" and os.path.basename(config.data.data_dir) == "sst2"
     assert (config.data.eval_split == "validation"

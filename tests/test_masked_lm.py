@@ -14,6 +14,8 @@ import config_checks
 import modes
 import tasks
 import train
+from configs import classification as classification_config
+from configs import presets
 from input_pipeline import tokenizers
 from tasks import masked_lm
 from tests.test_classification import tiny_config, write_corpus
@@ -186,3 +188,8 @@ def test_an_mlm_workdir_refuses_predict_mode(pretrained):
   _, _, workdir, config, _ = pretrained
   with pytest.raises(masked_lm.EncoderInitError, match="not a classifier"):
     modes.predict_lines(config, workdir, ["a film"], devices=ONE_DEVICE)
+
+
+def test_the_recipes_are_sst2_cpu_ones():
+  with pytest.raises(presets.VariantError, match=r"recipe=mlm is a recipe of SST-2's CPU"):
+    classification_config.get_config("recipe=mlm,dataset=imdb")
