@@ -172,6 +172,9 @@ def test_a_missing_or_mismatched_encoder_run_is_refused(pretrained, tmp_path):
     (dict(task="generation", init_encoder_from="/x"), "init_encoder_from='/x'"),
     (dict(optim=dict(token_dropout=1.0)), "optim.token_dropout=1.0"),
     (dict(optim=dict(mask_rate=0.0)), "optim.mask_rate=0.0"),
+    (dict(data=dict(length_bucket=-1)), "data.length_bucket=-1"),
+    (dict(task="translation", data=dict(length_bucket=16, pack_examples=True)),
+     "data.length_bucket=16"),
 ])
 def test_bad_fields_are_named(overrides, field):
   config = tiny_digits_config(overrides.pop("task", "classification"))

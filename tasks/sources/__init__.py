@@ -107,10 +107,8 @@ def check_config(config, family) -> None:
   for field in ("shuffle_seed", "data_threads", "data_prefetch", "device_prefetch",
                 "length_bucket"):
     data.integer(field, 0)
-  if data["length_bucket"] and (data["pack_examples"]
-                                or config.train.get("steps_per_call", 1) > 1):
-    data.fail("length_bucket", "batches of several padded lengths need pack_examples=False "
-                               "and train.steps_per_call=1 (one batch shape per call)")
+  if data["length_bucket"] and data["pack_examples"]:
+    data.fail("length_bucket", "it cuts padded rows; packed rows (pack_examples) are full")
   data.integer("max_eval_length", 2)
   for field in ("max_input_length", "max_target_length", "max_eval_length"):
     if data[field] > MAX_LENGTH:
