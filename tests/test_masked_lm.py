@@ -78,12 +78,12 @@ def test_the_mlm_loss_scores_the_masked_positions_only():
   of a row with no masked token is zero."""
   config, task = _mlm_task()
   assert isinstance(task, tasks.MaskedLMTask)
-  params = task.init_params(jax.random.PRNGKey(0))
+  params = jax.jit(task.init_params)(jax.random.PRNGKey(0))  # op by op takes seconds
   inputs = _rows(seed=2, batch=8, length=config.data.max_input_length) % task.vocab_size
   inputs = jnp.where(inputs > 0, jnp.maximum(inputs, tokenizers.FIRST_ID), 0)
   batch = {"inputs": inputs, "label": jnp.zeros(8, jnp.int32)}
   sums = jax.jit(lambda p: task.loss(p, batch, None, train=False))(params)
-  masked, targets, weights = task.corrupt(batch, None)
+  masked, targets, weights = jax.jit(lambda b: task.corrupt(b, None))(batch)
   logits = jax.jit(lambda p: task.model.apply({"params": p}, masked, token_logits=True))(params)
   nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1)[..., 0]
   assert float(sums["weight"]) == float(weights.sum()) > 0
@@ -91,7 +91,7 @@ def test_the_mlm_loss_scores_the_masked_positions_only():
   # A row whose tokens are all padding but one that is not masked: no gradient at all.
   lone = {"inputs": jnp.zeros_like(inputs).at[:, 0].set(5), "label": batch["label"]}
   key = jax.random.PRNGKey(3)
-  _, _, lone_weights = task.corrupt(lone, jax.random.fold_in(key, 1))
+  _, _, lone_weights = jax.jit(task.corrupt)(lone, jax.random.fold_in(key, 1))
   grads = jax.jit(jax.grad(lambda p: task.loss(p, lone, key, train=True)["loss"]))(params)
   rows_without_mask = float(jnp.sum(lone_weights)) == 0
   norm = float(jax.tree_util.tree_reduce(lambda a, x: a + jnp.sum(jnp.abs(x)), grads, 0.0))
@@ -117,7 +117,7 @@ def test_pretraining_lowers_the_masked_token_loss(pretrained):
   _, _, workdir, config, metrics = pretrained
   run = modes.run.open_run(config, workdir, devices=ONE_DEVICE, split="eval")
   _, trained = run.restore()
-  fresh = run.task.init_params(jax.random.PRNGKey(0))
+  fresh = jax.jit(run.task.init_params)(jax.random.PRNGKey(0))
   batch = run.task.data.examples("eval")[:32]
   inputs = np.zeros((32, config.data.max_input_length), np.int32)
   for row, example in zip(inputs, batch):
