@@ -78,7 +78,7 @@ def test_phase_progress_without_a_total_counts_and_shows_the_time():
 def test_head_importance_logs_its_progress(monkeypatch, caplog):
   monkeypatch.setattr(reporting, "PHASE_EVERY_SECONDS", 0.0)  # a line per head
   shapes = {"encoder_self": (2, 3), "cross": (1, 2)}
-  with caplog.at_level("INFO"):
+  with caplog.at_level("INFO"), caplog.at_level("INFO", logger="absl"):
     attention_maps.head_importance(shapes, lambda masks: float(sum(m.sum() for m in
                                                                     masks.values())))
   lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("head imp")]
@@ -108,7 +108,9 @@ def _run(tmp_path, monkeypatch, caplog, **eval_fields):
 
   monkeypatch.setattr(train, "evaluate", counting)
   config = tiny_config(eval=dict(eval_every_steps=10, num_attention_images=0, **eval_fields))
-  with caplog.at_level("INFO"):
+  # The absl logger's own level too: a test earlier in the same worker may have lowered
+  # absl's verbosity, and its records would then never reach caplog.
+  with caplog.at_level("INFO"), caplog.at_level("INFO", logger="absl"):
     metrics = train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
   return metrics, _records(str(tmp_path)), calls, [r.getMessage() for r in caplog.records]
 
