@@ -111,8 +111,8 @@ def _check_best_metric(config: ml_collections.ConfigDict) -> None:
 
 def check_same_model(saved: dict, config: ml_collections.ConfigDict, where: str) -> None:
   """ConfigError when `config` differs from the config `saved` with a checkpoint (in
-  `where`) in config.task, a config.model field or a field the family names in
-  `identity_fields` (translation: the language pair), unless
+  `where`) in config.task, config.objective, a config.model field or a field the family
+  names in `identity_fields` (translation: the language pair), unless
   config.train.allow_config_change. A config saved before the fields were grouped is
   regrouped first."""
   saved = default.group_flat_config(saved)
@@ -121,6 +121,10 @@ def check_same_model(saved: dict, config: ml_collections.ConfigDict, where: str)
   changed = []
   if "task" in saved and saved["task"] != config.task:
     changed.append(f"task: {saved['task']!r} there, {config.task!r} now")
+  # A masked-token pre-training checkpoint is not a classifier's (config.objective).
+  if saved.get("objective", "") != config.get("objective", ""):
+    changed.append(f"objective: {saved.get('objective', '')!r} there, "
+                   f"{config.get('objective', '')!r} now")
   for path in fields:
     group, field = path.split(".")
     then, now = saved.get(group, {}).get(field, config[group][field]), config[group][field]

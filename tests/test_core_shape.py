@@ -198,3 +198,18 @@ def test_checkpoints_saved_with_a_flat_config_restore_and_resume(tmp_path):
   longer.model.d_ff = 128
   with pytest.raises(config_checks.ConfigError, match=r"model\.d_ff: 64 there, 128 now"):
     modes.evaluate_checkpoint(longer, workdir, devices=one_device)
+
+
+def test_a_pretraining_checkpoint_is_not_resumed_as_a_classifier():
+  """config.objective is pinned like the model: a masked-token run resumed without it
+  would silently train a fresh head on the pre-trained encoder."""
+  config = default.get_config("task=classification")
+  saved = config.to_dict()
+  saved["objective"] = "mlm"
+  with pytest.raises(config_checks.ConfigError, match=r"objective: 'mlm' there, '' now"):
+    train.check_same_model(saved, config, "run/checkpoints")
+  config.objective = "mlm"
+  train.check_same_model(saved, config, "run/checkpoints")
+  del saved["objective"]  # a config saved before the field existed: the family's own
+  with pytest.raises(config_checks.ConfigError, match=r"objective: '' there, 'mlm' now"):
+    train.check_same_model(saved, config, "run/checkpoints")
