@@ -327,3 +327,29 @@ def test_progress_measures_each_interval_and_flags_the_compile_one(monkeypatch):
   assert second["steps_per_sec"] == pytest.approx(20.0)
   assert second["tokens_per_sec"] == pytest.approx(800.0)
   assert second["eta_seconds"] == pytest.approx(800 / 20.0)
+
+
+def test_a_reader_lists_again_when_a_trainer_retires_a_step_under_it(tmp_path, monkeypatch):
+  """Opening read-only while a live trainer renames an old step away: orbax's listing can
+  meet a step that is gone (FileNotFoundError); the reader lists again instead of failing.
+  A writer, and a step still gone after every try, fail as before."""
+  saver = checkpointing.Checkpointer(str(tmp_path), keep=2, async_save=False)
+  saver.close()
+  real, failures = checkpointing.ocp.CheckpointManager, [2]
+
+  def racing(*args, **kwargs):
+    if failures[0]:
+      failures[0] -= 1
+      raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "93"))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(checkpointing.ocp, "CheckpointManager", racing)
+  monkeypatch.setattr(checkpointing.time, "sleep", lambda seconds: None)
+  checkpointing.Checkpointer.for_reading(str(tmp_path)).close()
+  assert failures[0] == 0
+  failures[0] = checkpointing.READ_ONLY_LIST_ATTEMPTS
+  with pytest.raises(checkpointing.CheckpointError, match="cannot read the checkpoint"):
+    checkpointing.Checkpointer.for_reading(str(tmp_path))
+  failures[0] = 1
+  with pytest.raises(checkpointing.CheckpointWriteError, match="cannot create"):
+    checkpointing.Checkpointer(str(tmp_path), keep=2)

@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import time
 import zlib
 from typing import Any, Dict, List, Mapping, Optional
 
@@ -39,6 +40,8 @@ from errors import UserError, WriteError
 
 
 TRASH = "deleted"  # subdirectory where retired steps wait to be deleted
+# Listings a read-only opening tries when a step vanishes under it (a trainer retiring it).
+READ_ONLY_LIST_ATTEMPTS = 5
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -185,16 +188,28 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
           todelete_subdir=TRASH, cleanup_tmp_directories=True)
-    try:
-      self._manager = ocp.CheckpointManager(
-          self.directory, options=options,
-          item_handlers={"state": ocp.StandardCheckpointHandler(),
-                         "checksums": ocp.JsonCheckpointHandler(),
-                         "config": ocp.JsonCheckpointHandler(),
-                         "data": grain.checkpoint.CheckpointHandler()})
-    except OSError as e:
-      raise CheckpointWriteError(
-          f"cannot create the checkpoint directory {self.directory}: {_cause(e)}") from e
+    # A reader lists the steps while a live trainer may retire one (renamed into TRASH):
+    # a step gone between the listing and its read is not an error; list again.
+    attempts = READ_ONLY_LIST_ATTEMPTS if read_only else 1
+    for attempt in range(attempts):
+      try:
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options,
+            item_handlers={"state": ocp.StandardCheckpointHandler(),
+                           "checksums": ocp.JsonCheckpointHandler(),
+                           "config": ocp.JsonCheckpointHandler(),
+                           "data": grain.checkpoint.CheckpointHandler()})
+        break
+      except FileNotFoundError as e:
+        if attempt + 1 < attempts:
+          time.sleep(0.2)
+          continue
+        raise (CheckpointError if read_only else CheckpointWriteError)(
+            f"cannot {'read' if read_only else 'create'} the checkpoint directory "
+            f"{self.directory}: {_cause(e)}") from e
+      except OSError as e:
+        raise CheckpointWriteError(
+            f"cannot create the checkpoint directory {self.directory}: {_cause(e)}") from e
     self._empty_trash()
 
   @classmethod
