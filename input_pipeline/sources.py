@@ -8,6 +8,7 @@ command that installs it.
 """
 
 import contextlib
+import fcntl
 import importlib
 import importlib.util
 import io
@@ -53,9 +54,45 @@ def tfds_builder(name: str, data_dir: str = ""):
 
 
 def prepare(builder, needs_tensorflow: bool = True) -> None:
-  """Downloads and prepares `builder`'s data once (a no-op when already prepared)."""
+  """Downloads and prepares `builder`'s data once (a no-op when already prepared).
+
+  Runs that start together on one data directory (a sweep, two experiments) take turns
+  through an flock on `<version directory>.lock`: one prepares, the others wait and then
+  read what it prepared, instead of failing on tfds's rename into a directory that another
+  process has just created.
+  """
   if builder.is_prepared():
+    _refresh_info(builder)
     return
+  lock_path = builder.data_dir.rstrip(os.sep) + ".lock"
+  try:
+    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError:  # an unwritable data directory: _prepare names it
+    return _prepare(builder, needs_tensorflow)
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      logging.info("waiting for another process preparing %s in %s ...",
+                   builder.info.full_name, builder.data_dir)
+      fcntl.flock(fd, fcntl.LOCK_EX)
+    if builder.is_prepared():  # another process prepared it while this one waited
+      _refresh_info(builder)
+      return
+    _prepare(builder, needs_tensorflow)
+  finally:
+    os.close(fd)  # releases the flock
+
+
+def _refresh_info(builder) -> None:
+  """Reads the split info of data that another process prepared after `builder` was made
+  (a builder reads its info once, when made: with no data then, it has no splits)."""
+  if not builder.info.splits:
+    builder.info.read_from_directory(builder.data_dir)
+
+
+def _prepare(builder, needs_tensorflow: bool) -> None:
   tfds.disable_progress_bar()  # logs, not progress bars, in training output
   if needs_tensorflow and not has_tensorflow():
     raise DataError(
@@ -92,7 +129,7 @@ def open_splits(builder, splits, needs_tensorflow: bool = True) -> Dict[str, Any
   try:
     return {split: builder.as_data_source(split) for split in splits}
   except (KeyError, ValueError):
-    if builder.is_prepared():
+    if builder.is_prepared() and builder.info.splits:
       _check_splits(builder, splits)
       raise
   prepare(builder, needs_tensorflow)

@@ -5,12 +5,14 @@ example placed exactly once, resumable, sharded over processes, and numerically 
 the model as each example run alone)."""
 
 import collections
+import fcntl
 import gzip
 import os
 import re
 import subprocess
 import sys
 import textwrap
+import threading
 
 import grain
 import jax
@@ -105,6 +107,50 @@ def test_local_files_prepare_once_read_in_file_order_and_reprepare_on_edit(
   assert read_all(fresh["train"]) == expected(TRAIN_DE, edited_en)
   assert len(prepared_dirs(data_dir)) == 2
   assert "tensorflow" not in sys.modules
+
+
+def test_runs_starting_together_prepare_once_and_all_read_it(tmp_path, monkeypatch):
+  """Two runs on one data directory whose builders were both made before either prepared
+  (a sweep's jobs starting together): the second waits for the first's preparation on the
+  lock, then reads it, instead of failing on tfds's rename into a directory that exists."""
+  files = write_corpus(tmp_path / "corpus")
+  data_dir = tmp_path / "tfds"
+  make = lambda: local_builders.parallel_text_builder(str(files), ("de", "en"), SPLITS,
+                                                      str(data_dir))
+  first, second, third = make(), make(), make()
+  assert not first.is_prepared() and not second.is_prepared()
+  prepare_calls = []
+  real_prepare = local_builders.ParallelTextFiles.download_and_prepare
+
+  def counted(self, *args, **kwargs):
+    prepare_calls.append(self)
+    return real_prepare(self, *args, **kwargs)
+  monkeypatch.setattr(local_builders.ParallelTextFiles, "download_and_prepare", counted)
+
+  # The first run holds the lock (as while it prepares); the second, in a thread, must wait.
+  lock_path = first.data_dir.rstrip(os.sep) + ".lock"
+  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
+  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+  fcntl.flock(fd, fcntl.LOCK_EX)
+  results = {}
+  waiter = threading.Thread(target=lambda: results.update(
+      sources.open_splits(second, ["train", "validation"], needs_tensorflow=False)))
+  waiter.start()
+  waiter.join(timeout=1.0)
+  assert waiter.is_alive(), "the second run did not wait for the lock"
+  sources._prepare(first, needs_tensorflow=False)
+  fcntl.flock(fd, fcntl.LOCK_UN)
+  os.close(fd)
+  waiter.join(timeout=60)
+  assert not waiter.is_alive()
+  assert prepare_calls == [first]  # prepared once, by the lock's holder
+  assert read_all(results["train"]) == expected(TRAIN_DE, TRAIN_EN)
+  assert read_all(results["validation"]) == expected(VAL_DE, VAL_EN)
+  # A run whose builder was made before the preparation and opens after it reads it too.
+  assert read_all(sources.open_splits(third, ["validation"], needs_tensorflow=False)
+                  ["validation"]) == expected(VAL_DE, VAL_EN)
+  assert prepare_calls == [first]
+  assert len(prepared_dirs(data_dir)) == 1
 
 
 def _unequal_lengths(d):
