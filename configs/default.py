@@ -83,6 +83,7 @@ def _model() -> ml_collections.ConfigDict:
   model.scan_layers = False  # identical layers as one nn.scan (one compiled layer; stacked)
   model.tokenizer = "sentencepiece"  # real text: "sentencepiece" (trained on the fly) or "bytes"
   model.vocab_size = 8000  # sentencepiece vocabulary size (per language unless shared_vocab)
+  model.sentencepiece_type = "unigram"  # sentencepiece pieces: unigram, bpe, or whole "word"s
   model.shared_vocab = True  # translation: one tokenizer for source and target
   return model
 

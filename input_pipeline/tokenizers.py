@@ -31,6 +31,9 @@ EOS_ID = 1
 UNK_ID = 2  # sentencepiece's unknown piece; reserved (never produced) for bytes and chars
 FIRST_ID = 3  # first id of a real byte or character
 KINDS = ("bytes", "chars", "sentencepiece")
+# sentencepiece's model types: subword "unigram" (lm1b/wmt examples) and "bpe", or "word":
+# one piece per whitespace-separated word, the rest unknown (word-level vocabularies).
+SENTENCEPIECE_TYPES = ("unigram", "bpe", "word")
 _EXTENSIONS = {".model": "sentencepiece", ".json": "chars"}
 _CHARS_FORMAT = 1
 # The trained pieces and scores change with the trainer's thread count (sentencepiece
@@ -339,7 +342,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, path: str, *,
       sentencepiece default): a soft limit would quietly give a smaller vocabulary than the
       config says, and a corpus too small for the configured size is better reported.
     path: where the `.model` file goes.
-    model_type: "unigram" (as in the lm1b/wmt examples) or "bpe".
+    model_type: one of SENTENCEPIECE_TYPES.
     character_coverage: the share of characters that get their own piece; rarer ones
       become unk. 1.0 suits alphabetic languages; ~0.9995 suits CJK.
     max_sentences: at most this many texts (a fixed-seed uniform sample) are trained on.
@@ -365,9 +368,9 @@ def _train(texts: Iterable[str], vocab_size: int, name: str, *, model_type: str 
            character_coverage: float = 1.0, max_sentences: int = 1_000_000,
            seed_sentencepiece_size: int = 1_000_000, keep_whitespace: bool = False) -> bytes:
   """The serialized model trained on `texts`; `name` stands for its file in errors."""
-  if model_type not in ("unigram", "bpe"):
-    raise TokenizerError(f"sentencepiece model_type {model_type!r} is not supported; use "
-                         "'unigram' or 'bpe' (tokenizer kind 'chars' covers characters)")
+  if model_type not in SENTENCEPIECE_TYPES:
+    raise TokenizerError(f"sentencepiece model_type {model_type!r} is not supported; use one "
+                         f"of {SENTENCEPIECE_TYPES} (tokenizer kind 'chars' covers characters)")
   if not isinstance(vocab_size, int) or vocab_size <= FIRST_ID:
     raise TokenizerError(f"config field `vocab_size` is {vocab_size!r}; a sentencepiece "
                          f"vocabulary needs an integer above {FIRST_ID} (its 3 specials)")
@@ -413,7 +416,8 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def get_or_build(kind: str, path: Optional[str], texts: Callable[[], Iterable[str]],
-                 vocab_size: int, keep_whitespace: bool = False) -> Tokenizer:
+                 vocab_size: int, keep_whitespace: bool = False,
+                 model_type: str = "unigram") -> Tokenizer:
   """The tokenizer of a run: loaded from `path` when it exists, else built and saved there.
 
   Args:
@@ -424,7 +428,8 @@ def get_or_build(kind: str, path: Optional[str], texts: Callable[[], Iterable[st
     vocab_size: the model's vocabulary size (config field `vocab_size`). A sentencepiece
       model must have exactly this many pieces; bytes and chars must fit in it, because a
       model's embedding lookup does not fail on an id past its end.
-    keep_whitespace: sentencepiece only, see `train_sentencepiece`.
+    keep_whitespace, model_type: sentencepiece only, see `train_sentencepiece`. A saved
+      model is loaded whatever its type.
   """
   if kind not in KINDS:
     raise TokenizerError(f"unknown tokenizer kind {kind!r}; use one of {KINDS}")
@@ -443,11 +448,12 @@ def get_or_build(kind: str, path: Optional[str], texts: Callable[[], Iterable[st
       if path is not None:
         tokenizer.save(path)
     elif path is not None:
-      tokenizer = train_sentencepiece(texts(), vocab_size, path,
+      tokenizer = train_sentencepiece(texts(), vocab_size, path, model_type=model_type,
                                       keep_whitespace=keep_whitespace)
     else:
       tokenizer = SentencePieceTokenizer.from_bytes(
-          _train(texts(), vocab_size, "in memory", keep_whitespace=keep_whitespace))
+          _train(texts(), vocab_size, "in memory", model_type=model_type,
+                 keep_whitespace=keep_whitespace))
   _check_fits(tokenizer, vocab_size)
   return tokenizer
 

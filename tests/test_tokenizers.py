@@ -112,7 +112,7 @@ def test_sentencepiece_encode_batch_matches_encode(sp_path):
 
 
 @pytest.mark.parametrize("vocab_size,model_type", [(64, "unigram"), (200, "unigram"),
-                                                   (150, "bpe")])
+                                                   (150, "bpe"), (120, "word")])
 def test_sentencepiece_training_is_deterministic_and_exact(tmp_path, vocab_size, model_type):
   paths = [str(tmp_path / f"{i}.model") for i in range(2)]
   trained = [tokenizers.train_sentencepiece(_corpus(), vocab_size, p, model_type=model_type)
@@ -123,6 +123,33 @@ def test_sentencepiece_training_is_deterministic_and_exact(tmp_path, vocab_size,
   assert loaded.vocab_size == vocab_size
   assert (loaded._sp.pad_id(), loaded._sp.eos_id(), loaded._sp.unk_id(),
           loaded._sp.bos_id()) == (0, 1, 2, -1)
+
+
+def test_word_pieces_are_the_most_frequent_whole_words_and_the_rest_unknown(tmp_path):
+  """model_type="word" (through get_or_build, as config.model.sentencepiece_type passes it):
+  one id per known word, the vocabulary's words are the corpus's most frequent ones, and a
+  word outside it (or an unseen one) is the unknown id, never split into pieces."""
+  corpus = _corpus()
+  counts = {}
+  for line in corpus:
+    for word in line.split():
+      counts[word] = counts.get(word, 0) + 1
+  tokenizer = tokenizers.get_or_build("sentencepiece", str(tmp_path / "w.model"),
+                                      lambda: corpus, 60, model_type="word")
+  pieces = [tokenizer._sp.id_to_piece(i) for i in range(tokenizers.FIRST_ID, 60)]
+  words = {p.lstrip("\u2581") for p in pieces}
+  assert len(words) == 60 - tokenizers.FIRST_ID
+  # Every word in the vocabulary is at least as frequent as every word left out.
+  assert min(counts[w] for w in words) >= max(c for w, c in counts.items() if w not in words)
+  known = sorted(words)[:3]
+  left_out = next(w for w in counts if w not in words)
+  ids = tokenizer.encode(" ".join(known + [left_out, known[0], "zzzunseen"]))
+  known_ids = [tokenizer._sp.piece_to_id("\u2581" + w) for w in known]
+  assert list(ids) == known_ids + [tokenizers.UNK_ID, known_ids[0], tokenizers.UNK_ID]
+  # sentencepiece merges adjacent unknown words into one unknown id.
+  assert list(tokenizer.encode(f"{left_out} zzzunseen")) == [tokenizers.UNK_ID]
+  with pytest.raises(TokenizerError, match="model_type 'char' is not supported"):
+    tokenizers.get_or_build("sentencepiece", None, lambda: corpus, 60, model_type="char")
 
 
 def test_sentencepiece_sampling_is_deterministic_across_processes(tmp_path):

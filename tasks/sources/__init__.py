@@ -152,6 +152,8 @@ def check_config(config, family) -> None:
     model.fail("tokenizer", "the 'huggingface' tokenizer is a pretrained model's: set "
                             "config.init_from to its folder")
   model.integer("vocab_size", 8)
+  if model["tokenizer"] == "sentencepiece":
+    model.choice("sentencepiece_type", tokenizers.SENTENCEPIECE_TYPES)
   data.integer("tokenizer_max_sentences", 1)
   paths = [p for p in data["tokenizer_path"].split(",") if p]
   wanted = family.tokenizer_files(config)

@@ -48,7 +48,8 @@ class LabeledText(TextSource):
     if training:  # a pre-trained encoder reads its own tokenizer's ids
       paths[0] = masked_lm.source_tokenizer(config, paths[0], TOKENIZER_FILES[model.tokenizer])
     self.tokenizer = tokenizers.get_or_build(model.tokenizer, paths[0],
-                                             self._tokenizer_texts, model.vocab_size)
+                                             self._tokenizer_texts, model.vocab_size,
+                                             model_type=model.sentencepiece_type)
     self.vocab_size = self.tokenizer.vocab_size
     self.eos_id = self.tokenizer.eos_id
     self.label_names = names

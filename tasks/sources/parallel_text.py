@@ -81,11 +81,12 @@ class ParallelText(TextSource):
         return texts[::stride]
       return sentences
 
+    pieces = c.model.sentencepiece_type
     if c.model.shared_vocab:
-      shared = tokenizers.get_or_build(kind, paths[0], corpus("both"), size)
+      shared = tokenizers.get_or_build(kind, paths[0], corpus("both"), size, model_type=pieces)
       return shared, shared
-    return (tokenizers.get_or_build(kind, paths[0], corpus("source"), size),
-            tokenizers.get_or_build(kind, paths[1], corpus("target"), size))
+    return (tokenizers.get_or_build(kind, paths[0], corpus("source"), size, model_type=pieces),
+            tokenizers.get_or_build(kind, paths[1], corpus("target"), size, model_type=pieces))
 
   def _tokenized(self, split: str) -> list:
     """Examples `{"inputs", "targets", "index"}` with EOS appended, unfiltered."""

@@ -39,7 +39,8 @@ class TextCorpus(TextSource):
       d = config.data
       self._check_characters(d.eval_split, set().union(*self.documents(d.train_split)))
     self.tokenizer = tokenizers.get_or_build(kind, paths[0], self._tokenizer_texts,
-                                             config.model.vocab_size, keep_whitespace=True)
+                                             config.model.vocab_size, keep_whitespace=True,
+                                             model_type=config.model.sentencepiece_type)
     self.vocab_size = self.tokenizer.vocab_size
     self.eos_id = self.tokenizer.eos_id
     self.kind_label = f"{self.tokenizer.kind} text"
