@@ -119,6 +119,19 @@ def test_sweep_compares_variants_and_resumes_without_retraining(tmp_path):
                                        r"\(eval\.num_print_examples: 0 then, 1 now\)"):
     sweeps.run_sweep(load_sweep(path), workdir, {"eval.num_print_examples": 1})
 
+  # A run recorded before a config field existed (here data.length_bucket, absent from
+  # its record) resumes while the field holds its default, and is refused when it does not.
+  state_path = os.path.join(workdir, "base", sweeps.STATE_FILE)
+  with open(state_path, encoding="utf-8") as f:
+    state = json.load(f)
+  del state["result"]["config"]["data"]["length_bucket"]
+  with open(state_path, "w", encoding="utf-8") as f:
+    json.dump(state, f)
+  assert [r["status"] for r in sweeps.run_sweep(load_sweep(path), workdir, {})] == ["done"] * 2
+  with pytest.raises(SweepError, match=r"variant 'base' finished .* with another config "
+                                       r"\(data\.length_bucket: None then, 16 now\)"):
+    sweeps.run_sweep(load_sweep(path), workdir, {"data.length_bucket": 16})
+
 
 @pytest.mark.parametrize("variants,expected", [
     ('Variant("a", {"model.d_modle": 48}), Variant("b")',

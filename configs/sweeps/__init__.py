@@ -160,11 +160,20 @@ def format_overrides(overrides: Mapping[str, Any]) -> str:
 def field_differences(recorded: Dict[str, Any],
                       config: ml_collections.ConfigDict) -> Dict[str, Tuple[Any, Any]]:
   """`{field: (value then, value now)}` for each field where a run's recorded config (its
-  JSON) differs from `config` (None: the field is absent on that side)."""
+  JSON) differs from `config` (None: the field is absent on that side).
+
+  A field the recorded config lacks that `config` holds at configs/default.py's value for
+  its task was added to the codebase after that run; new fields default to the behaviour
+  before them, so it is no difference (a finished sweep still resumes after an upgrade).
+  """
   now = flatten(json.loads(config.to_json()))
   recorded = flatten(default.group_flat_config(recorded))  # a run before the groups: flat
+  task = config.get("task")
+  defaults = (flatten(json.loads(default.get_config(f"task={task}").to_json()))
+              if task in default.TASKS else {})
   return {k: (recorded.get(k), now.get(k))
-          for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)}
+          for k in sorted(set(recorded) | set(now)) if recorded.get(k) != now.get(k)
+          and not (k not in recorded and k in defaults and now.get(k) == defaults[k])}
 
 
 def config_differences(recorded: Dict[str, Any], config: ml_collections.ConfigDict):
