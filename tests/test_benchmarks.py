@@ -184,3 +184,25 @@ def test_gpu_report_table(tmp_path):
   assert "40.0%; 50.0%" in text
   assert "60 s (step 1500) | 80 s (step 1500) | 0.75x time |" in text
   assert "not in" in text and "loop_speed.json" in text
+
+
+def test_sst2_tune_split_holds_out_whole_sentences_and_every_part_of_them(tmp_path):
+  from benchmarks import sst2_tune_split
+  sentences = [f"the film w{i} is good and the acting is fine x{i}" for i in range(6)]
+  rows = [(s, str(i % 2)) for i, s in enumerate(sentences)]
+  # Sub-phrases of the sentences, as SST-2 lists them, and a short unrelated phrase.
+  rows += [(" ".join(s.split()[2:5]), "1") for s in sentences] + [("the film", "1"),
+                                                                   ("dull", "0")]
+  train, tune = sst2_tune_split.split(rows, num_tune=2, min_words=10, seed=0)
+  assert len(tune) == 2 and set(tune) <= set(rows[:6])  # only whole (maximal) sentences
+  held = set().union(*(sst2_tune_split.word_spans(s) for s, _ in tune))
+  assert not any(s in held for s, _ in train)  # nothing of a tune sentence is trained on
+  assert ("dull", "0") in train and len(train) == len(rows) - 2 - 2 - 1  # "the film" too
+  assert train == [r for r in rows if r in train]  # the kept rows keep their order
+  # The command writes the files main.py reads (train.tsv, dev.tsv).
+  source = tmp_path / "sst2"
+  source.mkdir()
+  sst2_tune_split.write_rows(str(source / "train.tsv"), rows)
+  sst2_tune_split.main([f"--data_dir={source}", f"--out={tmp_path / 'out'}", "--num_tune=2"])
+  assert sst2_tune_split.read_rows(str(tmp_path / "out" / "dev.tsv")) == tune
+  assert sst2_tune_split.read_rows(str(tmp_path / "out" / "train.tsv")) == train
