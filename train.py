@@ -54,6 +54,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int = 1) -> None:
   top.choice("accel", tuple(presets.ACCELERATORS))
   top.integer("seed", 0)
   tasks.check_config(config)
+  if config.data.get("length_bucket") and jax.process_count() > 1:
+    Fields(config, "data").fail(
+        "length_bucket", f"batches of similar lengths are made by one process, and this run "
+                         f"has {jax.process_count()}; set it to 0 (padded batches)")
   optimizers.check_config(config)
   check_loop_config(config, num_devices)
 

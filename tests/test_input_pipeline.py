@@ -394,3 +394,19 @@ def test_length_buckets_keep_every_example_once_and_cut_rows_to_a_multiple():
     for row, index in zip(b["inputs"].reshape(8, -1), b["index"].ravel()):
       np.testing.assert_array_equal(row[row > 0], source[index]["inputs"])
   np.testing.assert_array_equal(ds[5]["inputs"], batches[5]["inputs"])
+
+
+def test_length_buckets_with_several_processes_are_a_config_error(monkeypatch):
+  """Buckets are made by one process (each would sort its own rows differently): a
+  multi-process run with length_bucket stops before anything runs, naming the field."""
+  import jax
+  import train
+  from config_checks import ConfigError
+  config = default.get_config("task=classification")
+  config.data.length_bucket = 16
+  train.validate(config)  # one process: fine
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(ConfigError, match=r"config\.data\.length_bucket=16.*2.*set it to 0"):
+    train.validate(config, num_devices=2)
+  config.data.length_bucket = 0
+  train.validate(config, num_devices=2)
