@@ -22,7 +22,7 @@ from configs.sweeps import Sweep, since_2017, table3_multi30k
 ROWS = [row for row in since_2017.ROWS
         if row[0] in ("base", "pre_norm", "rms_norm", "rope", "swiglu", "modern")] + [
     ("modern_tied", {**since_2017.MODERN, "model.tie_output": True}, "all",
-     "modern with the output tied to the embedding (matched parameters)")]
+     "modern with the output tied to the embedding")]
 
 
 def get_sweep() -> Sweep:
