@@ -206,3 +206,21 @@ def test_sst2_tune_split_holds_out_whole_sentences_and_every_part_of_them(tmp_pa
   sst2_tune_split.main([f"--data_dir={source}", f"--out={tmp_path / 'out'}", "--num_tune=2"])
   assert sst2_tune_split.read_rows(str(tmp_path / "out" / "dev.tsv")) == tune
   assert sst2_tune_split.read_rows(str(tmp_path / "out" / "train.tsv")) == train
+
+
+@pytest.mark.parametrize("name", ["translation_small_256", "generation_small_256",
+                                  "classification_small_256"])
+def test_matmul_bound_lists_the_products_the_flop_formula_counts(name):
+  """benchmarks/matmul_bound.py times the step's own matmuls: their FLOPs must be the model
+  FLOPs of train_throughput.model_flops (less the classifier head on pooled vectors), or
+  its bound would be about another step."""
+  from benchmarks import matmul_bound
+  shape = tt.SHAPES_BY_NAME[name]
+  config = tt.build_config(shape)
+  task = tt.build_task(config, 0)
+  expected = tt.model_flops(task.model.config, tt._family(task),  # pylint: disable=protected-access
+                            shape.batch, shape.src_length, shape.tgt_length)
+  listed = sum(2.0 * b * m * k * n * count
+               for (b, m, k, n, _), count in matmul_bound.products(config, shape).items())
+  assert listed == pytest.approx(expected["total"] - expected["head"], rel=1e-9)
+  assert all(split in ("b", "m", "k") for *_, split in matmul_bound.products(config, shape))
