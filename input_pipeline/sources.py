@@ -57,17 +57,16 @@ def prepare(builder, needs_tensorflow: bool = True) -> None:
   """Downloads and prepares `builder`'s data once (a no-op when already prepared).
 
   Runs that start together on one data directory (a sweep, two experiments) take turns
-  through an flock on `<version directory>.lock`: one prepares, the others wait and then
-  read what it prepared, instead of failing on tfds's rename into a directory that another
-  process has just created.
+  through an flock on the dataset's directory (the parent of the version directory): one
+  prepares, the others wait and then read what it prepared, instead of failing on tfds's
+  rename into a directory that another process has just created. Locking the directory
+  itself leaves no lock file behind, so a refused preparation writes no file.
   """
   if builder.is_prepared():
     _refresh_info(builder)
     return
-  lock_path = builder.data_dir.rstrip(os.sep) + ".lock"
   try:
-    os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_directory(builder), os.O_RDONLY)
   except OSError:  # an unwritable data directory: _prepare names it
     return _prepare(builder, needs_tensorflow)
   try:
@@ -83,6 +82,13 @@ def prepare(builder, needs_tensorflow: bool = True) -> None:
     _prepare(builder, needs_tensorflow)
   finally:
     os.close(fd)  # releases the flock
+
+
+def lock_directory(builder) -> str:
+  """The directory whose flock serialises preparing `builder` (created if missing)."""
+  path = os.path.dirname(builder.data_dir.rstrip(os.sep))
+  os.makedirs(path, exist_ok=True)
+  return path
 
 
 def _refresh_info(builder) -> None:

@@ -169,6 +169,7 @@ def test_two_processes_on_real_files_build_the_tokenizer_once_and_score_the_spli
   workdir = str(tmp_path / "run")
   flags = [f"--config={REPO}/configs/classification.py", f"--workdir={workdir}",
            *classification_flags(config), "--config.train.num_train_steps=4",
+           "--config.data.length_bucket=0",  # buckets are one process's (a config error)
            "--config.train.log_every_steps=2", "--config.eval.eval_every_steps=2",
            "--config.train.checkpoint_every_steps=4"]
   logs = [str(tmp_path / f"train{i}.log") for i in range(2)]

@@ -128,9 +128,7 @@ def test_runs_starting_together_prepare_once_and_all_read_it(tmp_path, monkeypat
   monkeypatch.setattr(local_builders.ParallelTextFiles, "download_and_prepare", counted)
 
   # The first run holds the lock (as while it prepares); the second, in a thread, must wait.
-  lock_path = first.data_dir.rstrip(os.sep) + ".lock"
-  os.makedirs(os.path.dirname(lock_path), exist_ok=True)
-  fd = os.open(lock_path, os.O_RDWR | os.O_CREAT)
+  fd = os.open(sources.lock_directory(first), os.O_RDONLY)
   fcntl.flock(fd, fcntl.LOCK_EX)
   results = {}
   waiter = threading.Thread(target=lambda: results.update(
@@ -151,6 +149,7 @@ def test_runs_starting_together_prepare_once_and_all_read_it(tmp_path, monkeypat
                   ["validation"]) == expected(VAL_DE, VAL_EN)
   assert prepare_calls == [first]
   assert len(prepared_dirs(data_dir)) == 1
+  assert not [p for p in data_dir.rglob("*.lock")]  # the lock leaves no file
 
 
 def _unequal_lengths(d):
