@@ -65,10 +65,15 @@ def prepare(builder, needs_tensorflow: bool = True) -> None:
   if builder.is_prepared():
     _refresh_info(builder)
     return
+  if needs_tensorflow and not has_tensorflow():  # before any directory is made
+    raise DataError(
+        f"the tensorflow-datasets dataset {builder.info.full_name} is not prepared in "
+        f"{builder.data_dir} and preparing it needs TensorFlow: run `{INSTALL_TENSORFLOW}` "
+        f"and start again (training itself never imports TensorFlow)")
   try:
     fd = os.open(lock_directory(builder), os.O_RDONLY)
   except OSError:  # an unwritable data directory: _prepare names it
-    return _prepare(builder, needs_tensorflow)
+    return _prepare(builder)
   try:
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -79,7 +84,7 @@ def prepare(builder, needs_tensorflow: bool = True) -> None:
     if builder.is_prepared():  # another process prepared it while this one waited
       _refresh_info(builder)
       return
-    _prepare(builder, needs_tensorflow)
+    _prepare(builder)
   finally:
     os.close(fd)  # releases the flock
 
@@ -98,13 +103,8 @@ def _refresh_info(builder) -> None:
     builder.info.read_from_directory(builder.data_dir)
 
 
-def _prepare(builder, needs_tensorflow: bool) -> None:
+def _prepare(builder) -> None:
   tfds.disable_progress_bar()  # logs, not progress bars, in training output
-  if needs_tensorflow and not has_tensorflow():
-    raise DataError(
-        f"the tensorflow-datasets dataset {builder.info.full_name} is not prepared in "
-        f"{builder.data_dir} and preparing it needs TensorFlow: run `{INSTALL_TENSORFLOW}` "
-        f"and start again (training itself never imports TensorFlow)")
   # tfds prepares into an incomplete.* directory, renamed in when complete and removed
   # when preparing fails: a full or unwritable data directory leaves no partial data.
   # One tfds call with its progress bars off: announced and timed instead.

@@ -136,7 +136,7 @@ def test_runs_starting_together_prepare_once_and_all_read_it(tmp_path, monkeypat
   waiter.start()
   waiter.join(timeout=1.0)
   assert waiter.is_alive(), "the second run did not wait for the lock"
-  sources._prepare(first, needs_tensorflow=False)
+  sources._prepare(first)
   fcntl.flock(fd, fcntl.LOCK_UN)
   os.close(fd)
   waiter.join(timeout=60)
