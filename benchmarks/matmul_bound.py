@@ -27,9 +27,7 @@ import argparse
 import collections
 import json
 import os
-import statistics
 import sys
-import time
 
 if __package__ in (None, ""):  # run as a script: put the repository root on the path
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -91,16 +89,10 @@ def time_product(product, num_devices: int, reps: int) -> float:
   b, m, k, n, split = product
   part = {axis: size // num_devices if axis == split else size
           for axis, size in (("b", b), ("m", m), ("k", k))}
+  from benchmarks import train_throughput
   x = jnp.ones((num_devices, part["b"], part["m"], part["k"]), jnp.float32)
   w = jnp.ones((num_devices, part["b"], part["k"], n), jnp.float32)
-  f = jax.pmap(jnp.matmul)
-  f(x, w).block_until_ready()
-  times = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    f(x, w).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+  return train_throughput.median_call_seconds(jax.pmap(jnp.matmul), (x, w), reps)
 
 
 def main(argv=None) -> None:

@@ -1,5 +1,5 @@
 """A tuning split carved from SST-2's training phrases, so that recipe choices are made
-without looking at the dev sentences (BENCHMARKS.md, "SST-2: choices made on a split of
+without looking at the dev sentences (BENCHMARKS.md, "SST-2, choices made on a split of
 train").
 
     python benchmarks/sst2_tune_split.py --data_dir=../shared/data/sst2 --out=runs/sst2_tune

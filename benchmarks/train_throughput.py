@@ -448,16 +448,21 @@ def measure_peak(n: int, reps: int, dtype: str = "float32") -> Dict[str, Any]:
   key_a, key_b = jax.random.split(jax.random.PRNGKey(0))
   a = jax.random.normal(key_a, (n, n), jnp.float32).astype(dtype)
   b = jax.random.normal(key_b, (n, n), jnp.float32).astype(dtype)
-  matmul = jax.jit(jnp.matmul)
-  matmul(a, b).block_until_ready()
+  seconds = median_call_seconds(jax.jit(jnp.matmul), (a, b), reps)
+  return {"n": n, "reps": reps, "dtype": dtype, "median_s": seconds,
+          "flops_per_sec": 2.0 * n**3 / seconds}
+
+
+def median_call_seconds(fn, args, reps: int) -> float:
+  """Median seconds of `fn(*args)`, each call blocked, over `reps` calls after one warm-up
+  call (which compiles)."""
+  fn(*args).block_until_ready()
   times = []
   for _ in range(reps):
     t0 = time.perf_counter()
-    matmul(a, b).block_until_ready()
+    fn(*args).block_until_ready()
     times.append(time.perf_counter() - t0)
-  seconds = statistics.median(times)
-  return {"n": n, "reps": reps, "dtype": dtype, "median_s": seconds,
-          "flops_per_sec": 2.0 * n**3 / seconds}
+  return statistics.median(times)
 
 
 def synthetic_batch(task, vocab_size: int, batch: int, seed: int) -> Dict[str, np.ndarray]:

@@ -32,11 +32,12 @@ DATASETS = ("sst2", "glue_sst2", "imdb", "ag_news")
 # with batches of similar lengths (length_bucket: about 3x fewer padded tokens a step) on
 # one CPU device, which with buckets is as fast as two and needs no cross-device
 # collective: 80.7% dev accuracy at its best (79.7% with seed 1), 83 s into training, and
-# 3,000 steps in 135 s; the issue's 85.2% is not reached (BENCHMARKS.md). Strong regularisation (dropout 0.3, weight decay 0.1, label
-# smoothing 0.1) suits the 67k short training phrases; mean pooling needs no extra token.
-# A whole-word vocabulary (model.sentencepiece_type="word", vocab_size=8000) scored 2
-# points higher on a split of train but 1 lower on dev: no measurable difference
-# (BENCHMARKS.md, "SST-2: choices made on a split of train").
+# 3,000 steps in 135 s; the issue's 85.2% is not reached (BENCHMARKS.md). Strong
+# regularisation (dropout 0.3, weight decay 0.1, label smoothing 0.1) suits the 67k short
+# training phrases; mean pooling needs no extra token. A whole-word vocabulary
+# (model.sentencepiece_type="word", vocab_size=8000) scored 2 points higher on a split of
+# train but no better on dev (within a point, two seeds) (BENCHMARKS.md, "SST-2, choices
+# made on a split of train").
 SST2_CPU = dict(
     model=dict(num_encoder_layers=2, num_decoder_layers=0, d_model=128, d_ff=512, num_heads=4,
                norm_placement="pre", activation="gelu", pooling="mean"),
@@ -45,26 +46,23 @@ SST2_CPU = dict(
                label_smoothing=0.1),
     data=dict(length_bucket=16),
     train=dict(batch_size=64, num_train_steps=3000), compute=dict(cpu_devices=1))
-# The two stages of the masked-token recipe on top of SST2_CPU's model (BENCHMARKS.md). Both
-# batch phrases of similar lengths (length_bucket: about 3x fewer padded tokens a step) on
-# one CPU device, which here is faster than two and needs no cross-device collective.
-# Pre-training: BERT's masking (20% here) of the training sentences; short warmup, no
-# smoothing, light regularisation (the texts are seen about 13 times).
+# The two stages of the masked-token recipe on top of SST2_CPU (BENCHMARKS.md), whose length
+# buckets on one device they keep. Pre-training: BERT's masking (20% here) of the training
+# sentences; short warmup, no smoothing, light regularisation (the texts are seen about 13
+# times).
 MLM_PRETRAIN = dict(
     objective="mlm",
     optim=dict(learning_rate=2e-3, warmup_steps=1000, weight_decay=0.01, dropout_rate=0.1,
                label_smoothing=0.0, mask_rate=0.2),
-    data=dict(length_bucket=16),
     train=dict(batch_size=128, num_train_steps=7000, checkpoint_every_steps=1000),
-    eval=dict(eval_every_steps=1000), compute=dict(cpu_devices=1))
+    eval=dict(eval_every_steps=1000))
 # Fine-tuning: the classifier from the pre-trained encoder (init_encoder_from), token
 # dropout, a lower rate and less dropout than from scratch (the best of three fine-tunings
 # of one pre-training on dev accuracy: 81.0% against 79.6% and 77.5%).
 MLM_FINETUNE = dict(
     init_encoder_from=os.path.join("runs", "sst2_mlm"),
     optim=dict(learning_rate=3e-4, warmup_steps=100, dropout_rate=0.1, token_dropout=0.1),
-    data=dict(length_bucket=16),
-    train=dict(num_train_steps=3000), compute=dict(cpu_devices=1))
+    train=dict(num_train_steps=3000))
 RECIPES = {"mlm": MLM_PRETRAIN, "finetune": MLM_FINETUNE}
 # (tfds name, train split, eval split, text feature, max_input_length)
 TFDS = {"glue_sst2": ("glue/sst2", "train", "validation", "sentence", 64),
