@@ -79,6 +79,7 @@ def _model() -> ml_collections.ConfigDict:
   model.qk_norm = False  # normalise each head's queries and keys (QK-norm) with model.norm
   model.biases = "ffn"  # dense-layer biases: "ffn" (paper), "all" (attention too), "none"
   model.pooling = "mean"  # classification pooling: "mean" over tokens or a learned "cls"
+  model.conv_kernel = 0  # encoder blocks: a convolution sublayer this wide (odd) first; 0 = none
   model.layer_norm_epsilon = 1e-6  # added to the variance in layer norm (and RMSNorm)
   model.scan_layers = False  # identical layers as one nn.scan (one compiled layer; stacked)
   model.tokenizer = "sentencepiece"  # real text: "sentencepiece" (trained on the fly) or "bytes"
@@ -146,6 +147,7 @@ def _optim(task: str) -> ml_collections.ConfigDict:
   optim.adam_eps = 1e-9  # Adam epsilon (paper: 1e-9)
   optim.weight_decay = 0.0  # AdamW decoupled weight decay
   optim.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables it
+  optim.sam_rho = 0.0  # sharpness-aware minimisation's radius (two passes a step); 0 = off
   optim.label_smoothing = 0.1 if task == "translation" else 0.0  # paper: 0.1
   optim.z_loss = 0.0  # training loss += z_loss * (log softmax normaliser)^2 (PaLM: 1e-4)
   optim.dropout_rate = 0.0  # residual, embedding and feed-forward dropout

@@ -167,6 +167,52 @@ class FeedForward(nn.Module):
     return dense(x.shape[-1], "wo")(h)
 
 
+class ConvModule(nn.Module):
+  """A convolution sublayer over positions (the Conformer's, Gulati et al., 2020, without
+  its batch norm; GELU where it has Swish):
+
+      h = (x W_a) * sigmoid(x W_b)               pointwise, gated (GLU)
+      c_t = sum_{|o| <= k//2} w_o * h_{t+o}       depthwise: one k-tap filter per channel
+      y = GELU(c) W_out                           pointwise
+
+  The window is centred (it sees k//2 positions either side), so it suits encoders only.
+  Padding (`valid` False) and positions of another packed segment (`segments`) contribute
+  nothing: a row's output does not depend on what it is packed or padded with. It gives
+  each position an ordered view of its neighbours, which attention must otherwise learn
+  from positional encodings (BENCHMARKS.md, "SST-2").
+  """
+
+  kernel_size: int
+  dtype: jnp.dtype = jnp.float32
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x: Array, valid: Array, segments=None) -> Array:
+    """x: `[batch, length, d_model]`; valid: `[batch, length]` bool; segments: `[batch,
+    length]` int packed-segment ids, or None. Returns `[batch, length, d_model]`."""
+    d_model, k = x.shape[-1], self.kernel_size
+    dense = lambda features, name: nn.Dense(  # noqa: E731
+        features, use_bias=self.use_bias, dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
+        name=name)
+    a, b = jnp.split(dense(2 * d_model, "wi")(x), 2, axis=-1)
+    h = a * jax.nn.sigmoid(b) * valid[..., None].astype(x.dtype)
+    kernel = self.param("depthwise", nn.initializers.normal(1.0 / k), (k, d_model), jnp.float32)
+    kernel = kernel.astype(self.dtype)
+    half, length = k // 2, x.shape[1]
+    padded = jnp.pad(h, ((0, 0), (half, half), (0, 0)))
+    if segments is not None:
+      padded_segments = jnp.pad(segments, ((0, 0), (half, half)), constant_values=-1)
+    out = jnp.zeros_like(h)
+    for tap in range(k):  # tap o = tap - half reads position t + o
+      neighbour = jax.lax.slice_in_dim(padded, tap, tap + length, axis=1)
+      if segments is not None:
+        same = jax.lax.slice_in_dim(padded_segments, tap, tap + length, axis=1) == segments
+        neighbour = neighbour * same[..., None].astype(x.dtype)
+      out = out + kernel[tap] * neighbour
+    return dense(d_model, "wo")(nn.gelu(out))
+
+
 class Embed(nn.Module):
   """Token embedding; `attend` reuses the same matrix as the output projection (tying).
 

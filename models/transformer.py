@@ -58,7 +58,8 @@ CHOICES = {"norm_placement": NORM_PLACEMENTS, "positional_encoding": layers.POSI
            "attention_impl": attention.IMPLEMENTATIONS, "remat": REMAT_POLICIES,
            "dropout_rng": layers.DROPOUT_RNGS}
 MINIMUMS = {"d_model": 1, "d_ff": 1, "num_heads": 1, "head_dim": 0, "num_kv_heads": 0,
-            "num_encoder_layers": 0, "num_decoder_layers": 0, "attention_block_size": 1}
+            "num_encoder_layers": 0, "num_decoder_layers": 0, "attention_block_size": 1,
+            "conv_kernel": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,7 @@ class TransformerConfig:
   scan_layers: bool = False  # nn.scan over the blocks of each stack (parameters stacked)
   dtype: Any = jnp.float32
   decode: bool = False  # incremental decoding with a key/value cache
+  conv_kernel: int = 0  # >0: a convolution sublayer of this width in each encoder block
 
   def __post_init__(self):
     self.check()
@@ -142,6 +144,13 @@ class TransformerConfig:
     if self.fused_qkv and self.num_kv_heads not in (0, num_heads):
       raise InvalidField("fused_qkv", True, f"one q/k/v projection needs num_kv_heads equal "
                          f"to num_heads={num_heads}; set fused_qkv=False")
+    if self.conv_kernel and self.conv_kernel % 2 == 0:
+      raise InvalidField("conv_kernel", self.conv_kernel,
+                         "expected 0 (no convolution) or an odd width (a centred window)")
+    if self.conv_kernel and not self.num_encoder_layers:
+      raise InvalidField("conv_kernel", self.conv_kernel,
+                         "the convolution sublayer is part of encoder blocks (its window "
+                         "looks ahead), and this model has no encoder; set conv_kernel=0")
     if self.positional_encoding == "rope" and head_dim % 2:
       raise InvalidField("head_dim", head_dim, "rotary positions need an even head_dim")
     if self.attention_impl != "reference" and self.attention_dropout_rate > 0:
@@ -218,7 +227,8 @@ def _sublayer(cfg: TransformerConfig, x: Array, fn: Callable[[Array], Array], na
 
 
 class EncoderBlock(nn.Module):
-  """Self-attention then feed-forward, each wrapped in a residual sublayer."""
+  """Self-attention then feed-forward, each wrapped in a residual sublayer; with
+  `conv_kernel`, a convolution sublayer (layers.ConvModule) before the self-attention."""
 
   config: TransformerConfig
 
@@ -228,6 +238,13 @@ class EncoderBlock(nn.Module):
     """x: `[batch, length, d_model]`; mask: an `AttentionMask` or `[batch, 1, length,
     length]` bool; positions: `[batch, length]` int (for rotary positions)."""
     cfg = self.config
+    if cfg.conv_kernel:
+      if not isinstance(mask, masks.AttentionMask):
+        raise ValueError("a convolution sublayer needs the mask as an AttentionMask")
+      conv = layers.ConvModule(cfg.conv_kernel, cfg.dtype, use_bias=cfg.biases != "none",
+                               name="conv")
+      x = _sublayer(cfg, x, lambda h: conv(h, mask.query_valid, mask.query_segments),
+                    "conv", deterministic)
     x = _sublayer(cfg, x, lambda h: _attention(cfg, "self_attention")(
         h, mask=mask, deterministic=deterministic, positions=positions),
                   "self_attention", deterministic)

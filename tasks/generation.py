@@ -62,7 +62,12 @@ class GenerationTask(base.Task):
 
   @classmethod
   def check_config(cls, config) -> None:
-    Fields(config, "model").integer("num_decoder_layers", 1)
+    model = Fields(config, "model")
+    model.integer("num_decoder_layers", 1)
+    if model["conv_kernel"]:
+      model.fail("conv_kernel", "the convolution sublayer is part of encoder blocks (its "
+                                "window looks ahead), and a language model has no encoder; "
+                                "set conv_kernel=0")
     data = Fields(config, "data")
     if data["dataset"] == "synthetic":
       need = 2 * data["max_digits"] + 2  # x SEP f(x) EOS

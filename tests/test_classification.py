@@ -90,8 +90,8 @@ def write_corpus(directory, sizes=(("train", 400), ("dev", 64)), seed=0):
 TINY = dict(
     data=dict(dataset="files", file_splits="train=train.tsv,validation=dev.tsv,test=test.tsv",
               max_input_length=16),
-    model=dict(tokenizer="sentencepiece", vocab_size=40, d_model=32, d_ff=64, num_heads=2,
-               num_encoder_layers=1),
+    model=dict(tokenizer="sentencepiece", sentencepiece_type="unigram", vocab_size=40,
+               d_model=32, d_ff=64, num_heads=2, num_encoder_layers=1),
     train=dict(batch_size=32, num_train_steps=120, log_every_steps=40,
                checkpoint_every_steps=60),
     eval=dict(eval_batch_size=32, eval_every_steps=60, num_print_examples=2,
@@ -581,7 +581,13 @@ def test_classification_configs_validate(variant):
   train.validate(config)
   assert config.task == "classification" and config.eval.best_metric == "accuracy"
   if variant.startswith("recipe="):  # two stages of one model: the same config.model
-    assert config.model == classification_config.get_config().model
+    assert config.model == classification_config.get_config("recipe=mlm").model
+    # ... SST2_CPU's, but for the fields the masked-token recipe was measured with.
+    default_model = classification_config.get_config().model
+    plain = classification_config.SST2_CPU_PLAIN_MODEL
+    assert {k for k in default_model if default_model[k] != config.model[k]} == set(plain)
+    assert all(config.model[k] == v for k, v in plain.items())
+    assert config.optim.sam_rho == 0.0
     assert (config.objective == "mlm") == (variant == "recipe=mlm")
     assert bool(config.init_encoder_from) == (variant == "recipe=finetune")
   if not variant:

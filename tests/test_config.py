@@ -293,6 +293,11 @@ INVALID = [
     ("negative_max_grad_norm", None,
      dict(optim=dict(max_grad_norm=-1.0)), 1, "optim.max_grad_norm", ">= 0"),
     ("adam_b2_one", None, dict(optim=dict(adam_b2=1.0)), 1, "optim.adam_b2", "[0, 1)"),
+    ("negative_sam_rho", None, dict(optim=dict(sam_rho=-0.05)), 1, "optim.sam_rho", ">= 0"),
+    ("even_conv_kernel", "task=classification", dict(model=dict(conv_kernel=4)), 1,
+     "model.conv_kernel", "odd width"),
+    ("conv_kernel_without_encoder", "task=generation", dict(model=dict(conv_kernel=3)), 1,
+     "model.conv_kernel", "no encoder"),
 ]
 
 

@@ -32,6 +32,7 @@ VARIANTS = {
                        qk_norm=True, biases="none", num_kv_heads=1, tie_output=False,
                        norm_placement="pre", **ONE_LAYER),
     "attention_biases_gqa": dict(biases="all", num_kv_heads=1, num_heads=2, **ONE_LAYER),
+    "encoder_convolution": dict(conv_kernel=3, **ONE_LAYER),  # encoder-decoder only
 }
 
 

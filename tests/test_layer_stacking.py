@@ -62,6 +62,12 @@ def test_remat_and_scan_with_the_components_since_2017(family):
                                  dict(scan_layers=True, remat="matmuls", **SINCE_2017))
 
 
+@pytest.mark.parametrize("family", ["encoder_decoder", "classifier"])
+def test_remat_and_scan_with_the_convolution_sublayer(family):
+  assert_same_loss_and_gradients(family, dict(conv_kernel=3),
+                                 dict(scan_layers=True, remat="full", conv_kernel=3))
+
+
 def assert_same_loss_and_gradients(family, plain_fields, variant):
   cls, fields = FAMILIES[family]
   args = [batch()[f] for f in fields]

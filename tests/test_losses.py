@@ -194,8 +194,9 @@ def case():
               mean_of_means=_adam_first_step(params, mean_of_means_grads))
 
 
-def _run_step(case, num_devices, grad_accum_steps=1):
+def _run_step(case, num_devices, grad_accum_steps=1, sam_rho=0.0):
   config = _tiny_config(grad_accum_steps)
+  config.optim.sam_rho = sam_rho
   devices = jax.local_devices()[:num_devices]
   assert len(devices) == num_devices, "conftest should give 8 CPU devices"
   p_train, _, _ = steps.compile_steps(case["task"], case["tx"], config, devices)
@@ -273,3 +274,37 @@ def test_eval_step_sums_over_devices_and_ignores_zero_filled_rows(case):
   for key, value in only_real.items():
     assert np.all(np.isfinite(sums[key]))
     np.testing.assert_allclose(sums[key], float(value), rtol=1e-5, err_msg=key)
+
+
+def test_sam_update_uses_the_gradient_at_the_ascent_point(case):
+  """optim.sam_rho: on one device (one micro-batch) the update is Adam's first step for the
+  global token-mean gradient taken at params + rho * g / ||g|| (g: the summed-loss gradient
+  there), not at params; the metrics stay those of params."""
+  rho, task, params = 0.05, case["task"], case["state"].params
+  batch = {k: jnp.asarray(v) for k, v in case["batch"].items()}
+  loss = lambda p: task.loss(p, batch, None, train=False)["loss"]  # noqa: E731
+  g = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.grad(loss)(params))
+  norm = np.sqrt(sum(np.sum(x**2) for x in jax.tree.leaves(g)))
+  ascent = jax.tree.map(lambda p, x: jnp.asarray(p + rho * x / norm, jnp.float32), params, g)
+  sharp = jax.tree.map(lambda x: np.asarray(x, np.float64) / case["sums"]["weight"],
+                       jax.grad(loss)(ascent))
+  got, metrics, _ = _run_step(case, 1, sam_rho=rho)
+  _assert_params_close(got, _adam_first_step(params, sharp), params)
+  with pytest.raises(AssertionError):  # the plain update is measurably different
+    _assert_params_close(got, case["expected"], params)
+  assert metrics["loss"] == pytest.approx(case["sums"]["loss"], rel=1e-5)
+
+
+def test_sam_gradient_on_a_quadratic():
+  """For L(w) = w.A.w / 2: grad L(w + rho * Aw / |Aw|), against NumPy; rho=0 is the plain
+  gradient; the auxiliary output comes from w itself."""
+  a = np.array([[3.0, 1.0], [1.0, 2.0]])
+  w = np.array([0.5, -1.5])
+  loss_fn = lambda p: (0.5 * p["w"] @ jnp.asarray(a, jnp.float32) @ p["w"], p["w"])  # noqa: E731
+  params = {"w": jnp.asarray(w, jnp.float32)}
+  grads, aux = steps.sam_gradient(loss_fn, params, 0.3)
+  ascent = w + 0.3 * (a @ w) / np.linalg.norm(a @ w)
+  np.testing.assert_allclose(grads["w"], a @ ascent, rtol=1e-5)
+  np.testing.assert_array_equal(aux, params["w"])
+  plain, _ = steps.sam_gradient(loss_fn, params, 0.0)
+  np.testing.assert_allclose(plain["w"], a @ w, rtol=1e-6)

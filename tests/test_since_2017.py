@@ -1,7 +1,7 @@
 """The components that replaced the paper's since 2017, each against a NumPy statement of its
 math: RMSNorm, rotary positions (and their relative-position property, through the cache
 too), gated and squared-ReLU feed-forward layers, QK-norm, grouped-query attention, biases,
-the z-loss and Muon."""
+the z-loss and Muon; and the convolution sublayer (the Conformer's) of encoder blocks."""
 
 import dataclasses
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from models import attention, layers
-from models.transformer import DecoderOnly, EncoderDecoder, InvalidField
+from models.transformer import DecoderOnly, Encoder, EncoderDecoder, InvalidField
 from tasks import losses
 from tests.model_fixtures import init_params, tiny_model_config
 from tests.tiny_configs import tiny_config
@@ -237,11 +237,72 @@ def test_no_biases_anywhere_and_attention_biases():
     (dict(norm="batch"), "norm"),
     (dict(biases="some"), "biases"),
     (dict(activation="swish"), "activation"),
+    (dict(conv_kernel=4), "conv_kernel"),  # a centred window has an odd width
+    (dict(conv_kernel=3, num_encoder_layers=0), "conv_kernel"),  # no encoder to put it in
 ])
 def test_impossible_combinations_name_the_field(fields, field):
   with pytest.raises(InvalidField) as error:
     tiny_model_config(**fields)
   assert error.value.field == field
+
+
+# ----------------------------------------------------------------------------- convolution
+
+
+def np_sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def np_conv_module(x, valid, segments, p, k):
+  """The convolution sublayer, one output at a time: GLU, a centred depthwise k-tap window
+  over real tokens of the same segment, GELU (tanh form), the output projection."""
+  d = x.shape[-1]
+  ab = x @ np.asarray(p["wi"]["kernel"]) + np.asarray(p["wi"]["bias"])
+  h = ab[..., :d] * np_sigmoid(ab[..., d:]) * valid[..., None]
+  w = np.asarray(p["depthwise"])
+  out = np.zeros_like(h)
+  for b in range(x.shape[0]):
+    for t in range(x.shape[1]):
+      for o in range(-(k // 2), k // 2 + 1):
+        s = t + o
+        if 0 <= s < x.shape[1] and segments[b, s] == segments[b, t]:
+          out[b, t] += w[o + k // 2] * h[b, s]
+  return np_gelu_tanh(out) @ np.asarray(p["wo"]["kernel"]) + np.asarray(p["wo"]["bias"])
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_convolution_sublayer_matches_numpy(k):
+  x = RNG.normal(size=(2, 7, 8)).astype(np.float32)
+  valid = np.array([[1, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 0, 0, 0]], bool)
+  segments = np.array([[1, 1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 0, 0, 0]], np.int32)
+  conv = layers.ConvModule(kernel_size=k)
+  p = init_params(conv, x, valid, segments)
+  assert p["depthwise"].shape == (k, 8) and p["wi"]["kernel"].shape == (8, 16)
+  got = conv.apply({"params": p}, x, valid, segments)
+  np.testing.assert_allclose(got, np_conv_module(x, valid, segments, p, k), rtol=1e-4,
+                             atol=1e-5)
+  # Without segments, a row is one sequence (compared at its real tokens).
+  one = np.ones_like(segments)
+  np.testing.assert_allclose(conv.apply({"params": p}, x, valid)[valid],
+                             np_conv_module(x, valid, one, p, k)[valid], rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_with_convolutions_gives_packed_rows_their_separate_outputs():
+  """Two sequences packed into one row (segments, positions restarting) get the outputs
+  they get alone, each padded: neither the convolution's window nor attention crosses a
+  segment or reads padding."""
+  model = Encoder(tiny_model_config(conv_kernel=5))
+  a, b = [3, 4, 5], [6, 7, 8, 9]
+  alone = jnp.array([a + [0] * 5, b + [0] * 4])
+  packed = jnp.array([a + b + [0]])
+  positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 0]])
+  segments = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]])
+  params = init_params(model, alone)
+  assert "conv" in params["block_0"] and "conv_norm" in params["block_0"]
+  out_alone = model.apply({"params": params}, alone)
+  out_packed = model.apply({"params": params}, packed, positions, segments)
+  np.testing.assert_allclose(out_packed[0, :3], out_alone[0, :3], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out_packed[0, 3:7], out_alone[1, :4], rtol=1e-4, atol=1e-5)
 
 
 # ----------------------------------------------------------------------------- loss, optimizer

@@ -132,5 +132,6 @@ def check_config(config) -> None:
   optim.number("z_loss", lambda v: v >= 0, "expected a number >= 0 (0 = no z-loss)")
   optim.integer("warmup_steps", 0)
   optim.number("max_grad_norm", lambda v: v >= 0, "expected a number >= 0 (0 = no clipping)")
+  optim.number("sam_rho", lambda v: v >= 0, "expected a number >= 0 (0 = no SAM)")
   if optim["optimizer"] == "adam" and optim["weight_decay"] > 0:
     optim.fail("weight_decay", "weight decay needs optimizer='adamw' or 'muon'")

@@ -2,6 +2,7 @@
 
     TrainState           step, parameters, optimizer state, dropout key
     train_step           one optimizer update on a device's shard (micro-batches, psum)
+    sam_gradient         the gradient at the sharpness-aware (SAM) point
     train_steps          several updates in one call (lax.scan of train_step over batches)
     eval_step            summed loss metrics of a batch (optionally with heads removed)
     compile_steps        the pmapped train, eval and predict functions: the one place
@@ -42,12 +43,32 @@ class TrainState:
 # ----------------------------------------------------------------------------- steps
 
 
-def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int):
+def sam_gradient(loss_fn, params, rho: float):
+  """`(gradient, aux)` for sharpness-aware minimisation (Foret et al., 2021, "SAM"):
+  the gradient of `loss_fn` taken at `params + rho * g / ||g||`, where g is its gradient
+  at `params`: the update then descends the worst loss within a ball of radius `rho`
+  instead of the loss at one point. `loss_fn(params) -> (loss, aux)`; aux is returned
+  from `params` itself (the metrics of the real weights). `rho=0`: the plain gradient,
+  one pass. Otherwise two forward and backward passes.
+  """
+  grads, aux = jax.grad(loss_fn, has_aux=True)(params)
+  if not rho:
+    return grads, aux
+  scale = rho / (optax.tree.norm(grads) + 1e-12)
+  ascent = jax.tree.map(lambda p, g: p + (scale * g).astype(p.dtype), params, grads)
+  return jax.grad(loss_fn, has_aux=True)(ascent)[0], aux
+
+
+def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int,
+               sam_rho: float = 0.0):
   """One optimizer update on this device's shard of the batch.
 
   The loss is summed over tokens, the gradient and the token count are summed across
   micro-batches and devices, and the gradient is divided once by the global count.
-  An update whose loss or gradient is not finite is not applied.
+  An update whose loss or gradient is not finite is not applied. With `sam_rho`
+  (config.optim.sam_rho) each micro-batch's gradient is `sam_gradient`'s, its ascent
+  step taken from that micro-batch's own gradient on this device (SAM's "m-sharpness":
+  no collective, so the perturbation depends on the per-device micro-batch size).
   """
   step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                 jax.lax.axis_index(AXIS))
@@ -56,7 +77,7 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int):
     def loss_fn(params):
       sums = task.loss(params, micro_batch, rng, train=True)
       return sums["loss"], sums
-    return jax.grad(loss_fn, has_aux=True)(state.params)
+    return sam_gradient(loss_fn, state.params, sam_rho)
 
   if grad_accum_steps == 1:
     grads, sums = grads_and_sums(batch, step_rng)
@@ -94,12 +115,14 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int):
   return new_state, {**sums, **stats}
 
 
-def train_steps(state: TrainState, batches, *, task, tx, grad_accum_steps: int):
+def train_steps(state: TrainState, batches, *, task, tx, grad_accum_steps: int,
+                sam_rho: float = 0.0):
   """`n` updates in one call: `train_step` scanned over `batches`, whose leaves are
   `[n, ...]` (one batch per update, in order). Returns the state after the last update and
   each update's metrics stacked `[n]`. The same updates as `n` calls of `train_step`; one
   dispatch instead of `n` where the host's per-step overhead matters (short steps)."""
-  step = functools.partial(train_step, task=task, tx=tx, grad_accum_steps=grad_accum_steps)
+  step = functools.partial(train_step, task=task, tx=tx, grad_accum_steps=grad_accum_steps,
+                           sam_rho=sam_rho)
   return jax.lax.scan(step, state, batches)
 
 
@@ -131,7 +154,8 @@ def compile_steps(task, tx, config, devices: Sequence[jax.Device]):
   """The pmapped train, eval and predict functions (the one place pmap appears)."""
   devices = step_devices(devices)
   p_train = jax.pmap(functools.partial(train_step, task=task, tx=tx,
-                                       grad_accum_steps=config.train.grad_accum_steps),
+                                       grad_accum_steps=config.train.grad_accum_steps,
+                                       sam_rho=config.optim.sam_rho),
                      axis_name=AXIS, devices=devices, donate_argnums=(0,))
   p_eval = jax.pmap(functools.partial(eval_step, task=task), axis_name=AXIS, devices=devices)
   p_predict = jax.pmap(task.predict, axis_name=AXIS, devices=devices)
@@ -169,7 +193,8 @@ def compile_multi_step(task, tx, config, devices: Sequence[jax.Device]):
   (the loop uses only config.train.steps_per_call)."""
   return AnnouncedCompile(
       jax.pmap(functools.partial(train_steps, task=task, tx=tx,
-                                 grad_accum_steps=config.train.grad_accum_steps),
+                                 grad_accum_steps=config.train.grad_accum_steps,
+                                 sam_rho=config.optim.sam_rho),
                axis_name=AXIS, devices=step_devices(devices), donate_argnums=(0,)),
       f"the train step x {config.train.steps_per_call} (steps_per_call)")
 
