@@ -358,9 +358,11 @@ CASES = [
     Case("max_eval_length_one", "translation", ("config.data.max_eval_length=1", "integer >= 2"),
          set={"data.max_eval_length": "1"}),
     Case("context_longer_than_the_text", "generation",
-         ("fewer than one batch of 16 windows of 4096", "config.data.max_target_length=4096"),
-         # (a small eval batch: 128 rows of 4096 would not fit the memory check first)
-         set={"data.max_target_length": "4096", "eval.eval_batch_size": "8"}),
+         ("fewer than one batch of 4 windows of 4096", "config.data.max_target_length=4096"),
+         # (small batches: 16 or 128 rows of 4096 need about 17 GiB and more by the memory
+         # check's estimate, which then refuses first on a machine with less free memory)
+         set={"data.max_target_length": "4096", "train.batch_size": "4",
+              "eval.eval_batch_size": "4"}),
     Case("every_example_longer_than_the_rows", "translation",
          ("no training example fits config.data.max_input_length=2 and max_target_length=2",),
          set={"data.max_input_length": "2", "data.max_target_length": "2"}),
