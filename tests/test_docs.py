@@ -236,3 +236,18 @@ def test_induction_scores_of_hand_built_heads():
     half = len(line) // 2
     assert 3 <= half <= 6 and len(set(line[:half])) == half and line[:half] == line[half:]
   assert len({len(line) for line in lines}) > 1
+
+
+def test_configs_doc_lists_every_field_of_every_group():
+  """docs/configs.md's table of groups names each field of configs/default.py's groups
+  (and no field that is gone), so a new field cannot go undocumented there."""
+  from configs import default
+  with open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "docs", "configs.md"),
+            encoding="utf-8") as f:
+    rows = {m.group(1): set(re.findall(r"`(\w+)`", m.group(2)))
+            for m in re.finditer(r"^\| `config\.(\w+)` \|[^|]*\|(.*)\|$", f.read(), re.M)}
+  config = default.get_config()
+  groups = {k for k, v in config.items() if hasattr(v, "items")}
+  assert groups == set(rows)
+  for group in groups:
+    assert rows[group] == set(config[group].keys()), group
