@@ -118,10 +118,14 @@ def check_same_model(saved: dict, config: ml_collections.ConfigDict, where: str)
   `where`) in config.task, config.objective, a config.model field or a field the family
   names in `identity_fields` (translation: the language pair), unless
   config.train.allow_config_change. A config saved before the fields were grouped is
-  regrouped first."""
+  regrouped first; a field it lacks counts as configs/default.py's value for the task."""
   saved = default.group_flat_config(saved)
   fields = [f"model.{k}" for k in config.model]
   fields += list(getattr(tasks.TASKS.get(config.task), "identity_fields", ()))
+  # A field the saved config lacks was added to the codebase after that run: it ran as
+  # configs/default.py's value, the behaviour before the field existed.
+  before = (default.get_config(f"task={config.task}") if config.get("task") in default.TASKS
+            else config)
   changed = []
   if "task" in saved and saved["task"] != config.task:
     changed.append(f"task: {saved['task']!r} there, {config.task!r} now")
@@ -131,9 +135,14 @@ def check_same_model(saved: dict, config: ml_collections.ConfigDict, where: str)
                    f"{config.get('objective', '')!r} now")
   for path in fields:
     group, field = path.split(".")
-    then, now = saved.get(group, {}).get(field, config[group][field]), config[group][field]
+    now = config[group][field]
+    if field in saved.get(group, {}):
+      then, absent = saved[group][field], ""
+    else:
+      then = before[group][field] if field in before.get(group, {}) else now
+      absent = " (absent there: the default before the field existed)"
     if then != now:
-      changed.append(f"{path}: {then!r} there, {now!r} now")
+      changed.append(f"{path}: {then!r} there{absent}, {now!r} now")
   if changed and not config.train.allow_config_change:
     raise ConfigError(
         f"the config differs from the one the checkpoint in {where} was trained with in "

@@ -90,6 +90,21 @@ def test_a_checkpoint_config_saved_flat_is_checked_by_its_model_group():
     train.check_same_model(flat, config, "old/checkpoints")
 
 
+def test_a_model_field_added_since_a_checkpoint_counts_as_its_default():
+  """A saved config without a model field added to the codebase later ran as
+  configs/default.py's value: the same value now is the same model, another is not (the
+  parameters would not fit), and the error says the field was absent."""
+  config = default.get_config("task=classification")
+  saved = config.to_dict()
+  del saved["model"]["conv_kernel"]
+  train.check_same_model(saved, config, "run/checkpoints")
+  config.model.conv_kernel = 3
+  with pytest.raises(config_checks.ConfigError,
+                     match=r"model\.conv_kernel: 0 there \(absent there: the default before "
+                           r"the field existed\), 3 now"):
+    train.check_same_model(saved, config, "run/checkpoints")
+
+
 def test_a_translation_checkpoint_also_pins_its_language_pair():
   config = default.get_config("task=translation")
   saved = config.to_dict()
