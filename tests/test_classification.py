@@ -575,18 +575,22 @@ def test_unknown_tfds_feature_is_named(tmp_path):
 
 @pytest.mark.parametrize("variant", ["", "dataset=glue_sst2", "dataset=imdb,tokenizer=bytes",
                                      "dataset=ag_news,size=small,accel=gpu", "recipe=mlm",
-                                     "recipe=finetune"])
+                                     "recipe=finetune", "tokenizer=bytes,recipe=mlm"])
 def test_classification_configs_validate(variant):
   config = classification_config.get_config(variant)
   train.validate(config)
   assert config.task == "classification" and config.eval.best_metric == "accuracy"
+  if "tokenizer=bytes" in variant:  # a byte vocabulary, whatever the recipe
+    assert config.model.vocab_size == 259
   if variant.startswith("recipe="):  # two stages of one model: the same config.model
     assert config.model == classification_config.get_config("recipe=mlm").model
     # ... SST2_CPU's, but for the fields the masked-token recipe was measured with.
     default_model = classification_config.get_config().model
     plain = classification_config.SST2_CPU_PLAIN_MODEL
-    assert {k for k in default_model if default_model[k] != config.model[k]} == set(plain)
+    assert ({k for k in default_model if default_model[k] != config.model[k]}
+            == set(plain) | {"vocab_size"})  # 2,000 pieces instead of 8,000 words
     assert all(config.model[k] == v for k, v in plain.items())
+    assert config.model.vocab_size == 2000
     assert config.optim.sam_rho == 0.0
     assert (config.objective == "mlm") == (variant == "recipe=mlm")
     assert bool(config.init_encoder_from) == (variant == "recipe=finetune")
