@@ -121,7 +121,7 @@ def get_config(arg=None):
   if "recipe" in variant:
     presets.update_groups(c, RECIPES[variant["recipe"]])
   if name == "sst2" and c.model.tokenizer == "sentencepiece":
-    # Whole words: the 8,000 most frequent of the ~14k training words. Pieces: 2,000,
+    # Whole words: the 8,000 most frequent of the ~14,800 training words. Pieces: 2,000,
     # small pieces generalise better from 67k short phrases than 8,000.
     c.model.vocab_size = 8000 if c.model.sentencepiece_type == "word" else 2000
   return c
