@@ -24,6 +24,9 @@ r"""Entry point: pick a config, a workdir and a mode.
     python main.py --config=configs/classification.py --workdir=runs/sst2  # SST-2
     echo "a gorgeous, witty film" | python main.py --config=configs/classification.py \
         --workdir=runs/sst2 --mode=predict --checkpoint=best
+    python main.py --mode=sweep --sweep=configs/sweeps/sst2_seeds.py --workdir=runs/sst2_seeds
+    python main.py --mode=eval --workdir=runs/sst2_seeds \
+        --ensemble='runs/sst2_seeds/seed*'   # five SST-2 classifiers as one
     python main.py --workdir=runs/demo --config.train.num_train_steps=500 --config.model.d_model=128
     python main.py --mode=sweep --sweep=configs/sweeps/table3_multi30k.py \
         --workdir=runs/table3    # Table 3's ablations; --config.<field>=... on every variant
@@ -133,6 +136,12 @@ flags.DEFINE_integer("num_average", 5, "average: how many of the newest checkpoi
 flags.DEFINE_enum("format", "hf", ("hf", "safetensors"), "export: hf (a Hugging Face folder "
                   "transformers loads: GPT-2, Marian) or safetensors (any model, raw).")
 flags.DEFINE_string("output", "", "export: the folder to write (must not exist).")
+flags.DEFINE_list("ensemble", None, "eval, predict (classifiers): score or use the workdirs "
+                  "listed (comma-separated; a glob pattern such as runs/x/seed* stands for "
+                  "its matches) as one classifier, by the mean of their class "
+                  "probabilities; each keeps its own saved config and tokenizer, and "
+                  "--checkpoint/--step pick each one's checkpoint. The eval report goes to "
+                  "<workdir>/eval/ (modes/ensemble.py).")
 flags.DEFINE_string("sweep", None, "sweep/sweep_report: the sweep file (configs/sweeps/*.py): "
                     "a base config and its variants; --config.<field>=<value> flags apply "
                     "to every variant.")
@@ -323,6 +332,22 @@ def _refuse_preset_labels(mode: str) -> None:
     _user_error(str(e))
 
 
+def _ensemble_members(file_config):
+  """--ensemble: [(member workdir, its config)], each config resolved as --mode=eval
+  resolves a workdir's (modes/workdir_config.py); [] without the flag."""
+  if not flags.FLAGS.ensemble:
+    return []
+  from errors import UserError  # pylint: disable=g-import-not-at-top
+  from modes import ensemble, workdir_config  # pylint: disable=g-import-not-at-top
+  try:
+    return [(member, workdir_config.resolve_config(
+        member, file_config, config_flags.get_override_values(flags.FLAGS["config"]),
+        explicit_file=flags.FLAGS["config"].present))
+            for member in ensemble.member_dirs(flags.FLAGS.ensemble)]
+  except UserError as e:
+    _user_error(str(e))
+
+
 def _workdir_config(file_config):
   """The config of every mode but the sweeps: the one saved in an existing --workdir with
   the --config.<field> flags on it, unless --config=FILE is given (modes/workdir_config.py)."""
@@ -508,6 +533,20 @@ def _lines_mode(mode, config, workdir):
     print(line, flush=True)
 
 
+def _ensemble_mode(mode, members, workdir):
+  """eval, predict with --ensemble (modes/ensemble.py)."""
+  from modes import ensemble  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  dirs, configs = [m for m, _ in members], [c for _, c in members]
+  if mode == "eval":
+    ensemble.evaluate_ensemble(configs, dirs, workdir, step=f.step, split=f.split,
+                               checkpoint=f.checkpoint)
+    return
+  for line in ensemble.predict_ensemble_lines(configs, dirs, _read_input(f.input),
+                                              checkpoint=f.checkpoint, step=f.step):
+    print(line, flush=True)
+
+
 def _generate_mode(config, workdir):
   import modes  # pylint: disable=g-import-not-at-top
   modes.check_mode_fits(config, "generate")
@@ -582,7 +621,7 @@ _MODE_FLAGS = {
                                                     "attention"),
     "prompt": ("generate", "attention"), "reference": ("attention",),
     "example": ("attention",), "attention_head": ("attention",), "num_average": ("average",),
-    "format": ("export",), "output": ("export",),
+    "format": ("export",), "output": ("export",), "ensemble": ("eval", "predict"),
 }
 
 
@@ -604,10 +643,12 @@ def main(argv):
   config = _load_config()
   sweep, overrides = _load_sweep()
   _set_up_output()  # after the checks above (they print; no jax import for them)
-  if sweep is None:
+  members = _ensemble_members(config)
+  if sweep is None and not members:
     config = _workdir_config(config)
     _apply_pretrained(config)
-  first = config if sweep is None else sweep.config(sweep.variants[0], overrides)
+  first = (sweep.config(sweep.variants[0], overrides) if sweep is not None else
+           members[0][1] if members else config)
   _set_cpu_devices(first)
   _start_processes(flags.FLAGS.mode)
   _note_missing_accelerator(first)
@@ -615,7 +656,10 @@ def main(argv):
   from training import monitors, preemption  # pylint: disable=g-import-not-at-top
   try:
     with _stop_request(flags.FLAGS.mode):
-      _run_mode(flags.FLAGS.mode, config, flags.FLAGS.workdir, sweep, overrides)
+      if members:
+        _ensemble_mode(flags.FLAGS.mode, members, flags.FLAGS.workdir)
+      else:
+        _run_mode(flags.FLAGS.mode, config, flags.FLAGS.workdir, sweep, overrides)
   except UserError as e:
     _exit(f"error: {e}", 2)
   except monitors.NonFiniteLossError as e:

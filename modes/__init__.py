@@ -8,6 +8,7 @@ checkpoint restored read-only):
     average.py        --mode=average: average the newest checkpoints
     inspect_heads.py  --mode=attention, --mode=head_importance
     sweep.py          --mode=sweep, --mode=sweep_report: train and compare variants
+    ensemble.py       --ensemble (eval, predict): several classifiers as one
     workdir_config.py the config of an existing workdir (its config.json) with the flags
 """
 

@@ -29,7 +29,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str,
   run = open_run(config, workdir, devices, split=split)
   step, params = run.restore(checkpoint, step)
   if jax.process_index() == 0:  # the reports' place, tried before the compute
-    files.check_writable(os.path.join(workdir, "eval"))
+    check_report_place(workdir)
   _, p_eval, p_predict = steps.compile_steps(run.task, run.tx, config, run.devices)
   start = time.perf_counter()
   counts = []  # real examples of each batch whose loss is scored (every batch, here)
@@ -69,6 +69,11 @@ def report_name(split: str) -> str:
   return "_" + name[1:] if name.startswith(".") else name
 
 
+def check_report_place(workdir: str) -> None:
+  """WriteError unless <workdir>/eval/, where the reports go, can be written."""
+  files.check_writable(os.path.join(workdir, "eval"))
+
+
 def _report(run, split: str, checkpoint: str, step: int, metrics, records,
             seconds: float, examples: int) -> None:
   """Writes <workdir>/eval/<split>-<checkpoint>-step<N>.json (and the predictions file)
@@ -86,6 +91,15 @@ def _report(run, split: str, checkpoint: str, step: int, metrics, records,
             "length_penalty": config.decode.length_penalty,
             **task.score_details(), **task.eval_report(records)}
   records.sort(key=lambda r: r["index"])
+  heading = (f"{split} ({checkpoint} checkpoint, step {step}, {examples} examples"
+             + ("" if predicted is None else f", predictions on {predicted}") + ")")
+  write_report(task, stem, report, metrics, records, heading)
+
+
+def write_report(task, stem: str, report: dict, metrics, records, heading: str) -> None:
+  """Writes `report` to <stem>.json and the task's predictions file of `records` (sorted
+  by index) beside it, each atomically; prints `heading`, the metrics, the task's signatures
+  and summary tables, and where the files are."""
   predictions = task.prediction_file(records)
   if predictions:
     key, suffix, text = predictions
@@ -93,8 +107,7 @@ def _report(run, split: str, checkpoint: str, step: int, metrics, records,
     report[key] = stem + suffix
   files.write_atomically(stem + ".json", json.dumps(report, indent=2) + "\n")
   width = max(len(k) for k in metrics)
-  print(f"{split} ({checkpoint} checkpoint, step {step}, {examples} examples"
-        + ("" if predicted is None else f", predictions on {predicted}") + ")")
+  print(heading)
   for k, v in metrics.items():
     print(f"  {k:<{width}}  {v:10.4f}")
   for name, signature in task.score_details().get("signatures", {}).items():
