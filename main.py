@@ -340,12 +340,15 @@ def _ensemble_members(file_config):
   from errors import UserError  # pylint: disable=g-import-not-at-top
   from modes import ensemble, workdir_config  # pylint: disable=g-import-not-at-top
   try:
-    return [(member, workdir_config.resolve_config(
+    members = [(member, workdir_config.resolve_config(
         member, file_config, config_flags.get_override_values(flags.FLAGS["config"]),
         explicit_file=flags.FLAGS["config"].present))
-            for member in ensemble.member_dirs(flags.FLAGS.ensemble)]
+               for member in ensemble.member_dirs(flags.FLAGS.ensemble)]
   except UserError as e:
     _user_error(str(e))
+  for _, config in members:
+    _apply_pretrained(config)
+  return members
 
 
 def _workdir_config(file_config):

@@ -93,8 +93,8 @@ def evaluate_ensemble(configs: Sequence[ml_collections.ConfigDict], members: Seq
   each member's checkpoint, then with the mean of their class probabilities. Writes
   <workdir>/eval/<split>-ensemble-<checkpoint>.json (the ensemble's metrics, every
   member's, and the members' mean) with the ensemble's predictions beside it, prints the
-  table, and returns the ensemble's metrics: accuracy, macro_f1 and loss (the mean
-  negative log of the ensemble's probability of the true class)."""
+  table, and returns the ensemble's metrics (`ensemble_metrics`; the members' are
+  computed the same way from their own probabilities, so all their losses compare)."""
   check_members(configs, members)
   split = split or configs[0].data.eval_split
   files_checked = False
@@ -107,7 +107,7 @@ def evaluate_ensemble(configs: Sequence[ml_collections.ConfigDict], members: Seq
       evaluate.check_report_place(workdir)
       files_checked = True
     _, p_eval, p_predict = steps.compile_steps(run.task, run.tx, config, run.devices)
-    metrics, _, records = train.evaluate(
+    _, _, records = train.evaluate(
         run.task, p_eval, p_predict, steps.replicate(params, run.devices),
         run.eval_dataset, split, title=f"{member} ({checkpoint}, step {member_step}) on {split}")
     records.sort(key=lambda r: r["index"])
@@ -116,15 +116,14 @@ def evaluate_ensemble(configs: Sequence[ml_collections.ConfigDict], members: Seq
     _check_same_examples(task, reference, run.task, records, members[0], member)
     probabilities.append(np.array([r["probabilities"] for r in records], np.float64))
     rows.append({"workdir": member, "step": member_step,
-                 "metrics": {k: float(v) for k, v in metrics.items()}})
+                 "metrics": ensemble_metrics(run.task, records)})
     del params, p_eval, p_predict  # one member's model in memory at a time
   mean = np.mean(probabilities, axis=0)
   names = task.label_names
   records = [dict(r, predicted=names[int(np.argmax(p))], probabilities=[float(v) for v in p])
              for r, p in zip(reference, mean)]
   metrics = ensemble_metrics(task, records)
-  member_mean = {k: float(np.mean([row["metrics"][k] for row in rows]))
-                 for k in metrics if all(k in row["metrics"] for row in rows)}
+  member_mean = {k: float(np.mean([row["metrics"][k] for row in rows])) for k in metrics}
   report = {"split": split, "checkpoint": checkpoint, "examples": len(records),
             "seconds": time.perf_counter() - start, "metrics": metrics,
             "combination": "mean of the members' class probabilities",
@@ -135,8 +134,7 @@ def evaluate_ensemble(configs: Sequence[ml_collections.ConfigDict], members: Seq
   width = max(len(m) for m in members)
   for row in rows:
     lines.append(f"  {row['workdir']:<{width}}  step {row['step']:>7}  "
-                 + "  ".join(f"{k} {row['metrics'][k]:.4f}" for k in metrics
-                             if k in row["metrics"]))
+                 + "  ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items()))
   lines.append(f"  {'members, mean':<{width}}  {'':>12}  "
                + "  ".join(f"{k} {v:.4f}" for k, v in member_mean.items()))
   evaluate.write_report(task, stem, report, metrics, records, "\n".join(lines))
@@ -145,8 +143,8 @@ def evaluate_ensemble(configs: Sequence[ml_collections.ConfigDict], members: Seq
 
 def ensemble_metrics(task, records: List[dict]) -> Dict[str, float]:
   """accuracy and macro_f1 of the records' predictions, and loss: the mean of
-  -log p(true class) under their probabilities (natural log, as the members' loss, but
-  without their label smoothing)."""
+  -ln p(true class) under their probabilities (no label smoothing, which the training
+  loss of a smoothed recipe includes)."""
   ids = {name: i for i, name in enumerate(task.label_names)}
   scores = classification_metrics.scores(task.confusion(records))
   loss = float(np.mean([-math.log(max(r["probabilities"][ids[r["label"]]], _TINY))
@@ -182,6 +180,9 @@ def predict_ensemble_lines(configs: Sequence[ml_collections.ConfigDict],
   probabilities, written as one member's --mode=predict writes it (an empty line stays
   empty)."""
   check_members(configs, members)
+  import modes  # pylint: disable=g-import-not-at-top  # the package, imported by now
+  for config in configs:  # text to label: not the synthetic digits
+    modes.check_mode_fits(config, "predict")
   task, first, total = None, None, None
   for config, member in zip(configs, members):
     run = open_run(config, member, devices)

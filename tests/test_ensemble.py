@@ -16,6 +16,8 @@ import pytest
 
 import modes
 import train
+from configs import default
+from errors import UserError
 from modes import ensemble
 from tasks import classification_metrics
 from tests.cli_helpers import assert_one_error_line, run_main
@@ -97,9 +99,14 @@ def test_the_ensemble_is_the_mean_of_its_members(runs, tmp_path):
   loss = np.mean([-math.log(p[ids[l]]) for p, l in zip(expected, labels)])
   assert metrics["loss"] == pytest.approx(loss, rel=1e-4)
   assert report["confusion_matrix"] == matrix.tolist()
-  # Each member's own scores, as its --mode=eval gives them, and their mean.
-  for row, (mine, _) in zip(report["members"], own):
+  # Each member's own scores, as its --mode=eval gives them, its loss unsmoothed like the
+  # ensemble's (the recipe's eval loss is label-smoothed), and their mean.
+  for row, (mine, mine_rows) in zip(report["members"], own):
     assert row["metrics"]["accuracy"] == pytest.approx(mine["accuracy"])
+    assert row["metrics"]["macro_f1"] == pytest.approx(mine["macro_f1"])
+    assert row["metrics"]["loss"] == pytest.approx(np.mean(
+        [-math.log(p[ids[r["label"]]]) for p, r in zip(_probabilities(mine_rows), mine_rows)]),
+        rel=1e-4)
   assert report["member_mean"]["accuracy"] == pytest.approx(
       (own[0][0]["accuracy"] + own[1][0]["accuracy"]) / 2)
   assert [m["workdir"] for m in report["members"]] == members
@@ -168,6 +175,9 @@ def test_only_classifiers_form_an_ensemble(runs):
   mlm.objective = "mlm"
   with pytest.raises(ensemble.EnsembleError, match="objective 'mlm'"):
     ensemble.check_members([configs["a"], mlm], ["a", "pre"])
+  digits = default.get_config("task=classification")  # synthetic digit strings: no text
+  with pytest.raises(UserError, match="--mode=predict labels text"):
+    ensemble.predict_ensemble_lines([configs["a"], digits], ["a", "digits"], ["good"])
 
 
 def test_member_dirs_expand_globs_once_each_and_name_what_is_missing(runs, tmp_path):
