@@ -91,7 +91,7 @@ def evaluate_ensemble(configs: Sequence[ml_collections.ConfigDict], members: Seq
                       checkpoint: str = "latest") -> Dict[str, float]:
   """Scores the whole `split` (default the first member's config.data.eval_split) with
   each member's checkpoint, then with the mean of their class probabilities. Writes
-  <workdir>/eval/<split>-ensemble-<checkpoint>.json (the ensemble's metrics, every
+  <workdir>/eval/<split>-ensemble-<checkpoint>[-step<N>].json (the ensemble's metrics, every
   member's, and the members' mean) with the ensemble's predictions beside it, prints the
   table, and returns the ensemble's metrics (`ensemble_metrics`; the members' are
   computed the same way from their own probabilities, so all their losses compare)."""
@@ -128,10 +128,11 @@ def evaluate_ensemble(configs: Sequence[ml_collections.ConfigDict], members: Seq
             "seconds": time.perf_counter() - start, "metrics": metrics,
             "combination": "mean of the members' class probabilities",
             "members": rows, "member_mean": member_mean, **task.eval_report(records)}
-  stem = os.path.join(workdir, "eval", f"{evaluate.report_name(split)}-ensemble-{checkpoint}")
+  stem = os.path.join(workdir, "eval", f"{evaluate.report_name(split)}-ensemble-{checkpoint}"
+                      + ("" if step is None else f"-step{step}"))
   lines = [f"{split}: ensemble of {len(members)} ({checkpoint} checkpoints, "
            f"{len(records)} examples)"]
-  width = max(len(m) for m in members)
+  width = max(len(m) for m in list(members) + ["members, mean"])
   for row in rows:
     lines.append(f"  {row['workdir']:<{width}}  step {row['step']:>7}  "
                  + "  ".join(f"{k} {v:.4f}" for k, v in row["metrics"].items()))

@@ -22,6 +22,7 @@ from modes import ensemble
 from tasks import classification_metrics
 from tests.cli_helpers import assert_one_error_line, run_main
 from tests.test_classification import tiny_config, write_corpus, write_table
+from training import checkpointing
 
 ONE_DEVICE = jax.local_devices()[:1]
 STEPS = dict(train=dict(num_train_steps=40, checkpoint_every_steps=40),
@@ -122,6 +123,15 @@ def test_an_ensemble_of_one_is_its_member(runs, tmp_path):
   with open(tmp_path / "eval" / "validation-ensemble-latest.predictions.tsv") as f:
     np.testing.assert_allclose(_probabilities(list(csv.DictReader(f, delimiter="\t"))),
                                _probabilities(rows), atol=1e-6)
+  # --step names the step of every member, and the report says which.
+  again = ensemble.evaluate_ensemble([configs["b"]], [dirs["b"]], str(tmp_path),
+                                     devices=ONE_DEVICE, step=40)
+  assert again == metrics
+  assert (tmp_path / "eval" / "validation-ensemble-latest-step40.json").exists()
+  with pytest.raises(checkpointing.CheckpointError, match="no checkpoint of step 7 in .*"
+                                                          "it has steps 40"):
+    ensemble.evaluate_ensemble([configs["b"]], [dirs["b"]], str(tmp_path),
+                               devices=ONE_DEVICE, step=7)
 
 
 def _parsed(line):
