@@ -32,11 +32,13 @@ DTYPES = ("float32", "bfloat16")
 DROPOUT_FIELDS = ("dropout_rate", "dropout_rng", "attention_dropout_rate")
 
 
-def model_fields(config) -> Dict[str, Any]:
+def model_fields(config, absent_stacks: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
   """What TransformerConfig takes from the run config: config.model (what the parameters
-  are), config.compute (how it computes) and the dropout fields of config.optim;
-  `TransformerConfig.from_fields` keeps the names it declares."""
-  return {**config.model, **config.compute, **{f: config.optim[f] for f in DROPOUT_FIELDS}}
+  are), config.compute (how it computes) and the dropout fields of config.optim, with the
+  family's `absent_stacks` on top; `TransformerConfig.from_fields` keeps the names it
+  declares."""
+  return {**config.model, **config.compute, **{f: config.optim[f] for f in DROPOUT_FIELDS},
+          **(absent_stacks or {})}
 
 
 class Task:
@@ -59,6 +61,9 @@ class Task:
   tokenizers: Tuple[str, ...] = ()  # the config.model.tokenizer kinds its text source takes
   # Fields outside config.model that a checkpoint must match too ("group.field").
   identity_fields: Tuple[str, ...] = ()
+  # The layer counts of the stacks this family's model does not have (0), whatever
+  # config.model says: its TransformerConfig then checks the model as it is built.
+  absent_stacks: Dict[str, int] = {}
 
   def __init__(self, config, workdir: Optional[str] = None, training: bool = True):
     """`workdir` holds what the run learns from its data (e.g. a tokenizer); `training`
@@ -90,7 +95,7 @@ class Task:
     Fields(config, "compute").choice("dtype", DTYPES)
     Fields(config, "compute").integer("cpu_devices", 0)
     try:
-      TransformerConfig.from_fields(model_fields(config), vocab_size=8)
+      TransformerConfig.from_fields(model_fields(config, cls.absent_stacks), vocab_size=8)
     except InvalidField as e:
       group = next(g for g in ("model", "compute", "optim") if e.field in config[g])
       fail(f"{group}.{e.field}", e.value, e.allowed)
@@ -108,7 +113,7 @@ class Task:
     """config.model as is, the sizes this task's data fixes, and how to compute."""
     c = self.config
     return TransformerConfig.from_fields(
-        model_fields(c), vocab_size=self.vocab_size,
+        model_fields(c, self.absent_stacks), vocab_size=self.vocab_size,
         output_vocab_size=self.data.output_vocab_size, num_classes=self.num_classes,
         max_length=self.max_length(),
         # Decoding runs the blocks as a loop without remat: it takes no gradients, and
