@@ -470,18 +470,6 @@ def _set_cpu_devices(config) -> None:
     os.environ["XLA_FLAGS"] = " ".join(kept + [flag] + timeouts)
 
 
-def _keep_host_memory(config) -> None:
-  """config.compute.keep_host_memory: glibc's malloc keeps the memory a step frees, so the
-  next step reuses it instead of page-faulting fresh pages in (training/host_memory.py).
-  Set before JAX starts its threads: a thread keeps the malloc arena it first gets."""
-  keep = config.compute.keep_host_memory
-  if not isinstance(keep, bool):
-    _user_error(f"config.compute.keep_host_memory={keep!r} is invalid: expected True or False")
-  if keep:
-    from training import host_memory  # pylint: disable=g-import-not-at-top
-    host_memory.keep_freed_memory()
-
-
 # Several CPU devices: XLA ends the process ("Termination timeout for all reduce ...
 # Expected 2 threads to join the rendezvous", exit 134) when one device thread waits at a
 # collective of the pmapped step for more than 40 s (its default; a warning at 20 s), which
@@ -665,7 +653,6 @@ def main(argv):
   first = (sweep.config(sweep.variants[0], overrides) if sweep is not None else
            members[0][1] if members else config)
   _set_cpu_devices(first)
-  _keep_host_memory(first)
   _start_processes(flags.FLAGS.mode)
   _note_missing_accelerator(first)
   from errors import UserError  # pylint: disable=g-import-not-at-top

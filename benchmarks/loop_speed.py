@@ -89,8 +89,6 @@ def child(args, overrides) -> Dict[str, Any]:
 
   logging.set_verbosity(logging.WARNING)
   config = run_record.load_config(args.config, overrides)
-  # As main.py: before the backends start (jax.local_devices below starts them).
-  run_record.keep_host_memory(config.compute.keep_host_memory)
   per_call = args.child_steps_per_call
   with config.unlocked():
     config.train.num_train_steps = args.steps

@@ -100,15 +100,12 @@ def main(argv=None) -> None:
   parser.add_argument("--shapes", default="generation_small_256",
                       help="shape or group names of benchmarks/train_throughput.py")
   parser.add_argument("--cpu_devices", type=int, default=0)
-  parser.add_argument("--keep_host_memory", type=int, choices=(0, 1), default=1,
-                      help="as train_throughput's flag (main.py's compute.keep_host_memory)")
   parser.add_argument("--reps", type=int, default=20)
   parser.add_argument("--output", default="")
   args = parser.parse_args(argv)
   if args.cpu_devices:
     os.environ["XLA_FLAGS"] = run_record.cpu_device_flags(args.cpu_devices,
                                                           os.environ.get("XLA_FLAGS", ""))
-  print(run_record.keep_host_memory(bool(args.keep_host_memory)))
   import jax
   from benchmarks import train_throughput as tt
   devices = max(1, args.cpu_devices) if jax.default_backend() == "cpu" else 1

@@ -57,17 +57,6 @@ def load_config(spec: str, overrides: Sequence[str] = ()):
   return config
 
 
-def keep_host_memory(keep: bool) -> str:
-  """Applies main.py's config.compute.keep_host_memory to this process (before JAX starts
-  its backends) and returns a line saying what the timings ran with."""
-  if not keep:
-    return "host memory: glibc malloc's defaults (--keep_host_memory=0)"
-  from training import host_memory  # pylint: disable=g-import-not-at-top
-  if host_memory.keep_freed_memory():
-    return "host memory: freed memory kept for reuse (training/host_memory.py)"
-  return "host memory: not glibc, malloc's defaults"
-
-
 def early_int_flag(argv: Sequence[str], name: str, default: int = 0) -> int:
   """`--name=N` or `--name N` from `argv`, read before argparse (and before JAX starts)."""
   for i, arg in enumerate(argv):

@@ -59,12 +59,9 @@ if __package__ in (None, ""):  # run as a script: put the repository root on the
 
 from benchmarks import run_record  # noqa: E402  (no JAX)
 
-HOST_MEMORY = ""
-if __name__ == "__main__":  # --cpu_devices and --keep_host_memory act before JAX starts
+if __name__ == "__main__":  # --cpu_devices must reach XLA_FLAGS before JAX starts
   os.environ["XLA_FLAGS"] = run_record.cpu_device_flags(
       run_record.early_int_flag(sys.argv[1:], "cpu_devices"), os.environ.get("XLA_FLAGS", ""))
-  HOST_MEMORY = run_record.keep_host_memory(
-      bool(run_record.early_int_flag(sys.argv[1:], "keep_host_memory", 1)))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -647,9 +644,6 @@ def parse_args(argv=None):
   parser.add_argument("--cpu_devices", type=int, default=0,
                       help="split the host into this many pmap devices and each batch over "
                            "them (0: one device; set before JAX starts)")
-  parser.add_argument("--keep_host_memory", type=int, choices=(0, 1), default=1,
-                      help="1: glibc malloc keeps freed memory, as main.py's "
-                           "config.compute.keep_host_memory (default); 0: malloc's defaults")
   parser.add_argument("--peer", choices=("", "nanogpt"), default="",
                       help="also measure nanoGPT beside the rows that have a peer")
   parser.add_argument("--peer_python", default=sys.executable,
@@ -762,8 +756,6 @@ def main(argv=None):
   print("\n" + run_record.machine_line(f"{num_devices} of {len(jax.local_devices())} local "
                                        f"device(s) used"))
   print(run_record.load_line(load_before, load_after))
-  if HOST_MEMORY:
-    print(HOST_MEMORY)
   spread = sorted(p["flops_per_sec"] / 1e9 for p in peaks)
   print(f"peak for MFU: jitted float32 {args.peak_size}x{args.peak_size} matmul "
         f"(2 n^3 FLOPs), {peak / 1e9:.1f} GFLOP/s = median of {len(peaks)} measurements "
@@ -787,7 +779,7 @@ def main(argv=None):
   print(f"\ntotal time {total_s:.0f} s")
   if args.output:
     run_record.write_json(args.output, {
-        "args": vars(args), "host_memory": HOST_MEMORY, "peak_flops_per_sec": peak, "peaks": peaks,
+        "args": vars(args), "peak_flops_per_sec": peak, "peaks": peaks,
         "peak_larger": larger, "peak_bf16": bf16_peak,
         "skipped": [{"shape": n, "why": w} for n, w in skipped], "peers": peer_runs,
         "load_before": load_before,

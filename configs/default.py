@@ -97,7 +97,6 @@ def _compute() -> ml_collections.ConfigDict:
   compute.attention_block_size = 512  # blockwise attention: query and key block length
   compute.remat = "none"  # recompute in backward: none, full (each block), matmuls (save dots)
   compute.cpu_devices = 0  # CPU: main.py splits the host into this many pmap devices; 0 = one
-  compute.keep_host_memory = True  # glibc: malloc keeps freed memory (steps reuse it, no faults)
   return compute
 
 

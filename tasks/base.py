@@ -94,7 +94,6 @@ class Task:
     a value it refuses is a ConfigError naming the field in its group."""
     Fields(config, "compute").choice("dtype", DTYPES)
     Fields(config, "compute").integer("cpu_devices", 0)
-    Fields(config, "compute").boolean("keep_host_memory")
     try:
       TransformerConfig.from_fields(model_fields(config, cls.absent_stacks), vocab_size=8)
     except InvalidField as e:

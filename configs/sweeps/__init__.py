@@ -35,7 +35,7 @@ from errors import UserError
 # A variant's name is its sub-directory of the sweep workdir and its row in the tables.
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 # Fields that concern the process, not the run: the sweep's one process has one value.
-_PROCESS_FIELDS = ("compute.cpu_devices", "compute.keep_host_memory")
+_PROCESS_FIELDS = ("compute.cpu_devices",)
 
 
 class SweepError(UserError, ValueError):
