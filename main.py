@@ -724,7 +724,11 @@ def _exit(message: str, status: int) -> None:
 
 
 def run() -> None:
-  """The `transformer` command of an installed project (pyproject.toml): as `python main.py`."""
+  """The `transformer` command of an installed project (pyproject.toml): as `python main.py`.
+  First the program starts again with glibc's malloc on transparent huge pages
+  (training/host_memory.py; TRANSFORMER_HUGE_PAGES=0 leaves malloc as it is)."""
+  from training import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_huge_pages()
   app.run(main, flags_parser=_parse_flags)
 
 

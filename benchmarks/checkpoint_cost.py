@@ -87,4 +87,5 @@ def main():
 
 
 if __name__ == "__main__":
+  run_record.start_with_huge_pages()
   main()

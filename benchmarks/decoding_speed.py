@@ -408,4 +408,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  run_record.start_with_huge_pages()
   main()

@@ -9,11 +9,29 @@ import platform
 from typing import Any, Dict, Sequence
 
 
+def start_with_huge_pages() -> None:
+  """As main.py does: start this benchmark again with glibc's malloc on transparent huge
+  pages (training/host_memory.py), so its timings are those main.py's runs get;
+  TRANSFORMER_HUGE_PAGES=0 in the environment measures without."""
+  from training import host_memory  # pylint: disable=g-import-not-at-top
+  host_memory.reexec_with_huge_pages()
+
+
+def huge_pages_line() -> str:
+  """Whether this process's malloc asks for transparent huge pages."""
+  from training import host_memory  # pylint: disable=g-import-not-at-top
+  tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
+  return ("malloc on huge pages" if f"{host_memory.TUNABLE}=1" in tunables
+          else "malloc without huge pages")
+
+
 def machine_line(devices: str = "") -> str:
-  """The JAX version, backend, `devices` (what the run used, if worth saying), CPUs."""
+  """The JAX version, backend, `devices` (what the run used, if worth saying), CPUs, and
+  whether malloc asks for huge pages."""
   import jax  # pylint: disable=g-import-not-at-top
   parts = [f"jax {jax.__version__}", f"backend {jax.default_backend()}", devices,
-           f"{os.cpu_count()} CPU(s)", platform.processor() or platform.machine()]
+           f"{os.cpu_count()} CPU(s)", platform.processor() or platform.machine(),
+           huge_pages_line()]
   return ", ".join(p for p in parts if p)
 
 
@@ -28,7 +46,8 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
   import jax  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   record = {"date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "jax": jax.__version__, "backend": jax.default_backend(), **payload}
+            "jax": jax.__version__, "backend": jax.default_backend(),
+            "host_memory": huge_pages_line(), **payload}
   with open(path, "w", encoding="utf-8") as f:
     json.dump(record, f, indent=2)
 
