@@ -104,13 +104,27 @@ def evaluation(line: str) -> Optional[Dict[str, float]]:
   return match and {"step": int(match.group(1)), "val_loss": float(match.group(3))}
 
 
+def peer_environment() -> Dict[str, str]:
+  """This process's environment without the malloc tunable main.py adds for itself
+  (training/host_memory.py): the peer runs as its own users run it."""
+  from training import host_memory  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
+          if t and t != f"{host_memory.TUNABLE}=1"]
+  if kept:
+    env["GLIBC_TUNABLES"] = ":".join(kept)
+  else:
+    env.pop("GLIBC_TUNABLES", None)
+  return env
+
+
 def _run(python: str, folder: str, args: List[str], timeout: float) -> str:
   if not has_torch(python):
     raise PeerUnavailable(f"{python} cannot import torch; the peer needs PyTorch: "
                           f"pip install -r requirements-pretrained.txt (CPU), or give "
                           f"--peer_python=<a Python with torch>")
   result = subprocess.run([python] + args, cwd=folder, capture_output=True, text=True,
-                          check=False, timeout=timeout)
+                          check=False, timeout=timeout, env=peer_environment())
   if result.returncode:
     raise PeerUnavailable(f"nanoGPT {' '.join(args[:2])} failed ({result.returncode}):\n"
                           f"{result.stderr[-2000:]}")
@@ -176,7 +190,7 @@ def nanogpt_shakespeare(folder: str, python: str = sys.executable, target: float
   args = ["train.py", "config/train_shakespeare_char.py"] + list(flags)
   start = time.time()
   process = subprocess.Popen([python, "-u"] + args, cwd=folder, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+                             stderr=subprocess.STDOUT, text=True, env=peer_environment())
   curve = []
   try:
     for line in process.stdout:

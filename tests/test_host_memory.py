@@ -92,3 +92,11 @@ def test_the_environment_gets_the_tunable_once_and_respects_the_user():
   # The user's own choice wins, and the opt-out leaves malloc alone.
   assert host_memory.huge_pages_environment({"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}) is None
   assert host_memory.huge_pages_environment({host_memory.OPT_OUT: "0"}) is None
+
+
+def test_the_peer_runs_without_the_tunable_main_py_adds(monkeypatch):
+  from benchmarks import peers  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1")
+  assert peers.peer_environment()["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+  assert "GLIBC_TUNABLES" not in peers.peer_environment()
