@@ -108,14 +108,7 @@ def peer_environment() -> Dict[str, str]:
   """This process's environment without the malloc tunable main.py adds for itself
   (training/host_memory.py): the peer runs as its own users run it."""
   from training import host_memory  # pylint: disable=g-import-not-at-top
-  env = dict(os.environ)
-  kept = [t for t in env.get("GLIBC_TUNABLES", "").split(":")
-          if t and t != f"{host_memory.TUNABLE}=1"]
-  if kept:
-    env["GLIBC_TUNABLES"] = ":".join(kept)
-  else:
-    env.pop("GLIBC_TUNABLES", None)
-  return env
+  return host_memory.without_huge_pages(os.environ)
 
 
 def _run(python: str, folder: str, args: List[str], timeout: float) -> str:

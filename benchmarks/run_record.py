@@ -20,8 +20,7 @@ def start_with_huge_pages() -> None:
 def huge_pages_line() -> str:
   """Whether this process's malloc asks for transparent huge pages."""
   from training import host_memory  # pylint: disable=g-import-not-at-top
-  tunables = os.environ.get("GLIBC_TUNABLES", "").split(":")
-  return ("malloc on huge pages" if f"{host_memory.TUNABLE}=1" in tunables
+  return ("malloc on huge pages" if host_memory.asks_for_huge_pages(os.environ)
           else "malloc without huge pages")
 
 

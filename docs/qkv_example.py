@@ -2,7 +2,7 @@
 
     python docs/qkv_example.py
 
-Four tokens A B C D with d_k = 2. Each token's key points in its own direction; each
+Four tokens A B C D with d_k = 2. Each token's key points a different way; each
 token's query points at the key of the token before it (A, having none, points at D's), so
 this one "head" looks one token back. The values are one-hot, so an output row reads
 directly as "how much of each token's value it took". Then the same example with a

@@ -24,7 +24,7 @@ TRANSFORMER_HUGE_PAGES=0 in the environment. Imports nothing from JAX.
 import os
 import platform
 import sys
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 
 TUNABLE = "glibc.malloc.hugetlb"
 OPT_OUT = "TRANSFORMER_HUGE_PAGES"  # "0": leave malloc as it is
@@ -40,20 +40,42 @@ def _kernel_allows_huge_pages() -> bool:
     return False
 
 
+def _tunables(environ: Mapping[str, str]) -> List[str]:
+  """The `name=value` items of GLIBC_TUNABLES."""
+  return [t for t in environ.get("GLIBC_TUNABLES", "").split(":") if t]
+
+
+def asks_for_huge_pages(environ: Mapping[str, str]) -> bool:
+  """Whether a process with `environ` has malloc ask for transparent huge pages."""
+  return f"{TUNABLE}=1" in _tunables(environ)
+
+
+def without_huge_pages(environ: Mapping[str, str]) -> dict:
+  """`environ` without the tunable this module adds (for another program, such as a peer
+  benchmark, that should run as its own users run it)."""
+  env = dict(environ)
+  kept = [t for t in _tunables(environ) if t != f"{TUNABLE}=1"]
+  if kept:
+    env["GLIBC_TUNABLES"] = ":".join(kept)
+  else:
+    env.pop("GLIBC_TUNABLES", None)
+  return env
+
+
 def huge_pages_environment(environ: Mapping[str, str]) -> Optional[dict]:
   """The environment to start again with (`environ` with the tunable appended to
   GLIBC_TUNABLES), or None when there is nothing to do (see the module docstring)."""
   if environ.get(OPT_OUT, "1") == "0":
     return None
-  tunables = environ.get("GLIBC_TUNABLES", "")
-  if any(item.split("=", 1)[0] == TUNABLE for item in tunables.split(":")):
+  tunables = _tunables(environ)
+  if any(item.split("=", 1)[0] == TUNABLE for item in tunables):
     return None  # set already: by us before the exec, or by the user
   if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
     return None
   if not _kernel_allows_huge_pages():
     return None
   env = dict(environ)
-  env["GLIBC_TUNABLES"] = f"{tunables}:{TUNABLE}=1" if tunables else f"{TUNABLE}=1"
+  env["GLIBC_TUNABLES"] = ":".join(tunables + [f"{TUNABLE}=1"])
   return env
 
 
