@@ -193,7 +193,8 @@ VARIANT_SHAPES = [
                   scan_layers=True),
     _family_shape("translation", "base", "_scan", "layers under nn.scan", optional=True,
                   scan_layers=True),
-]
+] + [_family_shape(task, "small", "_fused_qkv", "one q/k/v projection", fused_qkv=True)
+     for task in ("translation", "generation", "classification")]
 # GPU shapes (benchmarks/gpu_mfu.py --shapes=gpu times them with MFU against the card's
 # peak). GPT-2 small as nanoGPT's bench.py builds it: no biases, pre-norm, learned
 # positions, GELU, tied output, dropout 0, context 1024, vocab 50304, bfloat16 compute.
@@ -279,7 +280,8 @@ def build_task(config, vocab_size: int):
 
 
 # Config knobs that change the model program; each must reach models.TransformerConfig.
-MODEL_KNOBS = ("dtype", "attention_impl", "attention_block_size", "remat", "scan_layers")
+MODEL_KNOBS = ("dtype", "attention_impl", "attention_block_size", "remat", "scan_layers",
+               "fused_qkv")
 
 
 def check_model_knobs(shape: Shape, config, task) -> None:
