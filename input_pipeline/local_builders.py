@@ -131,7 +131,7 @@ def read_parallel(directory: str, stem: str, languages) -> Dict[str, List[str]]:
   for lang in languages:
     path = text_file_path(directory, f"{stem}.{lang}")
     if not os.path.exists(path):
-      raise DataError(f"{path}: no such file; {_present_files(directory, stem)}")
+      raise DataError(_missing(path, _present_files(directory, stem)))
     columns[lang] = read_lines(path)
   counts = {text_file_path(directory, f"{stem}.{lang}"): len(lines)
             for lang, lines in columns.items()}
@@ -140,6 +140,12 @@ def read_parallel(directory: str, stem: str, languages) -> Dict[str, List[str]]:
                     ", ".join(f"{p} has {n} lines" for p, n in counts.items()) +
                     "; line i of each file must translate line i of the other")
   return columns
+
+
+def _missing(path: str, present: str) -> str:
+  """The error for a split file that is not there: what is, and the two ways out."""
+  return (f"{path}: no such file; {present}. Put the file there, or leave its split out "
+          f"of config.data.file_splits")
 
 
 def _present_files(directory: str, stem: str) -> str:
@@ -164,7 +170,7 @@ def parallel_text_builder(directory: str, languages: Tuple[str, str],
     for lang in languages:
       path = text_file_path(directory, f"{stem}.{lang}")
       if not os.path.exists(path):
-        raise DataError(f"{path}: no such file; {_present_files(directory, stem)}")
+        raise DataError(_missing(path, _present_files(directory, stem)))
       paths.append(path)
   name = "-".join(languages) + "-" + _fingerprint(paths)
   config = ParallelTextConfig(name=name, directory=os.path.abspath(directory),
@@ -276,8 +282,7 @@ def _existing_file(directory: str, name: str) -> str:
   path = text_file_path(directory, name)
   if not os.path.exists(path):
     present = sorted(os.listdir(directory))
-    raise DataError(f"{path}: no such file; {directory} has "
-                    f"{', '.join(present[:20]) or 'no files'}")
+    raise DataError(_missing(path, f"{directory} has {', '.join(present[:20]) or 'no files'}"))
   return path
 
 

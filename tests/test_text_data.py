@@ -175,7 +175,8 @@ def _missing_split_file(d):
   write(d / "train.de", TRAIN_DE)
   write(d / "train.en", TRAIN_EN)
   write(d / "val.de", VAL_DE)
-  return ("de", "en"), SPLITS, [r"val\.en: no such file", r"has val\.de$"]
+  return ("de", "en"), SPLITS, [r"val\.en: no such file", r"has val\.de\. Put the file there",
+                                 r"leave its split out of config\.data\.file_splits$"]
 
 
 def _missing_directory(d):
