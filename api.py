@@ -7,7 +7,7 @@
     lm = api.load("runs/shakespeare", overrides={"decode.temperature": 0.8})
     lm.generate(["ROMEO:"])                               # [[sample, ...], ...]
     lm.score(["To be, or not to be"])                     # loss per token, perplexity
-    api.load("runs/sst2").classify(["a gorgeous film"])   # label and probabilities
+    api.load("runs/sst2").classify(["a warm film"])       # label and probabilities
     maps = model.attention("Ein Mann fährt Fahrrad.")     # every head's weights
 
 `load` starts from the config the workdir was trained with (its config.json) and applies

@@ -4,7 +4,7 @@ by name.
     python main.py --config=configs/classification.py --workdir=runs/sst2
     python main.py --config=configs/classification.py --workdir=runs/sst2 --mode=eval \\
         --checkpoint=best
-    echo "a gorgeous, witty, seductive movie." | python main.py \\
+    echo "a warm , clever film that i would happily watch again ." | python main.py \\
         --config=configs/classification.py --workdir=runs/sst2 --mode=predict
     python main.py --config=configs/classification.py:dataset=imdb,size=small,accel=gpu \\
         --workdir=runs/imdb
