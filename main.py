@@ -22,7 +22,7 @@ r"""Entry point: pick a config, a workdir and a mode.
         --config.decode.num_samples=3
     python main.py --config=configs/default.py:task=generation,size=small --workdir=runs/lm
     python main.py --config=configs/classification.py --workdir=runs/sst2  # SST-2
-    echo "a warm , clever film" | python main.py --config=configs/classification.py \
+    echo "A warm, clever film." | python main.py --config=configs/classification.py \
         --workdir=runs/sst2 --mode=predict --checkpoint=best
     python main.py --mode=sweep --sweep=configs/sweeps/sst2_seeds.py --workdir=runs/sst2_seeds
     python main.py --mode=eval --workdir=runs/sst2_seeds \

@@ -4,7 +4,7 @@ by name.
     python main.py --config=configs/classification.py --workdir=runs/sst2
     python main.py --config=configs/classification.py --workdir=runs/sst2 --mode=eval \\
         --checkpoint=best
-    echo "a warm , clever film that i would happily watch again ." | python main.py \\
+    echo "A warm, clever film that I'd happily watch again." | python main.py \\
         --config=configs/classification.py --workdir=runs/sst2 --mode=predict
     python main.py --config=configs/classification.py:dataset=imdb,size=small,accel=gpu \\
         --workdir=runs/imdb
@@ -105,7 +105,11 @@ def get_config(arg=None):
     c.data.text_feature, c.data.label_feature = "sentence", "label"
     c.data.train_split, c.data.eval_split = "train", "validation"
     c.data.max_input_length = 64  # the longest SST-2 sentences are ~60 sentencepiece tokens
-  else:
+  if name in ("sst2", "glue_sst2"):
+    # SST-2's text is Penn-Treebank tokenized and lowercased, which this normalisation
+    # leaves as it is; raw predict input ("It's warm, and clever.") is read the same way.
+    c.data.text_normalization = "ptb_lower"
+  if name != "sst2":
     d = c.data
     d.dataset, d.train_split, d.eval_split, d.text_feature, d.max_input_length = TFDS[name]
     c.data.label_feature = "label"

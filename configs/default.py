@@ -113,6 +113,7 @@ def _data(task: str) -> ml_collections.ConfigDict:
   data.text_feature = "sentence"  # classification: the text feature (tfds) or column (files)
   data.label_feature = "label"  # classification: the class-label feature (tfds) or column (files)
   data.min_class_examples = 10  # classification files: a training label with fewer is refused
+  data.text_normalization = "none"  # classification: none, lower, or ptb_lower (SST-2's form)
   data.synthetic_task = SYNTHETIC_DEFAULTS[task]  # reverse, sort, copy (seq2seq/LM); majority
   data.min_digits = 1  # shortest synthetic digit string
   data.max_digits = 12  # longest synthetic digit string

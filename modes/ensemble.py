@@ -2,7 +2,7 @@
 class probabilities.
 
     python main.py --mode=eval --workdir=runs/sst2_seeds --ensemble='runs/sst2_seeds/seed*'
-    echo "a warm , clever movie ." | python main.py --mode=predict \\
+    echo "A warm, clever movie." | python main.py --mode=predict \\
         --workdir=runs/sst2_seeds --ensemble=runs/sst2_a,runs/sst2_b
 
 Each member is an ordinary classifier workdir, opened as --mode=eval and --mode=predict open

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from config_checks import Fields
-from input_pipeline import tokenizers
+from input_pipeline import normalize, tokenizers
 from models import Classifier
 from tasks import base, classification_metrics, losses, masked_lm
 from tasks.sources.labeled_text import LabeledText
@@ -39,6 +39,7 @@ class ClassificationTask(base.Task):
   compare_by = ("accuracy",)
   line_mode = "predict"
   tokenizers = ("sentencepiece", "bytes")
+  identity_fields = ("data.text_normalization",)  # the text the vocabulary was built on
 
   @classmethod
   def check_config(cls, config) -> None:
@@ -49,6 +50,7 @@ class ClassificationTask(base.Task):
     if not isinstance(config.init_encoder_from, str):
       Fields(config).fail("init_encoder_from", "expected the workdir of a classification run")
     data = Fields(config, "data")
+    data.choice("text_normalization", tuple(normalize.NORMALIZATIONS))
     if data["dataset"] == "synthetic":
       if data["max_input_length"] < data["max_digits"]:
         data.fail("max_input_length", f"examples of max_digits={data['max_digits']} need "

@@ -298,6 +298,11 @@ INVALID = [
      "model.conv_kernel", "odd width"),
     ("conv_kernel_without_encoder", "task=generation", dict(model=dict(conv_kernel=3)), 1,
      "model.conv_kernel", "no encoder"),
+    ("unknown_text_normalization", "task=classification",
+     dict(data=dict(text_normalization="ptb")), 1, "data.text_normalization", "ptb_lower"),
+    ("text_normalization_for_generation", "task=generation",
+     dict(data=dict(text_normalization="lower")), 1, "data.text_normalization",
+     "only classification"),
 ]
 
 

@@ -107,6 +107,9 @@ def check_config(config, family) -> None:
   for field in ("shuffle_seed", "data_threads", "data_prefetch", "device_prefetch",
                 "length_bucket"):
     data.integer(field, 0)
+  if data["text_normalization"] != "none" and family.digits_kind != "classification":
+    data.fail("text_normalization", "only classification normalises its text; leave it "
+                                    "'none'")
   if data["length_bucket"] and data["pack_examples"]:
     data.fail("length_bucket", "it cuts padded rows; packed rows (pack_examples) are full")
   data.integer("max_eval_length", 2)

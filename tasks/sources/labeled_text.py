@@ -7,7 +7,9 @@ Labels map to class ids once: a ClassLabel's names, or the sorted label strings 
 training file (numerically sorted when all are integers); the names are saved as
 <workdir>/labels.json and read back by evaluation and prediction. Text is tokenized
 (SentencePiece trained on the training text, or bytes; saved in the workdir) and cut to
-config.data.max_input_length tokens.
+config.data.max_input_length tokens. Every text is first normalised by
+config.data.text_normalization (input_pipeline/normalize.py): the tokenizer's training
+text, the splits, and the lines of --mode=predict alike.
 """
 
 import json
@@ -18,7 +20,7 @@ import numpy as np
 from absl import logging
 
 import files
-from input_pipeline import local_builders, sources, tokenizers
+from input_pipeline import local_builders, normalize, sources, tokenizers
 from input_pipeline.local_builders import DataError
 from tasks import masked_lm
 from tasks.sources import TextSource, tokenizer_paths
@@ -34,6 +36,8 @@ class LabeledText(TextSource):
 
   def __init__(self, config, workdir: Optional[str], training: bool):
     self.workdir, self.training = workdir, training
+    # Runs saved before the field existed read their text as it is.
+    self.normalize = normalize.NORMALIZATIONS[config.data.get("text_normalization", "none")]
     super().__init__(config)
     self._rows: Dict[str, Tuple[list, list, list]] = {}
     self._examples: Dict[str, list] = {}
@@ -144,7 +148,7 @@ class LabeledText(TextSource):
     """An evenly strided sample of at most config.data.tokenizer_max_sentences texts."""
     texts = self.rows("train")[0]
     stride = -(-len(texts) // self.config.data.tokenizer_max_sentences)
-    return texts[::stride]
+    return [self.normalize(t) for t in texts[::stride]]
 
   def label_ids(self, split: str) -> List[int]:
     """Class ids of a labeled split; DataError naming the file, line and value of a label
@@ -170,9 +174,8 @@ class LabeledText(TextSource):
     dropped."""
     split = self.split_name(split)
     if split not in self._examples:
-      texts = self.rows(split)[0]
       labels = self.label_ids(split)
-      tokens = self.tokenizer.encode_batch(texts)
+      tokens = self.encode_batch(self.rows(split)[0])
       self._examples[split] = self._cut(split, tokens, labels)
     return self._examples[split]
 
@@ -197,7 +200,10 @@ class LabeledText(TextSource):
     return self.rows(split)[0][index]
 
   def encode_batch(self, texts: List[str]) -> List[np.ndarray]:
-    return self.tokenizer.encode_batch(texts)
+    return self.tokenizer.encode_batch([self.normalize(t) for t in texts])
+
+  def encode(self, text: str) -> np.ndarray:
+    return self.tokenizer.encode(self.normalize(text))
 
 
 # ----------------------------------------------------------------------------- label names
