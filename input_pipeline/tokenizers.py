@@ -9,8 +9,12 @@ decodes as it is.
 Built tokenizers are files next to the run (`get_or_build`): a resumed run, evaluation and
 decoding load the file instead of rebuilding, and every write is atomic (temp file, then
 `os.replace`) so a run killed mid-write never leaves a half-written tokenizer to be reused.
+A tokenizer's `fingerprint` (a hash of what maps its ids to text) is saved with every
+checkpoint, so a tokenizer rebuilt or replaced since is caught before its ids reach a model
+trained on other ones (train.check_same_tokenizer).
 """
 
+import hashlib
 import io
 import json
 import os
@@ -56,6 +60,15 @@ class Tokenizer:
   vocab_size: int
   pad_id = PAD_ID
   eos_id = EOS_ID
+
+  def fingerprint(self) -> Optional[str]:
+    """A short hash of the id <-> text mapping: equal for the same vocabulary, whatever
+    file it was read from; None where a tokenizer does not define one."""
+    definition = self._definition()
+    return None if definition is None else hashlib.sha256(definition).hexdigest()[:16]
+
+  def _definition(self) -> Optional[bytes]:
+    return None
 
   def encode(self, text: str) -> np.ndarray:
     """Text -> int32 ids `[length]`, no EOS appended."""
@@ -119,6 +132,9 @@ class ByteTokenizer(Tokenizer):
   kind = "bytes"
   vocab_size = 256 + FIRST_ID
 
+  def _definition(self) -> bytes:
+    return b"utf-8 bytes + 3"
+
   def encode(self, text: str) -> np.ndarray:
     try:
       data = text.encode("utf-8")
@@ -164,6 +180,9 @@ class CharacterTokenizer(Tokenizer):
     self.path = path
     self.vocab_size = FIRST_ID + len(self.characters)
     self._ids = {c: i for i, c in enumerate(self.characters, FIRST_ID)}
+
+  def _definition(self) -> bytes:
+    return json.dumps(self.characters, ensure_ascii=False).encode("utf-8")
 
   @classmethod
   def build(cls, texts: Iterable[str]) -> "CharacterTokenizer":
@@ -260,6 +279,9 @@ class SentencePieceTokenizer(Tokenizer):
           f"eos_id={self._sp.eos_id()}, but this codebase needs pad_id={PAD_ID} and "
           f"eos_id={EOS_ID}; retrain it with train_sentencepiece (delete the file)")
     self.vocab_size = self._sp.vocab_size()
+
+  def _definition(self) -> bytes:
+    return self._sp.serialized_model_proto()
 
   def encode(self, text: str) -> np.ndarray:
     return np.asarray(self._sp.encode(text, out_type=int), np.int32)

@@ -12,6 +12,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+import train
 from errors import UserError, WriteError
 from modes.run import open_run
 from training import checkpointing
@@ -40,6 +41,10 @@ def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
           f"{directory} has {len(steps)} checkpoint(s) ({', '.join(map(str, steps))}), "
           f"fewer than the {num_checkpoints} to average; lower --num_average or keep more "
           f"(config.train.keep_checkpoints)")
+    # The tokenizer record of the checkpoints (not this run's), so evaluating the average
+    # checks the tokenizer against the one they were trained with.
+    record = {k: v for k, v in (checkpoints.restore_config(steps[-1]) or {}).items()
+              if k == train.TOKENIZER_KEY}
     template = run.state_shape()
     total, state = None, None
     for step in steps:
@@ -50,7 +55,7 @@ def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
     checkpoints.close()
   averaged = jax.tree.map(lambda t, x: (t / len(steps)).astype(x.dtype), total, state.params)
   final = _install(workdir, lambda subdir: _save(workdir, subdir, steps, state.replace(
-      params=averaged), {**json.loads(config.to_json()), "averaged_steps": steps}))
+      params=averaged), {**json.loads(config.to_json()), **record, "averaged_steps": steps}))
   logging.info("averaged the parameters of steps %s into %s", steps, final)
   return steps[-1]
 

@@ -52,8 +52,9 @@ class Run:
               f"{', '.join(map(str, checkpoints.all_steps()))}")
         wanted = checkpoints.latest_step() if step is None else step
         try:
-          train.check_same_model(checkpoints.restore_config(wanted) or {}, self.config,
-                                 directory)
+          saved = checkpoints.restore_config(wanted) or {}
+          train.check_same_model(saved, self.config, directory)
+          train.check_same_tokenizer(saved, self.task, self.config, directory)
           state = checkpoints.restore(self.state_shape(), wanted)
           break
         except checkpointing.CheckpointError:

@@ -1,9 +1,11 @@
-"""Checkpoints (round trip, retention, interrupted saves, mismatched templates) and the
-metric writers (TensorBoard event file, metrics.jsonl)."""
+"""Checkpoints (round trip, retention, interrupted saves, mismatched templates, the
+tokenizer they were trained with) and the metric writers (TensorBoard event file,
+metrics.jsonl)."""
 
 import glob
 import json
 import os
+import re
 import struct
 
 import jax
@@ -11,8 +13,12 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
+import modes
 import tasks
+import train
 from configs import default, presets
+from input_pipeline.tokenizers import TokenizerError
+from tests.test_classification import ONE_DEVICE, tiny_config, write_corpus
 from training import checkpointing, optimizers, reporting, steps
 
 CONFIG = {"task": "translation", "model": {"d_model": 16}, "optim": {"learning_rate": 0.5},
@@ -353,3 +359,52 @@ def test_a_reader_lists_again_when_a_trainer_retires_a_step_under_it(tmp_path, m
   failures[0] = 1
   with pytest.raises(checkpointing.CheckpointWriteError, match="cannot create"):
     checkpointing.Checkpointer(str(tmp_path), keep=2)
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def test_a_tokenizer_rebuilt_from_changed_data_is_refused_by_resume_and_eval(tmp_path):
+  """Each checkpoint records its tokenizer's fingerprint. A workdir's tokenizer lost and
+  rebuilt from the same data is the same one (the run resumes); rebuilt after the data
+  changed, it maps ids to other words: training and evaluation refuse it, naming the
+  file, and touch no checkpoint; the original file put back, the run resumes."""
+  write_corpus(tmp_path / "corpus")
+  config = tiny_config(tmp_path / "corpus", tmp_path / "tfds",
+                       train=dict(num_train_steps=10, checkpoint_every_steps=10),
+                       eval=dict(eval_every_steps=10))
+  workdir = str(tmp_path / "run")
+  train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  path = os.path.join(workdir, "tokenizer.model")
+  with open(path, "rb") as f:
+    original = f.read()
+  reader = checkpointing.Checkpointer.for_reading(workdir)
+  recorded = reader.restore_config(10)[train.TOKENIZER_KEY]
+  reader.close()
+  assert recorded == tasks.get_task(config, workdir).data.tokenizer_fingerprint()
+
+  os.remove(path)  # lost; the same data rebuilds the same tokenizer
+  config.train.num_train_steps = 20
+  train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  with open(path, "rb") as f:
+    assert f.read() == original
+
+  os.remove(path)  # lost after the training data changed
+  write_corpus(tmp_path / "corpus", sizes=(("train", 300), ("dev", 64)), seed=1)
+  config.train.num_train_steps = 30
+  with pytest.raises(TokenizerError, match=rf"\({re.escape(path)}\) is not the one the "
+                                           rf"checkpoint in .* was trained with .*rebuilt or "
+                                           rf"replaced since"):
+    train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  with pytest.raises(TokenizerError, match="rebuilt or replaced since"):
+    modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
+  reader = checkpointing.Checkpointer.for_reading(workdir)
+  assert reader.latest_step() == 20
+  reader.close()
+
+  with open(path, "wb") as f:  # the run's own file back: it resumes
+    f.write(original)
+  train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  reader = checkpointing.Checkpointer.for_reading(workdir)
+  assert reader.latest_step() == 30
+  reader.close()

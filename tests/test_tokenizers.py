@@ -308,3 +308,28 @@ def test_character_unknown_characters_are_named(tmp_path):
   message = str(error.value)
   assert "'ß' (U+00DF)" in message and "'é' (U+00E9)" in message and "' ' (U+0020)" in message
   assert path in message and "'a'" not in message
+
+
+# ----------------------------------------------------------------------------- fingerprints
+
+
+def test_fingerprint_follows_the_vocabulary_not_the_file(tmp_path, sp_path):
+  """The same vocabulary read from a file or bytes has one fingerprint; another vocabulary
+  (other text, or another size) has another; each kind defines one."""
+  with open(sp_path, "rb") as f:
+    model = f.read()
+  loaded = SentencePieceTokenizer(sp_path)
+  assert loaded.fingerprint() == SentencePieceTokenizer.from_bytes(model).fingerprint()
+  assert len(loaded.fingerprint()) == 16
+  other_text = str(tmp_path / "other.model")
+  tokenizers.train_sentencepiece(_corpus(seed=1), 200, other_text)
+  other_size = str(tmp_path / "size.model")
+  tokenizers.train_sentencepiece(_corpus(), 150, other_size)
+  prints = {loaded.fingerprint(), SentencePieceTokenizer(other_text).fingerprint(),
+            SentencePieceTokenizer(other_size).fingerprint()}
+  assert len(prints) == 3
+  chars = CharacterTokenizer.build(["abc"])
+  chars.save(str(tmp_path / "c.json"))
+  assert CharacterTokenizer.load(str(tmp_path / "c.json")).fingerprint() == chars.fingerprint()
+  assert CharacterTokenizer.build(["abd"]).fingerprint() != chars.fingerprint()
+  assert ByteTokenizer().fingerprint() == ByteTokenizer().fingerprint() not in prints

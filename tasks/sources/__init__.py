@@ -76,6 +76,20 @@ class TextSource:
   def encode(self, text: str):
     return self.tokenizer.encode(text)
 
+  def all_tokenizers(self) -> list:
+    """Every tokenizer the source reads with (translation: source and target)."""
+    return [self.tokenizer]
+
+  def tokenizer_fingerprint(self) -> Optional[str]:
+    """The fingerprints of `all_tokenizers`, joined; None if one has none."""
+    prints = [t.fingerprint() for t in self.all_tokenizers()]
+    return None if None in prints else "+".join(prints)
+
+  def tokenizer_files(self) -> str:
+    """Where the tokenizers are, for messages."""
+    return ", ".join(getattr(t, "path", None) or f"({t.kind}, built in memory)"
+                     for t in self.all_tokenizers())
+
 
 def tokenizer_paths(config, workdir: Optional[str], names: List[str],
                     training: bool) -> List[Optional[str]]:

@@ -60,6 +60,9 @@ class ParallelText(TextSource):
       self._texts[split] = ([p[0] for p in pairs], [p[1] for p in pairs])
     return self._texts[split]
 
+  def all_tokenizers(self) -> list:
+    return [self.source_tokenizer, self.target_tokenizer]
+
   def _tokenizers(self, workdir: Optional[str], training: bool):
     """(source, target) tokenizers: loaded from config.data.tokenizer_path or the workdir,
     or trained on the training split and saved in the workdir (which the write creates,
