@@ -3,7 +3,7 @@
 # step's speed and MFU against nanoGPT, the training loop against its pure step, and the
 # tiny-Shakespeare GPU recipe's time to nanoGPT's validation loss, then one table.
 #
-#     bash benchmarks/gpu_check.sh            # ~6-8 min; stops at GPU_CHECK_SECONDS (540)
+#     bash benchmarks/gpu_check.sh            # ~7-9 min; stops at GPU_CHECK_SECONDS (540)
 #     PYTHON=/opt/venv/bin/python bash benchmarks/gpu_check.sh
 #     GPU_CHECK_STEPS=mfu,loop bash benchmarks/gpu_check.sh     # some of the steps
 #
@@ -18,13 +18,16 @@
 #    `pip install --no-index --no-deps --target`), never from the index, so the machine's
 #    own GPU jax is not replaced. What is still missing is named, with the command that
 #    fetches it, and the steps that need it are skipped.
-# Then the steps of GPU_CHECK_STEPS (default tests,mfu,loop,recipe), each within the time
-# left:
+# Then the steps of GPU_CHECK_STEPS (default tests,mfu,profile,loop,recipe), each within
+# the time left:
 # tests   JAX_PLATFORMS=cuda python -m pytest -q tests/test_gpu.py (tests/conftest.py pins
 #         cpu when JAX_PLATFORMS is unset, which would skip every test).
 # mfu     benchmarks/gpu_mfu.py --shapes=gpu --peer=nanogpt: GPT-2 small (batch 12 and 32)
 #         and the paper's base model, bfloat16; MFU against the card's published dense
 #         bf16 peak and a measured bf16 matmul; nanoGPT's bench.py before and after.
+# profile benchmarks/profile_step.py --shapes=gpt2_small,paper_base_gpu: 5 steps of each
+#         under jax.profiler; per-op and per-kind times, the compiled HLO and the trace in
+#         $out/profile/ (where the step's time goes, which issue 15 asks for first).
 # loop    benchmarks/loop_speed.py on configs/generation.py:recipe=gpu: main.py's loop
 #         steps/s against the pure step, with steps_per_call 1 and 10.
 # recipe  benchmarks/generation.py nanogpt --variant=recipe=gpu --target=1.47 (ours) and
@@ -49,7 +52,7 @@ dry=${GPU_CHECK_DRY_RUN:-0}
 platform=$([ "$dry" = 1 ] && echo cpu || echo cuda)
 
 budget=${GPU_CHECK_SECONDS:-540}
-steps=${GPU_CHECK_STEPS:-tests,mfu,loop,recipe}
+steps=${GPU_CHECK_STEPS:-tests,mfu,profile,loop,recipe}
 wanted() { case ",$steps," in *",$1,"*) return 0;; esac; return 1; }
 out=${GPU_CHECK_OUT:-runs/gpu_check}
 cuda=${GPU_CHECK_CUDA:-cuda12}
@@ -177,6 +180,7 @@ run() {
   fi
 }
 mfu_gone=$(missing_for "$mfu_modules")
+tiny=$([ "$dry" = 1 ] && echo --tiny)  # the dry run's shapes: one layer, a few tokens
 
 # ---- 3. tests
 if wanted tests; then
@@ -195,7 +199,6 @@ fi
 if wanted mfu; then
   if [ -n "$mfu_gone" ]; then say "mfu skipped: missing $mfu_gone"; status=1
   else
-    tiny=$([ "$dry" = 1 ] && echo --tiny)
     # nanoGPT's bench.py (torch) runs while this JAX process holds the GPU: JAX takes half
     # of its memory here, not its default 75%.
     export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}
@@ -205,7 +208,16 @@ if wanted mfu; then
   fi
 fi
 
-# ---- 5. the loop against its pure step
+# ---- 5. where the step's time goes: a per-op profile
+if wanted profile; then
+  if [ -n "$mfu_gone" ]; then say "profile skipped: missing $mfu_gone"; status=1
+  else
+    run profile 150 "$python" -m benchmarks.profile_step $tiny \
+      --shapes=gpt2_small,paper_base_gpu --steps=5 --out="$out/profile"
+  fi
+fi
+
+# ---- 6. the loop against its pure step
 small=()  # the dry run: a one-layer model, a few steps
 [ "$dry" = 1 ] && small=(--config.model.num_decoder_layers=1 --config.model.d_model=32
   --config.model.d_ff=64 --config.model.num_heads=2 --config.train.batch_size=4
@@ -223,7 +235,7 @@ if wanted loop; then
   fi
 fi
 
-# ---- 6. the GPU recipe: time to validation loss 1.47, ours and nanoGPT's
+# ---- 7. the GPU recipe: time to validation loss 1.47, ours and nanoGPT's
 if wanted recipe; then
   if [ -n "$mfu_gone" ]; then say "recipe skipped: missing $mfu_gone"; status=1
   else

@@ -3,8 +3,9 @@
     python benchmarks/gpu_report.py runs/gpu_check
 
 Reads gpu_mfu.json (the train step per shape, MFU, nanoGPT's bench.py), loop_speed.json
-(the loop against its pure step) and recipe_ours.json / recipe_nanogpt.json (time to the
-tiny-Shakespeare target) from the folder; a missing file is named, not guessed.
+(the loop against its pure step), recipe_ours.json / recipe_nanogpt.json (time to the
+tiny-Shakespeare target) and profile/profiles.json (where the step's time goes, by kind of
+op) from the folder; a missing file is named, not guessed.
 """
 
 import json
@@ -67,6 +68,15 @@ def table(folder: str) -> List[str]:
                  f"| {ratio} |")
   else:
     missing.append("recipe_ours.json, recipe_nanogpt.json")
+  profiles = _read(folder, os.path.join("profile", "profiles.json"))
+  if profiles:
+    for p in profiles["profiles"]:
+      kinds = ", ".join(f"{k['kind']} {_pct(k['share_of_op_time'])}" for k in p["kinds"][:5])
+      busy = f"{_pct(p['busy_ms'] / p['step_ms'])} busy" if p.get("step_ms") else ""
+      lines.append(f"| profile, {p['shape']}: step {p['step_ms'] or 0:.2f} ms, {busy}; op "
+                   f"time by kind | {kinds} | | |")
+  else:
+    missing.append("profile/profiles.json")
   if missing:
     lines.append(f"\nnot in {folder}: {', '.join(missing)}")
   return lines

@@ -479,28 +479,50 @@ def synthetic_batch(task, vocab_size: int, batch: int, seed: int) -> Dict[str, n
   return out
 
 
-def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seconds: float,
-              seed: int, num_devices: int = 1) -> Dict[str, Any]:
-  """Builds `shape`, compiles its train step for `num_devices` local devices (the batch
-  split between them) and times it; returns one result row (MFU is added by the caller,
-  which owns the peak)."""
+@dataclasses.dataclass
+class PreparedStep:
+  """A shape's pmapped train step, ready to call: `p_train(p_state, batch)`."""
+  config: Any
+  task: Any
+  family: str
+  counts: Dict[str, int]
+  p_train: Any
+  p_state: Any
+  batch: Dict[str, np.ndarray]
+
+
+def prepare_step(shape: Shape, seed: int, num_devices: int = 1) -> PreparedStep:
+  """Builds `shape`'s task and the project's real pmapped train step for `num_devices`
+  local devices (the batch split between them), with a synthetic batch; not compiled."""
   config = build_config(shape)
   task = build_task(config, shape.vocab_size)
   check_model_knobs(shape, config, task)
-  cfg = task.model.config
   family = _family(task)
   tx = optimizers.make_optimizer(config)
   state = train_steps.create_state(task, tx, config.seed)
-  counts = check_matmul_parameters(cfg, family, state.params)
+  counts = check_matmul_parameters(task.model.config, family, state.params)
   devices = jax.local_devices()[:num_devices]
   if len(devices) < num_devices or shape.batch % num_devices:
     raise SystemExit(f"shape {shape.name}: {num_devices} devices asked, {len(devices)} "
                      f"present; the batch ({shape.batch}) must divide between them")
   p_train, _, _ = train_steps.compile_steps(task, tx, config, devices)
   p_state = train_steps.replicate(state, devices)
-  del state
   batch = {k: v.reshape((num_devices, v.shape[1] // num_devices) + v.shape[2:])
            for k, v in synthetic_batch(task, task.vocab_size, shape.batch, seed).items()}
+  return PreparedStep(config, task, family, counts, p_train, p_state, batch)
+
+
+def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seconds: float,
+              seed: int, num_devices: int = 1) -> Dict[str, Any]:
+  """Builds `shape`, compiles its train step for `num_devices` local devices (the batch
+  split between them) and times it; returns one result row (MFU is added by the caller,
+  which owns the peak)."""
+  prepared = prepare_step(shape, seed, num_devices)
+  config, task, family, counts = (prepared.config, prepared.task, prepared.family,
+                                  prepared.counts)
+  p_train, p_state, batch = prepared.p_train, prepared.p_state, prepared.batch
+  del prepared  # the state is donated to each step: no second reference to it
+  cfg = task.model.config
 
   t0 = time.perf_counter()
   p_state, metrics = p_train(p_state, batch)

@@ -2,12 +2,15 @@
 model (plain, untied, [CLS] pooling, scanned layers), the encoder-only FLOPs against a hand
 count, shape groups and the skipping of shapes whose feature is missing, and compile_time
 compiling from nothing on every repetition even where the test set-up turned the
-persistent compilation cache on."""
+persistent compilation cache on; the per-op profile's HLO parsing, self times and a tiny
+run."""
+
+import os
 
 import jax
 import pytest
 
-from benchmarks import compile_time
+from benchmarks import compile_time, profile_step
 from benchmarks import train_throughput as tt
 from configs import default as default_config
 
@@ -179,7 +182,14 @@ def test_gpu_report_table(tmp_path):
       "target": 1.47, "reached_target_at": {"step": 1500, "wall_s": 60.0}})
   run_record.write_json(str(tmp_path / "recipe_nanogpt.json"), {
       "target": 1.47, "reached": {"step": 1500, "wall_s": 80.0}})
+  os.makedirs(tmp_path / "profile")
+  run_record.write_json(str(tmp_path / "profile" / "profiles.json"), {"profiles": [{
+      "shape": "gpt2_small", "step_ms": 40.0, "busy_ms": 36.0,
+      "kinds": [{"kind": "matmul", "share_of_op_time": 0.6},
+                {"kind": "elementwise (fused)", "share_of_op_time": 0.25}]}]})
   text = "\n".join(gpu_report.table(str(tmp_path)))
+  assert "| profile, gpt2_small: step 40.00 ms, 90.0% busy; op time by kind | matmul 60.0%, " \
+         "elementwise (fused) 25.0% |" in text
   assert "| 500,000 | 400,000 | 1.25x |" in text
   assert "40.0%; 50.0%" in text
   assert "60 s (step 1500) | 80 s (step 1500) | 0.75x time |" in text
@@ -224,3 +234,93 @@ def test_matmul_bound_lists_the_products_the_flop_formula_counts(name):
                for (b, m, k, n, _), count in matmul_bound.products(config, shape).items())
   assert listed == pytest.approx(expected["total"] - expected["head"], rel=1e-9)
   assert all(split in ("b", "m", "k") for *_, split in matmul_bound.products(config, shape))
+
+
+# ----------------------------------------------------------------------------- profile_step
+
+_HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_computation.1 (param_0: f32[4,8], param_1: f32[8,8]) -> f32[4,8] {
+  %param_0 = f32[4,8]{1,0} parameter(0)
+  %param_1 = f32[8,8]{1,0} parameter(1)
+  ROOT %dot.3 = f32[4,8]{1,0} dot(%param_0, %param_1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fused_computation.2 (param_0.1: f32[4,8]) -> f32[4] {
+  %param_0.1 = f32[4,8]{1,0} parameter(0)
+  %constant.1 = f32[] constant(0)
+  ROOT %reduce.1 = f32[4]{0} reduce(%param_0.1, %constant.1), dimensions={1}, to_apply=%add
+}
+
+ENTRY %main.9 (p0: f32[4,8], p1: f32[8,8]) -> (f32[4], f32[4,8]) {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[8,8]{1,0} parameter(1)
+  %ynn_fusion.1 = f32[4,8]{1,0} fusion(%p0, %p1), kind=kOutput, calls=%fused_computation.1, metadata={op_name="jit(_fun)/transpose(jvp(DecoderOnly))/decoder/block_3/ffn/wo/dot_general"}
+  %reduce_fusion = f32[4]{0} fusion(%ynn_fusion.1), kind=kLoop, calls=%fused_computation.2, metadata={op_name="jit(_fun)/jvp(DecoderOnly)/decoder/block_0/self_attention_norm/reduce_sum"}
+  %custom-call.7 = (bf16[4,8]{1,0}, s8[0]{0}) custom-call(%p0, %p1), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(_fun)/jvp(DecoderOnly)/decoder/block_0/self_attention/dot_product_attention"}
+  %all-reduce.2 = f32[8,8]{1,0} all-reduce(%p1), replica_groups={}, to_apply=%add, metadata={op_name="jit(_fun)/psum"}
+  %conditional.4 = (f32[8,8]) conditional(%p0), branch_computations={%a, %b}, metadata={op_name="jit(_fun)/cond"}
+  ROOT %tuple.5 = (f32[4], f32[4,8]{1,0}) tuple(%reduce_fusion, %ynn_fusion.1)
+}
+"""
+
+
+def test_profile_parses_hlo_into_op_kinds_and_model_parts():
+  instructions, computations = profile_step.parse_hlo(_HLO)
+  kinds = {name: profile_step.op_kind(name, instructions, computations)
+           for name in ("ynn_fusion.1", "reduce_fusion", "custom-call.7", "all-reduce.2",
+                        "conditional.4", "dot.3", "nothing.1")}
+  assert kinds == {"ynn_fusion.1": "matmul (fused)", "reduce_fusion": "reduction (fused)",
+                   "custom-call.7": "attention (fused kernel)", "all-reduce.2": "collective",
+                   "conditional.4": "control", "dot.3": "matmul", "nothing.1": "unknown"}
+  parts = {name: profile_step.model_part(instructions[name].op_name)
+           for name in ("ynn_fusion.1", "reduce_fusion", "custom-call.7", "all-reduce.2",
+                        "conditional.4")}
+  assert parts == {"ynn_fusion.1": "backward feed-forward", "reduce_fusion": "forward norms",
+                   "custom-call.7": "forward attention", "all-reduce.2": "gradient all-reduce",
+                   "conditional.4": "optimizer update"}
+
+
+def test_profile_self_times_and_per_step_sums():
+  """Two steps on one device thread: a conditional spanning a fusion (listed apart, its
+  body not counted twice), a matmul fusion, and device 1's ops left out."""
+  instructions, computations = profile_step.parse_hlo(_HLO)
+
+  def op(name, ts, dur, device="0", tid=1):
+    return {"ph": "X", "pid": 1, "tid": tid, "ts": ts, "dur": dur, "name": name,
+            "args": {"hlo_op": name, "device_ordinal": device}}
+
+  events = [{"ph": "X", "pid": 1, "tid": 9, "ts": 0, "dur": 1000,
+             "name": profile_step.STEP_EVENT},
+            {"ph": "X", "pid": 1, "tid": 9, "ts": 1000, "dur": 1200,
+             "name": profile_step.STEP_EVENT}]
+  for start in (0, 1000):
+    events += [op("ynn_fusion.1", start + 0, 300),
+               op("conditional.4", start + 400, 500),
+               op("reduce_fusion", start + 500, 200),  # inside the conditional
+               op("ynn_fusion.1", start + 0, 900, device="1", tid=2)]
+  s = profile_step.summarize(events, instructions, computations, steps=2, top=10)
+  assert s["source"] == "hlo_op" and s["step_ms"] == pytest.approx(1.1)
+  rows = {r["op"]: r for r in s["ops"]}
+  assert rows["ynn_fusion.1"]["ms"] == pytest.approx(0.3)  # device 1's 0.9 ms not counted
+  assert rows["reduce_fusion"]["ms"] == pytest.approx(0.2)
+  assert rows["ynn_fusion.1"]["calls"] == 1
+  assert [r["op"] for r in s["control"]] == ["conditional.4"]
+  assert s["control"][0]["ms"] == pytest.approx(0.3)  # its 0.5 ms less the nested 0.2
+  assert s["op_ms"] == pytest.approx(0.5)
+  assert s["busy_ms"] == pytest.approx(0.8)  # 0-300 and 400-900 a step
+  assert {k["kind"]: round(k["share_of_op_time"], 3) for k in s["kinds"]} == {
+      "matmul (fused)": 0.6, "reduction (fused)": 0.4}
+
+
+def test_profile_step_runs_on_a_tiny_shape(tmp_path):
+  summaries = profile_step.main(["--shapes=nanogpt", "--tiny", "--steps=2", "--warmup=1",
+                                 f"--out={tmp_path}"])
+  s = summaries[0]
+  assert s["source"] == "hlo_op" and s["steps"] == 2 and s["step_ms"] > 0
+  assert 0 < s["busy_ms"] <= 2 * s["step_ms"] and s["op_ms"] > 0
+  kinds = {k["kind"] for k in s["kinds"]}
+  assert "matmul (fused)" in kinds or "matmul" in kinds
+  assert any(p["part"].startswith("backward") for p in s["parts"])
+  assert (tmp_path / "nanogpt" / "hlo.txt").read_text().startswith("HloModule")
+  assert (tmp_path / "profiles.json").exists()
