@@ -64,7 +64,11 @@ BASE = {
     "generation": {"train.num_train_steps": "2"},
     "classification": {"data.file_splits": "train=train.tsv,validation=dev.tsv",
                        "model.tokenizer": "bytes", "model.vocab_size": "259",
-                       "train.num_train_steps": "2"},
+                       "train.num_train_steps": "2",
+                       # the SST-2 recipe's model, smaller and without SAM's second
+                       # pass: a run that goes on compiles in seconds
+                       "model.d_model": "32", "model.d_ff": "64", "model.num_heads": "2",
+                       "optim.sam_rho": "0.0"},
 }
 
 # ----------------------------------------------------------------------------- the cases
