@@ -40,14 +40,17 @@ from typing import List, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from benchmarks import run_record  # noqa: E402  (no JAX)
+
 FAULTS = ("sigterm", "kill_during_write", "kill_random", "kill_starting", "sigterm_twice",
           "second_trainer", "eval_beside", "flip_bits")
 
 
 def start(workdir: str, flags: List[str], log=subprocess.PIPE) -> subprocess.Popen:
-  """`python main.py` on one CPU device (XLA_FLAGS cleared), output to `log`."""
+  """`python main.py` on one CPU device (the device-count flag dropped from XLA_FLAGS),
+  output to `log`."""
   env = dict(os.environ, JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", "cpu"))
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = run_record.cpu_device_flags(0, env.get("XLA_FLAGS", ""))
   return subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"),
                            f"--workdir={workdir}", *flags], cwd=REPO, env=env,
                           stdout=log, stderr=subprocess.STDOUT, text=True)

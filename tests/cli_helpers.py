@@ -4,13 +4,15 @@ import os
 import subprocess
 import sys
 
+from benchmarks.run_record import cpu_device_flags
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*args, stdin=None, cwd=REPO):
   """`python main.py *args` with one CPU device (the tests' 8 fake devices removed)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = cpu_device_flags(0, env.get("XLA_FLAGS", ""))
   return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=cwd,
                         env=env, input=stdin, capture_output=True, text=True, timeout=300)
 

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks.run_record import cpu_device_flags
+
 from models import attention
 
 DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
@@ -208,7 +210,7 @@ def test_the_python_api_example_runs_as_a_notebook(tmp_path):
   root = os.path.dirname(DOCS)
   # (a notebook started in the repository root imports from it; so does `pip install -e .`)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
-  env.pop("XLA_FLAGS", None)  # the tests' 8 fake devices
+  env["XLA_FLAGS"] = cpu_device_flags(0, env.get("XLA_FLAGS", ""))  # not the 8 fake devices
   result = subprocess.run([sys.executable, str(script)], cwd=root, env=env,
                           capture_output=True, text=True, timeout=1200)
   assert result.returncode == 0, result.stderr[-3000:]

@@ -25,6 +25,7 @@ import modes
 import tasks
 import train
 from benchmarks import fault_injection
+from benchmarks.run_record import cpu_device_flags
 from tests import test_classification, test_generation, test_translation
 from tests.cli_helpers import REPO, assert_one_error_line, run_main
 from tests.tiny_configs import tiny_config
@@ -533,7 +534,7 @@ def test_a_full_disk_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
            "--config.train.batch_size=16", "--config.eval.num_print_examples=0",
            "--config.data.num_eval_examples=64"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = cpu_device_flags(0, env.get("XLA_FLAGS", ""))
   # With SIGXFSZ ignored, writes past the limit fail with EFBIG instead of killing.
   code = ("import runpy, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
           f"sys.argv = ['main.py'] + {flags!r}; "

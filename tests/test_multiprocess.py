@@ -17,6 +17,7 @@ import pytest
 
 import modes
 import tasks
+from benchmarks.run_record import cpu_device_flags
 from input_pipeline import batching
 from tests.cli_helpers import REPO, assert_one_error_line, run_main
 from tests.test_classification import config_flags as classification_flags
@@ -55,7 +56,8 @@ def _start(log, cpu_devices, *flags):
   """`python main.py *flags` with `cpu_devices` CPU devices, in the background (output to
   `log`: a pipe nobody reads could fill and stall the process)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # the tests' 8 devices; config.compute.cpu_devices sets them
+  # not the tests' 8 devices (config.compute.cpu_devices sets them); their other flags
+  env["XLA_FLAGS"] = cpu_device_flags(0, env.get("XLA_FLAGS", ""))
   with open(log, "w", encoding="utf-8") as out:
     return subprocess.Popen(
         [sys.executable, os.path.join(REPO, "main.py"), *flags,

@@ -16,6 +16,7 @@ import pytest
 import tasks
 import train
 from benchmarks import fault_injection
+from benchmarks.run_record import cpu_device_flags
 from configs import classification, default, generation, translation
 from tests import test_generation
 from tests.cli_helpers import REPO, assert_one_error_line, run_main
@@ -36,7 +37,7 @@ SIGNAL_BOUND = 30.0  # seconds a stopped process may take after the signal (a lo
 def _start(workdir, *flags, log):
   """`python main.py` on one CPU device, stdout and stderr into the file `log`."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = cpu_device_flags(0, env.get("XLA_FLAGS", ""))
   with open(log, "w", encoding="utf-8") as out:
     return subprocess.Popen([sys.executable, os.path.join(REPO, "main.py"),
                              f"--workdir={workdir}", *flags], cwd=REPO, env=env,

@@ -24,6 +24,7 @@ import files
 import modes
 import train
 from benchmarks import fault_injection
+from benchmarks.run_record import cpu_device_flags
 from input_pipeline import local_builders, sources, tokenizers
 from inspection import attention_maps
 from tests.cli_helpers import REPO, assert_one_error_line, run_main
@@ -52,7 +53,7 @@ def _limited(code: str, limit: int, **env) -> subprocess.CompletedProcess:
              f"sys.path.insert(0, {REPO!r}); "
              f"resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))\n")
   environment = dict(os.environ, JAX_PLATFORMS="cpu", **env)
-  environment.pop("XLA_FLAGS", None)
+  environment["XLA_FLAGS"] = cpu_device_flags(0, environment.get("XLA_FLAGS", ""))
   return subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=REPO,
                         env=environment, capture_output=True, text=True, timeout=300)
 
