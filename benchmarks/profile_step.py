@@ -49,9 +49,7 @@ if __package__ in (None, ""):  # run as a script: put the repository root on the
 from benchmarks import run_record  # noqa: E402  (no JAX)
 
 if __name__ == "__main__":  # --cpu_devices must reach XLA_FLAGS before JAX starts
-  run_record.start_with_huge_pages()
-  os.environ["XLA_FLAGS"] = run_record.cpu_device_flags(
-      run_record.early_int_flag(sys.argv[1:], "cpu_devices"), os.environ.get("XLA_FLAGS", ""))
+  run_record.start_cpu_benchmark(sys.argv[1:])
 
 import jax  # noqa: E402
 

@@ -85,6 +85,14 @@ def early_int_flag(argv: Sequence[str], name: str, default: int = 0) -> int:
   return default
 
 
+def start_cpu_benchmark(argv) -> None:
+  """A CPU benchmark's start, in its `__main__` before JAX is imported: malloc on huge
+  pages (`start_with_huge_pages`) and the host split into `--cpu_devices` devices."""
+  start_with_huge_pages()
+  os.environ["XLA_FLAGS"] = cpu_device_flags(early_int_flag(argv, "cpu_devices"),
+                                             os.environ.get("XLA_FLAGS", ""))
+
+
 def cpu_device_flags(count: int, flags: str) -> str:
   """XLA_FLAGS `flags` with the host split into `count` devices (main.py's
   config.compute.cpu_devices); 0 leaves the host one device."""
