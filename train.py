@@ -150,11 +150,13 @@ def check_same_model(saved: dict, config: ml_collections.ConfigDict, where: str)
         f"--config.train.allow_config_change=True to load the checkpoint anyway")
 
 
-TOKENIZER_KEY = "tokenizer"  # the checkpoint config's record of the tokenizers' fingerprint
+# The checkpoint config's record of the tokenizers' fingerprint (a key no config field has:
+# configs saved before the fields were grouped had a flat `tokenizer` field, the kind).
+TOKENIZER_KEY = "tokenizer_fingerprint"
 
 
 def tokenizer_record(task) -> dict:
-  """{"tokenizer": fingerprint} of the task's tokenizers, saved in each checkpoint's config;
+  """{TOKENIZER_KEY: fingerprint} of the task's tokenizers, saved in each checkpoint's config;
   empty where there is none to record (digits, a pretrained model's tokenizer)."""
   fingerprint = getattr(task.data, "tokenizer_fingerprint", lambda: None)()
   return {TOKENIZER_KEY: fingerprint} if fingerprint else {}
@@ -167,7 +169,7 @@ def check_same_tokenizer(saved: dict, task, config: ml_collections.ConfigDict,
   file lost and rebuilt from changed data, or replaced, would give ids that mean other
   words to the model. Checkpoints saved before fingerprints were recorded are not checked;
   config.train.allow_config_change skips the check."""
-  then = saved.get(TOKENIZER_KEY)
+  then = default.group_flat_config(saved).get(TOKENIZER_KEY)
   now = tokenizer_record(task).get(TOKENIZER_KEY)
   if then is None or now is None or then == now or config.train.allow_config_change:
     return

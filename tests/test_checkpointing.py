@@ -408,3 +408,26 @@ def test_a_tokenizer_rebuilt_from_changed_data_is_refused_by_resume_and_eval(tmp
   reader = checkpointing.Checkpointer.for_reading(workdir)
   assert reader.latest_step() == 30
   reader.close()
+
+
+def test_tokenizer_check_reads_only_its_own_record():
+  """A config saved before the fields were grouped has a flat `tokenizer` field (the
+  kind, not a fingerprint): it is not mistaken for a record. A record that differs is."""
+  class Data:
+    def tokenizer_fingerprint(self):
+      return "0123456789abcdef"
+
+    def tokenizer_files(self):
+      return "runs/x/tokenizer.model"
+
+  class Task:
+    data = Data()
+
+  config = default.get_config("task=classification")
+  flat = {"task": "classification", "tokenizer": "sentencepiece", "d_model": 32}
+  train.check_same_tokenizer(flat, Task(), config, "runs/x/checkpoints")
+  train.check_same_tokenizer({**flat, train.TOKENIZER_KEY: "0123456789abcdef"}, Task(),
+                             config, "runs/x/checkpoints")
+  with pytest.raises(TokenizerError, match=r"\(runs/x/tokenizer.model\) is not the one"):
+    train.check_same_tokenizer({**flat, train.TOKENIZER_KEY: "fedcba9876543210"}, Task(),
+                               config, "runs/x/checkpoints")
