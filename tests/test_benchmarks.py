@@ -198,7 +198,7 @@ def test_gpu_report_table(tmp_path):
 
 def test_sst2_tune_split_holds_out_whole_sentences_and_every_part_of_them(tmp_path):
   from benchmarks import sst2_tune_split
-  sentences = [f"the film w{i} is good and the acting is fine x{i}" for i in range(6)]
+  sentences = [f"the film w{i} is good and the cast works hard x{i}" for i in range(6)]
   rows = [(s, str(i % 2)) for i, s in enumerate(sentences)]
   # Sub-phrases of the sentences, as SST-2 lists them, and a short unrelated phrase.
   rows += [(" ".join(s.split()[2:5]), "1") for s in sentences] + [("the film", "1"),
