@@ -131,7 +131,7 @@ JAX_PLATFORMS=$platform "$python" -c \
 # ---- 2. the packages the repository imports
 test_modules="flax numpy pytest"
 mfu_modules="flax numpy optax orbax.checkpoint grain ml_collections tensorflow_datasets
-  sentencepiece tensorboardX absl"
+  sentencepiece absl"
 all_modules=$(echo $test_modules $mfu_modules | tr ' ' '\n' | sort -u)
 gone=$(missing "$python" $all_modules)
 if [ -n "$gone" ] && [ "$made_here" = 0 ] && [ "$dry" != 1 ] \

@@ -5,18 +5,14 @@ import logging
 import math
 import os
 import socket
-import struct
 import time
 from typing import Callable, Dict, Mapping, Optional
 
 import jax
 import numpy as np
 from absl import logging as absl_logging
-from tensorboardX import summary as tb_summary
-from tensorboardX.proto import event_pb2
-from tensorboardX.record_writer import masked_crc32c
-
 import files
+from training import events
 
 
 class _QuietLibraries(logging.Filter):
@@ -138,27 +134,20 @@ def _drop_partial_line(path: str) -> None:
 
 
 class _EventFile:
-  """A TensorBoard event file, written in the calling thread. (tensorboardX's SummaryWriter
-  writes from a background thread: a full disk there came out as tracebacks, at a later
-  flush and again at exit.) Each call appends whole TFRecords through `files.Appender`."""
+  """A TensorBoard event file (training/events.py encodes its records), written in the
+  calling thread: a full disk is one WriteError at the write that met it, not a
+  traceback from a background thread at a later flush. Each call appends whole TFRecords
+  through `files.Appender`."""
 
   def __init__(self, directory: str, intact: str):
     name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}"
     self._file = files.Appender(os.path.join(directory, name), intact)
-    self._append([event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2")])
+    self._file.append(events.record(events.event(time.time(), file_version="brain.Event:2")))
 
-  def write(self, step: int, *summaries) -> None:
-    self._append([event_pb2.Event(summary=s, step=int(step), wall_time=time.time())
-                  for s in summaries])
-
-  def _append(self, events) -> None:
-    records = []
-    for event in events:  # TFRecord framing: length, its CRC, the data, its CRC
-      data = event.SerializeToString()
-      header = struct.pack("<Q", len(data))
-      records += [header, struct.pack("<I", masked_crc32c(header)), data,
-                  struct.pack("<I", masked_crc32c(data))]
-    self._file.append(b"".join(records))
+  def write(self, step: int, *summaries: bytes) -> None:
+    now = time.time()
+    self._file.append(b"".join(events.record(events.event(now, step, summary))
+                               for summary in summaries))
 
   def close(self) -> None:
     self._file.close()
@@ -188,17 +177,17 @@ class MetricWriter:
     record = {"step": int(step), "time": time.time()}
     record.update({k: float(v) for k, v in scalars.items()})
     self._jsonl.append((json.dumps(record) + "\n").encode("utf-8"))
-    self._tb.write(step, *(tb_summary.scalar(name, float(value))
+    self._tb.write(step, *(events.scalar(name, float(value))
                            for name, value in scalars.items()))
 
   def write_text(self, step: int, name: str, text: str) -> None:
     if self.enabled:
-      self._tb.write(step, tb_summary.text(name, text))
+      self._tb.write(step, events.text(name, text))
 
   def write_image(self, step: int, name: str, image) -> None:
     """`image`: `[height, width, 3]` uint8 (e.g. a rendered confusion matrix)."""
     if self.enabled:
-      self._tb.write(step, tb_summary.image(name, image, dataformats="HWC"))
+      self._tb.write(step, events.image(name, image))
 
   def close(self) -> None:
     if self.enabled:
