@@ -152,36 +152,6 @@ def check_same_model(saved: dict, config: ml_collections.ConfigDict, where: str)
 
 # The checkpoint config's record of the tokenizers' fingerprint (a key no config field has:
 # configs saved before the fields were grouped had a flat `tokenizer` field, the kind).
-TOKENIZER_KEY = "tokenizer_fingerprint"
-
-
-def tokenizer_record(task) -> dict:
-  """{TOKENIZER_KEY: fingerprint} of the task's tokenizers, saved in each checkpoint's config;
-  empty where there is none to record (digits, a pretrained model's tokenizer)."""
-  fingerprint = getattr(task.data, "tokenizer_fingerprint", lambda: None)()
-  return {TOKENIZER_KEY: fingerprint} if fingerprint else {}
-
-
-def check_same_tokenizer(saved: dict, task, config: ml_collections.ConfigDict,
-                         where: str) -> None:
-  """TokenizerError when the tokenizer the task reads with is not the one the checkpoint
-  in `where` was trained with (its config `saved` records the fingerprint): a tokenizer
-  file lost and rebuilt from changed data, or replaced, would give ids that mean other
-  words to the model. Checkpoints saved before fingerprints were recorded are not checked;
-  config.train.allow_config_change skips the check."""
-  then = default.group_flat_config(saved).get(TOKENIZER_KEY)
-  now = tokenizer_record(task).get(TOKENIZER_KEY)
-  if then is None or now is None or then == now or config.train.allow_config_change:
-    return
-  raise tokenizers.TokenizerError(
-      f"the tokenizer this run reads with ({task.data.tokenizer_files()}) is not the one the "
-      f"checkpoint in {where} was trained with (fingerprint {now} now, {then} there): it was "
-      f"rebuilt or replaced since, and its ids would mean other text to the model. Put the "
-      f"run's own tokenizer file back (or set config.data.tokenizer_path to it), use another "
-      f"--workdir, or add --config.train.allow_config_change=True to use the checkpoint "
-      f"anyway")
-
-
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -470,7 +440,7 @@ def _restore_or_create(config, workdir, task, tx, checkpoints, is_chief):
   if start_step is not None:
     saved = default.group_flat_config(checkpoints.restore_config(start_step) or {})
     check_same_model(saved, config, checkpoints.directory)
-    check_same_tokenizer(saved, task, config, checkpoints.directory)
+    tokenizers.check_same_tokenizer(saved, task, config, checkpoints.directory)
   _prepare_workdir(workdir, config, is_chief)
   logging.info("%s", reporting.config_summary(
       config, default.get_config(f"task={config.task}"),
@@ -553,7 +523,7 @@ class _Loop:
     self.schedule = optimizers.learning_rate_schedule(
         config.optim.schedule, config.optim.learning_rate, config.optim.warmup_steps,
         config.train.num_train_steps)
-    self.config_dict = {**json.loads(config.to_json()), **tokenizer_record(task)}
+    self.config_dict = {**json.loads(config.to_json()), **tokenizers.tokenizer_record(task)}
     self.last_saved = checkpoints.latest_step()
     self.history: List[Dict[str, jax.Array]] = []
     self.last_eval = None  # (step, metrics, evaluate's arguments, records) of the last one

@@ -11,7 +11,7 @@ decoding load the file instead of rebuilding, and every write is atomic (temp fi
 `os.replace`) so a run killed mid-write never leaves a half-written tokenizer to be reused.
 A tokenizer's `fingerprint` (a hash of what maps its ids to text) is saved with every
 checkpoint, so a tokenizer rebuilt or replaced since is caught before its ids reach a model
-trained on other ones (train.check_same_tokenizer).
+trained on other ones (`check_same_tokenizer`).
 """
 
 import hashlib
@@ -28,6 +28,7 @@ import sentencepiece as spm
 from absl import logging
 
 import files
+from configs import default
 from errors import UserError
 
 PAD_ID = 0
@@ -51,6 +52,36 @@ _REPLACEMENT = "\ufffd"
 class TokenizerError(UserError, ValueError):
   """A tokenizer cannot be built, loaded or applied; the message names the file/field and
   what to do."""
+
+
+# The key of the tokenizer's fingerprint in each checkpoint's saved config.
+TOKENIZER_KEY = "tokenizer_fingerprint"
+RUN_HINT = ("It was rebuilt or replaced since. Put the run's own tokenizer file back (or "
+            "set config.data.tokenizer_path to it), use another --workdir, or add "
+            "--config.train.allow_config_change=True to use the checkpoint anyway")
+
+
+def tokenizer_record(task) -> dict:
+  """{TOKENIZER_KEY: fingerprint} of the task's tokenizers, saved in each checkpoint's config;
+  empty where there is none to record (digits, a pretrained model's tokenizer)."""
+  fingerprint = getattr(task.data, "tokenizer_fingerprint", lambda: None)()
+  return {TOKENIZER_KEY: fingerprint} if fingerprint else {}
+
+
+def check_same_tokenizer(saved: dict, task, config, where: str, hint: str = RUN_HINT) -> None:
+  """TokenizerError when the tokenizer the task reads with is not the one the checkpoint
+  in `where` was trained with (its config `saved` records the fingerprint): a tokenizer
+  file lost and rebuilt from changed data, or replaced, would give ids that mean other
+  words to the model. Checkpoints saved before fingerprints were recorded are not checked;
+  config.train.allow_config_change skips the check. `hint` says what to do."""
+  then = default.group_flat_config(saved).get(TOKENIZER_KEY)
+  now = tokenizer_record(task).get(TOKENIZER_KEY)
+  if then is None or now is None or then == now or config.train.allow_config_change:
+    return
+  raise TokenizerError(
+      f"the tokenizer this run reads with ({task.data.tokenizer_files()}) is not the one the "
+      f"checkpoint in {where} was trained with (fingerprint {now} now, {then} there): its ids "
+      f"would mean other text to the model. {hint}")
 
 
 class Tokenizer:

@@ -12,8 +12,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-import train
 from errors import UserError, WriteError
+from input_pipeline import tokenizers
 from modes.run import open_run
 from training import checkpointing
 
@@ -44,7 +44,7 @@ def average_checkpoints(config: ml_collections.ConfigDict, workdir: str,
     # The tokenizer record of the checkpoints (not this run's), so evaluating the average
     # checks the tokenizer against the one they were trained with.
     record = {k: v for k, v in (checkpoints.restore_config(steps[-1]) or {}).items()
-              if k == train.TOKENIZER_KEY}
+              if k == tokenizers.TOKENIZER_KEY}
     template = run.state_shape()
     total, state = None, None
     for step in steps:

@@ -10,6 +10,7 @@ import ml_collections
 from absl import logging
 
 import train
+from input_pipeline import tokenizers
 from training import checkpointing, steps
 
 RETRIES = 5  # newest steps a reader tries when a live trainer retires the one it reads
@@ -54,7 +55,7 @@ class Run:
         try:
           saved = checkpoints.restore_config(wanted) or {}
           train.check_same_model(saved, self.config, directory)
-          train.check_same_tokenizer(saved, self.task, self.config, directory)
+          tokenizers.check_same_tokenizer(saved, self.task, self.config, directory)
           state = checkpoints.restore(self.state_shape(), wanted)
           break
         except checkpointing.CheckpointError:

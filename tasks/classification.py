@@ -86,7 +86,7 @@ class ClassificationTask(base.Task):
     params = super().initial_params(rng)
     if not self.config.get("init_encoder_from") or not self.training:
       return params
-    return {**params, "encoder": masked_lm.load_encoder(self.config, params)}
+    return {**params, "encoder": masked_lm.load_encoder(self.config, params, self)}
 
   def loss(self, params, batch, dropout_rng, train, head_mask=None):
     """base.Task.loss; in training, config.optim.token_dropout of the tokens first become

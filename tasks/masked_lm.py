@@ -129,9 +129,11 @@ def source_tokenizer(config, path: Optional[str], name: str) -> Optional[str]:
   return path
 
 
-def load_encoder(config, params: Any) -> Any:
+def load_encoder(config, params: Any, task) -> Any:
   """The encoder parameters of the newest checkpoint of config.init_encoder_from, shaped
-  like `params["encoder"]` (`params`: this run's fresh parameters)."""
+  like `params["encoder"]` (`params`: this run's fresh parameters), after checking that
+  `task` reads its text with the tokenizer that checkpoint was trained with: the embedding
+  rows are the source's ids."""
   source, saved = _source_run(config)
   directory = checkpointing.checkpoint_directory(source)
   if not os.path.isdir(directory):
@@ -143,6 +145,11 @@ def load_encoder(config, params: Any) -> Any:
     if step is None:
       raise EncoderInitError(f"config.init_encoder_from={source}: no checkpoint in "
                              f"{directory}; let that run save one first")
+    tokenizers.check_same_tokenizer(
+        checkpoints.restore_config(step) or {}, task, config,
+        f"config.init_encoder_from={source}",
+        hint=f"Start this run in a new --workdir without config.data.tokenizer_path: it then "
+             f"reads with a copy of {source}'s own tokenizer")
     tx = optimizers.make_optimizer(ml_collections.ConfigDict(saved))
     template = jax.eval_shape(lambda: steps.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

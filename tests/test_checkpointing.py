@@ -17,6 +17,7 @@ import modes
 import tasks
 import train
 from configs import default, presets
+from input_pipeline import tokenizers
 from input_pipeline.tokenizers import TokenizerError
 from tests.test_classification import ONE_DEVICE, tiny_config, write_corpus
 from training import checkpointing, optimizers, reporting, steps
@@ -379,7 +380,7 @@ def test_a_tokenizer_rebuilt_from_changed_data_is_refused_by_resume_and_eval(tmp
   with open(path, "rb") as f:
     original = f.read()
   reader = checkpointing.Checkpointer.for_reading(workdir)
-  recorded = reader.restore_config(10)[train.TOKENIZER_KEY]
+  recorded = reader.restore_config(10)[tokenizers.TOKENIZER_KEY]
   reader.close()
   assert recorded == tasks.get_task(config, workdir).data.tokenizer_fingerprint()
 
@@ -425,9 +426,8 @@ def test_tokenizer_check_reads_only_its_own_record():
 
   config = default.get_config("task=classification")
   flat = {"task": "classification", "tokenizer": "sentencepiece", "d_model": 32}
-  train.check_same_tokenizer(flat, Task(), config, "runs/x/checkpoints")
-  train.check_same_tokenizer({**flat, train.TOKENIZER_KEY: "0123456789abcdef"}, Task(),
-                             config, "runs/x/checkpoints")
+  key, where = tokenizers.TOKENIZER_KEY, "runs/x/checkpoints"
+  tokenizers.check_same_tokenizer(flat, Task(), config, where)
+  tokenizers.check_same_tokenizer({**flat, key: "0123456789abcdef"}, Task(), config, where)
   with pytest.raises(TokenizerError, match=r"\(runs/x/tokenizer.model\) is not the one"):
-    train.check_same_tokenizer({**flat, train.TOKENIZER_KEY: "fedcba9876543210"}, Task(),
-                               config, "runs/x/checkpoints")
+    tokenizers.check_same_tokenizer({**flat, key: "fedcba9876543210"}, Task(), config, where)

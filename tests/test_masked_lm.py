@@ -166,6 +166,32 @@ def test_a_missing_or_mismatched_encoder_run_is_refused(pretrained, tmp_path):
     tasks.get_task(config, str(tmp_path / "b"))
 
 
+def test_an_encoder_is_refused_under_another_tokenizer(pretrained, tmp_path):
+  """The encoder's embedding rows are its tokenizer's ids: a classifier that would read
+  with another tokenizer (here config.data.tokenizer_path, a tokenizer trained on other
+  text) is refused before training, naming init_encoder_from; allow_config_change lets
+  it through."""
+  corpus, tfds_dir, source, _, _ = pretrained
+  write_corpus(tmp_path / "c2", seed=1)
+  other = tasks.get_task(tiny_config(tmp_path / "c2", tmp_path / "tfds2"),
+                         str(tmp_path / "other"))
+  assert other.data.tokenizer_fingerprint() != tasks.get_task(
+      tiny_config(corpus, tfds_dir), source, training=False).data.tokenizer_fingerprint()
+  config = tiny_config(corpus, tfds_dir)
+  config.init_encoder_from = source
+  config.data.tokenizer_path = str(tmp_path / "other" / "tokenizer.model")
+  task = tasks.get_task(config, str(tmp_path / "cls"))
+  with pytest.raises(tokenizers.TokenizerError,
+                     match=r"tokenizer.model\) is not the one the checkpoint in "
+                           r"config.init_encoder_from=.*mlm was trained with .* new --workdir"
+                     ) as excinfo:
+    task.initial_params(jax.random.PRNGKey(0))
+  print(excinfo.value)
+  config.train.allow_config_change = True
+  params = tasks.get_task(config, str(tmp_path / "cls2")).initial_params(jax.random.PRNGKey(0))
+  assert "encoder" in params
+
+
 @pytest.mark.parametrize("overrides, field", [
     (dict(objective="bert"), "objective='bert'"),
     (dict(task="translation", objective="mlm"), "objective='mlm'"),
