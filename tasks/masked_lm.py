@@ -149,7 +149,8 @@ def load_encoder(config, params: Any, task) -> Any:
         checkpoints.restore_config(step) or {}, task, config,
         f"config.init_encoder_from={source}",
         hint=f"Start this run in a new --workdir without config.data.tokenizer_path: it then "
-             f"reads with a copy of {source}'s own tokenizer")
+             f"reads with a copy of {source}'s own tokenizer (if that file was replaced "
+             f"since, put the original back first)")
     tx = optimizers.make_optimizer(ml_collections.ConfigDict(saved))
     template = jax.eval_shape(lambda: steps.TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Mapping, Optional
 import jax
 import numpy as np
 from absl import logging as absl_logging
+
 import files
 from training import events
 
