@@ -211,7 +211,7 @@ def test_the_python_api_example_runs_as_a_notebook(tmp_path):
   # (a notebook started in the repository root imports from it; so does `pip install -e .`)
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=root)
   # Not the 8 fake devices, and LLVM's full optimisation back (conftest.py lowers it): the
-  # notebook runs 450 real steps, about 4x slower each at level 0 (the whole notebook, alone
+  # notebook runs 450 real steps, about 2x slower each at level 0 (the whole notebook, alone
   # on the machine: 79 s against 108 s).
   flags = cpu_device_flags(0, env.get("XLA_FLAGS", "")).split()
   env["XLA_FLAGS"] = " ".join(f for f in flags if "xla_backend_optimization_level" not in f)
