@@ -135,25 +135,10 @@ def batches(order, examples, batch_size, rng):
   return out
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data_dir", required=True)
-  parser.add_argument("--split", choices=("dev", "tune"), default="dev")
-  parser.add_argument("--steps", type=int, default=8600)
-  parser.add_argument("--eval_every", type=int, default=860)
-  parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--learning_rate", type=float, default=0.1)
-  parser.add_argument("--weight_decay", type=float, default=3e-6)
-  parser.add_argument("--min_count", type=int, default=3)
-  parser.add_argument("--max_length", type=int, default=64)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--output", default="")
-  args = parser.parse_args(argv)
-
-  source = next((os.path.join(args.data_dir, n) for n in ("train.tsv", "train.tsv.gz")
-                 if os.path.exists(os.path.join(args.data_dir, n))), None)
-  if source is None:
-    sys.exit(f"{args.data_dir}: no train.tsv or train.tsv.gz")
+def load(args):
+  """(training examples, evaluation examples, vocabulary): (ids, label) pairs of the
+  distinct training phrases and of the dev (or tune) sentences."""
+  source = sst2_tune_split.train_file(args.data_dir)
   rows = sst2_tune_split.read_rows(source)
   if args.split == "tune":
     train_rows, eval_rows = sst2_tune_split.split(rows, 1000, 10, 0)
@@ -169,6 +154,25 @@ def main(argv=None):
   vocab = vocabulary([t for t, _ in train_rows], args.min_count)
   train = [(encode(t, vocab, args.max_length), y) for t, y in labels.items()]
   evaluation = [(encode(t, vocab, args.max_length), names.index(y)) for t, y in eval_rows]
+  return train, evaluation, vocab
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--data_dir", required=True)
+  parser.add_argument("--split", choices=("dev", "tune"), default="dev")
+  parser.add_argument("--steps", type=int, default=8600)
+  parser.add_argument("--eval_every", type=int, default=860)
+  parser.add_argument("--batch_size", type=int, default=64)
+  parser.add_argument("--learning_rate", type=float, default=0.1)
+  parser.add_argument("--weight_decay", type=float, default=3e-6)
+  parser.add_argument("--min_count", type=int, default=3)
+  parser.add_argument("--max_length", type=int, default=64)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--output", default="")
+  args = parser.parse_args(argv)
+
+  train, evaluation, vocab = load(args)
   model = BiLSTMClassifier(vocab_size=len(vocab) + 2)
   params = model.init(jax.random.PRNGKey(args.seed), pad([[2]]), False)["params"]
   tx = optax.chain(optax.add_decayed_weights(args.weight_decay),

@@ -44,6 +44,15 @@ def read_rows(path: str):
   return [(row[text].strip(), row[label]) for row in rows[1:]]
 
 
+def train_file(data_dir: str) -> str:
+  """`data_dir`'s train.tsv or train.tsv.gz; exits naming the directory when it has none."""
+  source = next((os.path.join(data_dir, n) for n in ("train.tsv", "train.tsv.gz")
+                 if os.path.exists(os.path.join(data_dir, n))), None)
+  if source is None:
+    sys.exit(f"{data_dir}: no train.tsv or train.tsv.gz")
+  return source
+
+
 def word_spans(sentence: str):
   """Every run of whole words of `sentence`, itself included."""
   words = sentence.split()
@@ -81,11 +90,7 @@ def main(argv=None) -> None:
   parser.add_argument("--min_words", type=int, default=10)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  source = next((os.path.join(args.data_dir, n) for n in ("train.tsv", "train.tsv.gz")
-                 if os.path.exists(os.path.join(args.data_dir, n))), None)
-  if source is None:
-    sys.exit(f"{args.data_dir}: no train.tsv or train.tsv.gz")
-  rows = read_rows(source)
+  rows = read_rows(train_file(args.data_dir))
   train, tune = split(rows, args.num_tune, args.min_words, args.seed)
   os.makedirs(args.out, exist_ok=True)
   write_rows(os.path.join(args.out, "train.tsv"), train)
