@@ -17,7 +17,9 @@ position, softmax over the real positions); dropout 0.5; a tanh layer of 256 wit
 the 66,978 distinct phrases of the full training set), evaluated every 860 steps.
 
 This is a benchmark, not a model of the codebase: it has no checkpoints, modes or config
-files. It prints one line per evaluation and, with --output, writes them as JSON.
+files. It shares its LSTM recurrence (models/recurrent.lstm_scan) with the codebase's own
+recurrent reading (`model.encoder_lstm`, trained by configs/classification.py:recipe=lstm).
+It prints one line per evaluation and, with --output, writes them as JSON.
 """
 
 import argparse
@@ -35,27 +37,9 @@ import numpy as np
 import optax
 
 from benchmarks import sst2_tune_split
+from models.recurrent import lstm_scan
 
 PAD, UNK = 0, 1
-
-
-def lstm_scan(gates_x, w_h):
-  """The LSTM recurrence over time: `gates_x` `[batch, length, 4 * hidden]` (the input's
-  part of the input, forget, cell and output gates, in that order), `w_h`
-  `[hidden, 4 * hidden]`. Returns the hidden states `[batch, length, hidden]`. The forget
-  gate's bias starts at +1 (added here), so early on the cell keeps what it holds."""
-  hidden = w_h.shape[0]
-
-  def step(carry, g_x):
-    c, h = carry
-    i, f, g, o = jnp.split(g_x + h @ w_h, 4, axis=-1)
-    c = jax.nn.sigmoid(f + 1.0) * c + jax.nn.sigmoid(i) * jnp.tanh(g)
-    h = jax.nn.sigmoid(o) * jnp.tanh(c)
-    return (c, h), h
-
-  zeros = jnp.zeros((gates_x.shape[0], hidden), gates_x.dtype)
-  _, hs = jax.lax.scan(step, (zeros, zeros), jnp.swapaxes(gates_x, 0, 1))
-  return jnp.swapaxes(hs, 0, 1)
 
 
 def reverse_real(x, lengths):

@@ -67,7 +67,7 @@ def _model() -> ml_collections.ConfigDict:
   model.head_dim = 0  # per-head size d_k = d_v; 0 = d_model // num_heads
   model.num_kv_heads = 0  # key/value heads: 1 multi-query, a divisor grouped-query; 0 = num_heads
   model.norm_placement = "post"  # "post" (paper: LN(x + f(x))) or "pre" (x + f(LN(x)))
-  model.positional_encoding = "sinusoidal"  # sinusoidal (paper), learned, rope, sinusoidal_halves
+  model.positional_encoding = "sinusoidal"  # sinusoidal, sinusoidal_halves, learned, rope, none
   model.fused_qkv = False  # one projection for q, k and v instead of three
   model.share_embeddings = True  # one embedding matrix for source and target
   model.tie_output = True  # output projection = target embedding transposed
@@ -78,8 +78,9 @@ def _model() -> ml_collections.ConfigDict:
   model.norm = "layer"  # normalization: "layer" (paper) or "rms" (RMSNorm)
   model.qk_norm = False  # normalise each head's queries and keys (QK-norm) with model.norm
   model.biases = "ffn"  # dense-layer biases: "ffn" (paper), "all" (attention too), "none"
-  model.pooling = "mean"  # classification pooling: "mean" over tokens or a learned "cls"
+  model.pooling = "mean"  # classification pooling: "mean" over tokens, a learned "cls", "attention"
   model.conv_kernel = 0  # encoder blocks: a convolution sublayer this wide (odd) first; 0 = none
+  model.encoder_lstm = False  # encoder: a bidirectional LSTM reads the embeddings before the blocks
   model.layer_norm_epsilon = 1e-6  # added to the variance in layer norm (and RMSNorm)
   model.scan_layers = False  # identical layers as one nn.scan (one compiled layer; stacked)
   model.tokenizer = "sentencepiece"  # real text: "sentencepiece" (trained on the fly) or "bytes"
@@ -138,7 +139,7 @@ def _data(task: str) -> ml_collections.ConfigDict:
 def _optim(task: str) -> ml_collections.ConfigDict:
   """config.optim: the optimizer, its schedule and regularisation."""
   optim = ml_collections.ConfigDict()
-  optim.optimizer = "adam"  # "adam" (paper), "adamw" (decay skips biases, norms) or "muon"
+  optim.optimizer = "adam"  # "adam" (paper), "adamw" (decay skips biases, norms), "muon", "sgd"
   optim.learning_rate = 3e-3  # peak learning rate, reached at the end of warmup (muon: Adam's part)
   optim.muon_learning_rate = 0.02  # muon: peak rate of its orthogonalised matrix updates
   optim.schedule = "cosine"  # rsqrt (paper), cosine, linear, constant; all with linear warmup
@@ -146,7 +147,8 @@ def _optim(task: str) -> ml_collections.ConfigDict:
   optim.adam_b1 = 0.9  # Adam beta1
   optim.adam_b2 = 0.98  # Adam beta2 (paper: 0.98)
   optim.adam_eps = 1e-9  # Adam epsilon (paper: 1e-9)
-  optim.weight_decay = 0.0  # AdamW decoupled weight decay
+  optim.sgd_momentum = 0.9  # sgd: heavy-ball momentum (0 = plain gradient descent)
+  optim.weight_decay = 0.0  # adamw, muon: decoupled weight decay; sgd: decay * w added to gradients
   optim.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables it
   optim.sam_rho = 0.0  # sharpness-aware minimisation's radius (two passes a step); 0 = off
   optim.label_smoothing = 0.1 if task == "translation" else 0.0  # paper: 0.1

@@ -76,7 +76,8 @@ SPACE_MARK = "\u2423"
 
 
 def layout(task) -> Dict[str, Tuple[int, int]]:
-  """`{kind: (layers, heads)}` of the attentions in the task's model."""
+  """`{kind: (layers, heads)}` of the attentions in the task's model; empty for a model
+  without attention (a classifier whose encoder is only its recurrent reading)."""
   fields, cfg = task.attention_fields, task.model.config
   out = {}
   if "encoder" in fields:
@@ -85,7 +86,16 @@ def layout(task) -> Dict[str, Tuple[int, int]]:
     out["decoder_self"] = (cfg.num_decoder_layers, cfg.num_heads)
   if "encoder" in fields and "decoder" in fields:
     out["cross"] = (cfg.num_decoder_layers, cfg.num_heads)
-  return out
+  return {kind: shape for kind, shape in out.items() if shape[0]}
+
+
+def require_attention(task) -> Dict[str, Tuple[int, int]]:
+  """`layout(task)`, or a DataError naming why there is nothing to inspect."""
+  shapes = layout(task)
+  if not shapes:
+    raise DataError("this model has no attention layers to inspect (config.model."
+                    "num_encoder_layers=0: its encoder is the recurrent reading alone)")
+  return shapes
 
 
 def reference_model(model):
@@ -570,7 +580,7 @@ def eval_summaries(task, params, count: int) -> EvalSummaries:
       examples.append({f: np.asarray(example[f]) for f in set(task.attention_fields.values())})
     if len(examples) == count:
       break
-  if not examples:
+  if not examples or not layout(task):
     return EvalSummaries({}, {}, {}, "")
   maps = example_maps(task, params, examples)
   images = {f"attention/example_{i}/{kind}": kind_grid_image(m, kind)

@@ -11,7 +11,7 @@ Array = jax.Array
 
 # "sinusoidal_halves": the same sinusoids with every sin before every cos (tensor2tensor's and
 # Marian's layout); rope: models/attention.py.
-POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope", "sinusoidal_halves")
+POSITIONAL_ENCODINGS = ("sinusoidal", "learned", "rope", "sinusoidal_halves", "none")
 NORMS = ("layer", "rms")
 # Biases of the dense layers: "ffn" (as the paper: feed-forward and layer norm only), "all"
 # (attention projections too, as GPT-2), "none" (no bias anywhere, as PaLM and LLaMA).
@@ -271,8 +271,8 @@ class PositionalEncoding(nn.Module):
     features = x.shape[-1]
     if self.kind in ("sinusoidal", "sinusoidal_halves"):
       enc = sinusoidal_encoding(positions, features, halves=self.kind == "sinusoidal_halves")
-    elif self.kind == "rope":  # rotary positions act inside attention, on queries and keys
-      return x
+    elif self.kind in ("rope", "none"):  # rope acts inside attention, on queries and keys;
+      return x  # "none": order only from what reads in order (model.encoder_lstm, causality)
     elif self.kind == "learned":
       # At the scale of the sinusoids (variance 1/2) and of the embeddings they are added
       # to (unit variance after the sqrt(d_model) factor). A GPT-style 0.02 would leave

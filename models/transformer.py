@@ -26,12 +26,13 @@ import jax.numpy as jnp
 
 from models import attention, masks
 from models import layers
+from models import recurrent
 from models.layers import Dropout, Embed, FeedForward, PositionalEncoding
 
 Array = jax.Array
 
 NORM_PLACEMENTS = ("post", "pre")
-POOLINGS = ("mean", "cls")
+POOLINGS = ("mean", "cls", "attention")
 # What the backward pass keeps of each block: everything ("none"), only its input ("full":
 # the block is recomputed), or the outputs of its weight matmuls ("matmuls": projections
 # and feed-forward layers are kept; attention scores, softmax, norms and activations are
@@ -103,6 +104,7 @@ class TransformerConfig:
   dtype: Any = jnp.float32
   decode: bool = False  # incremental decoding with a key/value cache
   conv_kernel: int = 0  # >0: a convolution sublayer of this width in each encoder block
+  encoder_lstm: bool = False  # a bidirectional LSTM reads the encoder's embeddings first
 
   def __post_init__(self):
     self.check()
@@ -128,7 +130,7 @@ class TransformerConfig:
         or not 0 < epsilon < math.inf):
       raise InvalidField("layer_norm_epsilon", epsilon, "expected a number > 0")
     for field in ("scan_layers", "fused_qkv", "share_embeddings", "tie_output", "qk_norm",
-                  "scale_embeddings", "logits_bias", "mask_special_logits"):
+                  "scale_embeddings", "logits_bias", "mask_special_logits", "encoder_lstm"):
       if not isinstance(getattr(self, field), bool):
         raise InvalidField(field, getattr(self, field), "expected True or False")
     if self.head_dim == 0 and self.d_model % self.num_heads:
@@ -151,6 +153,14 @@ class TransformerConfig:
       raise InvalidField("conv_kernel", self.conv_kernel,
                          "the convolution sublayer is part of encoder blocks (its window "
                          "looks ahead), and this model has no encoder; set conv_kernel=0")
+    if self.encoder_lstm and not (self.num_encoder_layers or self.num_classes):
+      raise InvalidField("encoder_lstm", True,
+                         "the bidirectional LSTM reads an encoder's embeddings (its backward "
+                         "reading looks ahead), and this model has no encoder; set "
+                         "encoder_lstm=False")
+    if self.encoder_lstm and self.d_model % 2:
+      raise InvalidField("d_model", self.d_model, "encoder_lstm needs an even d_model (two "
+                         "directions of d_model / 2 units)")
     if self.positional_encoding == "rope" and head_dim % 2:
       raise InvalidField("head_dim", head_dim, "rotary positions need an even head_dim")
     if self.attention_impl != "reference" and self.attention_dropout_rate > 0:
@@ -300,6 +310,8 @@ def _block_stack(cfg: TransformerConfig, block: Any, num_layers: int, x: Array, 
   """
   if cfg.remat not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {cfg.remat!r}; expected one of {REMAT_POLICIES}")
+  if not num_layers:  # no blocks (a classifier reading with its LSTM alone): no parameters
+    return x
   if cfg.remat != "none":
     policy = (None if cfg.remat == "full"
               else jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
@@ -350,7 +362,8 @@ def stack_layers(tree: Any) -> Any:
 
 
 class Encoder(nn.Module):
-  """Embedding * sqrt(d_model) + positions -> N encoder blocks.
+  """Embedding * sqrt(d_model) + positions (-> a bidirectional LSTM, with `encoder_lstm`)
+  -> N encoder blocks.
 
   Attributes:
     config: model hyper-parameters.
@@ -382,6 +395,10 @@ class Encoder(nn.Module):
     x = PositionalEncoding(cfg.positional_encoding, cfg.max_length, cfg.dtype,
                            name="positions")(x, positions)
     x = Dropout(cfg.dropout_rate, cfg.dropout_rng)(x, deterministic=deterministic)
+    if cfg.encoder_lstm:
+      x = recurrent.BiLSTM(cfg.d_model, cfg.dtype, use_bias=cfg.biases != "none",
+                           name="lstm")(x, valid, segmentation)
+      x = Dropout(cfg.dropout_rate, cfg.dropout_rng)(x, deterministic=deterministic)
     mask = masks.AttentionMask(valid, valid, segmentation, segmentation)
     x = _block_stack(cfg, EncoderBlock, cfg.num_encoder_layers, x, mask, positions,
                      deterministic=deterministic)
@@ -528,8 +545,24 @@ class DecoderOnly(nn.Module):
         decoder_inputs, self_mask, positions=positions, deterministic=deterministic)
 
 
+def attention_pooling_weights(cfg: TransformerConfig, x: Array, valid: Array) -> Array:
+  """`[batch, length]` float32 weights of "attention" pooling, summing to 1 over each
+  row's real tokens (0 at padding). x: `[batch, length, d_model]` float32. Called inside
+  the Classifier (its parameters "pool_hidden", "pool_score")."""
+  hidden = nn.Dense(cfg.d_model, use_bias=cfg.biases != "none", dtype=jnp.float32,
+                    param_dtype=jnp.float32, kernel_init=nn.initializers.xavier_uniform(),
+                    name="pool_hidden")(x)
+  scores = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.xavier_uniform(), name="pool_score")(
+                        jnp.tanh(hidden))[..., 0]
+  return jax.nn.softmax(jnp.where(valid, scores, masks.MASK_VALUE), axis=-1)
+
+
 class Classifier(nn.Module):
-  """Encoder, then mean pooling over real tokens or a learned [CLS] vector, then a linear head."""
+  """Encoder, then pooling, then a linear head. Pooling: the mean over real tokens, a
+  learned [CLS] vector, or "attention" (additive attention over the positions, Bahdanau et
+  al. 2015 as Lin et al. 2017 pool with it: one score per position from a tanh layer,
+  softmax over the real tokens, the weighted sum)."""
 
   config: TransformerConfig
 
@@ -561,6 +594,8 @@ class Classifier(nn.Module):
     elif cfg.pooling == "mean":
       weights = (inputs > 0).astype(jnp.float32)[..., None]
       pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
+    elif cfg.pooling == "attention":
+      pooled = jnp.einsum("bl,bld->bd", attention_pooling_weights(cfg, x, inputs > 0), x)
     else:
       raise ValueError(f"unknown pooling {cfg.pooling!r}; expected one of {POOLINGS}")
     pooled = Dropout(cfg.dropout_rate, cfg.dropout_rng)(pooled, deterministic=deterministic)

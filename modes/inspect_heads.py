@@ -31,8 +31,8 @@ def attention_report(config: ml_collections.ConfigDict, workdir: str,
   statistics (stats.txt, stats.json). Returns (the paths written, the statistics table)."""
   run = open_run(config, workdir, jax.local_devices()[:1])  # one example, no pmap
   task = run.task
-  single = [h for spec in heads
-            for h in attention_maps.parse_head(spec, attention_maps.layout(task))]
+  available = attention_maps.require_attention(task)
+  single = [h for spec in heads for h in attention_maps.parse_head(spec, available)]
   step, params = run.restore(checkpoint, step)
   if example is not None:
     source = task.data_source("eval")
@@ -68,6 +68,7 @@ def head_importance(config: ml_collections.ConfigDict, workdir: str,
   Returns (loss with every head, {kind: [layers, heads] increase}, the paths)."""
   split = split or config.data.eval_split
   run = open_run(config, workdir, devices, split=split)
+  shapes = attention_maps.require_attention(run.task)
   step, params = run.restore(checkpoint, step)
   files.check_writable(os.path.join(workdir, "attention"))  # before the compute
   p_masked = steps.compile_masked_eval(run.task, run.devices)
@@ -81,7 +82,6 @@ def head_importance(config: ml_collections.ConfigDict, workdir: str,
                             jax.device_get([p_masked(params, b, tree) for b in batches])])
     return sums["nll"] / max(sums["weight"], 1.0)
 
-  shapes = attention_maps.layout(run.task)
   logging.info("head importance: the loss of %d batches of %s with every head, then with "
                "each of %d heads removed ...", len(batches), split,
                sum(layers * heads for layers, heads in shapes.values()))

@@ -23,7 +23,8 @@ ACTIVATIONS = {"swish": "silu", "silu": "silu", "gelu": "gelu_exact", "gelu_new"
                "gelu_pytorch_tanh": "gelu", "relu": "relu"}
 FIXED = dict(norm_placement="post", norm="layer", positional_encoding="sinusoidal_halves",
              biases="all", share_embeddings=True, tie_output=True, logits_bias=True,
-             qk_norm=False, num_kv_heads=0, fused_qkv=False, head_dim=0, conv_kernel=0)
+             qk_norm=False, num_kv_heads=0, fused_qkv=False, head_dim=0, conv_kernel=0,
+             encoder_lstm=False)
 
 
 def _same(config: Dict[str, Any], names, path: str) -> int:
@@ -134,7 +135,8 @@ def unsupported(model: Dict[str, Any]) -> Dict[str, Any]:
   layer norms' epsilon is fixed at 1e-5)."""
   wrong = unsupported_fields(model, FIXED, ("norm_placement", "norm", "positional_encoding",
                                             "qk_norm", "num_kv_heads", "share_embeddings",
-                                            "tie_output", "conv_kernel"), ACTIVATIONS.values())
+                                            "tie_output", "conv_kernel", "encoder_lstm"),
+                              ACTIVATIONS.values())
   if abs(float(model.get("layer_norm_epsilon", 1e-5)) - 1e-5) > 1e-12:
     wrong["layer_norm_epsilon"] = model["layer_norm_epsilon"]
   return wrong

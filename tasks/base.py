@@ -95,7 +95,10 @@ class Task:
     Fields(config, "compute").choice("dtype", DTYPES)
     Fields(config, "compute").integer("cpu_devices", 0)
     try:
-      TransformerConfig.from_fields(model_fields(config, cls.absent_stacks), vocab_size=8)
+      # A classifier's head is part of its parameters (its size is the data's; any will do).
+      classes = 2 if cls.model_class is transformer.Classifier else 0
+      TransformerConfig.from_fields(model_fields(config, cls.absent_stacks), vocab_size=8,
+                                    num_classes=classes)
     except InvalidField as e:
       group = next(g for g in ("model", "compute", "optim") if e.field in config[g])
       fail(f"{group}.{e.field}", e.value, e.allowed)

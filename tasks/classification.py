@@ -43,7 +43,9 @@ class ClassificationTask(base.Task):
 
   @classmethod
   def check_config(cls, config) -> None:
-    Fields(config, "model").integer("num_encoder_layers", 1)
+    # A recurrent reading (model.encoder_lstm) is an encoder on its own: blocks optional.
+    Fields(config, "model").integer("num_encoder_layers",
+                                    0 if config.model.encoder_lstm is True else 1)
     optim = Fields(config, "optim")
     optim.rate("token_dropout")
     optim.number("mask_rate", lambda v: 0 < v < 1, "expected a number in (0, 1)")

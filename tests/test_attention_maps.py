@@ -150,10 +150,10 @@ def test_fused_models_are_drawn_through_the_reference_path(translation_task):
   assert fused.model.config.attention_impl == "fused"  # the task's model is left as it was
 
 
-@pytest.mark.parametrize("conv_kernel", [0, 3])  # with the convolution sublayer too
-def test_classifier_maps_show_the_cls_vector(conv_kernel):
-  task = tasks.get_task(tiny_config("classification",
-                                    model=dict(pooling="cls", conv_kernel=conv_kernel)))
+@pytest.mark.parametrize("fields", [{}, dict(conv_kernel=3), dict(encoder_lstm=True)])
+def test_classifier_maps_show_the_cls_vector(fields):
+  """Also with the convolution sublayer and with the recurrent reading before the blocks."""
+  task = tasks.get_task(tiny_config("classification", model=dict(pooling="cls", **fields)))
   params = task.init_params(jax.random.PRNGKey(0))
   example = {"inputs": task.data_source("eval")[0]["inputs"]}
   m = attention_maps.example_maps(task, params, [example])[0]

@@ -421,6 +421,23 @@ def config_flags(config):
   return [f"--config.{group}.{field}={config[group][field]}" for group, field in fields]
 
 
+def test_a_classifier_reading_with_its_lstm_alone_learns_and_has_no_heads(tmp_path):
+  """model.encoder_lstm with no Transformer blocks: it trains and evaluates (no attention
+  summaries), and the modes that inspect attention heads refuse in one line."""
+  write_corpus(tmp_path / "corpus")
+  config = tiny_config(tmp_path / "corpus", tmp_path / "tfds",
+                       model=dict(encoder_lstm=True, num_encoder_layers=0, pooling="attention",
+                                  conv_kernel=0,
+                                  positional_encoding="none"))
+  workdir = str(tmp_path / "run")
+  metrics = train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  assert metrics["accuracy"] >= 0.95, metrics
+  for call in (lambda: modes.attention_report(config, workdir, example=0),
+               lambda: modes.head_importance(config, workdir, ONE_DEVICE)):
+    with pytest.raises(DataError, match="no attention layers to inspect"):
+      call()
+
+
 def test_tiny_run_learns_a_separable_task_end_to_end(tmp_path):
   corpus = write_corpus(tmp_path / "corpus")
   config = tiny_config(tmp_path / "corpus", tmp_path / "tfds")
@@ -577,14 +594,18 @@ def test_unknown_tfds_feature_is_named(tmp_path):
 
 @pytest.mark.parametrize("variant", ["", "dataset=glue_sst2", "dataset=imdb,tokenizer=bytes",
                                      "dataset=ag_news,size=small,accel=gpu", "recipe=mlm",
-                                     "recipe=finetune", "tokenizer=bytes,recipe=mlm"])
+                                     "recipe=finetune", "tokenizer=bytes,recipe=mlm",
+                                     "recipe=lstm"])
 def test_classification_configs_validate(variant):
   config = classification_config.get_config(variant)
   train.validate(config)
   assert config.task == "classification" and config.eval.best_metric == "accuracy"
   if "tokenizer=bytes" in variant:  # a byte vocabulary, whatever the recipe
     assert config.model.vocab_size == 259
-  if variant.startswith("recipe="):  # two stages of one model: the same config.model
+  if variant == "recipe=lstm":  # the recurrent reading alone, with SGD
+    assert config.model.encoder_lstm and config.model.num_encoder_layers == 0
+    assert config.optim.optimizer == "sgd" and config.model.pooling == "attention"
+  elif variant.startswith("recipe="):  # two stages of one model: the same config.model
     assert config.model == classification_config.get_config("recipe=mlm").model
     # ... SST2_CPU's, but for the fields the masked-token recipe was measured with.
     default_model = classification_config.get_config().model

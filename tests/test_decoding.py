@@ -33,6 +33,7 @@ VARIANTS = {
                        norm_placement="pre", **ONE_LAYER),
     "attention_biases_gqa": dict(biases="all", num_kv_heads=1, num_heads=2, **ONE_LAYER),
     "encoder_convolution": dict(conv_kernel=3, **ONE_LAYER),  # encoder-decoder only
+    "encoder_lstm": dict(encoder_lstm=True, **ONE_LAYER),  # encoder-decoder only
 }
 
 

@@ -68,6 +68,12 @@ def test_remat_and_scan_with_the_convolution_sublayer(family):
                                  dict(scan_layers=True, remat="full", conv_kernel=3))
 
 
+@pytest.mark.parametrize("family", ["encoder_decoder", "classifier"])
+def test_remat_and_scan_with_the_recurrent_reading(family):
+  lstm = dict(encoder_lstm=True, pooling="attention")
+  assert_same_loss_and_gradients(family, lstm, dict(scan_layers=True, remat="full", **lstm))
+
+
 def assert_same_loss_and_gradients(family, plain_fields, variant):
   cls, fields = FAMILIES[family]
   args = [batch()[f] for f in fields]

@@ -76,8 +76,8 @@ def test_constant_stays_at_peak():
 def test_unknown_schedule_and_optimizer_raise():
   with pytest.raises(ValueError, match="'step'"):
     optimizers.learning_rate_schedule("step", 1.0, 10, 100)
-  with pytest.raises(ValueError, match="'sgd'"):
-    optimizers.make_optimizer(_config(optimizer="sgd"))
+  with pytest.raises(ValueError, match="'lamb'"):
+    optimizers.make_optimizer(_config(optimizer="lamb"))
   with pytest.raises(ValueError, match="'step'"):
     optimizers.make_optimizer(_config(schedule="step"))
 
@@ -86,7 +86,7 @@ def _config(**optim):
   """The config groups make_optimizer reads; `optim` overrides config.optim fields."""
   c = ml_collections.ConfigDict(dict(
       optim=dict(optimizer="adam", schedule="constant", learning_rate=0.1, warmup_steps=0,
-                 adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9, weight_decay=0.0,
+                 adam_b1=0.9, adam_b2=0.98, adam_eps=1e-9, weight_decay=0.0, sgd_momentum=0.9,
                  max_grad_norm=0.0),
       train=dict(num_train_steps=100)))
   presets.update_groups(c, dict(optim=optim))
@@ -189,6 +189,29 @@ def test_adamw_decays_weight_matrices_only():
   plain = _updates(optimizers.make_optimizer(_config(learning_rate=lr)), PARAMS, [zero])[0]
   for leaf in jax.tree.leaves(plain):
     np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_sgd_is_heavy_ball_momentum_on_the_gradient_plus_l2():
+  """optimizer="sgd": v_t = momentum * v_{t-1} + (g_t + wd * w_{t-1}), w_t = w_{t-1} - lr * v_t,
+  for every parameter (biases and norms decayed too), by hand over three steps."""
+  lr, wd, momentum = 0.1, 0.01, 0.9
+  tx = optimizers.make_optimizer(_config(optimizer="sgd", learning_rate=lr, weight_decay=wd,
+                                         sgd_momentum=momentum))
+  grads = [jax.tree.map(lambda p, k=k: jnp.full_like(p, k + 1.0), PARAMS) for k in range(3)]
+  got = _updates(tx, PARAMS, grads)
+  for path in (("dense", "kernel"), ("norm", "bias"), ("norm", "scale")):
+    w = np.asarray(PARAMS[path[0]][path[1]], np.float64)
+    v = np.zeros_like(w)
+    for step in range(3):
+      v = momentum * v + (step + 1.0) + wd * w
+      update = -lr * v
+      np.testing.assert_allclose(got[step][path[0]][path[1]], update, rtol=1e-5, atol=1e-7)
+      w = w + update
+  # Without momentum: plain gradient descent.
+  plain = optimizers.make_optimizer(_config(optimizer="sgd", learning_rate=lr,
+                                            sgd_momentum=0.0))
+  second = _updates(plain, PARAMS, grads[:2])[1]
+  np.testing.assert_allclose(second["dense"]["kernel"], -lr * 2.0, rtol=1e-6)
 
 
 def test_schedule_drives_the_optimizer():

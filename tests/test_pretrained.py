@@ -330,6 +330,7 @@ def test_import_then_export_gives_back_the_original_weights(tmp_path, gpt2_folde
      ["positional_encoding='sinusoidal'"]),
     ("translation", dict(MARIAN_FIELDS, layer_norm_epsilon=1e-6), ["layer_norm_epsilon"]),
     ("translation", dict(MARIAN_FIELDS, conv_kernel=3), ["conv_kernel=3"]),
+    ("translation", dict(MARIAN_FIELDS, encoder_lstm=True), ["encoder_lstm=True"]),
 ])
 def test_export_refuses_what_the_architecture_cannot_hold(task, fields, named):
   config = tiny_config(task, model=fields)

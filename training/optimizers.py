@@ -18,7 +18,7 @@ import optax
 from config_checks import Fields
 
 SCHEDULES = ("rsqrt", "cosine", "linear", "constant")
-OPTIMIZERS = ("adam", "adamw", "muon")
+OPTIMIZERS = ("adam", "adamw", "muon", "sgd")
 
 
 def learning_rate_schedule(name: str, peak: float, warmup_steps: int,
@@ -91,11 +91,13 @@ def muon_dimension_numbers(params):
 
 
 def make_optimizer(config) -> optax.GradientTransformation:
-  """Clipping + Adam/AdamW/Muon with the configured schedule (paper: Adam 0.9/0.98/1e-9).
+  """Clipping + Adam/AdamW/Muon/SGD with the configured schedule (paper: Adam 0.9/0.98/1e-9).
 
   Muon (Jordan et al., 2024) updates each hidden weight matrix by the orthogonalised
   (Newton-Schulz) Nesterov momentum of its gradient, at `muon_learning_rate`; every other
   parameter takes AdamW at `learning_rate` (optax.contrib.muon). Both follow the schedule.
+  SGD: heavy-ball momentum `sgd_momentum`, with `weight_decay * w` added to the gradient
+  (L2, biases and norms included, after clipping).
   """
   o = config.optim
   if o.optimizer not in OPTIMIZERS:
@@ -112,6 +114,9 @@ def make_optimizer(config) -> optax.GradientTransformation:
   elif o.optimizer == "adamw":
     opt = optax.adamw(schedule, b1=o.adam_b1, b2=o.adam_b2, eps=o.adam_eps,
                       weight_decay=o.weight_decay, mask=decay_mask)
+  elif o.optimizer == "sgd":
+    opt = optax.chain(optax.add_decayed_weights(o.weight_decay),
+                      optax.sgd(schedule, momentum=o.sgd_momentum or None))
   else:
     opt = optax.adam(schedule, b1=o.adam_b1, b2=o.adam_b2, eps=o.adam_eps)
   if o.max_grad_norm > 0:
@@ -125,7 +130,7 @@ def check_config(config) -> None:
   optim = Fields(config, "optim")
   optim.choice("optimizer", OPTIMIZERS)
   optim.choice("schedule", SCHEDULES)
-  for field in ("label_smoothing", "adam_b1", "adam_b2", "weight_decay"):
+  for field in ("label_smoothing", "adam_b1", "adam_b2", "weight_decay", "sgd_momentum"):
     optim.rate(field)
   for field in ("learning_rate", "adam_eps", "muon_learning_rate"):
     optim.positive(field)

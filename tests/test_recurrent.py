@@ -1,0 +1,145 @@
+"""The recurrent reading of the encoder (models/recurrent.py, `model.encoder_lstm`) and
+attention pooling, each against a NumPy statement of its math, with the padding and
+packing properties every encoder layer keeps."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from models import recurrent
+from models.transformer import Classifier, Encoder, InvalidField
+from tests.model_fixtures import init_params, tiny_model_config
+
+RNG = np.random.default_rng(0)
+
+
+def np_sigmoid(x):
+  return 1 / (1 + np.exp(-x))
+
+
+def np_lstm(x, w_x, b, w_h):
+  """The textbook LSTM cell over one sequence `[length, d]`, one position at a time (gates
+  i, f, g, o; the forget gate's bias +1), from zero state. Returns `[length, hidden]`."""
+  hidden = w_h.shape[0]
+  c, h, out = np.zeros(hidden), np.zeros(hidden), []
+  for x_t in x:
+    z = x_t @ w_x + b + h @ w_h
+    i, f, g, o = z[:hidden], z[hidden:2 * hidden], z[2 * hidden:3 * hidden], z[3 * hidden:]
+    c = np_sigmoid(f + 1) * c + np_sigmoid(i) * np.tanh(g)
+    h = np_sigmoid(o) * np.tanh(c)
+    out.append(h)
+  return np.array(out)
+
+
+def np_bilstm(x, p):
+  """Forward LSTM over `x`, backward LSTM over `x` reversed (then put back in order),
+  concatenated."""
+  def run(name, seq):
+    return np_lstm(seq, np.asarray(p[f"{name}_input"]["kernel"], np.float64),
+                   np.asarray(p[f"{name}_input"]["bias"], np.float64),
+                   np.asarray(p[f"{name}_recurrent"], np.float64))
+  return np.concatenate([run("forward", x), run("backward", x[::-1])[::-1]], axis=-1)
+
+
+def test_lstm_scan_is_the_textbook_cell_in_both_directions():
+  x = RNG.normal(size=(2, 6, 4))
+  w_x, b, w_h = RNG.normal(size=(4, 12)), RNG.normal(size=12), RNG.normal(size=(3, 12))
+  gates = jnp.asarray(x @ w_x + b, jnp.float32)
+  got = recurrent.lstm_scan(gates, jnp.asarray(w_h, jnp.float32))
+  for row in range(2):
+    np.testing.assert_allclose(got[row], np_lstm(x[row], w_x, b, w_h), rtol=1e-4, atol=1e-5)
+  backward = recurrent.lstm_scan(gates, jnp.asarray(w_h, jnp.float32), reverse=True)
+  np.testing.assert_allclose(backward[0], np_lstm(x[0, ::-1], w_x, b, w_h)[::-1], rtol=1e-4,
+                             atol=1e-5)
+  # A reset restarts the state: what follows it is a new sequence.
+  reset = jnp.zeros((2, 6), bool).at[:, 3].set(True)
+  restarted = recurrent.lstm_scan(gates, jnp.asarray(w_h, jnp.float32), reset)
+  np.testing.assert_allclose(restarted[0, 3:], np_lstm(x[0, 3:], w_x, b, w_h), rtol=1e-4,
+                             atol=1e-5)
+  np.testing.assert_allclose(restarted[0, :3], got[0, :3], rtol=1e-6)
+
+
+def test_segment_edges_mark_the_first_and_last_position_of_each_run():
+  segments = jnp.array([[1, 1, 2, 2, 2, 0, 0]])
+  starts, ends = recurrent.segment_edges(segments > 0, segments)
+  assert starts.astype(int).tolist() == [[1, 0, 1, 0, 0, 1, 0]]
+  assert ends.astype(int).tolist() == [[0, 1, 0, 0, 1, 0, 1]]
+
+
+def test_bilstm_matches_numpy_and_ignores_padding_and_packing():
+  """Each real run of a row (padded, or packed beside another) gets the states of the
+  NumPy BiLSTM over that run alone; padding outputs zeros."""
+  module = recurrent.BiLSTM(features=6)
+  a, b = RNG.normal(size=(3, 4)), RNG.normal(size=(4, 4))
+  packed = np.concatenate([a, b, np.zeros((1, 4))])[None].astype(np.float32)
+  segments = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]])
+  params = init_params(module, packed, segments > 0, segments)
+  assert params["forward_recurrent"].shape == (3, 12)
+  got = module.apply({"params": params}, packed, segments > 0, segments)
+  np.testing.assert_allclose(got[0, :3], np_bilstm(a, params), rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(got[0, 3:7], np_bilstm(b, params), rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(got[0, 7], 0.0)
+  # Unpacked: the real tokens of a padded row are one sequence, whatever the padding holds.
+  padded = np.concatenate([a, RNG.normal(size=(5, 4))])[None].astype(np.float32)
+  valid = jnp.arange(8)[None] < 3
+  alone = module.apply({"params": params}, padded, valid)
+  np.testing.assert_allclose(alone[0, :3], np_bilstm(a, params), rtol=1e-4, atol=1e-5)
+  np.testing.assert_array_equal(alone[0, 3:], 0.0)
+
+
+def test_encoder_with_lstm_reads_both_ways_and_packs_like_separate_rows():
+  """With encoder_lstm, the encoder's output at a position depends on the tokens after it
+  too (the backward reading), and a packed row gives each sequence its outputs alone."""
+  model = Encoder(tiny_model_config(encoder_lstm=True, positional_encoding="none"))
+  a, b = [3, 4, 5], [6, 7, 8, 9]
+  alone = jnp.array([a + [0] * 5, b + [0] * 4])
+  params = init_params(model, alone)
+  assert set(params["lstm"]) == {"forward_input", "forward_recurrent", "backward_input",
+                                 "backward_recurrent"}
+  out_alone = model.apply({"params": params}, alone)
+  changed_last = model.apply({"params": params}, alone.at[0, 2].set(11))
+  assert np.abs(np.asarray(changed_last[0, 0] - out_alone[0, 0])).max() > 1e-3
+  packed = jnp.array([a + b + [0]])
+  positions = jnp.array([[0, 1, 2, 0, 1, 2, 3, 0]])
+  segments = jnp.array([[1, 1, 1, 2, 2, 2, 2, 0]])
+  out_packed = model.apply({"params": params}, packed, positions, segments)
+  np.testing.assert_allclose(out_packed[0, :3], out_alone[0, :3], rtol=1e-4, atol=1e-5)
+  np.testing.assert_allclose(out_packed[0, 3:7], out_alone[1, :4], rtol=1e-4, atol=1e-5)
+
+
+def test_attention_pooling_is_a_softmax_over_real_tokens_of_tanh_scores():
+  """Classifier with pooling="attention": logits = head(sum_t w_t x_t), w = softmax over the
+  real tokens of v . tanh(W x_t + c); padding weighs nothing, so padding more changes
+  nothing."""
+  cfg = tiny_model_config(pooling="attention", encoder_lstm=True, num_encoder_layers=1)
+  model = Classifier(cfg)
+  inputs = jnp.array([[3, 4, 5, 0, 0], [6, 7, 8, 9, 10]])
+  params = init_params(model, inputs)
+  logits = model.apply({"params": params}, inputs)
+  x = np.asarray(Encoder(cfg).apply({"params": params["encoder"]}, inputs), np.float64)
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+  scores = np.tanh(x @ p["pool_hidden"]["kernel"] + p["pool_hidden"]["bias"]) \
+      @ p["pool_score"]["kernel"][:, 0]
+  scores = np.where(np.asarray(inputs) > 0, scores, -np.inf)
+  weights = np.exp(scores - scores.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  pooled = np.einsum("bl,bld->bd", weights, x)
+  expected = pooled @ p["head"]["kernel"] + p["head"]["bias"]
+  np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-5)
+  more_padding = model.apply({"params": params}, jnp.pad(inputs, ((0, 0), (0, 3))))
+  np.testing.assert_allclose(more_padding, logits, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fields,field", [
+    # A language model has no encoder (a classifier's embeddings are one, blocks or not).
+    (dict(encoder_lstm=True, num_encoder_layers=0, num_classes=0), "encoder_lstm"),
+    (dict(encoder_lstm=True, d_model=15, num_heads=3, head_dim=0,
+          positional_encoding="none"), "d_model"),  # two directions of d_model / 2
+    (dict(encoder_lstm=1), "encoder_lstm"),
+    (dict(pooling="max"), "pooling"),
+])
+def test_impossible_settings_name_the_field(fields, field):
+  with pytest.raises(InvalidField) as error:
+    tiny_model_config(**fields)
+  assert error.value.field == field
