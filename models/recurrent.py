@@ -8,9 +8,10 @@
 The forget gate's +1 makes a fresh cell keep what it holds (Jozefowicz et al., 2015). One
 LSTM reads left to right, another right to left; their states are concatenated. The
 recurrence gives each position an ordered summary of everything before (and after) it,
-the bias that lets recurrent encoders learn from small data where attention must first
-learn word order from positional encodings (BENCHMARKS.md, "SST-2 with a recurrent
-reading"). It runs as a `lax.scan` over positions in float32.
+where attention must learn word order from positional encodings; on SST-2's 67k short
+phrases this reader scored about 2.7 points above the Transformer classifier
+(BENCHMARKS.md, "Ninth session: SST-2 with a recurrent reading"). Both directions run in
+one `lax.scan` over positions, in float32.
 
 Padding and packing: the state is zeroed where a segment starts (read forwards) or ends
 (read backwards), so a row's states do not depend on what it is packed or padded with, and
