@@ -28,7 +28,7 @@ Array = jax.Array
 
 
 def lstm_scan(gates_x: Array, w_h: Array, reset: Optional[Array] = None,
-              reverse: bool = False, unroll: int = 1) -> Array:
+              reverse: bool = False) -> Array:
   """The LSTM recurrence over time.
 
   gates_x: `[..., batch, length, 4 * hidden]`, the input's part of the input, forget, cell
@@ -36,8 +36,7 @@ def lstm_scan(gates_x: Array, w_h: Array, reset: Optional[Array] = None,
   the same leading axes (for example one per direction: several LSTMs in one scan); reset:
   `[..., batch, length]` bool, True where the state is zeroed before reading that position
   (the first position read always starts from zeros); reverse: read from the last
-  position to the first; unroll: time steps per loop iteration (fewer, larger loop bodies
-  for XLA; the same result). Returns the hidden states `[..., batch, length, hidden]` in
+  position to the first. Returns the hidden states `[..., batch, length, hidden]` in
   the dtype of `gates_x`.
   """
   hidden = w_h.shape[-2]
@@ -56,7 +55,7 @@ def lstm_scan(gates_x: Array, w_h: Array, reset: Optional[Array] = None,
 
   zeros = jnp.zeros(gates_x.shape[:-2] + (hidden,), jnp.float32)
   xs = (jnp.moveaxis(gates_x, -2, 0), None if reset is None else jnp.moveaxis(reset, -1, 0))
-  _, hs = jax.lax.scan(step, (zeros, zeros), xs, reverse=reverse, unroll=unroll)
+  _, hs = jax.lax.scan(step, (zeros, zeros), xs, reverse=reverse)
   return jnp.moveaxis(hs, 0, -2).astype(gates_x.dtype)
 
 
@@ -76,7 +75,6 @@ class BiLSTM(nn.Module):
   features: int
   dtype: jnp.dtype = jnp.float32
   use_bias: bool = True
-  unroll: int = 1  # time steps per scan iteration (speed only)
 
   @nn.compact
   def __call__(self, x: Array, valid: Array, segments: Optional[Array] = None) -> Array:
@@ -96,6 +94,6 @@ class BiLSTM(nn.Module):
     # positions flipped, and its state restarts where a segment ends.
     flip = lambda a: jnp.flip(a, axis=1)  # noqa: E731
     states = lstm_scan(jnp.stack([gates[0], flip(gates[1])]), jnp.stack(recurrent),
-                       jnp.stack([starts, flip(ends)]), unroll=self.unroll)
+                       jnp.stack([starts, flip(ends)]))
     y = jnp.concatenate([states[0], flip(states[1])], axis=-1)
     return (y * valid[..., None].astype(y.dtype)).astype(self.dtype)
