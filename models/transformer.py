@@ -39,6 +39,10 @@ POOLINGS = ("mean", "cls", "attention")
 # recomputed).
 REMAT_POLICIES = ("none", "full", "matmuls")
 SCANNED = "layers"  # the module name of a scanned stack of blocks
+# The name, in the "perturbations" collection, of the point where an Encoder or Decoder
+# adds a perturbation to its embeddings in training (adversarial training:
+# training/steps.adversarial_gradient). Without that collection the model ignores it.
+EMBEDDING_PERTURBATION = "embeddings"
 # Ids that stand for no token of a pretrained vocabulary (padding, unknown) where
 # config.mask_special_logits says so (see pretrained/__init__.py).
 SPECIAL_IDS = (0, 2)
@@ -384,6 +388,8 @@ class Encoder(nn.Module):
         cfg.vocab_size, cfg.d_model, cfg.dtype, name="embed")
     positions = default_positions(inputs) if positions is None else positions
     x = embed(inputs) * embed_scale(cfg)
+    if not deterministic:  # a no-op unless a "perturbations" collection is passed
+      x = self.perturb(EMBEDDING_PERTURBATION, x)
     valid = inputs > 0
     if self.cls_token:
       cls = self.param("cls", nn.initializers.normal(1.0), (cfg.d_model,), jnp.float32)
@@ -439,6 +445,8 @@ class Decoder(nn.Module):
     elif positions is None:
       positions = default_positions(decoder_inputs)
     y = embed(decoder_inputs) * embed_scale(cfg)
+    if not deterministic:
+      y = self.perturb(EMBEDDING_PERTURBATION, y)
     y = PositionalEncoding(cfg.positional_encoding, cfg.max_length, cfg.dtype,
                            name="positions")(y, positions)
     y = Dropout(cfg.dropout_rate, cfg.dropout_rng)(y, deterministic=deterministic)

@@ -160,15 +160,33 @@ class Task:
     """The keyword arguments of the model's __call__ taken from a batch."""
     raise NotImplementedError
 
-  def variables(self, params: Any, head_mask: Optional[Any] = None) -> Dict[str, Any]:
+  def variables(self, params: Any, head_mask: Optional[Any] = None,
+                perturbations: Optional[Any] = None) -> Dict[str, Any]:
     """The variables of a model call: the parameters and, to remove heads (head
     importance), the `head_mask` collection (models/attention.py), given per block
-    (`block_{i}`) and stacked here when the model's layers are scanned."""
+    (`block_{i}`) and stacked here when the model's layers are scanned; with
+    `perturbations`, the collection of that name (`embedding_perturbations`)."""
+    variables = {"params": params}
+    if perturbations is not None:
+      variables["perturbations"] = perturbations
     if head_mask is None:
-      return {"params": params}
+      return variables
     if self.config.model.scan_layers:
       head_mask = transformer.stack_layers(head_mask)
-    return {"params": params, attention.HEAD_MASK: head_mask}
+    return {**variables, attention.HEAD_MASK: head_mask}
+
+  def embedding_perturbations(self, params: Any, batch: Batch) -> Any:
+    """Zeros shaped as the "perturbations" collection of a training call on `batch`:
+    `{"encoder" and/or "decoder": {"embeddings": [batch, length, d_model]}}` (under the
+    model's module names), one entry where each Encoder or Decoder embeds its tokens.
+    The loss's gradient with respect to them is its gradient with respect to the
+    embedded inputs (training/steps.adversarial_gradient). Only shapes are traced."""
+    def collection():
+      _, variables = self.model.apply({"params": params}, **self.model_inputs(batch),
+                                      deterministic=False, mutable=["perturbations"],
+                                      rngs={"dropout": jax.random.PRNGKey(0)})
+      return variables["perturbations"]
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(collection))
 
   # ---- data
   @classmethod
@@ -223,10 +241,13 @@ class Task:
     raise NotImplementedError
 
   def loss(self, params: Any, batch: Batch, dropout_rng, train: bool,
-           head_mask: Optional[Any] = None) -> Dict[str, Array]:
+           head_mask: Optional[Any] = None,
+           perturbations: Optional[Any] = None) -> Dict[str, Array]:
     """Summed loss metrics (tasks/losses.py); `loss` is what training minimises.
-    `head_mask`: heads to remove (head importance; see `variables`)."""
-    logits = self.model.apply(self.variables(params, head_mask), **self.model_inputs(batch),
+    `head_mask`: heads to remove (head importance; see `variables`); `perturbations`:
+    added to the embeddings in training (`embedding_perturbations`)."""
+    logits = self.model.apply(self.variables(params, head_mask, perturbations),
+                              **self.model_inputs(batch),
                               deterministic=not train,
                               rngs={"dropout": dropout_rng} if train else {})
     targets, weights = self.loss_targets(batch)

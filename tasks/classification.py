@@ -90,14 +90,14 @@ class ClassificationTask(base.Task):
       return params
     return {**params, "encoder": masked_lm.load_encoder(self.config, params, self)}
 
-  def loss(self, params, batch, dropout_rng, train, head_mask=None):
+  def loss(self, params, batch, dropout_rng, train, head_mask=None, perturbations=None):
     """base.Task.loss; in training, config.optim.token_dropout of the tokens first become
     [MASK] (masked_lm.drop_tokens)."""
     rate = self.config.optim.token_dropout
     if train and rate > 0:
       rng = jax.random.fold_in(dropout_rng, TOKEN_DROPOUT_STREAM)
       batch = {**batch, "inputs": masked_lm.drop_tokens(rng, batch["inputs"], rate)}
-    return super().loss(params, batch, dropout_rng, train, head_mask)
+    return super().loss(params, batch, dropout_rng, train, head_mask, perturbations)
 
   def loss_targets(self, batch):
     real = batch["inputs"].any(axis=-1).astype(jnp.float32)  # zero-filled examples weigh 0
@@ -228,15 +228,15 @@ class MaskedLMTask(ClassificationTask):
     full rows of 64 tokens at 15%) leaves its last masked positions unscored."""
     return min(length, max(1, math.ceil(2 * self.config.optim.mask_rate * length)))
 
-  def loss(self, params, batch, dropout_rng, train, head_mask=None):
+  def loss(self, params, batch, dropout_rng, train, head_mask=None, perturbations=None):
     """Summed cross-entropy over the masked positions (tasks/losses.py)."""
     rng = jax.random.fold_in(dropout_rng, TOKEN_DROPOUT_STREAM) if train else None
     masked, targets, weights = self.corrupt(batch, rng)
     _, at = jax.lax.top_k(weights, self.scored_positions(weights.shape[-1]))  # masked first
     targets = jnp.take_along_axis(targets, at, axis=1)
     weights = jnp.take_along_axis(weights, at, axis=1)
-    logits = self.model.apply(self.variables(params, head_mask), masked, token_logits=True,
-                              at=at, deterministic=not train,
+    logits = self.model.apply(self.variables(params, head_mask, perturbations), masked,
+                              token_logits=True, at=at, deterministic=not train,
                               rngs={"dropout": dropout_rng} if train else {})
     return losses.cross_entropy_sums(logits, targets, weights,
                                      self.config.optim.label_smoothing,

@@ -12,6 +12,7 @@ import tasks
 import train
 from configs import default, presets
 from input_pipeline import synthetic
+from models import transformer
 from tasks import losses
 from training import optimizers, steps
 
@@ -194,9 +195,10 @@ def case():
               mean_of_means=_adam_first_step(params, mean_of_means_grads))
 
 
-def _run_step(case, num_devices, grad_accum_steps=1, sam_rho=0.0):
+def _run_step(case, num_devices, grad_accum_steps=1, sam_rho=0.0, adversarial_eps=0.0):
   config = _tiny_config(grad_accum_steps)
   config.optim.sam_rho = sam_rho
+  config.optim.adversarial_eps = adversarial_eps
   devices = jax.local_devices()[:num_devices]
   assert len(devices) == num_devices, "conftest should give 8 CPU devices"
   p_train, _, _ = steps.compile_steps(case["task"], case["tx"], config, devices)
@@ -308,3 +310,100 @@ def test_sam_gradient_on_a_quadratic():
   np.testing.assert_array_equal(aux, params["w"])
   plain, _ = steps.sam_gradient(loss_fn, params, 0.0)
   np.testing.assert_allclose(plain["w"], a @ w, rtol=1e-6)
+
+
+def test_adversarial_gradient_on_a_logistic_model():
+  """steps.adversarial_gradient against NumPy for l_b = softplus(-y_b w.sum_t x_bt): the
+  gradient of each l_b with respect to x_bt is c_b w (c_b = -y_b sigmoid(-y_b s_b)), so
+  r_b = eps * c_b w / ||c_b w broadcast over b's positions||, and the result is the sum
+  of the gradients in w at x and at x + r, halved. An example of weight 0 gets r = 0 (no NaN);
+  the auxiliary output is that of x."""
+  rng = np.random.default_rng(0)
+  x, w = rng.normal(size=(3, 4, 5)), rng.normal(size=5)
+  y, weight, eps = np.array([1.0, -1.0, 1.0]), np.array([1.0, 1.0, 0.0]), 0.7
+
+  def loss_fn(params, perturbations):
+    e = jnp.asarray(x, jnp.float32) + perturbations["embeddings"]
+    s = jnp.einsum("btd,d->b", e, params["w"])
+    return jnp.sum(weight * jax.nn.softplus(-y * s)), s
+
+  grads, aux = steps.adversarial_gradient(loss_fn, {"w": jnp.asarray(w, jnp.float32)},
+                                          {"embeddings": jnp.zeros(x.shape, jnp.float32)},
+                                          eps)
+  sigmoid = lambda z: 1 / (1 + np.exp(-z))  # noqa: E731
+  c = lambda e: -y * sigmoid(-y * np.einsum("btd,d->b", e, w)) * weight  # noqa: E731
+  g = c(x)[:, None, None] * np.broadcast_to(w, x.shape)
+  norm = np.sqrt(np.sum(g**2, axis=(1, 2)))
+  r = np.zeros_like(g)
+  r[:2] = eps * g[:2] / norm[:2, None, None]
+  want = (np.einsum("b,bd->d", c(x), x.sum(axis=1))
+          + np.einsum("b,bd->d", c(x + r), (x + r).sum(axis=1))) / 2
+  np.testing.assert_allclose(grads["w"], want, rtol=1e-5)
+  np.testing.assert_allclose(aux, np.einsum("btd,d->b", x, w), rtol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(r[0]), eps)
+
+
+@pytest.mark.parametrize("num_devices,grad_accum_steps", [(1, 1), (8, 2)])
+def test_adversarial_update_adds_the_loss_at_the_worst_embedding_perturbation(
+    case, num_devices, grad_accum_steps):
+  """optim.adversarial_eps: the update is Adam's first step for the global token mean of
+  the summed-loss gradient at the embedded inputs averaged with that at the inputs moved by r
+  (each example's r of norm eps along its own gradient, in the encoder's and the
+  decoder's embeddings at once); per example, so 8 devices with 2 micro-batches each
+  give the update of one device. The metrics stay those of the unperturbed inputs."""
+  eps, task, params = 0.5, case["task"], case["state"].params
+  batch = {k: jnp.asarray(v) for k, v in case["batch"].items()}
+  zeros = task.embedding_perturbations(params, batch)
+  assert {k: v["embeddings"].shape for k, v in zeros.items()} == {
+      "encoder": (GLOBAL_BATCH, 6, 16), "decoder": (GLOBAL_BATCH, 6, 16)}
+  key = jax.random.PRNGKey(0)  # this config has no dropout: the key changes nothing
+  loss = lambda p, d: task.loss(p, batch, key, train=True, perturbations=d)["loss"]  # noqa: E731
+  clean, g = jax.grad(loss, argnums=(0, 1))(params, zeros)
+  g = jax.tree.map(lambda v: np.asarray(v, np.float64), g)
+  norm = np.sqrt(sum(np.sum(v**2, axis=(1, 2)) for v in jax.tree.leaves(g)))
+  assert np.sum(norm == 0) == 3  # the three all-padding rows
+  r = jax.tree.map(lambda v: jnp.asarray(eps * v / np.maximum(norm, 1e-30)[:, None, None],
+                                         jnp.float32), g)
+  adversarial = jax.grad(loss)(params, r)
+  want = jax.tree.map(lambda a, b: (np.asarray(a, np.float64) + np.asarray(b, np.float64))
+                      / 2 / case["sums"]["weight"], clean, adversarial)
+  got, metrics, _ = _run_step(case, num_devices, grad_accum_steps, adversarial_eps=eps)
+  _assert_params_close(got, _adam_first_step(params, want), params)
+  with pytest.raises(AssertionError):  # the plain update is measurably different
+    _assert_params_close(got, case["expected"], params)
+  assert metrics["loss"] == pytest.approx(case["sums"]["loss"], rel=1e-5)
+
+
+@pytest.mark.parametrize("task_name", ["classification", "generation"])
+def test_an_embedding_perturbation_is_a_change_of_the_embedded_tokens(task_name):
+  """The perturbation enters exactly at the embeddings: adding d_t at position t (each
+  token appearing once) gives the loss of the model whose embedding row of the token
+  read there (a decoder reads its targets shifted right, 0 first) moved by d_t / (the
+  embedding scale). Evaluation (train=False) ignores it."""
+  config = default.get_config(f"task={task_name},size=tiny")
+  presets.update_groups(config, dict(
+      model=dict(tie_output=False, scale_embeddings=True),
+      optim=dict(dropout_rate=0.0, attention_dropout_rate=0.0, token_dropout=0.0)))
+  task = tasks.get_task(config)
+  params = task.init_params(jax.random.PRNGKey(0))
+  tokens = np.arange(5, 13, dtype=np.int32)[None]
+  batch = {"inputs": tokens, "targets": tokens, "label": np.array([1], np.int32)}
+  batch = {k: jnp.asarray(batch[k]) for k in task.batch_lengths(config)} | (
+      {"label": jnp.asarray(batch["label"])} if task_name == "classification" else {})
+  delta = jax.tree.map(
+      lambda z: jax.random.normal(jax.random.PRNGKey(1), z.shape, z.dtype) * 0.3,
+      task.embedding_perturbations(params, batch))
+  (stack, leaf), = delta.items()
+  key = jax.random.PRNGKey(2)
+  perturbed = task.loss(params, batch, key, train=True, perturbations=delta)["loss"]
+  embedding = params[stack]["embed"]["embedding"]
+  read = np.asarray(transformer.shift_right(tokens) if stack == "decoder" else tokens)[0]
+  moved = embedding.at[read].add(leaf["embeddings"][0] / np.sqrt(config.model.d_model))
+  moved_params = {**params, stack: {**params[stack],
+                                    "embed": {**params[stack]["embed"], "embedding": moved}}}
+  want = task.loss(moved_params, batch, key, train=True)["loss"]
+  plain = task.loss(params, batch, key, train=True)["loss"]
+  assert abs(float(perturbed) - float(plain)) > 1e-3
+  np.testing.assert_allclose(perturbed, want, rtol=1e-5)
+  np.testing.assert_allclose(task.loss(params, batch, None, train=False, perturbations=delta)
+                             ["loss"], task.loss(params, batch, None, train=False)["loss"])

@@ -138,5 +138,10 @@ def check_config(config) -> None:
   optim.integer("warmup_steps", 0)
   optim.number("max_grad_norm", lambda v: v >= 0, "expected a number >= 0 (0 = no clipping)")
   optim.number("sam_rho", lambda v: v >= 0, "expected a number >= 0 (0 = no SAM)")
+  optim.number("adversarial_eps", lambda v: v >= 0,
+               "expected a number >= 0 (0 = no adversarial training)")
+  if optim["sam_rho"] > 0 and optim["adversarial_eps"] > 0:
+    optim.fail("adversarial_eps", "SAM (sam_rho) and adversarial training each take a "
+               "second pass of their own; set one of them to 0")
   if optim["optimizer"] == "adam" and optim["weight_decay"] > 0:
     optim.fail("weight_decay", "weight decay needs optimizer='adamw' or 'muon'")

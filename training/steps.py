@@ -3,6 +3,8 @@
     TrainState           step, parameters, optimizer state, dropout key
     train_step           one optimizer update on a device's shard (micro-batches, psum)
     sam_gradient         the gradient at the sharpness-aware (SAM) point
+    adversarial_gradient the gradient at the inputs and at their worst-case perturbed
+                         embeddings (adversarial training)
     train_steps          several updates in one call (lax.scan of train_step over batches)
     eval_step            summed loss metrics of a batch (optionally with heads removed)
     compile_steps        the pmapped train, eval and predict functions: the one place
@@ -59,8 +61,35 @@ def sam_gradient(loss_fn, params, rho: float):
   return jax.grad(loss_fn, has_aux=True)(ascent)[0], aux
 
 
+def adversarial_gradient(loss_fn, params, zeros, epsilon: float):
+  """`(gradient, aux)` of adversarial training on the embeddings (Miyato et al., 2017,
+  "Adversarial Training Methods for Semi-Supervised Text Classification"): the gradient
+  of `(loss(x) + loss(x + r)) / 2`, where x are the embedded inputs and r the
+  perturbation of L2 norm `epsilon` per example that increases the loss most to first
+  order, r = epsilon * g / ||g|| with g the loss's gradient with respect to x (the norm
+  over all of one example's positions and features). r is a constant of the second term.
+  The paper sums the two losses; the mean keeps the gradient's scale that of the plain
+  loss (equal to it as epsilon -> 0), which matters to SGD, whose step is proportional to
+  the gradient (Adam's is not).
+
+  `loss_fn(params, perturbations) -> (loss, aux)`; `zeros`: the perturbations at which
+  the first term is taken (tasks.base.Task.embedding_perturbations), each leaf
+  `[batch, ...]`. Two forward and backward passes; aux is the first's (the metrics of
+  the unperturbed inputs).
+  """
+  (grads, g), aux = jax.grad(loss_fn, argnums=(0, 1), has_aux=True)(params, zeros)
+  per_example = lambda x: jnp.sum(jnp.square(x.astype(jnp.float32)),  # noqa: E731
+                                  axis=tuple(range(1, x.ndim)))
+  norm = jnp.sqrt(sum(per_example(x) for x in jax.tree.leaves(g)))
+  scale = epsilon / (norm + 1e-12)  # an example whose gradient is 0 (padding) gets r = 0
+  r = jax.tree.map(lambda x: (x * scale.reshape((-1,) + (1,) * (x.ndim - 1))).astype(x.dtype),
+                   g)
+  adversarial = jax.grad(loss_fn, has_aux=True)(params, jax.lax.stop_gradient(r))[0]
+  return jax.tree.map(lambda a, b: (a + b) / 2, grads, adversarial), aux
+
+
 def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int,
-               sam_rho: float = 0.0):
+               sam_rho: float = 0.0, adversarial_eps: float = 0.0):
   """One optimizer update on this device's shard of the batch.
 
   The loss is summed over tokens, the gradient and the token count are summed across
@@ -68,15 +97,22 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int,
   An update whose loss or gradient is not finite is not applied. With `sam_rho`
   (config.optim.sam_rho) each micro-batch's gradient is `sam_gradient`'s, its ascent
   step taken from that micro-batch's own gradient on this device (SAM's "m-sharpness":
-  no collective, so the perturbation depends on the per-device micro-batch size).
+  no collective, so the perturbation depends on the per-device micro-batch size). With
+  `adversarial_eps` (config.optim.adversarial_eps) it is `adversarial_gradient`'s instead,
+  each example's perturbation taken from its own gradient.
   """
   step_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step),
                                 jax.lax.axis_index(AXIS))
 
   def grads_and_sums(micro_batch, rng):
-    def loss_fn(params):
-      sums = task.loss(params, micro_batch, rng, train=True)
+    def loss_fn(params, perturbations=None):
+      extra = {} if perturbations is None else {"perturbations": perturbations}
+      sums = task.loss(params, micro_batch, rng, train=True, **extra)
       return sums["loss"], sums
+    if adversarial_eps:
+      return adversarial_gradient(loss_fn, state.params,
+                                  task.embedding_perturbations(state.params, micro_batch),
+                                  adversarial_eps)
     return sam_gradient(loss_fn, state.params, sam_rho)
 
   if grad_accum_steps == 1:
@@ -116,13 +152,13 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int,
 
 
 def train_steps(state: TrainState, batches, *, task, tx, grad_accum_steps: int,
-                sam_rho: float = 0.0):
+                sam_rho: float = 0.0, adversarial_eps: float = 0.0):
   """`n` updates in one call: `train_step` scanned over `batches`, whose leaves are
   `[n, ...]` (one batch per update, in order). Returns the state after the last update and
   each update's metrics stacked `[n]`. The same updates as `n` calls of `train_step`; one
   dispatch instead of `n` where the host's per-step overhead matters (short steps)."""
   step = functools.partial(train_step, task=task, tx=tx, grad_accum_steps=grad_accum_steps,
-                           sam_rho=sam_rho)
+                           sam_rho=sam_rho, adversarial_eps=adversarial_eps)
   return jax.lax.scan(step, state, batches)
 
 
@@ -155,7 +191,8 @@ def compile_steps(task, tx, config, devices: Sequence[jax.Device]):
   devices = step_devices(devices)
   p_train = jax.pmap(functools.partial(train_step, task=task, tx=tx,
                                        grad_accum_steps=config.train.grad_accum_steps,
-                                       sam_rho=config.optim.sam_rho),
+                                       sam_rho=config.optim.sam_rho,
+                                       adversarial_eps=config.optim.adversarial_eps),
                      axis_name=AXIS, devices=devices, donate_argnums=(0,))
   p_eval = jax.pmap(functools.partial(eval_step, task=task), axis_name=AXIS, devices=devices)
   p_predict = jax.pmap(task.predict, axis_name=AXIS, devices=devices)
@@ -194,7 +231,8 @@ def compile_multi_step(task, tx, config, devices: Sequence[jax.Device]):
   return AnnouncedCompile(
       jax.pmap(functools.partial(train_steps, task=task, tx=tx,
                                  grad_accum_steps=config.train.grad_accum_steps,
-                                 sam_rho=config.optim.sam_rho),
+                                 sam_rho=config.optim.sam_rho,
+                                 adversarial_eps=config.optim.adversarial_eps),
                axis_name=AXIS, devices=step_devices(devices), donate_argnums=(0,)),
       f"the train step x {config.train.steps_per_call} (steps_per_call)")
 
