@@ -149,6 +149,9 @@ def main(argv=None):
   parser.add_argument("--eval_every", type=int, default=860)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--learning_rate", type=float, default=0.1)
+  parser.add_argument("--decay_steps", type=int, default=0,
+                      help="0: the example's constant rate; otherwise a cosine decay to 0 "
+                      "at this step (configs/classification.py:recipe=lstm decays at 3,440)")
   parser.add_argument("--weight_decay", type=float, default=3e-6)
   parser.add_argument("--min_count", type=int, default=3)
   parser.add_argument("--max_length", type=int, default=64)
@@ -160,7 +163,8 @@ def main(argv=None):
   model = BiLSTMClassifier(vocab_size=len(vocab) + 2)
   params = model.init(jax.random.PRNGKey(args.seed), pad([[2]]), False)["params"]
   tx = optax.chain(optax.add_decayed_weights(args.weight_decay),
-                   optax.sgd(args.learning_rate, momentum=0.9))
+                   optax.sgd(optax.cosine_decay_schedule(args.learning_rate, args.decay_steps)
+                             if args.decay_steps else args.learning_rate, momentum=0.9))
   opt_state = tx.init(params)
 
   @jax.jit
