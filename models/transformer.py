@@ -156,7 +156,7 @@ class TransformerConfig:
     if self.conv_kernel and not self.num_encoder_layers:
       raise InvalidField("conv_kernel", self.conv_kernel,
                          "the convolution sublayer is part of encoder blocks (its window "
-                         "looks ahead), and this model has no encoder; set conv_kernel=0")
+                         "looks ahead), and this model has no encoder blocks; set conv_kernel=0")
     if self.encoder_lstm and not (self.num_encoder_layers or self.num_classes):
       raise InvalidField("encoder_lstm", True,
                          "the bidirectional LSTM reads an encoder's embeddings (its backward "
