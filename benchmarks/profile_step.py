@@ -22,7 +22,12 @@ and prints, per step of device 0 (every pmap device runs the same program):
   matmul, attention, elementwise fusion, reduction, data movement, collective, ...) and
   where in the model it comes from (the JAX op name XLA keeps as metadata: forward or
   backward, attention, feed-forward, norms, embedding and logits, optimizer update);
-- the same times summed by kind and by part of the model.
+- the same times summed by kind and by part of the model;
+- the device's longest idle intervals inside the steps, with the ops around each and
+  what the other devices ran meanwhile (with several pmap devices on one host, one
+  device's idle time may be the other's busy time);
+- the same steps run again untraced: their time and how many cores the process kept
+  busy (user and system CPU time over wall time).
 
 Ops are the trace's events that name their HLO instruction (`hlo_op`); on a GPU the
 kernels are matched to instructions the same way. Where a trace names none, every event
@@ -37,6 +42,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import sys
@@ -198,6 +204,44 @@ def _union(intervals: List[Tuple[float, float]]) -> float:
   return total
 
 
+def idle_gaps(ops: List[dict], other_ops: List[dict], step_events: List[dict],
+              top: int) -> Tuple[List[dict], float]:
+  """Where the device runs no op inside the traced steps: its `top` longest idle
+  intervals, longest first, each with its length (ms), the op that ended before it and
+  the op that started after it on this device, and the ops that other devices (other
+  pmap shards) ran during it, longest overlap first; and the share of all idle time in
+  which some other device was running an op (time spent waiting while it works)."""
+  merged: List[List[float]] = []
+  for a, b in sorted((e["ts"], e["ts"] + e["dur"]) for e in ops):
+    if merged and a <= merged[-1][1]:
+      merged[-1][1] = max(merged[-1][1], b)
+    else:
+      merged.append([a, b])
+  gaps = []
+  for step in step_events:
+    t0, t1 = step["ts"], step["ts"] + step["dur"]
+    edges = [t0] + [x for a, b in merged if b > t0 and a < t1 for x in (a, b)] + [t1]
+    gaps += [(max(a, t0), min(b, t1)) for a, b in zip(edges[::2], edges[1::2])
+             if min(b, t1) > max(a, t0)]
+  others = [(e["ts"], e["ts"] + e["dur"], e["args"].get("hlo_op", e["name"]))
+            for e in other_ops]
+  total = sum(b - a for a, b in gaps)
+  covered = sum(_union([(max(a, x), min(b, y)) for x, y, _ in others if x < b and y > a])
+                for a, b in gaps)
+  rows = []
+  for a, b in sorted(gaps, key=lambda g: g[0] - g[1])[:top]:
+    before = [e for e in ops if e["ts"] + e["dur"] <= a]
+    after = [e for e in ops if e["ts"] >= b]
+    overlap = sorted(((min(b, y) - max(a, x), name) for x, y, name in others
+                      if x < b and y > a), reverse=True)
+    name = lambda e: e["args"].get("hlo_op", e["name"])  # noqa: E731
+    rows.append({"ms": (b - a) / 1e3,
+                 "after": name(max(before, key=lambda e: e["ts"] + e["dur"])) if before else "",
+                 "before": name(min(after, key=lambda e: e["ts"])) if after else "",
+                 "other_devices": [n for _, n in overlap[:3]]})
+  return rows, (covered / total if total else 0.0)
+
+
 def self_times(events: List[dict]) -> List[Tuple[dict, float]]:
   """(event, its duration minus that of the events nested in it on its thread)."""
   out = []
@@ -225,10 +269,11 @@ def summarize(events: List[dict], instructions: Dict[str, Instruction],
   complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
   step_walls = [e["dur"] / 1e3 for e in complete if e["name"] == STEP_EVENT]
   ops = [e for e in complete if "hlo_op" in e.get("args", {})]
-  source = "hlo_op"
+  source, other_ops = "hlo_op", []
   if ops:
     ordinals = {str(e["args"].get("device_ordinal", "0")) for e in ops}
     device = "0" if "0" in ordinals else sorted(ordinals)[0]
+    other_ops = [e for e in ops if str(e["args"].get("device_ordinal", "0")) != device]
     ops = [e for e in ops if str(e["args"].get("device_ordinal", "0")) == device]
   else:  # no op names: every event of the device tracks, by its own name
     names = {e["pid"]: e["args"]["name"] for e in events
@@ -250,6 +295,8 @@ def summarize(events: List[dict], instructions: Dict[str, Instruction],
   for row in rows.values():
     row["calls"] /= steps
   busy = _union([(e["ts"], e["ts"] + e["dur"]) for e in ops]) / 1e3 / steps
+  gaps, waiting_share = idle_gaps(ops, other_ops,
+                                  [e for e in complete if e["name"] == STEP_EVENT], top)
   # A while or conditional spans its body, whose ops may run on other threads: listed
   # apart, outside the op time and the sums.
   control = sorted((r for r in rows.values() if r["kind"] == "control"),
@@ -268,7 +315,8 @@ def summarize(events: List[dict], instructions: Dict[str, Instruction],
   return {"source": source, "steps": steps,
           "step_ms": statistics.median(step_walls) if step_walls else None,
           "busy_ms": busy, "op_ms": total, "ops": ranked[:top], "num_ops": len(ranked),
-          "control": control,
+          "control": control, "gaps": gaps,
+          "idle_share_with_other_devices_busy": waiting_share,
           "kinds": rollup("kind"), "parts": rollup("part")}
 
 
@@ -299,8 +347,18 @@ def profile_shape(shape, steps: int, warmup: int, num_devices: int, out: str,
       with jax.profiler.StepTraceAnnotation(STEP_EVENT, step_num=i):
         p_state, metrics = step(p_state, batch)
         jax.block_until_ready((p_state, metrics))
+  # The same steps untraced: how many cores the process kept busy (user + system CPU
+  # time over wall time), beside the trace's per-device view.
+  usage, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+  for _ in range(steps):
+    p_state, metrics = step(p_state, batch)
+    jax.block_until_ready((p_state, metrics))
+  wall, after = time.perf_counter() - wall, resource.getrusage(resource.RUSAGE_SELF)
+  cpu = {"user": after.ru_utime - usage.ru_utime, "system": after.ru_stime - usage.ru_stime}
   instructions, computations = parse_hlo(hlo)
   summary = summarize(read_trace(trace_dir), instructions, computations, steps, top)
+  summary.update(untraced_step_ms=1e3 * wall / steps,
+                 process_cores_busy={k: v / wall for k, v in cpu.items()})
   summary.update(shape=shape.name, devices=num_devices, batch=shape.batch,
                  compile_and_warmup_s=compile_s, hlo=os.path.join(out, "hlo.txt"),
                  trace_dir=trace_dir, device_kind=jax.devices()[0].device_kind,
@@ -319,6 +377,11 @@ def report(s: Dict[str, Any]) -> str:
            + (f" ({100 * s['busy_ms'] / step:.0f}% of it)" if step else "")
            + f"; op self time {s['op_ms']:.2f} ms over {s['num_ops']} ops; source: "
            + s["source"], ""]
+  if "process_cores_busy" in s:
+    cores = s["process_cores_busy"]
+    lines += [f"untraced, the same steps: {s['untraced_step_ms']:.2f} ms a step; the process "
+              f"kept {cores['user'] + cores['system']:.2f} cores busy ({cores['user']:.2f} "
+              f"user, {cores['system']:.2f} system CPU time a second of wall time)", ""]
   for key, title in (("kind", "kind"), ("part", "part of the model")):
     lines += [f"| {title} | ms a step | share of op time |", "|---|---|---|"]
     lines += [f"| {r[key]} | {r['ms']:.2f} | {100 * r['share_of_op_time']:.1f}% |"
@@ -327,6 +390,14 @@ def report(s: Dict[str, Any]) -> str:
   if s["control"]:
     lines += ["control ops, spanning their bodies (not in the sums): " + ", ".join(
         f"{r['op']} {r['ms']:.2f} ms" for r in s["control"][:5]), ""]
+  if s.get("gaps"):
+    share = 100 * s["idle_share_with_other_devices_busy"]
+    lines += [f"device 0's longest idle intervals (in {share:.0f}% of its idle time another "
+              "device runs an op):", "",
+              "| idle ms | after | before | other devices run |", "|---|---|---|---|"]
+    lines += [f"| {g['ms']:.2f} | {g['after']} | {g['before']} | "
+              f"{', '.join(g['other_devices'])} |" for g in s["gaps"]]
+    lines.append("")
   lines += ["| op | kind | part | ms a step | calls a step | JAX op |",
             "|---|---|---|---|---|---|"]
   for r in s["ops"]:

@@ -337,6 +337,14 @@ def test_profile_self_times_and_per_step_sums():
   assert s["busy_ms"] == pytest.approx(0.8)  # 0-300 and 400-900 a step
   assert {k["kind"]: round(k["share_of_op_time"], 3) for k in s["kinds"]} == {
       "matmul (fused)": 0.6, "reduction (fused)": 0.4}
+  # Device 0 idles 300-400 and 900-1000 in step 1, 1300-1400 and 1900-2200 in step 2;
+  # device 1's fusion (0-900, 1000-1900) runs through the first and third.
+  gaps = [(round(g["ms"], 6), g["after"], g["before"], g["other_devices"]) for g in s["gaps"]]
+  assert gaps == [(0.3, "conditional.4", "", []),
+                  (0.1, "ynn_fusion.1", "conditional.4", ["ynn_fusion.1"]),
+                  (0.1, "conditional.4", "ynn_fusion.1", []),
+                  (0.1, "ynn_fusion.1", "conditional.4", ["ynn_fusion.1"])]
+  assert s["idle_share_with_other_devices_busy"] == pytest.approx(0.2 / 0.6)
 
 
 def test_profile_step_runs_on_a_tiny_shape(tmp_path):
