@@ -186,13 +186,16 @@ def step_devices(devices: Sequence[jax.Device]) -> List[jax.Device]:
   return [d for p in range(jax.process_count()) for d in jax.local_devices(process_index=p)]
 
 
+def _step_options(config) -> dict:
+  """train_step's (and train_steps') keyword arguments that come from the config."""
+  return dict(grad_accum_steps=config.train.grad_accum_steps, sam_rho=config.optim.sam_rho,
+              adversarial_eps=config.optim.adversarial_eps)
+
+
 def compile_steps(task, tx, config, devices: Sequence[jax.Device]):
   """The pmapped train, eval and predict functions (the one place pmap appears)."""
   devices = step_devices(devices)
-  p_train = jax.pmap(functools.partial(train_step, task=task, tx=tx,
-                                       grad_accum_steps=config.train.grad_accum_steps,
-                                       sam_rho=config.optim.sam_rho,
-                                       adversarial_eps=config.optim.adversarial_eps),
+  p_train = jax.pmap(functools.partial(train_step, task=task, tx=tx, **_step_options(config)),
                      axis_name=AXIS, devices=devices, donate_argnums=(0,))
   p_eval = jax.pmap(functools.partial(eval_step, task=task), axis_name=AXIS, devices=devices)
   p_predict = jax.pmap(task.predict, axis_name=AXIS, devices=devices)
@@ -229,10 +232,7 @@ def compile_multi_step(task, tx, config, devices: Sequence[jax.Device]):
   `prefetch_to_devices`' `sizes`), its metrics `[devices, n]`. One compilation per `n`
   (the loop uses only config.train.steps_per_call)."""
   return AnnouncedCompile(
-      jax.pmap(functools.partial(train_steps, task=task, tx=tx,
-                                 grad_accum_steps=config.train.grad_accum_steps,
-                                 sam_rho=config.optim.sam_rho,
-                                 adversarial_eps=config.optim.adversarial_eps),
+      jax.pmap(functools.partial(train_steps, task=task, tx=tx, **_step_options(config)),
                axis_name=AXIS, devices=step_devices(devices), donate_argnums=(0,)),
       f"the train step x {config.train.steps_per_call} (steps_per_call)")
 
