@@ -719,6 +719,8 @@ class _Loop:
         "tokens_per_sec": speed["tokens_per_sec"],
         "steps_per_sec": speed["steps_per_sec"],
     }
+    if "rdrop_kl" in sums:  # R-drop's consistency term (config.optim.rdrop_alpha)
+      metrics["rdrop_kl"] = sums["rdrop_kl"] / max(sums["weight"], 1.0)
     if self.guard.skip:
       metrics["skipped_updates"] = self.guard.skipped
     self.writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})

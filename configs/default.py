@@ -152,6 +152,7 @@ def _optim(task: str) -> ml_collections.ConfigDict:
   optim.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables it
   optim.sam_rho = 0.0  # sharpness-aware minimisation's radius (two passes a step); 0 = off
   optim.adversarial_eps = 0.0  # adversarial training: its embedding perturbation norm; 0 = off
+  optim.rdrop_alpha = 0.0  # R-drop: weight of two dropout passes' symmetric KL; 0 = off
   optim.label_smoothing = 0.1 if task == "translation" else 0.0  # paper: 0.1
   optim.z_loss = 0.0  # training loss += z_loss * (log softmax normaliser)^2 (PaLM: 1e-4)
   optim.dropout_rate = 0.0  # residual, embedding and feed-forward dropout

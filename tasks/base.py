@@ -30,6 +30,9 @@ Batch = Mapping[str, Array]
 DTYPES = ("float32", "bfloat16")
 # The regularisation fields of config.optim that the model applies.
 DROPOUT_FIELDS = ("dropout_rate", "dropout_rng", "attention_dropout_rate")
+# Folded into a step's dropout key for R-drop's second pass (config.optim.rdrop_alpha):
+# other dropout masks than the first pass's (tasks fold 1 in for their input corruption).
+RDROP_STREAM = 2
 
 
 def model_fields(config, absent_stacks: Optional[Dict[str, int]] = None) -> Dict[str, Any]:
@@ -246,16 +249,32 @@ class Task:
     """Summed loss metrics (tasks/losses.py); `loss` is what training minimises.
     `head_mask`: heads to remove (head importance; see `variables`); `perturbations`:
     added to the embeddings in training (`embedding_perturbations`)."""
-    logits = self.model.apply(self.variables(params, head_mask, perturbations),
-                              **self.model_inputs(batch),
-                              deterministic=not train,
-                              rngs={"dropout": dropout_rng} if train else {})
+    variables = self.variables(params, head_mask, perturbations)
     targets, weights = self.loss_targets(batch)
-    # The z-loss is a training regulariser; evaluations score the cross-entropy alone.
-    sums = losses.cross_entropy_sums(logits, targets, weights,
-                                     self.config.optim.label_smoothing,
-                                     self.config.optim.z_loss if train else 0.0)
+    sums = self.cross_entropy_sums(
+        lambda rng: self.model.apply(variables, **self.model_inputs(batch),
+                                     deterministic=not train,
+                                     rngs={"dropout": rng} if train else {}),
+        targets, weights, dropout_rng, train)
     return {**sums, **self.extra_sums(targets, weights)}
+
+  def cross_entropy_sums(self, logits_of, targets: Array, weights: Array, dropout_rng,
+                         train: bool) -> Dict[str, Array]:
+    """losses.cross_entropy_sums of `logits_of(dropout_rng)` (the model's logits under
+    that dropout key) against `targets`. The z-loss (config.optim.z_loss) is a training
+    regulariser; evaluations score the cross-entropy alone. With config.optim.rdrop_alpha
+    in training, R-drop (losses.rdrop_sums): a second pass under another dropout key, the
+    mean of the two cross-entropies and alpha / 2 times their symmetric KL."""
+    optim = self.config.optim
+    score = lambda logits: losses.cross_entropy_sums(  # noqa: E731
+        logits, targets, weights, optim.label_smoothing, optim.z_loss if train else 0.0)
+    logits = logits_of(dropout_rng)
+    alpha = optim.get("rdrop_alpha", 0.0) if train else 0.0
+    if not alpha:
+      return score(logits)
+    other = logits_of(jax.random.fold_in(dropout_rng, RDROP_STREAM))
+    return losses.rdrop_sums(score(logits), score(other),
+                             losses.symmetric_kl_sum(logits, other, weights), alpha)
 
   def extra_sums(self, targets: Array, weights: Array) -> Dict[str, Array]:
     """More summed metrics of a batch beside the loss (e.g. characters scored)."""

@@ -20,7 +20,7 @@ import numpy as np
 from config_checks import Fields
 from input_pipeline import normalize, tokenizers
 from models import Classifier
-from tasks import base, classification_metrics, losses, masked_lm
+from tasks import base, classification_metrics, masked_lm
 from tasks.sources.labeled_text import LabeledText
 
 
@@ -235,12 +235,12 @@ class MaskedLMTask(ClassificationTask):
     _, at = jax.lax.top_k(weights, self.scored_positions(weights.shape[-1]))  # masked first
     targets = jnp.take_along_axis(targets, at, axis=1)
     weights = jnp.take_along_axis(weights, at, axis=1)
-    logits = self.model.apply(self.variables(params, head_mask, perturbations), masked,
-                              token_logits=True, at=at, deterministic=not train,
-                              rngs={"dropout": dropout_rng} if train else {})
-    return losses.cross_entropy_sums(logits, targets, weights,
-                                     self.config.optim.label_smoothing,
-                                     self.config.optim.z_loss if train else 0.0)
+    variables = self.variables(params, head_mask, perturbations)
+    return self.cross_entropy_sums(
+        lambda key: self.model.apply(variables, masked, token_logits=True, at=at,
+                                     deterministic=not train,
+                                     rngs={"dropout": key} if train else {}),
+        targets, weights, dropout_rng, train)
 
   def predict(self, params, batch):
     """`[batch, length]` the most likely id at each masked position (evaluation's masks),

@@ -59,3 +59,30 @@ def cross_entropy_sums(logits: Array, targets: Array, weights: Array,
     sums["log_z_squared"] = jnp.sum(jnp.square(lse) * weights)
     loss = loss + z_loss * jnp.square(lse)
   return {"loss": jnp.sum(loss * weights), **sums}
+
+
+def symmetric_kl_sum(logits_a: Array, logits_b: Array, weights: Array) -> Array:
+  """sum over weighted positions of (KL(p_a || p_b) + KL(p_b || p_a)) / 2, p = softmax of
+  `[..., vocab]` logits (float32 here); R-drop's consistency term (Liang et al., 2021).
+
+  Per position, KL(p_a||p_b) + KL(p_b||p_a) = sum_j (p_a,j - p_b,j)(log p_a,j - log p_b,j):
+  one pass over the vocabulary for both directions.
+  """
+  log_a = jax.nn.log_softmax(logits_a.astype(jnp.float32), axis=-1)
+  log_b = jax.nn.log_softmax(logits_b.astype(jnp.float32), axis=-1)
+  both = jnp.sum((jnp.exp(log_a) - jnp.exp(log_b)) * (log_a - log_b), axis=-1)
+  return jnp.sum(0.5 * both * weights)
+
+
+def rdrop_sums(sums_a: Dict[str, Array], sums_b: Dict[str, Array], kl_sum: Array,
+               alpha: float) -> Dict[str, Array]:
+  """R-drop's training sums from two dropout passes over the same batch: each metric the
+  mean of the two passes' (`weight` is the same in both), and `loss` the mean of their
+  losses plus alpha / 2 times `kl_sum` (`symmetric_kl_sum`), reported as `rdrop_kl`.
+
+  Liang et al. minimise NLL_a + NLL_b + alpha * KL_sym; this is half of it, so the
+  gradient's scale, and the learning rate that suits it, stay those of one pass.
+  """
+  out = {k: (sums_a[k] + sums_b[k]) / 2 for k in sums_a if k != "weight"}
+  out["loss"] = out["loss"] + 0.5 * alpha * kl_sum
+  return {**out, "weight": sums_a["weight"], "rdrop_kl": kl_sum}

@@ -296,6 +296,8 @@ INVALID = [
     ("negative_sam_rho", None, dict(optim=dict(sam_rho=-0.05)), 1, "optim.sam_rho", ">= 0"),
     ("negative_adversarial_eps", None, dict(optim=dict(adversarial_eps=-1.0)), 1,
      "optim.adversarial_eps", ">= 0"),
+    ("negative_rdrop_alpha", None, dict(optim=dict(rdrop_alpha=-0.5)), 1,
+     "optim.rdrop_alpha", ">= 0"),
     ("sam_with_adversarial_training", None,
      dict(optim=dict(sam_rho=0.05, adversarial_eps=1.0)), 1, "optim.adversarial_eps",
      "set one of them to 0"),

@@ -407,3 +407,96 @@ def test_an_embedding_perturbation_is_a_change_of_the_embedded_tokens(task_name)
   np.testing.assert_allclose(perturbed, want, rtol=1e-5)
   np.testing.assert_allclose(task.loss(params, batch, None, train=False, perturbations=delta)
                              ["loss"], task.loss(params, batch, None, train=False)["loss"])
+
+
+def _numpy_log_softmax(logits):
+  z = np.asarray(logits, np.float64)
+  z = z - z.max(axis=-1, keepdims=True)
+  return z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
+
+
+def test_symmetric_kl_sum_matches_numpy():
+  """R-drop's term: sum over weighted positions of (KL(p||q) + KL(q||p)) / 2, each KL
+  written out as sum_j p_j log(p_j / q_j); zero for equal distributions (logits that
+  differ by a constant per position)."""
+  a, _, weights = _random_case(seed=1)
+  b, _, _ = _random_case(seed=2)
+  log_p, log_q = _numpy_log_softmax(a), _numpy_log_softmax(b)
+  p, q = np.exp(log_p), np.exp(log_q)
+  kl_pq = np.sum(p * (log_p - log_q), axis=-1)
+  kl_qp = np.sum(q * (log_q - log_p), axis=-1)
+  want = np.sum((kl_pq + kl_qp) / 2 * weights)
+  assert want > 0.1
+  np.testing.assert_allclose(losses.symmetric_kl_sum(a, b, weights), want, rtol=1e-5)
+  shifted = a + np.arange(a.shape[1], dtype=np.float32)[None, :, None]
+  assert abs(float(losses.symmetric_kl_sum(a, shifted, weights))) < 1e-5
+  np.testing.assert_allclose(losses.symmetric_kl_sum(a, b, np.zeros_like(weights)), 0.0)
+
+
+def _rdrop_config(task_name, dropout, alpha):
+  config = default.get_config(f"task={task_name},size=tiny")
+  presets.update_groups(config, dict(optim=dict(
+      dropout_rate=dropout, attention_dropout_rate=0.0, token_dropout=0.0, label_smoothing=0.1,
+      rdrop_alpha=alpha)))
+  return config
+
+
+@pytest.mark.parametrize("task_name", ["classification", "generation", "translation"])
+def test_rdrop_loss_is_the_mean_of_two_dropout_passes_and_their_kl(task_name):
+  """optim.rdrop_alpha: in training, the loss of the batch read twice, under the step's
+  dropout key and under that key folded with base.RDROP_STREAM (the plain loss under each
+  key, computed with R-drop off), averaged, plus alpha / 2 times the two passes' symmetric
+  KL (NumPy from the model's logits); the other metrics the two passes' mean. The passes'
+  dropout masks differ (the KL is not 0). Evaluation is the plain loss."""
+  alpha = 0.7
+  task = tasks.get_task(_rdrop_config(task_name, 0.3, alpha))
+  plain = tasks.get_task(_rdrop_config(task_name, 0.3, 0.0))
+  params = task.init_params(jax.random.PRNGKey(0))
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(np.where(np.arange(10) < rng.integers(4, 11, (4, 1)),
+                                rng.integers(0, 10, (4, 10)) + synthetic.FIRST_DIGIT, 0),
+                       jnp.int32)
+  batch = {k: tokens for k in task.batch_lengths(task.config)}
+  if task_name == "classification":
+    batch["label"] = jnp.asarray([0, 1, 1, 0], jnp.int32)
+  key = jax.random.PRNGKey(3)
+  keys = (key, jax.random.fold_in(key, tasks.base.RDROP_STREAM))
+  passes = [jax.tree.map(float, plain.loss(params, batch, k, train=True)) for k in keys]
+  logits = [task.model.apply({"params": params}, **task.model_inputs(batch),
+                             deterministic=False, rngs={"dropout": k}) for k in keys]
+  log_p, log_q = _numpy_log_softmax(logits[0]), _numpy_log_softmax(logits[1])
+  per_position = np.sum((np.exp(log_p) - np.exp(log_q)) * (log_p - log_q), axis=-1) / 2
+  _, weights = task.loss_targets(batch)
+  kl = np.sum(per_position * np.asarray(weights))
+  assert kl > 1e-3
+  got = jax.tree.map(float, task.loss(params, batch, key, train=True))
+  np.testing.assert_allclose(got["rdrop_kl"], kl, rtol=1e-4)
+  np.testing.assert_allclose(
+      got["loss"], (passes[0]["loss"] + passes[1]["loss"]) / 2 + alpha / 2 * kl, rtol=1e-5)
+  for name in ("nll", "correct"):
+    np.testing.assert_allclose(got[name], (passes[0][name] + passes[1][name]) / 2, rtol=1e-5)
+  assert got["weight"] == passes[0]["weight"]
+  assert jax.tree.map(float, task.loss(params, batch, None, train=False)) == jax.tree.map(
+      float, plain.loss(params, batch, None, train=False))
+
+
+def test_rdrop_in_masked_token_pretraining_and_without_dropout():
+  """The masked-token objective reads its masked batch twice the same way; with no
+  dropout in the model the two passes agree: the KL is 0 and the loss is the plain one."""
+  config = _rdrop_config("classification", 0.3, 1.0)
+  config.objective = "mlm"
+  task = tasks.get_task(config)
+  params = task.init_params(jax.random.PRNGKey(0))
+  digits = np.arange(16, dtype=np.int32).reshape(2, 8) % 10 + synthetic.FIRST_DIGIT
+  batch = {"inputs": jnp.asarray(digits),
+           "label": jnp.zeros((2,), jnp.int32)}
+  key = jax.random.PRNGKey(1)
+  assert float(task.loss(params, batch, key, train=True)["rdrop_kl"]) > 1e-3
+  config.optim.dropout_rate = 0.0
+  without_dropout = tasks.get_task(config)
+  got = without_dropout.loss(params, batch, key, train=True)
+  assert abs(float(got["rdrop_kl"])) < 1e-6
+  config.optim.rdrop_alpha = 0.0
+  want = tasks.get_task(config).loss(params, batch, key, train=True)
+  assert "rdrop_kl" not in want
+  np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)

@@ -140,6 +140,7 @@ def check_config(config) -> None:
   optim.number("sam_rho", lambda v: v >= 0, "expected a number >= 0 (0 = no SAM)")
   optim.number("adversarial_eps", lambda v: v >= 0,
                "expected a number >= 0 (0 = no adversarial training)")
+  optim.number("rdrop_alpha", lambda v: v >= 0, "expected a number >= 0 (0 = no R-drop)")
   if optim["sam_rho"] > 0 and optim["adversarial_eps"] > 0:
     optim.fail("adversarial_eps", "SAM (sam_rho) and adversarial training each take a "
                "second pass of their own; set one of them to 0")
