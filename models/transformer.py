@@ -64,7 +64,7 @@ CHOICES = {"norm_placement": NORM_PLACEMENTS, "positional_encoding": layers.POSI
            "dropout_rng": layers.DROPOUT_RNGS}
 MINIMUMS = {"d_model": 1, "d_ff": 1, "num_heads": 1, "head_dim": 0, "num_kv_heads": 0,
             "num_encoder_layers": 0, "num_decoder_layers": 0, "attention_block_size": 1,
-            "conv_kernel": 0}
+            "conv_kernel": 0, "lstm_layers": 1}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,6 +109,7 @@ class TransformerConfig:
   decode: bool = False  # incremental decoding with a key/value cache
   conv_kernel: int = 0  # >0: a convolution sublayer of this width in each encoder block
   encoder_lstm: bool = False  # a bidirectional LSTM reads the encoder's embeddings first
+  lstm_layers: int = 1  # with encoder_lstm: how many bidirectional LSTMs, each reading the last
 
   def __post_init__(self):
     self.check()
@@ -366,8 +367,8 @@ def stack_layers(tree: Any) -> Any:
 
 
 class Encoder(nn.Module):
-  """Embedding * sqrt(d_model) + positions (-> a bidirectional LSTM, with `encoder_lstm`)
-  -> N encoder blocks.
+  """Embedding * sqrt(d_model) + positions (-> `lstm_layers` bidirectional LSTMs, with
+  `encoder_lstm`) -> N encoder blocks.
 
   Attributes:
     config: model hyper-parameters.
@@ -401,9 +402,11 @@ class Encoder(nn.Module):
     x = PositionalEncoding(cfg.positional_encoding, cfg.max_length, cfg.dtype,
                            name="positions")(x, positions)
     x = Dropout(cfg.dropout_rate, cfg.dropout_rng)(x, deterministic=deterministic)
-    if cfg.encoder_lstm:
+    for i in range(cfg.lstm_layers if cfg.encoder_lstm else 0):
+      # A stack of bidirectional LSTMs, each reading the states of the one below (both
+      # of its directions), with dropout between them.
       x = recurrent.BiLSTM(cfg.d_model, cfg.dtype, use_bias=cfg.biases != "none",
-                           name="lstm")(x, valid, segmentation)
+                           name="lstm" if i == 0 else f"lstm_{i + 1}")(x, valid, segmentation)
       x = Dropout(cfg.dropout_rate, cfg.dropout_rng)(x, deterministic=deterministic)
     mask = masks.AttentionMask(valid, valid, segmentation, segmentation)
     x = _block_stack(cfg, EncoderBlock, cfg.num_encoder_layers, x, mask, positions,

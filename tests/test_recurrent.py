@@ -108,6 +108,29 @@ def test_encoder_with_lstm_reads_both_ways_and_packs_like_separate_rows():
   np.testing.assert_allclose(out_packed[0, 3:7], out_alone[1, :4], rtol=1e-4, atol=1e-5)
 
 
+def test_stacked_lstms_each_read_the_states_of_the_one_below():
+  """lstm_layers=2: the second bidirectional LSTM reads the first one's states (both
+  directions concatenated), as NumPy's two readings one after the other; padding outputs
+  zeros. One layer keeps the parameter names of before (a single "lstm")."""
+  cfg = tiny_model_config(encoder_lstm=True, lstm_layers=2, num_encoder_layers=0,
+                          positional_encoding="none", norm_placement="post")
+  model = Encoder(cfg)
+  inputs = jnp.array([[3, 4, 5, 6, 0, 0], [7, 8, 0, 0, 0, 0]])
+  params = init_params(model, inputs)
+  assert set(params) == {"embed", "lstm", "lstm_2"}
+  out = np.asarray(model.apply({"params": params}, inputs))
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+  scale = np.sqrt(cfg.d_model) if cfg.scale_embeddings else 1.0
+  for row, n in enumerate((4, 2)):
+    x = p["embed"]["embedding"][np.asarray(inputs[row, :n])] * scale
+    want = np_bilstm(np_bilstm(x, p["lstm"]), p["lstm_2"])
+    np.testing.assert_allclose(out[row, :n], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(out[row, n:], 0.0)
+  one = init_params(Encoder(tiny_model_config(encoder_lstm=True, num_encoder_layers=0,
+                                              positional_encoding="none")), inputs)
+  assert set(one) == {"embed", "lstm"}
+
+
 def test_attention_pooling_is_a_softmax_over_real_tokens_of_tanh_scores():
   """Classifier with pooling="attention": logits = head(sum_t w_t x_t), w = softmax over the
   real tokens of v . tanh(W x_t + c); padding weighs nothing, so padding more changes
@@ -137,6 +160,7 @@ def test_attention_pooling_is_a_softmax_over_real_tokens_of_tanh_scores():
     (dict(encoder_lstm=True, d_model=15, num_heads=3, head_dim=0,
           positional_encoding="none"), "d_model"),  # two directions of d_model / 2
     (dict(encoder_lstm=1), "encoder_lstm"),
+    (dict(encoder_lstm=True, lstm_layers=0), "lstm_layers"),
     (dict(pooling="max"), "pooling"),
 ])
 def test_impossible_settings_name_the_field(fields, field):
