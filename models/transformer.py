@@ -163,6 +163,10 @@ class TransformerConfig:
                          "the bidirectional LSTM reads an encoder's embeddings (its backward "
                          "reading looks ahead), and this model has no encoder; set "
                          "encoder_lstm=False")
+    if self.lstm_layers != 1 and not self.encoder_lstm:
+      raise InvalidField("lstm_layers", self.lstm_layers,
+                         "it stacks the LSTMs of encoder_lstm=True, and this model has none; "
+                         "set encoder_lstm=True or lstm_layers=1")
     if self.encoder_lstm and self.d_model % 2:
       raise InvalidField("d_model", self.d_model, "encoder_lstm needs an even d_model (two "
                          "directions of d_model / 2 units)")

@@ -161,6 +161,7 @@ def test_attention_pooling_is_a_softmax_over_real_tokens_of_tanh_scores():
           positional_encoding="none"), "d_model"),  # two directions of d_model / 2
     (dict(encoder_lstm=1), "encoder_lstm"),
     (dict(encoder_lstm=True, lstm_layers=0), "lstm_layers"),
+    (dict(lstm_layers=2), "lstm_layers"),  # no LSTM to stack
     (dict(pooling="max"), "pooling"),
 ])
 def test_impossible_settings_name_the_field(fields, field):
