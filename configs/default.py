@@ -78,7 +78,7 @@ def _model() -> ml_collections.ConfigDict:
   model.norm = "layer"  # normalization: "layer" (paper) or "rms" (RMSNorm)
   model.qk_norm = False  # normalise each head's queries and keys (QK-norm) with model.norm
   model.biases = "ffn"  # dense-layer biases: "ffn" (paper), "all" (attention too), "none"
-  model.pooling = "mean"  # classification pooling: "mean" over tokens, a learned "cls", "attention"
+  model.pooling = "mean"  # classification pooling: "mean", learned "cls", "attention" or "max"
   model.conv_kernel = 0  # encoder blocks: a convolution sublayer this wide (odd) first; 0 = none
   model.encoder_lstm = False  # encoder: a bidirectional LSTM reads the embeddings before the blocks
   model.lstm_layers = 1  # encoder_lstm: bidirectional LSTMs stacked, each reading the last

@@ -32,7 +32,7 @@ from models.layers import Dropout, Embed, FeedForward, PositionalEncoding
 Array = jax.Array
 
 NORM_PLACEMENTS = ("post", "pre")
-POOLINGS = ("mean", "cls", "attention")
+POOLINGS = ("mean", "cls", "attention", "max")
 # What the backward pass keeps of each block: everything ("none"), only its input ("full":
 # the block is recomputed), or the outputs of its weight matmuls ("matmuls": projections
 # and feed-forward layers are kept; attention scores, softmax, norms and activations are
@@ -575,9 +575,10 @@ def attention_pooling_weights(cfg: TransformerConfig, x: Array, valid: Array) ->
 
 class Classifier(nn.Module):
   """Encoder, then pooling, then a linear head. Pooling: the mean over real tokens, a
-  learned [CLS] vector, or "attention" (additive attention over the positions, Bahdanau et
+  learned [CLS] vector, "attention" (additive attention over the positions, Bahdanau et
   al. 2015 as Lin et al. 2017 pool with it: one score per position from a tanh layer,
-  softmax over the real tokens, the weighted sum)."""
+  softmax over the real tokens, the weighted sum), or "max" (each feature's maximum over
+  the real tokens, Collobert & Weston 2008; Conneau et al. 2017's best BiLSTM pooling)."""
 
   config: TransformerConfig
 
@@ -611,6 +612,10 @@ class Classifier(nn.Module):
       pooled = jnp.sum(x * weights, axis=1) / jnp.maximum(jnp.sum(weights, axis=1), 1.0)
     elif cfg.pooling == "attention":
       pooled = jnp.einsum("bl,bld->bd", attention_pooling_weights(cfg, x, inputs > 0), x)
+    elif cfg.pooling == "max":  # each feature's largest value over the real tokens
+      real = (inputs > 0)[..., None]
+      pooled = jnp.max(jnp.where(real, x, -jnp.inf), axis=1)
+      pooled = jnp.where(jnp.any(real, axis=1), pooled, 0.0)  # an empty row pools to 0
     else:
       raise ValueError(f"unknown pooling {cfg.pooling!r}; expected one of {POOLINGS}")
     pooled = Dropout(cfg.dropout_rate, cfg.dropout_rng)(pooled, deterministic=deterministic)

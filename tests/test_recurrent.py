@@ -154,6 +154,24 @@ def test_attention_pooling_is_a_softmax_over_real_tokens_of_tanh_scores():
   np.testing.assert_allclose(more_padding, logits, rtol=1e-5, atol=1e-6)
 
 
+def test_max_pooling_takes_each_features_maximum_over_real_tokens():
+  """Classifier with pooling="max": logits = head(max_t x_t) over the real tokens only
+  (padding states, here the LSTM's zeros, never win even where every real state is
+  negative); a row without tokens pools to 0, leaving the head's bias."""
+  cfg = tiny_model_config(pooling="max", encoder_lstm=True, num_encoder_layers=0,
+                          positional_encoding="none", norm_placement="post")
+  model = Classifier(cfg)
+  inputs = jnp.array([[3, 4, 5, 0, 0], [6, 7, 8, 9, 10], [0, 0, 0, 0, 0]])
+  params = init_params(model, inputs)
+  logits = np.asarray(model.apply({"params": params}, inputs))
+  x = np.asarray(Encoder(cfg).apply({"params": params["encoder"]}, inputs), np.float64)
+  head = jax.tree.map(lambda v: np.asarray(v, np.float64), params["head"])
+  pooled = np.stack([x[0, :3].max(axis=0), x[1].max(axis=0), np.zeros(cfg.d_model)])
+  assert (x[0, :3].max(axis=0) < 0).any()  # features whose padding zeros would have won
+  np.testing.assert_allclose(logits, pooled @ head["kernel"] + head["bias"], rtol=1e-4,
+                             atol=1e-5)
+
+
 @pytest.mark.parametrize("fields,field", [
     # A language model has no encoder (a classifier's embeddings are one, blocks or not).
     (dict(encoder_lstm=True, num_encoder_layers=0, num_classes=0), "encoder_lstm"),
@@ -162,7 +180,7 @@ def test_attention_pooling_is_a_softmax_over_real_tokens_of_tanh_scores():
     (dict(encoder_lstm=1), "encoder_lstm"),
     (dict(encoder_lstm=True, lstm_layers=0), "lstm_layers"),
     (dict(lstm_layers=2), "lstm_layers"),  # no LSTM to stack
-    (dict(pooling="max"), "pooling"),
+    (dict(pooling="min"), "pooling"),
 ])
 def test_impossible_settings_name_the_field(fields, field):
   with pytest.raises(InvalidField) as error:

@@ -64,10 +64,10 @@ def test_decoder_only_padding_does_not_change_real_positions():
   assert_close_where(padded[:, :6], logits, SOURCE > 0)
 
 
-@pytest.mark.parametrize("pooling", ["mean", "cls"])
+@pytest.mark.parametrize("pooling", ["mean", "cls", "max"])
 def test_classifier_padding_does_not_change_logits(pooling):
   model = Classifier(tiny_model_config(pooling=pooling))
-  inputs = SOURCE if pooling == "mean" else SOURCE[:, 1:]  # [CLS] + 5 tokens: same shapes
+  inputs = SOURCE[:, 1:] if pooling == "cls" else SOURCE  # [CLS] + 5 tokens: same shapes
   params = init_params(model, inputs)
   logits = model.apply({"params": params}, inputs)
   assert logits.shape == (2, 3) and logits.dtype == jnp.float32
@@ -77,8 +77,8 @@ def test_classifier_padding_does_not_change_logits(pooling):
 
 
 def test_classifier_rejects_unknown_pooling():
-  with pytest.raises(ValueError, match="max"):
-    jax.eval_shape(Classifier(tiny_model_config(pooling="max")).init, jax.random.PRNGKey(0), SOURCE)
+  with pytest.raises(ValueError, match="min"):
+    jax.eval_shape(Classifier(tiny_model_config(pooling="min")).init, jax.random.PRNGKey(0), SOURCE)
 
 
 # ----------------------------------------------------------------------------- causality
