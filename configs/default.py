@@ -82,6 +82,7 @@ def _model() -> ml_collections.ConfigDict:
   model.conv_kernel = 0  # encoder blocks: a convolution sublayer this wide (odd) first; 0 = none
   model.encoder_lstm = False  # encoder: a bidirectional LSTM reads the embeddings before the blocks
   model.lstm_layers = 1  # encoder_lstm: bidirectional LSTMs stacked, each reading the last
+  model.head_hidden = 0  # classifier: a tanh layer of this many units before the logits
   model.layer_norm_epsilon = 1e-6  # added to the variance in layer norm (and RMSNorm)
   model.scan_layers = False  # identical layers as one nn.scan (one compiled layer; stacked)
   model.tokenizer = "sentencepiece"  # real text: "sentencepiece" (trained on the fly) or "bytes"

@@ -64,7 +64,7 @@ CHOICES = {"norm_placement": NORM_PLACEMENTS, "positional_encoding": layers.POSI
            "dropout_rng": layers.DROPOUT_RNGS}
 MINIMUMS = {"d_model": 1, "d_ff": 1, "num_heads": 1, "head_dim": 0, "num_kv_heads": 0,
             "num_encoder_layers": 0, "num_decoder_layers": 0, "attention_block_size": 1,
-            "conv_kernel": 0, "lstm_layers": 1}
+            "conv_kernel": 0, "lstm_layers": 1, "head_hidden": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +110,7 @@ class TransformerConfig:
   conv_kernel: int = 0  # >0: a convolution sublayer of this width in each encoder block
   encoder_lstm: bool = False  # a bidirectional LSTM reads the encoder's embeddings first
   lstm_layers: int = 1  # with encoder_lstm: how many bidirectional LSTMs, each reading the last
+  head_hidden: int = 0  # classifier: a tanh layer of this many units before the logits (0: none)
 
   def __post_init__(self):
     self.check()
@@ -167,6 +168,10 @@ class TransformerConfig:
       raise InvalidField("lstm_layers", self.lstm_layers,
                          "it stacks the LSTMs of encoder_lstm=True, and this model has none; "
                          "set encoder_lstm=True or lstm_layers=1")
+    if self.head_hidden and not self.num_classes:
+      raise InvalidField("head_hidden", self.head_hidden,
+                         "it is a layer of the classifier's head, and this model is not a "
+                         "classifier; set head_hidden=0")
     if self.encoder_lstm and self.d_model % 2:
       raise InvalidField("d_model", self.d_model, "encoder_lstm needs an even d_model (two "
                          "directions of d_model / 2 units)")
@@ -574,7 +579,8 @@ def attention_pooling_weights(cfg: TransformerConfig, x: Array, valid: Array) ->
 
 
 class Classifier(nn.Module):
-  """Encoder, then pooling, then a linear head. Pooling: the mean over real tokens, a
+  """Encoder, then pooling, then the head: with `head_hidden`, a tanh layer of that many
+  units and dropout (Flax's SST-2 example has one), then the logits. Pooling: the mean over real tokens, a
   learned [CLS] vector, "attention" (additive attention over the positions, Bahdanau et
   al. 2015 as Lin et al. 2017 pool with it: one score per position from a tanh layer,
   softmax over the real tokens, the weighted sum), or "max" (each feature's maximum over
@@ -619,6 +625,12 @@ class Classifier(nn.Module):
     else:
       raise ValueError(f"unknown pooling {cfg.pooling!r}; expected one of {POOLINGS}")
     pooled = Dropout(cfg.dropout_rate, cfg.dropout_rng)(pooled, deterministic=deterministic)
+    if cfg.head_hidden:
+      pooled = jnp.tanh(nn.Dense(cfg.head_hidden, use_bias=cfg.biases != "none",
+                                 dtype=jnp.float32, param_dtype=jnp.float32,
+                                 kernel_init=nn.initializers.xavier_uniform(),
+                                 name="head_hidden")(pooled))
+      pooled = Dropout(cfg.dropout_rate, cfg.dropout_rng)(pooled, deterministic=deterministic)
     return nn.Dense(cfg.num_classes, use_bias=cfg.biases != "none",
                     dtype=jnp.float32, param_dtype=jnp.float32,
                     kernel_init=nn.initializers.xavier_uniform(), name="head")(pooled)

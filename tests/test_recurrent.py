@@ -172,6 +172,27 @@ def test_max_pooling_takes_each_features_maximum_over_real_tokens():
                              atol=1e-5)
 
 
+def test_head_hidden_is_a_tanh_layer_with_dropout_before_the_logits():
+  """Classifier with head_hidden=H: logits = head(tanh(W pooled + c)), W of H units (at
+  evaluation; in training dropout follows the tanh as it follows pooling); head_hidden=0
+  has no such layer."""
+  cfg = tiny_model_config(pooling="mean", head_hidden=5)
+  model = Classifier(cfg)
+  inputs = jnp.array([[3, 4, 5, 0, 0], [6, 7, 8, 9, 10]])
+  params = init_params(model, inputs)
+  assert params["head_hidden"]["kernel"].shape == (cfg.d_model, 5)
+  assert params["head"]["kernel"].shape == (5, cfg.num_classes)
+  logits = np.asarray(model.apply({"params": params}, inputs))
+  x = np.asarray(Encoder(cfg).apply({"params": params["encoder"]}, inputs), np.float64)
+  real = (np.asarray(inputs) > 0)[..., None]
+  pooled = (x * real).sum(1) / real.sum(1)
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+  hidden = np.tanh(pooled @ p["head_hidden"]["kernel"] + p["head_hidden"]["bias"])
+  np.testing.assert_allclose(logits, hidden @ p["head"]["kernel"] + p["head"]["bias"],
+                             rtol=1e-4, atol=1e-5)
+  assert "head_hidden" not in init_params(Classifier(tiny_model_config()), inputs)
+
+
 @pytest.mark.parametrize("fields,field", [
     # A language model has no encoder (a classifier's embeddings are one, blocks or not).
     (dict(encoder_lstm=True, num_encoder_layers=0, num_classes=0), "encoder_lstm"),
@@ -181,6 +202,8 @@ def test_max_pooling_takes_each_features_maximum_over_real_tokens():
     (dict(encoder_lstm=True, lstm_layers=0), "lstm_layers"),
     (dict(lstm_layers=2), "lstm_layers"),  # no LSTM to stack
     (dict(pooling="min"), "pooling"),
+    (dict(head_hidden=-1), "head_hidden"),
+    (dict(head_hidden=8, num_classes=0), "head_hidden"),  # a language model has no head
 ])
 def test_impossible_settings_name_the_field(fields, field):
   with pytest.raises(InvalidField) as error:
