@@ -2,6 +2,8 @@
 attention pooling, each against a NumPy statement of its math, with the padding and
 packing properties every encoder layer keeps."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,9 +175,9 @@ def test_max_pooling_takes_each_features_maximum_over_real_tokens():
 
 
 def test_head_hidden_is_a_tanh_layer_with_dropout_before_the_logits():
-  """Classifier with head_hidden=H: logits = head(tanh(W pooled + c)), W of H units (at
-  evaluation; in training dropout follows the tanh as it follows pooling); head_hidden=0
-  has no such layer."""
+  """Classifier with head_hidden=H: logits = head(tanh(W pooled + c)), W of H units; in
+  training the head reads the tanh layer's output through dropout (each unit 0 or scaled
+  by 1 / keep); head_hidden=0 has no such layer."""
   cfg = tiny_model_config(pooling="mean", head_hidden=5)
   model = Classifier(cfg)
   inputs = jnp.array([[3, 4, 5, 0, 0], [6, 7, 8, 9, 10]])
@@ -191,6 +193,18 @@ def test_head_hidden_is_a_tanh_layer_with_dropout_before_the_logits():
   np.testing.assert_allclose(logits, hidden @ p["head"]["kernel"] + p["head"]["bias"],
                              rtol=1e-4, atol=1e-5)
   assert "head_hidden" not in init_params(Classifier(tiny_model_config()), inputs)
+  dropped = Classifier(dataclasses.replace(cfg, dropout_rate=0.5))
+  train_logits, state = dropped.apply(
+      {"params": params}, inputs, deterministic=False, capture_intermediates=True,
+      rngs={"dropout": jax.random.PRNGKey(1)})
+  inner = state["intermediates"]
+  hidden = np.tanh(np.asarray(inner["head_hidden"]["__call__"][0], np.float64))
+  read = np.asarray(inner["Dropout_1"]["__call__"][0], np.float64)  # what the head read
+  kept = read != 0
+  assert 0 < kept.sum() < kept.size  # some units dropped, some kept
+  np.testing.assert_allclose(read[kept], hidden[kept] / 0.5, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(train_logits, read @ p["head"]["kernel"] + p["head"]["bias"],
+                             rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("fields,field", [
