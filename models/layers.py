@@ -217,16 +217,18 @@ class Embed(nn.Module):
   """Token embedding; `attend` reuses the same matrix as the output projection (tying).
 
   Initialised with stddev d_model^-1/2 so that, after the paper's multiplication by
-  sqrt(d_model), embeddings have unit variance, and tied logits start at a sane scale.
+  sqrt(d_model), embeddings have unit variance, and tied logits start at a sane scale;
+  `init_std` > 0 sets another stddev (Flax's SST-2 example draws from N(0, 0.1)).
   """
 
   vocab_size: int
   features: int
   dtype: jnp.dtype = jnp.float32
+  init_std: float = 0.0
 
   def setup(self):
     self.embedding = self.param(
-        "embedding", nn.initializers.normal(stddev=self.features**-0.5),
+        "embedding", nn.initializers.normal(stddev=self.init_std or self.features**-0.5),
         (self.vocab_size, self.features), jnp.float32)
 
   def __call__(self, tokens: Array) -> Array:

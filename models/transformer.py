@@ -64,7 +64,7 @@ CHOICES = {"norm_placement": NORM_PLACEMENTS, "positional_encoding": layers.POSI
            "dropout_rng": layers.DROPOUT_RNGS}
 MINIMUMS = {"d_model": 1, "d_ff": 1, "num_heads": 1, "head_dim": 0, "num_kv_heads": 0,
             "num_encoder_layers": 0, "num_decoder_layers": 0, "attention_block_size": 1,
-            "conv_kernel": 0, "lstm_layers": 1, "head_hidden": 0}
+            "conv_kernel": 0, "lstm_layers": 1, "head_hidden": 0, "embed_dim": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +111,8 @@ class TransformerConfig:
   encoder_lstm: bool = False  # a bidirectional LSTM reads the encoder's embeddings first
   lstm_layers: int = 1  # with encoder_lstm: how many bidirectional LSTMs, each reading the last
   head_hidden: int = 0  # classifier: a tanh layer of this many units before the logits (0: none)
+  embed_dim: int = 0  # encoder-only: embeddings of this width, projected to d_model; 0 = d_model
+  embed_init_std: float = 0.0  # stddev of the embeddings' initial values; 0 = width^-1/2
 
   def __post_init__(self):
     self.check()
@@ -131,6 +133,9 @@ class TransformerConfig:
       value = getattr(self, field)
       if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
         raise InvalidField(field, value, "expected a number in [0, 1)")
+    std = self.embed_init_std
+    if isinstance(std, bool) or not isinstance(std, (int, float)) or not 0 <= std < math.inf:
+      raise InvalidField("embed_init_std", std, "expected a number >= 0 (0: width^-1/2)")
     epsilon = self.layer_norm_epsilon
     if (isinstance(epsilon, bool) or not isinstance(epsilon, (int, float))
         or not 0 < epsilon < math.inf):
@@ -172,6 +177,10 @@ class TransformerConfig:
       raise InvalidField("head_hidden", self.head_hidden,
                          "it is a layer of the classifier's head, and this model is not a "
                          "classifier; set head_hidden=0")
+    if self.embed_dim and self.embed_dim != self.d_model and not self.num_classes:
+      raise InvalidField("embed_dim", self.embed_dim,
+                         "embeddings narrower or wider than d_model are implemented for "
+                         "encoder-only classifiers (num_classes > 0); set embed_dim=0")
     if self.encoder_lstm and self.d_model % 2:
       raise InvalidField("d_model", self.d_model, "encoder_lstm needs an even d_model (two "
                          "directions of d_model / 2 units)")
@@ -207,9 +216,14 @@ def shift_right(tokens: Array, segmentation: Optional[Array] = None) -> Array:
   return shifted
 
 
+def embed_width(cfg: TransformerConfig) -> int:
+  """The embeddings' width: `embed_dim`, or d_model."""
+  return cfg.embed_dim or cfg.d_model
+
+
 def embed_scale(cfg: TransformerConfig) -> Array:
-  """The factor on the embeddings: sqrt(d_model) (section 3.4), or 1."""
-  return jnp.sqrt(jnp.float32(cfg.d_model if cfg.scale_embeddings else 1)).astype(cfg.dtype)
+  """The factor on the embeddings: sqrt(their width; d_model in section 3.4), or 1."""
+  return jnp.sqrt(jnp.float32(embed_width(cfg) if cfg.scale_embeddings else 1)).astype(cfg.dtype)
 
 
 def default_positions(tokens: Array) -> Array:
@@ -395,14 +409,19 @@ class Encoder(nn.Module):
     """inputs: `[batch, length]` int -> `[batch, length (+1 with cls_token), d_model]`."""
     cfg = self.config
     embed = self.embed if self.embed is not None else Embed(
-        cfg.vocab_size, cfg.d_model, cfg.dtype, name="embed")
+        cfg.vocab_size, embed_width(cfg), cfg.dtype, cfg.embed_init_std, name="embed")
     positions = default_positions(inputs) if positions is None else positions
     x = embed(inputs) * embed_scale(cfg)
     if not deterministic:  # a no-op unless a "perturbations" collection is passed
       x = self.perturb(EMBEDDING_PERTURBATION, x)
+    if x.shape[-1] != cfg.d_model and not cfg.encoder_lstm:
+      # Embeddings of another width (embed_dim), projected to d_model as ALBERT (Lan et al.
+      # 2020) factorises them; an LSTM's input layer reads any width and is that projection.
+      x = nn.Dense(cfg.d_model, use_bias=False, dtype=cfg.dtype, param_dtype=jnp.float32,
+                   kernel_init=nn.initializers.xavier_uniform(), name="embed_proj")(x)
     valid = inputs > 0
     if self.cls_token:
-      cls = self.param("cls", nn.initializers.normal(1.0), (cfg.d_model,), jnp.float32)
+      cls = self.param("cls", nn.initializers.normal(1.0), (x.shape[-1],), jnp.float32)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(x.dtype), x[:, :1].shape), x], axis=1)
       positions = jnp.pad(positions + 1, ((0, 0), (1, 0)))
       valid = jnp.pad(valid, ((0, 0), (1, 0)), constant_values=True)
@@ -444,7 +463,7 @@ class Decoder(nn.Module):
     `[batch, length, target_vocab_size]` float32 logits."""
     cfg = self.config
     embed = self.embed if self.embed is not None else Embed(
-        cfg.target_vocab_size, cfg.d_model, cfg.dtype, name="embed")
+        cfg.target_vocab_size, cfg.d_model, cfg.dtype, cfg.embed_init_std, name="embed")
     if cfg.decode:
       is_init = not self.has_variable("cache", "position")
       position = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
@@ -502,7 +521,8 @@ class EncoderDecoder(nn.Module):
     if cfg.share_embeddings and cfg.target_vocab_size != cfg.vocab_size:
       raise ValueError(f"shared embeddings need one vocabulary; got vocab_size="
                        f"{cfg.vocab_size}, output_vocab_size={cfg.output_vocab_size}")
-    shared = (Embed(cfg.vocab_size, cfg.d_model, cfg.dtype, name="shared_embed")
+    shared = (Embed(cfg.vocab_size, cfg.d_model, cfg.dtype, cfg.embed_init_std,
+                    name="shared_embed")
               if cfg.share_embeddings else None)
     self.encoder = Encoder(cfg, embed=shared)
     self.decoder = Decoder(cfg, embed=shared, cross_attention=True)
@@ -608,6 +628,10 @@ class Classifier(nn.Module):
       if at is not None:
         x = jnp.take_along_axis(x, at[..., None], axis=1)
       embedding = encoder.variables["params"]["embed"]["embedding"]
+      if embedding.shape[-1] != x.shape[-1]:  # embed_dim: back to the embeddings' width
+        x = nn.Dense(embedding.shape[-1], use_bias=False, dtype=x.dtype,
+                     param_dtype=jnp.float32, kernel_init=nn.initializers.xavier_uniform(),
+                     name="token_proj")(x)
       return jnp.einsum("bld,vd->blv", x, embedding.astype(x.dtype),
                         preferred_element_type=jnp.float32)
     x = x.astype(jnp.float32)

@@ -221,6 +221,17 @@ class MaskedLMTask(ClassificationTask):
                                             self.vocab_size)
     return masked, inputs, weights
 
+  def init_params(self, rng):
+    """The classifier's parameters; with embeddings narrower or wider than d_model
+    (model.embed_dim), also "token_proj", which takes the encoder's output back to their
+    width before the tied vocabulary projection (Classifier with token_logits)."""
+    params, model = super().init_params(rng), self.config.model
+    if model.embed_dim in (0, model.d_model):
+      return params
+    dummy = {k: jnp.ones((1, n), jnp.int32) for k, n in self.lengths.items()}
+    token = self.model.init({"params": rng}, **self.model_inputs(dummy), token_logits=True)
+    return {**params, "token_proj": token["params"]["token_proj"]}
+
   def scored_positions(self, length: int) -> int:
     """How many positions of a row the loss projects onto the vocabulary: twice the
     expected masks of a full row. The vocabulary projection of the rest (padding, unmasked

@@ -65,20 +65,25 @@ def test_token_dropout_masks_only_real_tokens():
   assert abs(changed.sum() / (inputs > 0).sum() - 0.3) < 0.02
 
 
-def _mlm_task():
+def _mlm_task(**model_fields):
   config = tiny_digits_config("classification")
   config.objective = "mlm"
   config.optim.mask_rate = 0.3
+  config.model.update(model_fields)
   return config, tasks.get_task(config)
 
 
-def test_the_mlm_loss_scores_the_masked_positions_only():
+@pytest.mark.parametrize("embed_dim", [0, 6])
+def test_the_mlm_loss_scores_the_masked_positions_only(embed_dim):
   """The loss (whose logits are projected at the masked positions only) equals the
   cross-entropy of the full model's logits summed over the masked positions; the gradient
-  of a row with no masked token is zero."""
-  config, task = _mlm_task()
+  of a row with no masked token is zero. With embeddings narrower than d_model
+  (model.embed_dim), the parameters hold the classifier's and the projection back to the
+  embeddings' width."""
+  config, task = _mlm_task(embed_dim=embed_dim)
   assert isinstance(task, tasks.MaskedLMTask)
   params = jax.jit(task.init_params)(jax.random.PRNGKey(0))  # op by op takes seconds
+  assert ("token_proj" in params) == bool(embed_dim) and "head" in params
   inputs = _rows(seed=2, batch=8, length=config.data.max_input_length) % task.vocab_size
   inputs = jnp.where(inputs > 0, jnp.maximum(inputs, tokenizers.FIRST_ID), 0)
   batch = {"inputs": inputs, "label": jnp.zeros(8, jnp.int32)}

@@ -207,6 +207,50 @@ def test_head_hidden_is_a_tanh_layer_with_dropout_before_the_logits():
                              rtol=1e-4, atol=1e-5)
 
 
+def test_embed_dim_projects_narrower_embeddings_to_d_model():
+  """embed_dim=E: the embedding table is E wide; with blocks, x = (table[ids] sqrt(E)) P
+  (P E x d_model, no bias) is what they read (here no blocks and mean pooling, so the
+  logits show it); an LSTM's input layer reads the E-wide embeddings directly; masked-token
+  logits take the encoder's output back to E (token_proj) before the tied table.
+  embed_init_std sets the table's initial stddev."""
+  cfg = tiny_model_config(pooling="mean", num_encoder_layers=0, num_decoder_layers=0,
+                          positional_encoding="none", embed_dim=6)
+  model = Classifier(cfg)
+  inputs = jnp.array([[3, 4, 5, 0, 0], [6, 7, 8, 9, 10]])
+  params = init_params(model, inputs)
+  p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
+  table, proj = p["encoder"]["embed"]["embedding"], p["encoder"]["embed_proj"]["kernel"]
+  assert table.shape == (cfg.vocab_size, 6) and proj.shape == (6, cfg.d_model)
+  x = table[np.asarray(inputs)] * np.sqrt(6) @ proj
+  real = (np.asarray(inputs) > 0)[..., None]
+  pooled = (x * real).sum(1) / real.sum(1)
+  np.testing.assert_allclose(model.apply({"params": params}, inputs),
+                             pooled @ p["head"]["kernel"] + p["head"]["bias"],
+                             rtol=1e-4, atol=1e-5)
+  # Masked-token logits: (encoder output) token_proj table^T.
+  token_params = model.init(jax.random.PRNGKey(1), inputs, token_logits=True)["params"]
+  assert token_params["token_proj"]["kernel"].shape == (cfg.d_model, 6)
+  t = jax.tree.map(lambda v: np.asarray(v, np.float64), token_params)
+  x = t["encoder"]["embed"]["embedding"][np.asarray(inputs)] * np.sqrt(6)
+  x = x @ t["encoder"]["embed_proj"]["kernel"] @ t["token_proj"]["kernel"]
+  np.testing.assert_allclose(
+      model.apply({"params": token_params}, inputs, token_logits=True),
+      x @ t["encoder"]["embed"]["embedding"].T, rtol=1e-4, atol=1e-5)
+  # The LSTM reads the E-wide embeddings itself: no projection.
+  lstm = tiny_model_config(pooling="mean", num_encoder_layers=0, num_decoder_layers=0,
+                           positional_encoding="none", encoder_lstm=True, embed_dim=6)
+  shapes = jax.eval_shape(Classifier(lstm).init, jax.random.PRNGKey(0), inputs)["params"]
+  assert "embed_proj" not in shapes["encoder"]
+  assert shapes["encoder"]["lstm"]["forward_input"]["kernel"].shape == (6, 4 * 8)
+  assert shapes["encoder"]["embed"]["embedding"].shape == (cfg.vocab_size, 6)
+  # The initial table's stddev: embed_init_std, or the width^-1/2.
+  wide = dict(vocab_size=4000, num_encoder_layers=0, num_decoder_layers=0, embed_dim=64)
+  for std, want in ((0.0, 64**-0.5), (0.1, 0.1)):
+    table = Classifier(tiny_model_config(**wide, embed_init_std=std)).init(
+        jax.random.PRNGKey(0), inputs)["params"]["encoder"]["embed"]["embedding"]
+    assert abs(float(jnp.std(table)) / want - 1) < 0.02  # 256,000 draws
+
+
 @pytest.mark.parametrize("fields,field", [
     # A language model has no encoder (a classifier's embeddings are one, blocks or not).
     (dict(encoder_lstm=True, num_encoder_layers=0, num_classes=0), "encoder_lstm"),
@@ -218,6 +262,10 @@ def test_head_hidden_is_a_tanh_layer_with_dropout_before_the_logits():
     (dict(pooling="min"), "pooling"),
     (dict(head_hidden=-1), "head_hidden"),
     (dict(head_hidden=8, num_classes=0), "head_hidden"),  # a language model has no head
+    (dict(embed_dim=8, num_classes=0), "embed_dim"),  # only classifiers project them
+    (dict(embed_dim=-1), "embed_dim"),
+    (dict(embed_init_std=-0.1), "embed_init_std"),
+    (dict(embed_init_std=True), "embed_init_std"),
 ])
 def test_impossible_settings_name_the_field(fields, field):
   with pytest.raises(InvalidField) as error:
