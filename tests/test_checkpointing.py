@@ -7,6 +7,7 @@ import json
 import os
 import re
 import struct
+import sys
 
 import jax
 import numpy as np
@@ -195,6 +196,42 @@ def test_a_reader_creates_nothing_and_cannot_save(tmp_path, checkpointer):
   with pytest.raises(checkpointing.CheckpointError, match="is a file where the checkpoint"):
     open(os.path.join(str(tmp_path), "best"), "w").close()
     checkpointing.Checkpointer.for_reading(str(tmp_path), "best")
+
+
+def test_only_late_write_callbacks_are_dropped_from_the_unraisable_hook(monkeypatch,
+                                                                         tmp_path):
+  """A writer installs a sys.unraisablehook that drops RuntimeError("Event loop is closed")
+  raised in a closed loop's call_soon_threadsafe (what tensorstore's writes of a failed
+  save meet) and hands everything else to the hook that was there; installed once."""
+  import asyncio  # pylint: disable=import-outside-toplevel
+  import types  # pylint: disable=import-outside-toplevel
+
+  def unraisable(raise_it):
+    try:
+      raise_it()
+    except Exception as e:  # pylint: disable=broad-except
+      return types.SimpleNamespace(exc_type=type(e), exc_value=e,
+                                   exc_traceback=e.__traceback__, err_msg=None, object=None)
+    raise AssertionError("nothing raised")
+
+  loop = asyncio.new_event_loop()
+  loop.close()
+  late = unraisable(lambda: loop.call_soon_threadsafe(print))
+  def same_text_elsewhere():
+    raise RuntimeError("Event loop is closed")
+  elsewhere = unraisable(same_text_elsewhere)
+  other = unraisable(lambda: loop.call_soon_threadsafe(print, 1 / 0))
+  seen = []
+  previous = seen.append
+  monkeypatch.setattr("sys.unraisablehook", previous)
+  checkpointing.Checkpointer(str(tmp_path / "a"), keep=1, async_save=False)
+  hook = sys.unraisablehook
+  assert hook is not previous
+  checkpointing.Checkpointer(str(tmp_path / "b"), keep=1, async_save=False)
+  assert sys.unraisablehook is hook  # installed once
+  for record in (late, elsewhere, other):
+    hook(record)
+  assert seen == [elsewhere, other]
 
 
 def test_saving_does_not_alias_the_live_state(checkpointer):

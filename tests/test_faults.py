@@ -553,10 +553,11 @@ def test_a_full_disk_during_a_save_keeps_the_earlier_checkpoints(tmp_path):
                            timeout=300, check=False)
   stderr = process.stderr
   assert process.returncode == 2, stderr[-3000:]
+  # No traceback: tensorstore's late write callbacks, which found orbax's event loop
+  # closed and printed one each through sys.unraisablehook (in most runs, a dozen or
+  # more), are dropped (checkpointing._quiet_late_write_callbacks).
+  assert "Traceback" not in stderr, stderr[-3000:]
   last = stderr.strip().splitlines()[-1]
-  # The last line is the message; searched, not matched whole: a traceback that a
-  # background thread prints as the save fails (seen once in a loaded suite, "    self.
-  # _check_closed()") can leave its last fragment, without its newline, just before it.
   match = re.search(r"error: could not write the checkpoint of step (\d+) in \S+ \(.*\); "
                     r"the earlier checkpoints are intact \(steps: ([\d, ]+)\)\. [^\n]*$", last)
   assert match, stderr[-3000:]

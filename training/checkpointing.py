@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import zlib
 from typing import Any, Dict, List, Mapping, Optional
@@ -50,6 +51,35 @@ class CheckpointError(UserError, RuntimeError):
 
 class CheckpointWriteError(WriteError, RuntimeError):
   """A checkpoint could not be written; the earlier ones are intact."""
+
+
+def _is_late_write_callback(unraisable) -> bool:
+  """An asyncio loop's "Event loop is closed" raised in `call_soon_threadsafe`: the sign of
+  tensorstore finishing (failing) one more write of a save after orbax gave the save up
+  and closed the loop that awaited it. Reported by CheckpointWriteError already."""
+  error, tb = unraisable.exc_value, unraisable.exc_traceback
+  names = []
+  while tb is not None:
+    names.append(tb.tb_frame.f_code.co_name)
+    tb = tb.tb_next
+  return (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+          and "call_soon_threadsafe" in names)
+
+
+def _quiet_late_write_callbacks() -> None:
+  """When a background save fails (a full disk), tensorstore's other writes of it fail
+  too, each after orbax has closed the event loop they would report to; their callbacks'
+  RuntimeError went to sys.unraisablehook, dozens of tracebacks ahead of the one-line
+  error. Those alone are dropped; anything else goes to the hook that was there."""
+  previous = sys.unraisablehook
+  if getattr(previous, "drops_late_write_callbacks", False):
+    return
+
+  def hook(unraisable):
+    if not _is_late_write_callback(unraisable):
+      previous(unraisable)
+  hook.drops_late_write_callbacks = True
+  sys.unraisablehook = hook
 
 
 def checkpoint_directory(workdir: str, subdir: str = "checkpoints") -> str:
@@ -188,6 +218,7 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(
           max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
           todelete_subdir=TRASH, cleanup_tmp_directories=True)
+      _quiet_late_write_callbacks()
     # A reader lists the steps while a live trainer may retire one (renamed into TRASH):
     # a step gone between the listing and its read is not an error; list again.
     attempts = READ_ONLY_LIST_ATTEMPTS if read_only else 1
