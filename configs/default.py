@@ -83,6 +83,7 @@ def _model() -> ml_collections.ConfigDict:
   model.encoder_lstm = False  # encoder: a bidirectional LSTM reads the embeddings before the blocks
   model.lstm_layers = 1  # encoder_lstm: bidirectional LSTMs stacked, each reading the last
   model.head_hidden = 0  # classifier: a tanh layer of this many units before the logits
+  model.pool_hidden = 0  # pooling="attention": units of its tanh scoring layer; 0 = d_model
   model.embed_dim = 0  # classifier: embeddings this wide, projected to d_model; 0 = d_model
   model.embed_init_std = 0.0  # stddev of the initial embeddings; 0 = their width^-1/2
   model.layer_norm_epsilon = 1e-6  # added to the variance in layer norm (and RMSNorm)

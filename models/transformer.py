@@ -64,7 +64,8 @@ CHOICES = {"norm_placement": NORM_PLACEMENTS, "positional_encoding": layers.POSI
            "dropout_rng": layers.DROPOUT_RNGS}
 MINIMUMS = {"d_model": 1, "d_ff": 1, "num_heads": 1, "head_dim": 0, "num_kv_heads": 0,
             "num_encoder_layers": 0, "num_decoder_layers": 0, "attention_block_size": 1,
-            "conv_kernel": 0, "lstm_layers": 1, "head_hidden": 0, "embed_dim": 0}
+            "conv_kernel": 0, "lstm_layers": 1, "head_hidden": 0, "embed_dim": 0,
+            "pool_hidden": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +113,7 @@ class TransformerConfig:
   lstm_layers: int = 1  # with encoder_lstm: how many bidirectional LSTMs, each reading the last
   head_hidden: int = 0  # classifier: a tanh layer of this many units before the logits (0: none)
   embed_dim: int = 0  # encoder-only: embeddings of this width, projected to d_model; 0 = d_model
+  pool_hidden: int = 0  # attention pooling: units of its tanh scoring layer; 0 = d_model
   embed_init_std: float = 0.0  # stddev of the embeddings' initial values; 0 = width^-1/2
 
   def __post_init__(self):
@@ -177,6 +179,10 @@ class TransformerConfig:
       raise InvalidField("head_hidden", self.head_hidden,
                          "it is a layer of the classifier's head, and this model is not a "
                          "classifier; set head_hidden=0")
+    if self.pool_hidden and self.pooling != "attention":
+      raise InvalidField("pool_hidden", self.pool_hidden,
+                         f"it sizes attention pooling's scoring layer, and pooling="
+                         f"{self.pooling!r}; set pool_hidden=0 or pooling='attention'")
     if self.embed_dim and self.embed_dim != self.d_model and not self.num_classes:
       raise InvalidField("embed_dim", self.embed_dim,
                          "embeddings narrower or wider than d_model are implemented for "
@@ -589,9 +595,9 @@ def attention_pooling_weights(cfg: TransformerConfig, x: Array, valid: Array) ->
   """`[batch, length]` float32 weights of "attention" pooling, summing to 1 over each
   row's real tokens (0 at padding). x: `[batch, length, d_model]` float32. Called inside
   the Classifier (its parameters "pool_hidden", "pool_score")."""
-  hidden = nn.Dense(cfg.d_model, use_bias=cfg.biases != "none", dtype=jnp.float32,
-                    param_dtype=jnp.float32, kernel_init=nn.initializers.xavier_uniform(),
-                    name="pool_hidden")(x)
+  hidden = nn.Dense(cfg.pool_hidden or cfg.d_model, use_bias=cfg.biases != "none",
+                    dtype=jnp.float32, param_dtype=jnp.float32,
+                    kernel_init=nn.initializers.xavier_uniform(), name="pool_hidden")(x)
   scores = nn.Dense(1, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
                     kernel_init=nn.initializers.xavier_uniform(), name="pool_score")(
                         jnp.tanh(hidden))[..., 0]

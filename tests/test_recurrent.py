@@ -133,14 +133,17 @@ def test_stacked_lstms_each_read_the_states_of_the_one_below():
   assert set(one) == {"embed", "lstm"}
 
 
-def test_attention_pooling_is_a_softmax_over_real_tokens_of_tanh_scores():
+@pytest.mark.parametrize("pool_hidden", [0, 5])
+def test_attention_pooling_is_a_softmax_over_real_tokens_of_tanh_scores(pool_hidden):
   """Classifier with pooling="attention": logits = head(sum_t w_t x_t), w = softmax over the
-  real tokens of v . tanh(W x_t + c); padding weighs nothing, so padding more changes
-  nothing."""
-  cfg = tiny_model_config(pooling="attention", encoder_lstm=True, num_encoder_layers=1)
+  real tokens of v . tanh(W x_t + c), W of pool_hidden units (0: d_model); padding weighs
+  nothing, so padding more changes nothing."""
+  cfg = tiny_model_config(pooling="attention", encoder_lstm=True, num_encoder_layers=1,
+                          pool_hidden=pool_hidden)
   model = Classifier(cfg)
   inputs = jnp.array([[3, 4, 5, 0, 0], [6, 7, 8, 9, 10]])
   params = init_params(model, inputs)
+  assert params["pool_hidden"]["kernel"].shape == (cfg.d_model, pool_hidden or cfg.d_model)
   logits = model.apply({"params": params}, inputs)
   x = np.asarray(Encoder(cfg).apply({"params": params["encoder"]}, inputs), np.float64)
   p = jax.tree.map(lambda v: np.asarray(v, np.float64), params)
@@ -263,6 +266,8 @@ def test_embed_dim_projects_narrower_embeddings_to_d_model():
     (dict(head_hidden=-1), "head_hidden"),
     (dict(head_hidden=8, num_classes=0), "head_hidden"),  # a language model has no head
     (dict(embed_dim=8, num_classes=0), "embed_dim"),  # only classifiers project them
+    (dict(pool_hidden=8), "pool_hidden"),  # mean pooling has no scoring layer
+    (dict(pool_hidden=-1, pooling="attention"), "pool_hidden"),
     (dict(embed_dim=-1), "embed_dim"),
     (dict(embed_init_std=-0.1), "embed_init_std"),
     (dict(embed_init_std=True), "embed_init_std"),
