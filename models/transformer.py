@@ -112,7 +112,7 @@ class TransformerConfig:
   encoder_lstm: bool = False  # a bidirectional LSTM reads the encoder's embeddings first
   lstm_layers: int = 1  # with encoder_lstm: how many bidirectional LSTMs, each reading the last
   head_hidden: int = 0  # classifier: a tanh layer of this many units before the logits (0: none)
-  embed_dim: int = 0  # encoder-only: embeddings of this width, projected to d_model; 0 = d_model
+  embed_dim: int = 0  # classifier: embeddings of this width, projected to d_model; 0 = d_model
   pool_hidden: int = 0  # attention pooling: units of its tanh scoring layer; 0 = d_model
   embed_init_std: float = 0.0  # stddev of the embeddings' initial values; 0 = width^-1/2
 
