@@ -607,10 +607,11 @@ def attention_pooling_weights(cfg: TransformerConfig, x: Array, valid: Array) ->
 class Classifier(nn.Module):
   """Encoder, then pooling, then the head: with `head_hidden`, a tanh layer of that many
   units and dropout (Flax's SST-2 example has one), then the logits. Pooling: the mean
-  over real tokens, a learned [CLS] vector, "attention" (additive attention over the positions, Bahdanau et
-  al. 2015 as Lin et al. 2017 pool with it: one score per position from a tanh layer,
-  softmax over the real tokens, the weighted sum), or "max" (each feature's maximum over
-  the real tokens, Collobert & Weston 2008; Conneau et al. 2017's best BiLSTM pooling)."""
+  over real tokens, a learned [CLS] vector, "attention" (additive attention over the
+  positions, Bahdanau et al. 2015 as Lin et al. 2017 pool with it: one score per position
+  from a tanh layer of `pool_hidden` units, softmax over the real tokens, the weighted
+  sum), or "max" (each feature's maximum over the real tokens, Collobert & Weston 2008;
+  Conneau et al. 2017's best BiLSTM pooling)."""
 
   config: TransformerConfig
 

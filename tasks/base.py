@@ -156,8 +156,11 @@ class Task:
 
   def init_params(self, rng: Array) -> Any:
     """Float32 parameters, initialised from shapes of one dummy example."""
-    dummy = {k: jnp.ones((1, n), jnp.int32) for k, n in self.lengths.items()}
-    return self.model.init({"params": rng}, **self.model_inputs(dummy))["params"]
+    return self.model.init({"params": rng}, **self.dummy_inputs())["params"]
+
+  def dummy_inputs(self) -> Dict[str, Array]:
+    """The model's keyword arguments for one example of ones at the task's lengths."""
+    return self.model_inputs({k: jnp.ones((1, n), jnp.int32) for k, n in self.lengths.items()})
 
   def model_inputs(self, batch: Batch) -> Dict[str, Array]:
     """The keyword arguments of the model's __call__ taken from a batch."""

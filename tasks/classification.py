@@ -228,8 +228,7 @@ class MaskedLMTask(ClassificationTask):
     params, model = super().init_params(rng), self.config.model
     if model.embed_dim in (0, model.d_model):
       return params
-    dummy = {k: jnp.ones((1, n), jnp.int32) for k, n in self.lengths.items()}
-    token = self.model.init({"params": rng}, **self.model_inputs(dummy), token_logits=True)
+    token = self.model.init({"params": rng}, **self.dummy_inputs(), token_logits=True)
     return {**params, "token_proj": token["params"]["token_proj"]}
 
   def scored_positions(self, length: int) -> int:
