@@ -130,6 +130,10 @@ SHAPES = [
           overrides=dict(_NANOGPT, attention_impl="fused"), reference="nanoGPT",
           ref_mfu=47.0, ref_tokens_per_sec=17400.0, note="as nanogpt, fused attention",
           peer="nanogpt_cpu"),
+    Shape("nanogpt_no_barrier", "generation", "tiny", batch=12, tgt_length=64, vocab_size=65,
+          overrides=dict(_NANOGPT, grad_barrier="off"), reference="nanoGPT", ref_mfu=47.0,
+          ref_tokens_per_sec=17400.0, note="as nanogpt, no gradient barriers",
+          peer="nanogpt_cpu"),
     Shape("wmt_small", "translation", "small", batch=32, src_length=64, tgt_length=64,
           vocab_size=32000, overrides=_WMT_SMALL, reference="Flax WMT example, small",
           ref_mfu=37.0, note="vocab 32000 (WMT shared SentencePiece)"),
@@ -192,7 +196,10 @@ VARIANT_SHAPES = [
     _family_shape("translation", "base", "_scan", "layers under nn.scan", optional=True,
                   scan_layers=True),
 ] + [_family_shape(task, "small", "_fused_qkv", "one q/k/v projection", fused_qkv=True)
-     for task in ("translation", "generation", "classification")]
+     for task in ("translation", "generation", "classification")] + [
+    _family_shape(task, "small", "_no_barrier", "no gradient barriers (models.layers."
+                  "cotangent_barrier)", grad_barrier="off")
+    for task in ("translation", "generation", "classification")]
 # GPU shapes (benchmarks/gpu_mfu.py --shapes=gpu times them with MFU against the card's
 # peak). GPT-2 small as nanoGPT's bench.py builds it: no biases, pre-norm, learned
 # positions, GELU, tied output, dropout 0, context 1024, vocab 50304, bfloat16 compute.
@@ -279,7 +286,7 @@ def build_task(config, vocab_size: int):
 
 # Config knobs that change the model program; each must reach models.TransformerConfig.
 MODEL_KNOBS = ("dtype", "attention_impl", "attention_block_size", "remat", "scan_layers",
-               "fused_qkv")
+               "fused_qkv", "grad_barrier")
 
 
 def check_model_knobs(shape: Shape, config, task) -> None:
@@ -571,6 +578,7 @@ def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seco
       "attention_block_size": config.compute.get("attention_block_size"),
       "remat": config.compute.get("remat", "none"),
       "scan_layers": config.model.get("scan_layers", False),
+      "grad_barrier": cfg.grad_barrier,
       "compile_s": compile_s, "second_call_s": second_call_s, "step_s": step_s,
       "steps_per_round": per_round,
       "round_median_s": [statistics.median(r) for r in round_times],
@@ -604,6 +612,7 @@ def _layers(r: Dict[str, Any]) -> str:
   """remat policy and scan, "-" for the plain model."""
   parts = [f"remat {r['remat']}"] if r["remat"] != "none" else []
   parts += ["scan"] if r["scan_layers"] else []
+  parts += [f"grad barrier {r['grad_barrier']}"] if r.get("grad_barrier", "auto") != "auto" else []
   return ", ".join(parts) or "-"
 
 

@@ -84,6 +84,42 @@ class Dropout(nn.Module):
     return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 
 
+@jax.custom_vjp
+def cotangent_barrier(x: Array) -> Array:
+  """The identity, whose gradient XLA cannot fuse into the ops that use it.
+
+  In a residual stack the cotangent of block k's input is the cotangent of block k+1's
+  input plus the block's own backward (the layer norm's is elementwise), so written out it
+  is one elementwise expression over every block above. XLA:CPU's fusion duplicates cheap
+  elementwise producers into each consumer rather than write them to memory, and it does
+  so here: each weight-gradient operand (a transposed copy) recomputes the whole chain from
+  the top, work quadratic in depth (a 4-layer model: fusions reading 9, 18, ..., 73
+  arrays). Passing the cotangent through a loop, a boundary fusion cannot cross, makes it
+  one array each consumer reads. The loop's trip count comes from the cotangent itself
+  (0 or 1) so that XLA cannot unroll it; both counts return the cotangent unchanged.
+  Costs a loop per call: for the CPU, where fusion duplicates; a GPU's fusion does not
+  need it (and there a loop's predicate goes back to the host).
+  """
+  return x
+
+
+def _barrier_forward(x: Array):
+  return x, None
+
+
+def _barrier_backward(_, g: Array):
+  trips = 1 - jnp.isnan(g.reshape(-1)[0]).astype(jnp.int32)  # 1, unless g[0] is NaN
+  # The body must use g, or JAX hoists the unchanged carry out of the loop: `+ float(i) * 0`
+  # (XLA does not fold x * 0 for floats) leaves every value of g as it is (-0 becomes +0).
+  g, _ = jax.lax.while_loop(lambda c: c[1] < trips,
+                            lambda c: (c[0] + c[1].astype(c[0].dtype) * 0, c[1] + 1),
+                            (g, jnp.int32(0)))
+  return (g,)
+
+
+cotangent_barrier.defvjp(_barrier_forward, _barrier_backward)
+
+
 class LayerNorm(nn.Module):
   """Layer normalization (Ba et al., 2016): (x - mean) / sqrt(var + eps) * scale + bias.
 

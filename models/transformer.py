@@ -13,7 +13,10 @@ A stack of N identical blocks runs as a Python loop (`block_0` ... `block_{N-1}`
 `scan_layers`, as one `nn.scan` over a single compiled block whose parameters are stacked
 on a leading axis of size N (`layers/block/...`); `unstack_layers` and `stack_layers`
 convert between the two layouts. `remat` recomputes each block's activations in the
-backward pass instead of keeping them (see `REMAT_POLICIES`).
+backward pass instead of keeping them (see `REMAT_POLICIES`). `grad_barrier` makes the
+loop write each block's input gradient to memory once (`layers.cotangent_barrier`), which
+XLA:CPU's fusion would otherwise recompute for every use; a scanned stack needs no barrier
+(each layer is one iteration of a loop already).
 """
 
 import dataclasses
@@ -38,6 +41,9 @@ POOLINGS = ("mean", "cls", "attention", "max")
 # and feed-forward layers are kept; attention scores, softmax, norms and activations are
 # recomputed).
 REMAT_POLICIES = ("none", "full", "matmuls")
+# Whether a loop of blocks passes each block's input through layers.cotangent_barrier:
+# "auto" where the default backend is the CPU (the fusion it undoes is XLA:CPU's).
+GRAD_BARRIERS = ("auto", "on", "off")
 SCANNED = "layers"  # the module name of a scanned stack of blocks
 # The name, in the "perturbations" collection, of the point where an Encoder or Decoder
 # adds a perturbation to its embeddings in training (adversarial training:
@@ -61,7 +67,7 @@ CHOICES = {"norm_placement": NORM_PLACEMENTS, "positional_encoding": layers.POSI
            "activation": tuple(layers.ACTIVATIONS) + tuple(layers.GATED_ACTIVATIONS),
            "pooling": POOLINGS, "norm": layers.NORMS, "biases": layers.BIASES,
            "attention_impl": attention.IMPLEMENTATIONS, "remat": REMAT_POLICIES,
-           "dropout_rng": layers.DROPOUT_RNGS}
+           "dropout_rng": layers.DROPOUT_RNGS, "grad_barrier": GRAD_BARRIERS}
 MINIMUMS = {"d_model": 1, "d_ff": 1, "num_heads": 1, "head_dim": 0, "num_kv_heads": 0,
             "num_encoder_layers": 0, "num_decoder_layers": 0, "attention_block_size": 1,
             "conv_kernel": 0, "lstm_layers": 1, "head_hidden": 0, "embed_dim": 0,
@@ -106,6 +112,7 @@ class TransformerConfig:
   attention_block_size: int = 512  # tile length of the blockwise attention path
   remat: str = "none"  # see REMAT_POLICIES
   scan_layers: bool = False  # nn.scan over the blocks of each stack (parameters stacked)
+  grad_barrier: str = "auto"  # GRAD_BARRIERS: each block's input gradient written once
   dtype: Any = jnp.float32
   decode: bool = False  # incremental decoding with a key/value cache
   conv_kernel: int = 0  # >0: a convolution sublayer of this width in each encoder block
@@ -352,7 +359,11 @@ def _block_stack(cfg: TransformerConfig, block: Any, num_layers: int, x: Array, 
     # `deterministic` (a Python bool) is static; its index counts `self` as 0.
     block = nn.remat(block, policy=policy, static_argnums=(len(args) + 2,))
   if not cfg.scan_layers:
+    barrier = cfg.grad_barrier == "on" or (cfg.grad_barrier == "auto"
+                                           and jax.default_backend() == "cpu")
     for i in range(num_layers):
+      if barrier:
+        x = layers.cotangent_barrier(x)
       x = block(cfg, name=f"block_{i}", **attrs)(x, *args, deterministic)
     return x
   scanned = nn.scan(_ScanStep, variable_axes={True: 0}, split_rngs={True: True},

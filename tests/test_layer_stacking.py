@@ -1,6 +1,8 @@
 """Rematerialization policies and scanned layers give the plain model's loss, gradients and
 predictions; the two parameter layouts convert exactly; remat under scan saves memory."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,8 @@ VARIANTS = [
     dict(scan_layers=True, remat="full"),
     dict(scan_layers=True, remat="matmuls"),
     dict(scan_layers=True, remat="full", attention_impl="blockwise", attention_block_size=4),
+    dict(grad_barrier="off"),  # the plain model has the barriers ("auto": on on the CPU)
+    dict(grad_barrier="on", remat="full"),
 ]
 # The components since 2017 (rotary positions, grouped key/value heads, a gated feed-forward,
 # RMSNorm, QK-norm, no biases), plain and under scan + remat.
@@ -216,3 +220,26 @@ def test_head_mask_applies_to_scanned_layers():
   unmasked = plain.loss(params, b, None, False)["loss"]
   assert not np.isclose(plain_loss, unmasked)
   np.testing.assert_allclose(scanned_loss, plain_loss, rtol=1e-5)
+
+
+def largest_fusion(num_layers: int, grad_barrier: str) -> int:
+  """The most operands of any fusion in the compiled gradient of a pre-norm decoder-only
+  model of `num_layers` blocks (how much of the backward one fused kernel recomputes)."""
+  model = DecoderOnly(tiny_model_config(num_decoder_layers=num_layers, norm_placement="pre",
+                                        grad_barrier=grad_barrier))
+  args = [batch()["targets"]]
+  params = init_params(model, *args)
+  hlo = jax.jit(jax.grad(masked_square_loss(model, args))).lower(params).compile().as_text()
+  counts = [len(operands.split(",")) for operands in re.findall(r" fusion\(([^)]*)\)", hlo)]
+  assert counts, "no fusion found in the compiled HLO"
+  return max(counts)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion")
+def test_grad_barrier_keeps_the_backward_fusions_from_growing_with_depth():
+  # Without the barriers XLA:CPU recomputes the residual stream's gradient, from the top
+  # block down, inside each weight-gradient operand: fusions grow with depth, and the
+  # work with its square. If "off" stops growing, XLA no longer duplicates and the
+  # barrier (layers.cotangent_barrier) may be unnecessary.
+  assert largest_fusion(6, "off") > largest_fusion(2, "off") + 10
+  assert largest_fusion(6, "on") == largest_fusion(2, "on")
