@@ -7,6 +7,7 @@ import re
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -123,6 +124,24 @@ def test_eight_devices_match_one_device(tmp_path):
   assert_trees_close(restored_state(config, one).params,
                      restored_state(config, eight).params, rtol=1e-4, atol=1e-5)
   assert m1["loss"] == pytest.approx(m8["loss"], rel=1e-4)
+
+
+def test_psum_flat_equals_psum_for_every_leaf_and_dtype():
+  """The one-vector-per-dtype all-reduce gives each leaf psum's sum, shape and dtype."""
+  devices = jax.local_devices()
+  rng = np.random.default_rng(0)
+  tree = {"w": rng.normal(size=(len(devices), 3, 4)).astype(np.float32),
+          "b": rng.normal(size=(len(devices), 5)).astype(np.float32),
+          "count": rng.integers(0, 100, (len(devices),)).astype(np.int32),
+          "half": [rng.normal(size=(len(devices), 2, 2)).astype(jnp.bfloat16)],
+          "loss": rng.normal(size=(len(devices),)).astype(np.float32)}
+  flat = jax.pmap(lambda t: steps.psum_flat(t, "d"), axis_name="d", devices=devices)(tree)
+  plain = jax.pmap(lambda t: jax.lax.psum(t, "d"), axis_name="d", devices=devices)(tree)
+  assert jax.tree.structure(flat) == jax.tree.structure(plain)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(flat), jax.tree.leaves(plain)):
+    assert a.dtype == b.dtype and a.shape == b.shape, jax.tree_util.keystr(path)
+    np.testing.assert_array_equal(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                  err_msg=jax.tree_util.keystr(path))
 
 
 def test_eval_mode_reproduces_final_evaluation(tmp_path):

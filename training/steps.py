@@ -45,6 +45,34 @@ class TrainState:
 # ----------------------------------------------------------------------------- steps
 
 
+def psum_flat(tree: Any, axis_name: str) -> Any:
+  """`jax.lax.psum(tree, axis_name)`, as one all-reduce of a flat vector per dtype.
+
+  XLA:CPU reduces each array of a many-array all-reduce on its own: the gradients of a
+  52-array model took 3.5 ms a step to sum over two devices, where one vector of the same
+  size takes 0.3 ms. Concatenating the leaves costs a copy each way. Elsewhere (GPU, TPU)
+  XLA combines the arrays of an all-reduce itself, and this is the plain psum.
+  """
+  if jax.default_backend() != "cpu":
+    return jax.lax.psum(tree, axis_name)
+  leaves, treedef = jax.tree.flatten(tree)
+  by_dtype = collections.defaultdict(list)  # dtype -> indices of its leaves, in order
+  for i, leaf in enumerate(leaves):
+    by_dtype[jnp.result_type(leaf)].append(i)
+  groups = [jnp.concatenate([jnp.ravel(leaves[i]) for i in indices])
+            for indices in by_dtype.values()]
+  groups = jax.lax.psum(groups, axis_name)
+  out = list(leaves)
+  for vector, indices in zip(groups, by_dtype.values()):
+    offset = 0
+    for i in indices:
+      size = int(np.prod(jnp.shape(leaves[i])))
+      out[i] = vector[offset:offset + size].reshape(jnp.shape(leaves[i]))
+      offset += size
+  return jax.tree.unflatten(treedef, out)
+
+
+
 def sam_gradient(loss_fn, params, rho: float):
   """`(gradient, aux)` for sharpness-aware minimisation (Foret et al., 2021, "SAM"):
   the gradient of `loss_fn` taken at `params + rho * g / ||g||`, where g is its gradient
@@ -133,7 +161,7 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int,
   # Throughput counts real tokens of every sequence field (padding excluded).
   sums = {**sums, "tokens": sum(jnp.sum(batch[k] > 0).astype(jnp.float32)
                                 for k in ("inputs", "targets") if k in batch)}
-  grads, sums = jax.lax.psum((grads, sums), AXIS)
+  grads, sums = psum_flat((grads, sums), AXIS)
   grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
@@ -166,7 +194,7 @@ def eval_step(params, batch, head_mask=None, *, task):
   """Summed loss metrics of one batch, summed over devices; `head_mask`: the heads to
   remove (see inspection.attention_maps.head_mask_tree), None for the whole model."""
   masked = {} if head_mask is None else {"head_mask": head_mask}  # the plain call otherwise
-  return jax.lax.psum(task.loss(params, batch, None, train=False, **masked), AXIS)
+  return psum_flat(task.loss(params, batch, None, train=False, **masked), AXIS)
 
 
 def step_devices(devices: Sequence[jax.Device]) -> List[jax.Device]:
