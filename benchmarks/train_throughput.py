@@ -198,7 +198,7 @@ VARIANT_SHAPES = [
 ] + [_family_shape(task, "small", "_fused_qkv", "one q/k/v projection", fused_qkv=True)
      for task in ("translation", "generation", "classification")] + [
     _family_shape(task, "small", "_no_barrier", "no gradient barriers (models.layers."
-                  "cotangent_barrier)", grad_barrier="off")
+                  "fusion_barrier)", grad_barrier="off")
     for task in ("translation", "generation", "classification")]
 # GPU shapes (benchmarks/gpu_mfu.py --shapes=gpu times them with MFU against the card's
 # peak). GPT-2 small as nanoGPT's bench.py builds it: no biases, pre-norm, learned

@@ -84,40 +84,46 @@ class Dropout(nn.Module):
     return jnp.where(keep, x / (1.0 - self.rate), 0.0).astype(x.dtype)
 
 
-@jax.custom_vjp
-def cotangent_barrier(x: Array) -> Array:
-  """The identity, whose gradient XLA cannot fuse into the ops that use it.
-
-  In a residual stack the cotangent of block k's input is the cotangent of block k+1's
-  input plus the block's own backward (the layer norm's is elementwise), so written out it
-  is one elementwise expression over every block above. XLA:CPU's fusion duplicates cheap
-  elementwise producers into each consumer rather than write them to memory, and it does
-  so here: each weight-gradient operand (a transposed copy) recomputes the whole chain from
-  the top, work quadratic in depth (a 4-layer model: fusions reading 9, 18, ..., 73
-  arrays). Passing the cotangent through a loop, a boundary fusion cannot cross, makes it
-  one array each consumer reads. The loop's trip count comes from the cotangent itself
-  (0 or 1) so that XLA cannot unroll it; both counts return the cotangent unchanged.
-  Costs a loop per call: for the CPU, where fusion duplicates; a GPU's fusion does not
-  need it (and there a loop's predicate goes back to the host).
-  """
+def _materialize(x: Array) -> Array:
+  """x, passed through a loop XLA can neither unroll nor fuse across: one array in memory
+  that the ops after it read, instead of each recomputing the elementwise ops before it.
+  The trip count comes from x itself (1, or 0 where its first entry is NaN) so that XLA
+  cannot unroll the loop; both counts return x unchanged."""
+  trips = 1 - jnp.isnan(x.reshape(-1)[0]).astype(jnp.int32)
+  # The body must use x, or JAX hoists the unchanged carry out of the loop: `+ float(i) * 0`
+  # (XLA does not fold x * 0 for floats) leaves every value as it is (-0 becomes +0).
+  x, _ = jax.lax.while_loop(lambda c: c[1] < trips,
+                            lambda c: (c[0] + c[1].astype(c[0].dtype) * 0, c[1] + 1),
+                            (x, jnp.int32(0)))
   return x
 
 
+@jax.custom_vjp
+def fusion_barrier(x: Array) -> Array:
+  """The identity, which XLA computes once, forward and backward, for all its users.
+
+  In a residual stack each block's input is an elementwise expression of the blocks
+  below it (post-norm: the layer norms of their sums), and its gradient one of the
+  blocks above (the layer norms' backward and the residual sums). XLA:CPU's fusion
+  duplicates cheap elementwise producers into every consumer instead of writing them to
+  memory, and here it recomputes those chains inside each block's fusions: in a 6-block
+  pre-norm model the weight-gradient operands read 9, 18, ... arrays, 9 more a block, and
+  the work grows with the square of the depth. A loop between the blocks, in the forward
+  and the backward pass, stops it (`_materialize`). It costs a loop each way per call:
+  for the CPU, where fusion duplicates; on a GPU a loop's predicate goes to the host.
+  """
+  return _materialize(x)
+
+
 def _barrier_forward(x: Array):
-  return x, None
+  return _materialize(x), None
 
 
 def _barrier_backward(_, g: Array):
-  trips = 1 - jnp.isnan(g.reshape(-1)[0]).astype(jnp.int32)  # 1, unless g[0] is NaN
-  # The body must use g, or JAX hoists the unchanged carry out of the loop: `+ float(i) * 0`
-  # (XLA does not fold x * 0 for floats) leaves every value of g as it is (-0 becomes +0).
-  g, _ = jax.lax.while_loop(lambda c: c[1] < trips,
-                            lambda c: (c[0] + c[1].astype(c[0].dtype) * 0, c[1] + 1),
-                            (g, jnp.int32(0)))
-  return (g,)
+  return (_materialize(g),)
 
 
-cotangent_barrier.defvjp(_barrier_forward, _barrier_backward)
+fusion_barrier.defvjp(_barrier_forward, _barrier_backward)
 
 
 class LayerNorm(nn.Module):

@@ -14,9 +14,9 @@ A stack of N identical blocks runs as a Python loop (`block_0` ... `block_{N-1}`
 on a leading axis of size N (`layers/block/...`); `unstack_layers` and `stack_layers`
 convert between the two layouts. `remat` recomputes each block's activations in the
 backward pass instead of keeping them (see `REMAT_POLICIES`). `grad_barrier` makes the
-loop write each block's input gradient to memory once (`layers.cotangent_barrier`), which
-XLA:CPU's fusion would otherwise recompute for every use; a scanned stack needs no barrier
-(each layer is one iteration of a loop already).
+loop write each block's input, and its gradient, to memory once (`layers.fusion_barrier`),
+where XLA:CPU's fusion would recompute them for every use; a scanned stack needs no
+barrier (each layer is one iteration of a loop already), nor does decoding (no gradient).
 """
 
 import dataclasses
@@ -41,7 +41,7 @@ POOLINGS = ("mean", "cls", "attention", "max")
 # and feed-forward layers are kept; attention scores, softmax, norms and activations are
 # recomputed).
 REMAT_POLICIES = ("none", "full", "matmuls")
-# Whether a loop of blocks passes each block's input through layers.cotangent_barrier:
+# Whether a loop of blocks passes each block's input through layers.fusion_barrier:
 # "auto" where the default backend is the CPU (the fusion it undoes is XLA:CPU's).
 GRAD_BARRIERS = ("auto", "on", "off")
 SCANNED = "layers"  # the module name of a scanned stack of blocks
@@ -112,7 +112,7 @@ class TransformerConfig:
   attention_block_size: int = 512  # tile length of the blockwise attention path
   remat: str = "none"  # see REMAT_POLICIES
   scan_layers: bool = False  # nn.scan over the blocks of each stack (parameters stacked)
-  grad_barrier: str = "auto"  # GRAD_BARRIERS: each block's input gradient written once
+  grad_barrier: str = "auto"  # GRAD_BARRIERS: each block's input and gradient written once
   dtype: Any = jnp.float32
   decode: bool = False  # incremental decoding with a key/value cache
   conv_kernel: int = 0  # >0: a convolution sublayer of this width in each encoder block
@@ -359,11 +359,11 @@ def _block_stack(cfg: TransformerConfig, block: Any, num_layers: int, x: Array, 
     # `deterministic` (a Python bool) is static; its index counts `self` as 0.
     block = nn.remat(block, policy=policy, static_argnums=(len(args) + 2,))
   if not cfg.scan_layers:
-    barrier = cfg.grad_barrier == "on" or (cfg.grad_barrier == "auto"
-                                           and jax.default_backend() == "cpu")
+    barrier = not cfg.decode and (cfg.grad_barrier == "on" or (
+        cfg.grad_barrier == "auto" and jax.default_backend() == "cpu"))
     for i in range(num_layers):
       if barrier:
-        x = layers.cotangent_barrier(x)
+        x = layers.fusion_barrier(x)
       x = block(cfg, name=f"block_{i}", **attrs)(x, *args, deterministic)
     return x
   scanned = nn.scan(_ScanStep, variable_axes={True: 0}, split_rngs={True: True},

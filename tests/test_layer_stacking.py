@@ -222,10 +222,11 @@ def test_head_mask_applies_to_scanned_layers():
   np.testing.assert_allclose(scanned_loss, plain_loss, rtol=1e-5)
 
 
-def largest_fusion(num_layers: int, grad_barrier: str) -> int:
-  """The most operands of any fusion in the compiled gradient of a pre-norm decoder-only
-  model of `num_layers` blocks (how much of the backward one fused kernel recomputes)."""
-  model = DecoderOnly(tiny_model_config(num_decoder_layers=num_layers, norm_placement="pre",
+def largest_fusion(num_layers: int, grad_barrier: str, norm_placement: str) -> int:
+  """The most operands of any fusion in the compiled gradient of a decoder-only model of
+  `num_layers` blocks (how much of the model one fused kernel recomputes)."""
+  model = DecoderOnly(tiny_model_config(num_decoder_layers=num_layers,
+                                        norm_placement=norm_placement,
                                         grad_barrier=grad_barrier))
   args = [batch()["targets"]]
   params = init_params(model, *args)
@@ -236,10 +237,11 @@ def largest_fusion(num_layers: int, grad_barrier: str) -> int:
 
 
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="XLA:CPU's fusion")
-def test_grad_barrier_keeps_the_backward_fusions_from_growing_with_depth():
-  # Without the barriers XLA:CPU recomputes the residual stream's gradient, from the top
-  # block down, inside each weight-gradient operand: fusions grow with depth, and the
-  # work with its square. If "off" stops growing, XLA no longer duplicates and the
-  # barrier (layers.cotangent_barrier) may be unnecessary.
-  assert largest_fusion(6, "off") > largest_fusion(2, "off") + 10
-  assert largest_fusion(6, "on") == largest_fusion(2, "on")
+@pytest.mark.parametrize("norm_placement", ["pre", "post"])
+def test_grad_barrier_keeps_the_fusions_from_growing_with_depth(norm_placement):
+  # Without the barriers XLA:CPU recomputes the residual stream's gradient (pre-norm),
+  # and the forward pass's layer norms too (post-norm), from one end of the stack, inside
+  # each block's fusions: they grow with depth, and the work with its square. If "off"
+  # stops growing, XLA no longer duplicates and layers.fusion_barrier may be unnecessary.
+  assert largest_fusion(6, "off", norm_placement) > largest_fusion(2, "off", norm_placement) + 10
+  assert largest_fusion(6, "on", norm_placement) == largest_fusion(2, "on", norm_placement)

@@ -210,27 +210,28 @@ def test_dropout_scales_kept_entries_and_threefry_matches_flax():
 
 
 @pytest.mark.parametrize("jit", [False, True])
-def test_cotangent_barrier_is_the_identity_forward_and_backward(jit):
+def test_fusion_barrier_is_the_identity_forward_and_backward(jit):
   rng = np.random.default_rng(0)
   x = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
   plain = lambda x: jnp.sum(jnp.sin(x) * w)  # noqa: E731
-  barred = lambda x: plain(layers.cotangent_barrier(x))  # noqa: E731
+  barred = lambda x: plain(layers.fusion_barrier(x))  # noqa: E731
   grad = jax.jit(jax.grad(barred)) if jit else jax.grad(barred)
-  np.testing.assert_array_equal(layers.cotangent_barrier(x), x)
+  np.testing.assert_array_equal(layers.fusion_barrier(x), x)
   np.testing.assert_array_equal(grad(x), jax.grad(plain)(x))
   np.testing.assert_allclose(grad(x), np.cos(np.asarray(x)) * np.asarray(w), rtol=1e-6)
 
 
-def test_cotangent_barrier_passes_non_finite_cotangents_unchanged():
-  # Its loop runs once, or not at all when the first entry is NaN: both return g as it is.
-  x = jnp.zeros((2, 3), jnp.float32)
-  _, vjp = jax.vjp(layers.cotangent_barrier, x)
+def test_fusion_barrier_passes_non_finite_values_unchanged():
+  # Its loop runs once, or not at all when the first entry is NaN: both return x as it is,
+  # forward and backward.
   for first in (np.nan, np.inf, -2.5):
     g = np.array([[first, 1.0, -np.inf], [np.nan, 0.5, 3e38]], np.float32)
+    np.testing.assert_array_equal(jax.jit(layers.fusion_barrier)(g), g)
+    _, vjp = jax.vjp(layers.fusion_barrier, jnp.zeros((2, 3), jnp.float32))
     (out,) = jax.jit(vjp)(jnp.asarray(g))
     np.testing.assert_array_equal(out, g)
-  _, vjp = jax.vjp(layers.cotangent_barrier, x.astype(jnp.bfloat16))
+  _, vjp = jax.vjp(layers.fusion_barrier, jnp.zeros((2, 3), jnp.bfloat16))
   (out,) = vjp(jnp.ones((2, 3), jnp.bfloat16) * 3)
   assert out.dtype == jnp.bfloat16
   np.testing.assert_array_equal(out, np.full((2, 3), 3.0))
