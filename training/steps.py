@@ -117,7 +117,8 @@ def adversarial_gradient(loss_fn, params, zeros, epsilon: float):
 
 
 def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int,
-               sam_rho: float = 0.0, adversarial_eps: float = 0.0):
+               sam_rho: float = 0.0, adversarial_eps: float = 0.0,
+               flat_allreduce: bool = False):
   """One optimizer update on this device's shard of the batch.
 
   The loss is summed over tokens, the gradient and the token count are summed across
@@ -161,7 +162,7 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int,
   # Throughput counts real tokens of every sequence field (padding excluded).
   sums = {**sums, "tokens": sum(jnp.sum(batch[k] > 0).astype(jnp.float32)
                                 for k in ("inputs", "targets") if k in batch)}
-  grads, sums = psum_flat((grads, sums), AXIS)
+  grads, sums = (psum_flat if flat_allreduce else jax.lax.psum)((grads, sums), AXIS)
   grads = jax.tree.map(lambda g: g / jnp.maximum(sums["weight"], 1.0), grads)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(sums["loss"]) & jnp.isfinite(grad_norm)
@@ -180,13 +181,15 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int,
 
 
 def train_steps(state: TrainState, batches, *, task, tx, grad_accum_steps: int,
-                sam_rho: float = 0.0, adversarial_eps: float = 0.0):
+                sam_rho: float = 0.0, adversarial_eps: float = 0.0,
+                flat_allreduce: bool = False):
   """`n` updates in one call: `train_step` scanned over `batches`, whose leaves are
   `[n, ...]` (one batch per update, in order). Returns the state after the last update and
   each update's metrics stacked `[n]`. The same updates as `n` calls of `train_step`; one
   dispatch instead of `n` where the host's per-step overhead matters (short steps)."""
   step = functools.partial(train_step, task=task, tx=tx, grad_accum_steps=grad_accum_steps,
-                           sam_rho=sam_rho, adversarial_eps=adversarial_eps)
+                           sam_rho=sam_rho, adversarial_eps=adversarial_eps,
+                           flat_allreduce=flat_allreduce)
   return jax.lax.scan(step, state, batches)
 
 
@@ -194,7 +197,7 @@ def eval_step(params, batch, head_mask=None, *, task):
   """Summed loss metrics of one batch, summed over devices; `head_mask`: the heads to
   remove (see inspection.attention_maps.head_mask_tree), None for the whole model."""
   masked = {} if head_mask is None else {"head_mask": head_mask}  # the plain call otherwise
-  return psum_flat(task.loss(params, batch, None, train=False, **masked), AXIS)
+  return jax.lax.psum(task.loss(params, batch, None, train=False, **masked), AXIS)
 
 
 def step_devices(devices: Sequence[jax.Device]) -> List[jax.Device]:
@@ -217,7 +220,8 @@ def step_devices(devices: Sequence[jax.Device]) -> List[jax.Device]:
 def _step_options(config) -> dict:
   """train_step's (and train_steps') keyword arguments that come from the config."""
   return dict(grad_accum_steps=config.train.grad_accum_steps, sam_rho=config.optim.sam_rho,
-              adversarial_eps=config.optim.adversarial_eps)
+              adversarial_eps=config.optim.adversarial_eps,
+              flat_allreduce=bool(config.compute.get("flat_allreduce", False)))
 
 
 def compile_steps(task, tx, config, devices: Sequence[jax.Device]):
