@@ -51,7 +51,8 @@ def psum_flat(tree: Any, axis_name: str) -> Any:
   XLA:CPU reduces each array of a many-array all-reduce on its own: the gradients of a
   52-array model took 3.5 ms a step to sum over two devices, where one vector of the same
   size takes 0.3 ms. Concatenating the leaves costs a copy each way. Elsewhere (GPU, TPU)
-  XLA combines the arrays of an all-reduce itself, and this is the plain psum.
+  XLA combines the arrays of an all-reduce itself, and this is the plain psum. The train
+  step uses it with config.compute.flat_allreduce (off by default: docs/performance.md).
   """
   if jax.default_backend() != "cpu":
     return jax.lax.psum(tree, axis_name)
@@ -70,7 +71,6 @@ def psum_flat(tree: Any, axis_name: str) -> Any:
       out[i] = vector[offset:offset + size].reshape(jnp.shape(leaves[i]))
       offset += size
   return jax.tree.unflatten(treedef, out)
-
 
 
 def sam_gradient(loss_fn, params, rho: float):
