@@ -130,10 +130,11 @@ SHAPES = [
           overrides=dict(_NANOGPT, attention_impl="fused"), reference="nanoGPT",
           ref_mfu=47.0, ref_tokens_per_sec=17400.0, note="as nanogpt, fused attention",
           peer="nanogpt_cpu"),
-    Shape("nanogpt_barrier", "generation", "tiny", batch=12, tgt_length=64, vocab_size=65,
-          overrides=dict(_NANOGPT, grad_barrier="on", flat_allreduce=True), reference="nanoGPT",
-          ref_mfu=47.0, ref_tokens_per_sec=17400.0,
-          note="as nanogpt, fusion barriers and the flat all-reduce", peer="nanogpt_cpu"),
+    Shape("nanogpt_no_barrier", "generation", "tiny", batch=12, tgt_length=64, vocab_size=65,
+          overrides=dict(_NANOGPT, grad_barrier="off", flat_allreduce=False),
+          reference="nanoGPT", ref_mfu=47.0, ref_tokens_per_sec=17400.0,
+          note="as nanogpt, no fusion barriers, one all-reduce per array",
+          peer="nanogpt_cpu"),
     Shape("wmt_small", "translation", "small", batch=32, src_length=64, tgt_length=64,
           vocab_size=32000, overrides=_WMT_SMALL, reference="Flax WMT example, small",
           ref_mfu=37.0, note="vocab 32000 (WMT shared SentencePiece)"),
@@ -197,8 +198,9 @@ VARIANT_SHAPES = [
                   scan_layers=True),
 ] + [_family_shape(task, "small", "_fused_qkv", "one q/k/v projection", fused_qkv=True)
      for task in ("translation", "generation", "classification")] + [
-    _family_shape(task, "small", "_barrier", "fusion barriers (models.layers."
-                  "fusion_barrier), flat all-reduce", grad_barrier="on", flat_allreduce=True)
+    _family_shape(task, "small", "_no_barrier", "no fusion barriers (models.layers."
+                  "fusion_barrier), one all-reduce per array", grad_barrier="off",
+                  flat_allreduce=False)
     for task in ("translation", "generation", "classification")]
 # GPU shapes (benchmarks/gpu_mfu.py --shapes=gpu times them with MFU against the card's
 # peak). GPT-2 small as nanoGPT's bench.py builds it: no biases, pre-norm, learned
@@ -612,7 +614,7 @@ def _layers(r: Dict[str, Any]) -> str:
   """remat policy and scan, "-" for the plain model."""
   parts = [f"remat {r['remat']}"] if r["remat"] != "none" else []
   parts += ["scan"] if r["scan_layers"] else []
-  parts += [f"grad barrier {r['grad_barrier']}"] if r.get("grad_barrier", "off") != "off" else []
+  parts += [f"grad barrier {r['grad_barrier']}"] if r.get("grad_barrier", "auto") != "auto" else []
   return ", ".join(parts) or "-"
 
 

@@ -102,8 +102,8 @@ def _compute() -> ml_collections.ConfigDict:
   compute.attention_impl = "reference"  # "reference" (ours), "fused" (jax/cuDNN), "blockwise"
   compute.attention_block_size = 512  # blockwise attention: query and key block length
   compute.remat = "none"  # recompute in backward: none, full (each block), matmuls (save dots)
-  compute.grad_barrier = "off"  # block inputs, gradients computed once: off, on, auto (on on CPU)
-  compute.flat_allreduce = False  # CPU: all-reduce gradients as one flat vector (psum_flat)
+  compute.grad_barrier = "auto"  # block inputs, gradients computed once: auto (on on CPU), on, off
+  compute.flat_allreduce = True  # CPU: all-reduce gradients as one flat vector (psum_flat)
   compute.cpu_devices = 0  # CPU: main.py splits the host into this many pmap devices; 0 = one
   return compute
 

@@ -112,7 +112,7 @@ class TransformerConfig:
   attention_block_size: int = 512  # tile length of the blockwise attention path
   remat: str = "none"  # see REMAT_POLICIES
   scan_layers: bool = False  # nn.scan over the blocks of each stack (parameters stacked)
-  grad_barrier: str = "off"  # GRAD_BARRIERS: each block's input and gradient written once
+  grad_barrier: str = "auto"  # GRAD_BARRIERS: each block's input and gradient written once
   dtype: Any = jnp.float32
   decode: bool = False  # incremental decoding with a key/value cache
   conv_kernel: int = 0  # >0: a convolution sublayer of this width in each encoder block

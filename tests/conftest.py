@@ -6,6 +6,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 # XLA's CPU collectives abort after 40 s waiting for a device thread: on a loaded 2-core
 # machine 8 fake devices can take that long (main.py raises it the same way).
 # The suite compiles hundreds of small programs, and LLVM's optimisation of the generated
@@ -39,3 +41,18 @@ def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   if _OWN_CACHE:
     shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops jax's caches of compiled programs after each test module.
+
+  Each program XLA:CPU loads maps a few regions of memory for its code, and jax's caches
+  keep every program a test compiled alive (train_and_evaluate makes fresh functions each
+  call). A worker running half the suite reached Linux's default limit of 65,530 memory
+  maps a process (vm.max_map_count) near the end and died in XLA's compiler with a
+  segmentation fault. A module's programs are rarely needed by the next module, and the
+  persistent compilation cache above gives back those that are, without compiling."""
+  yield
+  import jax  # pylint: disable=import-outside-toplevel  (after XLA_FLAGS is set above)
+  jax.clear_caches()

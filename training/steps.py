@@ -52,7 +52,7 @@ def psum_flat(tree: Any, axis_name: str) -> Any:
   52-array model took 3.5 ms a step to sum over two devices, where one vector of the same
   size takes 0.3 ms. Concatenating the leaves costs a copy each way. Elsewhere (GPU, TPU)
   XLA combines the arrays of an all-reduce itself, and this is the plain psum. The train
-  step uses it with config.compute.flat_allreduce (off by default: docs/performance.md).
+  step uses it unless config.compute.flat_allreduce is False (docs/performance.md).
   """
   if jax.default_backend() != "cpu":
     return jax.lax.psum(tree, axis_name)
@@ -221,7 +221,7 @@ def _step_options(config) -> dict:
   """train_step's (and train_steps') keyword arguments that come from the config."""
   return dict(grad_accum_steps=config.train.grad_accum_steps, sam_rho=config.optim.sam_rho,
               adversarial_eps=config.optim.adversarial_eps,
-              flat_allreduce=bool(config.compute.get("flat_allreduce", False)))
+              flat_allreduce=bool(config.compute.get("flat_allreduce", True)))
 
 
 def compile_steps(task, tx, config, devices: Sequence[jax.Device]):
