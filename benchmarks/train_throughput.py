@@ -581,6 +581,7 @@ def run_shape(shape: Shape, steps: int, rounds: int, warmup: int, min_round_seco
       "remat": config.compute.get("remat", "none"),
       "scan_layers": config.model.get("scan_layers", False),
       "grad_barrier": cfg.grad_barrier,
+      "flat_allreduce": bool(config.compute.get("flat_allreduce", True)),
       "compile_s": compile_s, "second_call_s": second_call_s, "step_s": step_s,
       "steps_per_round": per_round,
       "round_median_s": [statistics.median(r) for r in round_times],
@@ -611,10 +612,11 @@ def _attention(r: Dict[str, Any]) -> str:
 
 
 def _layers(r: Dict[str, Any]) -> str:
-  """remat policy and scan, "-" for the plain model."""
+  """remat policy, scan and the CPU step options off their defaults; "-" for none."""
   parts = [f"remat {r['remat']}"] if r["remat"] != "none" else []
   parts += ["scan"] if r["scan_layers"] else []
   parts += [f"grad barrier {r['grad_barrier']}"] if r.get("grad_barrier", "auto") != "auto" else []
+  parts += ["all-reduce per array"] if not r.get("flat_allreduce", True) else []
   return ", ".join(parts) or "-"
 
 
