@@ -501,6 +501,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   finally:
     if lock is not None:
       lock.release()
+    # jax's pmap keeps every function it compiled, and the program, for the life of the
+    # process (its cache entry holds the function it is keyed on), so each run's steps
+    # would stay loaded: about 700 memory maps for a tiny run, and Linux stops a process
+    # at 65,530 (vm.max_map_count) with a segmentation fault in the next compile. A
+    # process that trains model after model (a sweep, a notebook) needs them dropped;
+    # other functions compile again on their next call (docs/performance.md).
+    jax.clear_caches()
 
 
 class _Loop:

@@ -188,7 +188,6 @@ def _train_variant(sweep, workdir, overrides, devices, index, variant, config) -
                 config=json.loads(config.to_json()), finished=time.time())
   state["result"] = result
   _write_state(directory, state)
-  jax.clear_caches()  # this variant's compiled steps are not needed again
   write_comparison(sweep, workdir, overrides)
 
 

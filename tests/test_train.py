@@ -1,6 +1,8 @@
 """End-to-end tests of the training loop: learning, resume, device-count invariance, eval,
 non-finite losses, and the command line."""
 
+import functools
+import gc
 import json
 import os
 import re
@@ -220,6 +222,30 @@ def test_nonfinite_loss_stops_without_saving_it(tmp_path):
         jax.device_get(steps.create_state(tasks.get_task(config),
                                           optimizers.make_optimizer(config), 0)), step)
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(state.params))
+
+
+def live_step_functions():
+  """The ids of the live functools.partial objects that wrap training.steps' functions."""
+  gc.collect()
+  return {id(o) for o in gc.get_objects() if isinstance(o, functools.partial)
+          and getattr(o.func, "__module__", "") == steps.__name__}
+
+
+def test_a_finished_run_leaves_no_step_function_alive(tmp_path):
+  """jax's pmap keeps each function it compiled, and its program, for the process's life
+  unless its caches are cleared: a process training model after model would keep every
+  run's programs loaded until it reached Linux's limit of memory maps and crashed.
+  train_and_evaluate drops them when it returns, and when it raises."""
+  before = live_step_functions()
+  config = tiny_config(train=dict(num_train_steps=4, checkpoint_every_steps=4,
+                                  steps_per_call=2))
+  train.train_and_evaluate(config, str(tmp_path / "done"), devices=ONE_DEVICE)
+  assert not live_step_functions() - before
+  config = tiny_config(optim=dict(learning_rate=1e30, max_grad_norm=0.0, warmup_steps=0),
+                       train=dict(num_train_steps=20, checkpoint_every_steps=20))
+  with pytest.raises(train.NonFiniteLossError):
+    train.train_and_evaluate(config, str(tmp_path / "diverged"), devices=ONE_DEVICE)
+  assert not live_step_functions() - before
 
 
 @pytest.mark.parametrize("size", [0, 1, 3])
