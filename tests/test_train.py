@@ -225,9 +225,11 @@ def test_nonfinite_loss_stops_without_saving_it(tmp_path):
 
 
 def live_step_functions():
-  """The ids of the live functools.partial objects that wrap training.steps' functions."""
+  """The ids of the live functools.partial objects that wrap training.steps' functions
+  (`type(o) is`, not isinstance: no __class__ lookup on every object, which wakes
+  deprecation warnings in other libraries' lazy modules)."""
   gc.collect()
-  return {id(o) for o in gc.get_objects() if isinstance(o, functools.partial)
+  return {id(o) for o in gc.get_objects() if type(o) is functools.partial
           and getattr(o.func, "__module__", "") == steps.__name__}
 
 
