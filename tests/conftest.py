@@ -48,11 +48,12 @@ def _free_compiled_programs():
   """Drops jax's caches of compiled programs after each test module.
 
   Each program XLA:CPU loads maps a few regions of memory for its code, and jax's caches
-  keep every program a test compiled alive (train_and_evaluate makes fresh functions each
-  call). A worker running half the suite reached Linux's default limit of 65,530 memory
-  maps a process (vm.max_map_count) near the end and died in XLA's compiler with a
-  segmentation fault. A module's programs are rarely needed by the next module, and the
-  persistent compilation cache above gives back those that are, without compiling."""
+  keep every pmapped function and its program alive until they are cleared
+  (train.train_and_evaluate clears them itself; many tests build steps without it). A
+  worker running half the suite reached Linux's default limit of 65,530 memory maps a
+  process (vm.max_map_count) near the end and died in XLA's compiler with a segmentation
+  fault. A module's programs are rarely needed by the next module, and the persistent
+  compilation cache above gives back those that are, without compiling."""
   yield
   import jax  # pylint: disable=import-outside-toplevel  (after XLA_FLAGS is set above)
   jax.clear_caches()
