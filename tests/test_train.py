@@ -128,6 +128,27 @@ def test_eight_devices_match_one_device(tmp_path):
   assert m1["loss"] == pytest.approx(m8["loss"], rel=1e-4)
 
 
+def test_the_all_reduce_per_array_makes_the_same_updates(tmp_path):
+  """compute.flat_allreduce off (psum array by array) or on (the default, one vector per
+  dtype): on 8 devices, the same losses and parameters."""
+  assert len(jax.local_devices()) == 8
+  flat = tiny_config(train=dict(num_train_steps=5, log_every_steps=1),
+                     eval=dict(eval_every_steps=100))
+  per_array = tiny_config(train=dict(num_train_steps=5, log_every_steps=1),
+                          eval=dict(eval_every_steps=100), compute=dict(flat_allreduce=False))
+  assert flat.compute.flat_allreduce and not per_array.compute.flat_allreduce
+  workdirs = str(tmp_path / "flat"), str(tmp_path / "per_array")
+  for config, workdir in zip((flat, per_array), workdirs):
+    train.train_and_evaluate(config, workdir, devices=jax.local_devices(),
+                             final_evaluation=False)
+  losses = [train_losses(w) for w in workdirs]
+  assert sorted(losses[0]) == sorted(losses[1]) == list(range(1, 6))
+  np.testing.assert_allclose([losses[1][s] for s in range(1, 6)],
+                             [losses[0][s] for s in range(1, 6)], rtol=1e-6)
+  assert_trees_close(restored_state(flat, workdirs[0]).params,
+                     restored_state(per_array, workdirs[1]).params, rtol=1e-6, atol=1e-7)
+
+
 def test_psum_flat_equals_psum_for_every_leaf_and_dtype():
   """The one-vector-per-dtype all-reduce gives each leaf psum's sum, shape and dtype."""
   devices = jax.local_devices()
