@@ -118,7 +118,7 @@ def adversarial_gradient(loss_fn, params, zeros, epsilon: float):
 
 def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int,
                sam_rho: float = 0.0, adversarial_eps: float = 0.0,
-               flat_allreduce: bool = False):
+               flat_allreduce: bool = True):
   """One optimizer update on this device's shard of the batch.
 
   The loss is summed over tokens, the gradient and the token count are summed across
@@ -182,7 +182,7 @@ def train_step(state: TrainState, batch, *, task, tx, grad_accum_steps: int,
 
 def train_steps(state: TrainState, batches, *, task, tx, grad_accum_steps: int,
                 sam_rho: float = 0.0, adversarial_eps: float = 0.0,
-                flat_allreduce: bool = False):
+                flat_allreduce: bool = True):
   """`n` updates in one call: `train_step` scanned over `batches`, whose leaves are
   `[n, ...]` (one batch per update, in order). Returns the state after the last update and
   each update's metrics stacked `[n]`. The same updates as `n` calls of `train_step`; one
