@@ -64,19 +64,54 @@ def run_beside(workdir: str, flags: List[str]) -> dict:
   return {"exit": process.returncode, "last_line": lines[-1] if lines else ""}
 
 
-def flip_byte(workdir: str, step: int, rng: random.Random) -> str:
-  """Flips one bit in the middle part of the largest array file of checkpoint `step`."""
-  files = [os.path.join(root, name) for root, _, names in
-           os.walk(os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state"))
-           for name in names if os.sep + "d" + os.sep in os.path.join(root, name) + os.sep]
-  path = max(files, key=os.path.getsize)
-  with open(path, "r+b") as f:
-    data = bytearray(f.read())
-    offset = rng.randrange(len(data) // 4, 3 * len(data) // 4)
-    data[offset] ^= 1 << rng.randrange(8)
-    f.seek(0)
-    f.write(data)
-  return path
+def _decoded_arrays(state_dir: str) -> Optional[list]:
+  """The arrays of a checkpoint's state item as orbax decodes them, without the checksums;
+  None if they do not decode."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  try:
+    with ocp.PyTreeCheckpointer() as reader:
+      return [np.asarray(x) for x in jax.tree.leaves(reader.restore(state_dir))]
+  except Exception:  # pylint: disable=broad-except  # any failure to decode
+    return None
+
+
+def flip_byte(workdir: str, step: int, rng: random.Random, tries: int = 20) -> str:
+  """Flips one bit of checkpoint `step`'s array files where the checkpoint still decodes
+  but an array's value changed, so that only the checksums can tell; returns the file.
+
+  The value files are zstd frames: a bit flipped in coded data may instead make
+  decompression fail, and OCDBT's tree nodes carry CRC-32C checksums of their own; both are
+  damage any reader notices. So each file, largest first, gets up to `tries` flips in its
+  middle half, each put back unless the arrays still decode and differ. If none does, the
+  largest file keeps one such flip (a damage that does not decode)."""
+  state_dir = os.path.join(os.path.abspath(workdir), "checkpoints", str(step), "state")
+  files = sorted((os.path.join(root, name) for root, _, names in os.walk(state_dir)
+                  for name in names
+                  if os.sep + "d" + os.sep in os.path.join(root, name) + os.sep),
+                 key=os.path.getsize, reverse=True)
+  before = _decoded_arrays(state_dir)
+
+  def flip(path: str, intact: bytes) -> None:
+    data = bytearray(intact)
+    data[rng.randrange(len(data) // 4, 3 * len(data) // 4)] ^= 1 << rng.randrange(8)
+    with open(path, "wb") as f:
+      f.write(data)
+
+  for path in files if before is not None else []:
+    with open(path, "rb") as f:
+      intact = f.read()
+    for _ in range(tries):
+      flip(path, intact)
+      after = _decoded_arrays(state_dir)
+      if after is not None and any(a.tobytes() != b.tobytes() for a, b in zip(before, after)):
+        return path
+    with open(path, "wb") as f:
+      f.write(intact)
+  with open(files[0], "rb") as f:
+    flip(files[0], f.read())
+  return files[0]
 
 
 def entries(directory: str) -> List[str]:

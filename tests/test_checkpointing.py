@@ -5,6 +5,7 @@ metrics.jsonl)."""
 import glob
 import json
 import os
+import random
 import re
 import struct
 import sys
@@ -17,6 +18,7 @@ from tensorboardX.proto import event_pb2
 import modes
 import tasks
 import train
+from benchmarks import fault_injection
 from configs import default, presets
 from input_pipeline import tokenizers
 from input_pipeline.tokenizers import TokenizerError
@@ -123,16 +125,38 @@ def test_interrupted_save_is_not_a_checkpoint(tmp_path, checkpointer):
   resumed.close()
 
 
-def _flip_one_bit(checkpointer, step):
-  """Flips one bit in the middle of step's largest array file (zstd-compressed; at this
-  place it still decodes, to other values): the damage only the checksums can see."""
-  files = [os.path.join(root, name) for root, _, names in
-           os.walk(os.path.join(checkpointer.step_directory(step), "state"))
-           for name in names if os.path.basename(root) == "d"]
-  path = max(files, key=os.path.getsize)
-  data = bytearray(open(path, "rb").read())
-  data[len(data) // 2] ^= 0x01
-  open(path, "wb").write(bytes(data))
+def _flip_one_bit(tmp_path, step):
+  """A bit flipped where the checkpoint still decodes, to other values: the damage only
+  the checksums can see (benchmarks/fault_injection.py)."""
+  fault_injection.flip_byte(str(tmp_path), step, random.Random(step))
+
+
+@pytest.mark.parametrize("values", ["random", "five_distinct"])
+def test_a_flipped_bit_still_decodes_and_only_the_checksums_tell(checkpointer, tmp_path,
+                                                                 values):
+  """The fault tests' bit flip must leave a checkpoint that decodes, or they test the
+  decompressor's error instead of the checksums. Five distinct values compress well enough
+  that zstd codes them (about two flips in three there fail to decompress, measured);
+  random ones it mostly stores as they are."""
+  rng = np.random.default_rng(0)
+  if values == "random":
+    arrays = {"a": rng.standard_normal(4096).astype(np.float32)}
+  else:
+    arrays = {"a": rng.integers(0, 5, 16384).astype(np.float32)}
+  for step in (1, 2, 3, 4):  # four places: a single flip fails to decode in most of them
+    checkpointer.save(step, {"step": np.array(step, np.int32), "params": arrays}, CONFIG)
+    checkpointer.wait()
+    _flip_one_bit(tmp_path, step)
+    decoded = fault_injection._decoded_arrays(  # pylint: disable=protected-access
+        os.path.join(checkpointer.step_directory(step), "state"))
+    assert decoded is not None
+    reader = checkpointing.Checkpointer.for_reading(str(tmp_path))
+    with pytest.raises(checkpointing.CheckpointError,
+                       match=rf"checkpoint step {step} in .* is damaged or incomplete \(the "
+                             r"contents of params/a differ from the checksums written with "
+                             r"them\)"):
+      reader.restore({"step": np.array(0, np.int32), "params": arrays})
+    reader.close()
 
 
 def test_the_checksums_name_a_flipped_bit_and_the_newest_intact_step(checkpointer, tmp_path):
@@ -150,7 +174,7 @@ def test_the_checksums_name_a_flipped_bit_and_the_newest_intact_step(checkpointe
   checkpointer.wait()
   template = _state(0)
   template["params"]["dense"]["bias"] = np.zeros((4096,), np.float32)
-  _flip_one_bit(checkpointer, 2)
+  _flip_one_bit(tmp_path, 2)
   reader = checkpointing.Checkpointer.for_reading(str(tmp_path))
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"checkpoint step 2 in .* is damaged or incomplete \(the contents "
@@ -160,7 +184,7 @@ def test_the_checksums_name_a_flipped_bit_and_the_newest_intact_step(checkpointe
     reader.restore(template)
   np.testing.assert_array_equal(reader.restore(template, step=1)["params"]["dense"]["bias"],
                                 first)
-  _flip_one_bit(checkpointer, 1)
+  _flip_one_bit(tmp_path, 1)
   with pytest.raises(checkpointing.CheckpointError,
                      match=r"step 2 .* no earlier checkpoint restores intact"):
     reader.restore(template)
