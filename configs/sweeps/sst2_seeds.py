@@ -1,5 +1,7 @@
 """SST-2's CPU recipe (configs/classification.py, SST2_CPU) trained with SEEDS seeds of the
-parameter initialisation, dropout and data order, for an ensemble of them.
+parameter initialisation and dropout, for an ensemble of them. The members read the training
+phrases in one order (`config.seed` does not set `data.shuffle_seed`; the figures in
+BENCHMARKS.md were measured so); configs/sweeps/sst2_lstm_seeds.py varies both.
 
     python main.py --mode=sweep --sweep=configs/sweeps/sst2_seeds.py --workdir=runs/sst2_seeds
     python main.py --mode=eval --workdir=runs/sst2_seeds --ensemble='runs/sst2_seeds/seed*'
