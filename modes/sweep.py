@@ -312,8 +312,8 @@ def _markdown(sweep: Sweep, rows: Sequence[Dict[str, Any]], metric_names: Sequen
               "" if r["parameters"] is None else f"{r['parameters']:,}", seconds,
               "" if r["steps"] is None else r["steps"], _number(r["loss"], 4),
               _number(r["perplexity"], 2),
-              *[_number(r["metric"], 2) if r["metric_name"] == name else ""
-                for name in metric_names], r["status"]]
+              *[_number(r["metric"], 4 if abs(r["metric"]) <= 1 else 2)  # 0.8360, 35.12
+                if r["metric_name"] == name else "" for name in metric_names], r["status"]]
     lines.append("| " + " | ".join(cell(v) for v in values) + " |")
   differences = difference_lines(rows)
   if differences:

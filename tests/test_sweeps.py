@@ -211,17 +211,32 @@ def test_loss_plot_gives_every_variant_its_own_line():
   assert len({s[0] for s in styles[:20]}) == 20
 
 
-def _finish(workdir, sweep, variant, overrides):
+def _finish(workdir, sweep, variant, overrides, metrics=None):
   """Records `variant` as finished (done) with the config `overrides` build, as run_sweep
   would, without training."""
   directory = os.path.join(workdir, variant.name)
   os.makedirs(directory)
   config = sweep.config(variant, overrides)
-  result = {"status": "done", "metrics": {"loss": 1.25, "perplexity": 3.5}, "steps": 20,
+  metrics = metrics or {"loss": 1.25, "perplexity": 3.5}
+  result = {"status": "done", "metrics": metrics, "steps": 20,
             "parameters": 1000, "config": json.loads(config.to_json()), "finished": 1.0}
   with open(os.path.join(directory, sweeps.STATE_FILE), "w", encoding="utf-8") as f:
     json.dump({"variant": variant.name, "segments": [{"start": 0.0, "seconds": 5.0}],
                "result": result}, f)
+
+
+@pytest.mark.parametrize("task,metrics,cell", [
+    ("classification", {"loss": 0.4, "accuracy": 0.836}, "| 0.8360 |"),
+    ("translation", {"loss": 1.5, "perplexity": 4.5, "bleu": 35.123}, "| 35.12 |")])
+def test_the_comparison_gives_a_fraction_four_digits_and_a_score_two(tmp_path, task, metrics,
+                                                                     cell):
+  """Accuracies of two seeds often differ in the third digit: 0.836 and 0.843 must not both
+  read 0.84; BLEU keeps two decimals."""
+  sweep = Sweep(tiny_config(task), [Variant("one")], name="digits")
+  _finish(str(tmp_path), sweep, sweep.variants[0], {}, metrics)
+  rows = sweeps.write_comparison(sweep, str(tmp_path))
+  assert rows[0]["metric"] == list(metrics.values())[-1]
+  assert cell in (tmp_path / "comparison.md").read_text()
 
 
 def test_report_without_the_sweeps_flags_counts_finished_variants_and_names_the_flags(
