@@ -15,9 +15,10 @@ Starts `python main.py --workdir=W <flags after -->` and, each time, injects one
                      holder); then SIGTERM to the first (exit 4)
   eval_beside        `--mode=eval` run twice beside the live trainer (each exit 0): a
                      reader must not disturb the trainer's saves; then SIGTERM (exit 4)
-  flip_bits          with no trainer running, one byte of an array file of the newest
-                     checkpoint is flipped: `--mode=eval` must exit 2 naming that step as
-                     damaged; the step is then moved aside, as the message advises
+  flip_bits          with no trainer running, one bit of an array file of the newest
+                     checkpoint is flipped where the checkpoint still decodes (flip_byte):
+                     `--mode=eval` must exit 2 naming that step as damaged; the step is
+                     then moved aside, as the message advises
 After each fault every checkpoint on disk must restore (finite parameters, the right
 step, contents equal to their checksums) and the newest step must not go back. Then the
 run is finished with one more start, and (with --reference) compared bitwise with an
