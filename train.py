@@ -574,8 +574,12 @@ class _Loop:
           except preemption.Stopped as stopped:
             self._stop_waiting(stopped, step, start, p_state, position, stop)
           position = next_position
+          step_fn = self.p_train if n == 1 else self.p_train_many
           with jax.profiler.StepTraceAnnotation("train", step_num=step + 1):
-            p_state, metrics = (self.p_train if n == 1 else self.p_train_many)(p_state, batch)
+            p_state, metrics = step_fn(p_state, batch)
+          # The first call compiles, and so does one with a batch of a new shape
+          # (config.data.length_bucket): the rate and ETA leave it out.
+          self.progress.exclude(step_fn.take_compile_seconds())
           self.history.append(metrics)
           step += n
           trace.after(step, p_state)
@@ -733,9 +737,8 @@ class _Loop:
     self.writer.write_scalars(done, {f"train/{k}": v for k, v in metrics.items()})
     logging.info(
         "step %d/%d  loss %.4f  acc %.4f  lr %.3g  |g| %.3g  %s tok/s  %.1f steps/s  "
-        "ETA %s%s", done, self.config.train.num_train_steps, metrics["loss"],
+        "ETA %s", done, self.config.train.num_train_steps, metrics["loss"],
         metrics["accuracy"], metrics["learning_rate"], metrics["grad_norm"],
         f"{speed['tokens_per_sec']:,.0f}", speed["steps_per_sec"],
-        reporting.format_duration(speed["eta_seconds"]),
-        " (includes compilation)" if speed["includes_compile"] else "")
+        reporting.format_duration(speed["eta_seconds"]))
     self.history = []

@@ -12,7 +12,7 @@ import pytest
 import train
 from inspection import attention_maps
 from tests.tiny_configs import tiny_config
-from training import reporting
+from training import reporting, steps
 
 ONE_DEVICE = jax.local_devices()[:1]
 
@@ -183,3 +183,52 @@ def test_the_final_evaluation_of_an_interrupted_periodic_schedule_is_run(
   assert calls == ["eval", "final evaluation"]
   assert np.isfinite([r["final/loss"] for r in _records(str(tmp_path))
                       if "final/loss" in r]).all()
+
+
+def test_a_new_input_shape_is_announced_and_left_out_of_the_rate(caplog):
+  """A call with inputs of shapes not seen before compiles again: announced and timed like
+  the first compilation, naming the new shapes; the seconds of the calls that compiled
+  (only theirs: not a repeated shape's) are handed to the loop once."""
+  step = steps.AnnouncedCompile(
+      jax.jit(lambda state, x: (state, sum(a.sum() for a in jax.tree.leaves(x)))), "the test step")
+  with caplog.at_level("INFO"), caplog.at_level("INFO", logger="absl"):
+    step(0, np.zeros((2, 3), np.float32))
+    assert step.take_compile_seconds() > 0.0
+    step(0, np.ones((2, 3), np.float32))
+    assert step.take_compile_seconds() == 0.0
+    step(0, {"x": np.zeros((2, 5), np.float32), "y": np.zeros((2, 3), np.float32)})
+    assert step.take_compile_seconds() > 0.0
+    assert step.take_compile_seconds() == 0.0
+    step(0, {"x": np.ones((2, 5), np.float32), "y": np.ones((2, 3), np.float32)})
+    assert step.take_compile_seconds() == 0.0
+    step(0, np.zeros((2, 3), np.int32))  # a new dtype compiles too
+    assert step.take_compile_seconds() > 0.0
+  log = [r.getMessage() for r in caplog.records]
+  assert log.count("compiling the test step ...") == 1
+  again = [line for line in log if "new shapes" in line]
+  assert again[0] == "compiling the test step for inputs of new shapes ([2, 5]) ..."
+  assert again[1].startswith("compiled the test step for inputs of new shapes ([2, 5]) in ")
+  assert again[2] == "compiling the test step for inputs of new shapes ([2, 3]) ..."
+  assert len(again) == 4
+
+
+def test_length_buckets_compile_again_outside_the_rate(tmp_path, monkeypatch, caplog):
+  """With config.data.length_bucket the train step meets several batch lengths: each is
+  announced, and the loop leaves every compilation out of the steps/s and ETA."""
+  excluded, taken = [], []
+  exclude, take = reporting.Progress.exclude, steps.AnnouncedCompile.take_compile_seconds
+  monkeypatch.setattr(reporting.Progress, "exclude",
+                      lambda self, seconds: excluded.append(seconds) or exclude(self, seconds))
+  monkeypatch.setattr(steps.AnnouncedCompile, "take_compile_seconds",
+                      lambda self: taken.append(take(self)) or taken[-1])
+  config = tiny_config("classification", data=dict(length_bucket=2),
+                       train=dict(num_train_steps=12), eval=dict(eval_every_steps=100))
+  with caplog.at_level("INFO"), caplog.at_level("INFO", logger="absl"):
+    train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE,
+                             final_evaluation=False)
+  again = [r.getMessage() for r in caplog.records
+           if r.getMessage().startswith("compiled the train step for inputs of new shapes")]
+  assert again, "the batches had one length: the test no longer tests buckets"
+  compiled = [s for s in taken if s > 0.0]
+  assert len(compiled) == 1 + len(again) and len(taken) == 12  # one take a call
+  assert all(s in excluded for s in compiled)

@@ -213,29 +213,28 @@ def format_duration(seconds: float) -> str:
 class Progress:
   """Throughput and ETA over each interval between log steps.
 
-  Each interval is measured on its own, so the compilation in the first interval slows
-  only that interval's rate and ETA; the first report is flagged `includes_compile`.
+  Each interval is measured on its own, and what `exclude` is told of (evaluations, saves,
+  the train step's compilations) is left out, so the rate and ETA are those of training.
   """
 
   def __init__(self, first_step: int, total_steps: int):
     self.total_steps = total_steps
     self._last_step = first_step
     self._last_time = time.perf_counter()
-    self._first = True
 
   def update(self, step: int, tokens: float) -> dict:
     """Call at a log step with the tokens processed since the last call."""
     now = time.perf_counter()
     elapsed = max(now - self._last_time, 1e-9)
     rate = (step - self._last_step) / elapsed
-    includes_compile, self._first = self._first, False
     self._last_step, self._last_time = step, now
     remaining = (self.total_steps - step) / rate if rate > 0 else float("inf")
     return {"steps_per_sec": rate, "tokens_per_sec": tokens / elapsed,
-            "eta_seconds": remaining, "includes_compile": includes_compile}
+            "eta_seconds": remaining}
 
   def exclude(self, seconds: float) -> None:
-    """Leaves `seconds` of work that is not training (evaluation, saves) out of the rate."""
+    """Leaves `seconds` of work that is not training (evaluation, saves, compilation) out
+    of the rate."""
     self._last_time += seconds
 
 

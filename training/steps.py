@@ -236,24 +236,44 @@ def compile_steps(task, tx, config, devices: Sequence[jax.Device]):
 
 
 class AnnouncedCompile:
-  """A pmapped step whose first call (the one that traces and compiles it: a minute or
-  more for a large model on a busy CPU) is announced, "compiling the train step ...", and
-  timed, "compiled the train step in 1m20s". Everything else (`lower`, ...) is the step's."""
+  """A pmapped step whose compilations are announced and timed. The first call (the one
+  that traces and compiles it: a minute or more for a large model on a busy CPU) logs
+  "compiling the train step ..." and "compiled the train step in 1m20s". A call whose
+  inputs after the first (the batch) have shapes or dtypes not seen before compiles again,
+  as with config.data.length_bucket: it is announced the same way, naming the new shapes.
+  The seconds of both are kept for `take_compile_seconds` (the loop leaves them out of its
+  rate and ETA, as it does evaluations). Everything else (`lower`, ...) is the step's."""
 
   def __init__(self, fn, name: str):
     self.fn, self.name, self.compiled = fn, name, False
+    self._signatures, self._shapes = set(), set()
+    self._compile_seconds = 0.0
 
   def __call__(self, *args):
-    if self.compiled:
+    leaves = jax.tree.leaves(args[1:])
+    signature = tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+    if signature in self._signatures:
       return self.fn(*args)
-    logging.info("compiling %s ...", self.name)
+    what, shapes = self.name, {tuple(x.shape) for x in leaves}
+    if self.compiled:  # the shapes not seen before (all of them if only a dtype is new)
+      new = sorted(shapes - self._shapes or shapes)
+      what += f" for inputs of new shapes ({', '.join(str(list(s)) for s in new)})"
+    logging.info("compiling %s ...", what)
     start = time.perf_counter()
     out = self.fn(*args)  # returns once compiled; the computation itself runs on
-    self.compiled = True
     seconds = time.perf_counter() - start
-    logging.info("compiled %s in %s", self.name, f"{seconds:.1f}s" if seconds < 10
+    self._compile_seconds += seconds
+    self.compiled = True
+    self._signatures.add(signature)
+    self._shapes |= shapes
+    logging.info("compiled %s in %s", what, f"{seconds:.1f}s" if seconds < 10
                  else reporting.format_duration(seconds))
     return out
+
+  def take_compile_seconds(self) -> float:
+    """The seconds spent in calls that compiled, since the last call of this."""
+    seconds, self._compile_seconds = self._compile_seconds, 0.0
+    return seconds
 
   def __getattr__(self, name):
     return getattr(self.fn, name)
