@@ -250,11 +250,11 @@ class AnnouncedCompile:
     self._compile_seconds = 0.0
 
   def __call__(self, *args):
-    leaves = jax.tree.leaves(args[1:])
-    signature = tuple((tuple(x.shape), str(x.dtype)) for x in leaves)
+    leaves = jax.tree.leaves(args[1:])  # (a Python number has no shape: its type stands in)
+    signature = tuple((getattr(x, "shape", ()), getattr(x, "dtype", type(x))) for x in leaves)
     if signature in self._signatures:
       return self.fn(*args)
-    what, shapes = self.name, {tuple(x.shape) for x in leaves}
+    what, shapes = self.name, {tuple(getattr(x, "shape", ())) for x in leaves}
     if self.compiled:  # the shapes not seen before (all of them if only a dtype is new)
       new = sorted(shapes - self._shapes or shapes)
       what += f" for inputs of new shapes ({', '.join(str(list(s)) for s in new)})"
