@@ -257,3 +257,31 @@ def test_configs_doc_lists_every_field_of_every_group():
   assert groups == set(rows)
   for group in groups:
     assert rows[group] == set(config[group].keys()), group
+
+
+# ----------------------------------------------------------------------------- results/
+
+
+@pytest.mark.parametrize("sweep", sorted(
+    d for d in os.listdir(os.path.join(os.path.dirname(DOCS), "results"))
+    if os.path.exists(os.path.join(os.path.dirname(DOCS), "results", d, "comparison.csv"))))
+def test_committed_sweep_results_are_well_formed_and_agree(sweep):
+  """Each committed sweep's comparison.csv parses (every row as wide as the header, as
+  csv.DictReader reads it) and says what its comparison.md says: the same variants in the
+  same order with the same validation losses. A hand edit that breaks the quoting of a
+  field with commas (as once happened to results/since_2017/) fails here."""
+  import csv  # pylint: disable=import-outside-toplevel
+  folder = os.path.join(os.path.dirname(DOCS), "results", sweep)
+  with open(os.path.join(folder, "comparison.csv"), encoding="utf-8", newline="") as f:
+    table = list(csv.reader(f))
+  header, rows = table[0], table[1:]
+  assert rows and all(len(row) == len(header) for row in rows), [
+      row[0] for row in rows if len(row) != len(header)]
+  rows = [dict(zip(header, row)) for row in rows]
+  assert {row["status"] for row in rows} <= {"done", "partial", "failed", "not run"}
+  with open(os.path.join(folder, "comparison.md"), encoding="utf-8") as f:
+    md = [[cell.strip() for cell in line.strip().strip("|").split("|")]
+          for line in f if line.startswith("| ")]
+  column = md[0].index("val loss")
+  assert [cells[0] for cells in md[1:]] == [row["variant"] for row in rows]
+  assert [cells[column] for cells in md[1:]] == [row["val_loss"] for row in rows]
