@@ -433,6 +433,18 @@ def test_symmetric_kl_sum_matches_numpy():
   np.testing.assert_allclose(losses.symmetric_kl_sum(a, b, np.zeros_like(weights)), 0.0)
 
 
+def _padded_batch(task, task_name):
+  """Four rows of digits, 4 to 10 real tokens then padding (labels for a classifier)."""
+  rng = np.random.default_rng(0)
+  tokens = jnp.asarray(np.where(np.arange(10) < rng.integers(4, 11, (4, 1)),
+                                rng.integers(0, 10, (4, 10)) + synthetic.FIRST_DIGIT, 0),
+                       jnp.int32)
+  batch = {k: tokens for k in task.batch_lengths(task.config)}
+  if task_name == "classification":
+    batch["label"] = jnp.asarray([0, 1, 1, 0], jnp.int32)
+  return batch
+
+
 def _rdrop_config(task_name, dropout, alpha):
   config = default.get_config(f"task={task_name},size=tiny")
   presets.update_groups(config, dict(optim=dict(
@@ -452,13 +464,7 @@ def test_rdrop_loss_is_the_mean_of_two_dropout_passes_and_their_kl(task_name):
   task = tasks.get_task(_rdrop_config(task_name, 0.3, alpha))
   plain = tasks.get_task(_rdrop_config(task_name, 0.3, 0.0))
   params = task.init_params(jax.random.PRNGKey(0))
-  rng = np.random.default_rng(0)
-  tokens = jnp.asarray(np.where(np.arange(10) < rng.integers(4, 11, (4, 1)),
-                                rng.integers(0, 10, (4, 10)) + synthetic.FIRST_DIGIT, 0),
-                       jnp.int32)
-  batch = {k: tokens for k in task.batch_lengths(task.config)}
-  if task_name == "classification":
-    batch["label"] = jnp.asarray([0, 1, 1, 0], jnp.int32)
+  batch = _padded_batch(task, task_name)
   key = jax.random.PRNGKey(3)
   keys = (key, jax.random.fold_in(key, tasks.base.RDROP_STREAM))
   passes = [jax.tree.map(float, plain.loss(params, batch, k, train=True)) for k in keys]
@@ -500,3 +506,32 @@ def test_rdrop_in_masked_token_pretraining_and_without_dropout():
   want = tasks.get_task(config).loss(params, batch, key, train=True)
   assert "rdrop_kl" not in want
   np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("task_name", ["classification", "generation", "translation"])
+def test_the_z_loss_reaches_training_and_only_training(task_name):
+  """optim.z_loss through each task's loss (tasks/base.py), not only losses.py: the
+  training loss is the evaluation loss plus z_loss times the sum over real positions of
+  (log Z)^2, NumPy from the model's logits (no dropout, so both read the same logits);
+  evaluation scores the cross-entropy alone, and a zero z-loss adds nothing."""
+  z = 1e-2
+  config = _rdrop_config(task_name, 0.0, 0.0)
+  config.optim.z_loss = z
+  task = tasks.get_task(config)
+  params = task.init_params(jax.random.PRNGKey(0))
+  batch = _padded_batch(task, task_name)
+  key = jax.random.PRNGKey(3)
+  trained = jax.tree.map(float, task.loss(params, batch, key, train=True))
+  evaluated = jax.tree.map(float, task.loss(params, batch, key, train=False))
+  logits = np.asarray(task.model.apply({"params": params}, **task.model_inputs(batch),
+                                       deterministic=True), np.float64)
+  _, weights = task.loss_targets(batch)
+  log_z = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+  squares = np.sum(log_z**2 * np.asarray(weights))
+  assert squares > 1e-2 and "log_z_squared" not in evaluated
+  np.testing.assert_allclose(trained["log_z_squared"], squares, rtol=1e-4)
+  np.testing.assert_allclose(trained["loss"], evaluated["loss"] + z * squares, rtol=1e-5)
+  np.testing.assert_allclose(trained["nll"], evaluated["nll"], rtol=1e-6)
+  config.optim.z_loss = 0.0
+  plain = jax.tree.map(float, tasks.get_task(config).loss(params, batch, key, train=True))
+  np.testing.assert_allclose(plain["loss"], evaluated["loss"], rtol=1e-6)

@@ -7,11 +7,12 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 import numpy as np
 import pytest
 
 from models import attention, layers
-from models.transformer import DecoderOnly, Encoder, EncoderDecoder, InvalidField
+from models.transformer import Classifier, DecoderOnly, Encoder, EncoderDecoder, InvalidField
 from tasks import losses
 from tests.model_fixtures import init_params, tiny_model_config
 from tests.tiny_configs import tiny_config
@@ -368,3 +369,58 @@ def test_muon_orthogonalises_hidden_matrices_and_leaves_the_rest_to_adam():
   q = np.asarray(updates["decoder"]["block_0"]["self_attention"]["query"]["kernel"])
   sq = np.linalg.svd(q.reshape(8, 8), compute_uv=False)  # d_model x (heads * head_dim)
   assert sq.max() / sq.min() < 2.0
+
+
+# ----------------------------------------------------------------------------- the models
+
+
+def _calls(model, params, *args):
+  """(module, output) of every norm, attention and feed-forward call in one forward pass."""
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.method_name == "__call__" and isinstance(
+        context.module, (layers.LayerNorm, layers.RMSNorm, attention.MultiHeadAttention,
+                         layers.FeedForward)):
+      seen.append((context.module, args, out))
+    return out
+  with nn.intercept_methods(record):
+    model.apply({"params": params}, *args)
+  return seen
+
+
+@pytest.mark.parametrize("family", ["encoder_decoder", "decoder_only", "classifier"])
+@pytest.mark.parametrize("activation", ["swiglu", "geglu", "relu2"])
+def test_every_layer_of_each_model_is_the_kind_its_config_names(family, activation):
+  """norm, qk_norm and activation reach every layer of all three models (the NumPy tests
+  above check each layer alone): every norm is an RMSNorm computing np_rms_norm of its
+  input, every attention (self and cross) normalises its queries and keys, every
+  feed-forward uses the configured activation; and the paper's settings give none of it."""
+  src, tgt = jnp.asarray(RNG.integers(1, 16, (2, 5))), jnp.asarray(RNG.integers(1, 16, (2, 4)))
+  model_class, args = {"encoder_decoder": (EncoderDecoder, (src, tgt)),
+                       "decoder_only": (DecoderOnly, (tgt,)),
+                       "classifier": (Classifier, (src,))}[family]
+  modern = dict(norm="rms", qk_norm=True, activation=activation, norm_placement="pre")
+  cfg = tiny_model_config(**modern)
+  model = model_class(cfg)
+  params = init_params(model, *args)
+  calls = _calls(model, params, *args)
+  norms = [(m, a, o) for m, a, o in calls if isinstance(m, (layers.LayerNorm, layers.RMSNorm))]
+  blocks = cfg.num_encoder_layers * (family != "decoder_only") + cfg.num_decoder_layers * (
+      family != "classifier")
+  assert len(norms) >= 2 * blocks and all(isinstance(m, layers.RMSNorm) for m, _, _ in norms)
+  for module, (x,), out in norms:
+    scale = np.asarray(module.variables["params"]["scale"])
+    np.testing.assert_allclose(out, np_rms_norm(np.asarray(x, np.float64), scale, 1e-6),
+                               rtol=1e-4, atol=1e-5)
+  attentions = [m for m, _, _ in calls if isinstance(m, attention.MultiHeadAttention)]
+  feed_forwards = [m for m, _, _ in calls if isinstance(m, layers.FeedForward)]
+  assert len(attentions) >= blocks and len(feed_forwards) == blocks
+  assert {m.qk_norm for m in attentions} == {"rms"}
+  assert {m.activation for m in feed_forwards} == {activation}
+  paper = model_class(tiny_model_config())
+  calls = _calls(paper, init_params(paper, *args), *args)
+  assert not any(isinstance(m, layers.RMSNorm) for m, _, _ in calls)
+  assert {m.qk_norm for m, _, _ in calls if isinstance(m, attention.MultiHeadAttention)} == {""}
+  assert {m.activation for m, _, _ in calls if isinstance(m, layers.FeedForward)} == {"relu"}
