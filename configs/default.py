@@ -153,7 +153,7 @@ def _optim(task: str) -> ml_collections.ConfigDict:
   optim.warmup_steps = 200  # linear warmup length
   optim.adam_b1 = 0.9  # Adam beta1
   optim.adam_b2 = 0.98  # Adam beta2 (paper: 0.98)
-  optim.adam_eps = 1e-9  # Adam epsilon (paper: 1e-9)
+  optim.adam_eps = 1e-9  # Adam epsilon (paper: 1e-9); not muon's Adam part (optax: 1e-8)
   optim.sgd_momentum = 0.9  # sgd: heavy-ball momentum (0 = plain gradient descent)
   optim.weight_decay = 0.0  # adamw, muon: decoupled weight decay; sgd: decay * w added to gradients
   optim.max_grad_norm = 1.0  # global-norm gradient clipping; 0 disables it

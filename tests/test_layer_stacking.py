@@ -160,16 +160,19 @@ def test_remat_with_scanned_layers_cuts_the_backward_memory():
 # ----------------------------------------------------------------------------- tasks
 
 
-def _task_pair(task_name, **overrides):
-  """The same tiny task with plain and with scanned (and rematerialised) layers;
-  `overrides` are grouped (`decode=dict(beam_size=3)`), of groups other than model and
-  compute."""
-  config = tiny_config(task_name, model=dict(num_encoder_layers=2, num_decoder_layers=2),
-                       **overrides)
-  plain = tasks.get_task(config)
-  scanned_config = tiny_config(task_name,
-                               model=dict(num_encoder_layers=2, num_decoder_layers=2,
-                                          scan_layers=True),
+# The same as a task's model fields (two heads sharing one key/value head), pre-norm and
+# untied, with the z-loss: every component since 2017 at once.
+SINCE_2017_TASK = dict(model=dict(SINCE_2017, norm_placement="pre", tie_output=False),
+                       optim=dict(z_loss=1e-4))
+
+
+def _task_pair(task_name, model=None, **overrides):
+  """The same tiny task with plain and with scanned (and rematerialised) layers; `model`:
+  more model fields; `overrides` are grouped (`decode=dict(beam_size=3)`), of groups other
+  than model and compute."""
+  model = dict(num_encoder_layers=2, num_decoder_layers=2, **(model or {}))
+  plain = tasks.get_task(tiny_config(task_name, model=model, **overrides))
+  scanned_config = tiny_config(task_name, model=dict(model, scan_layers=True),
                                compute=dict(remat="full"), **overrides)
   return plain, tasks.get_task(scanned_config)
 
@@ -184,10 +187,14 @@ def _eval_batch(task):
     ("translation", dict(decode=dict(beam_size=3))),
     ("generation", dict()),
     ("classification", dict()),
+    ("translation", dict(decode=dict(beam_size=3), **SINCE_2017_TASK)),
+    ("generation", SINCE_2017_TASK),
+    ("classification", SINCE_2017_TASK),
 ])
 def test_scanned_task_predicts_and_scores_like_the_plain_task(task_name, overrides):
   """Decoding (greedy, beam search, sampling through the cache) with a scanned model's
-  parameters gives the plain model's tokens, and the eval loss is the same."""
+  parameters gives the plain model's tokens, and the eval loss is the same; also with
+  every component since 2017."""
   plain, scanned = _task_pair(task_name, **overrides)
   params = plain.init_params(jax.random.PRNGKey(0))
   stacked = transformer.stack_layers(params)
@@ -203,11 +210,12 @@ def test_scanned_task_predicts_and_scores_like_the_plain_task(task_name, overrid
     np.testing.assert_allclose(a, expected[1], rtol=1e-5, err_msg=name)
 
 
-def test_head_mask_applies_to_scanned_layers():
+@pytest.mark.parametrize("overrides", [{}, SINCE_2017_TASK], ids=["paper", "since_2017"])
+def test_head_mask_applies_to_scanned_layers(overrides):
   """Removing a head through the per-block `head_mask` tree changes the scanned model's
   loss exactly as it changes the plain model's."""
   from inspection import attention_maps  # pylint: disable=g-import-not-at-top
-  plain, scanned = _task_pair("translation")
+  plain, scanned = _task_pair("translation", **overrides)
   params = plain.init_params(jax.random.PRNGKey(1))
   b = _eval_batch(plain)
   masks = {kind: np.ones(shape, np.float32)
@@ -220,6 +228,31 @@ def test_head_mask_applies_to_scanned_layers():
   unmasked = plain.loss(params, b, None, False)["loss"]
   assert not np.isclose(plain_loss, unmasked)
   np.testing.assert_allclose(scanned_loss, plain_loss, rtol=1e-5)
+
+
+@pytest.mark.parametrize("task_name", ["translation", "generation", "classification"])
+def test_attention_maps_of_the_components_since_2017_plain_and_scanned(task_name):
+  """--mode=attention's maps of a model with every component since 2017 (rotary
+  positions, one key/value head for two query heads, QK-norm, ...): every row a
+  distribution over the keys, one map per layer and query head, and the scanned model's
+  maps the plain model's."""
+  from inspection import attention_maps  # pylint: disable=g-import-not-at-top
+  plain, scanned = _task_pair(task_name, **SINCE_2017_TASK)
+  params = plain.init_params(jax.random.PRNGKey(2))
+  source = plain.data_source("eval")
+  fields = set(plain.attention_fields.values())
+  examples = [{k: np.asarray(v) for k, v in source[i].items() if k in fields}
+              for i in range(2)]
+  maps = attention_maps.example_maps(plain, params, examples)
+  scanned_maps = attention_maps.example_maps(scanned, transformer.stack_layers(params),
+                                             examples)
+  shapes = attention_maps.layout(plain)
+  assert set(maps[0].weights) == set(shapes)
+  for kind, (layers, heads) in shapes.items():
+    weights = maps[0].weights[kind]
+    assert weights.shape[:2] == (layers, heads)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(scanned_maps[0].weights[kind], weights, atol=1e-5)
 
 
 def largest_fusion(num_layers: int, grad_barrier: str, norm_placement: str) -> int:

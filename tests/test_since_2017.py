@@ -371,6 +371,35 @@ def test_muon_orthogonalises_hidden_matrices_and_leaves_the_rest_to_adam():
   assert sq.max() / sq.min() < 2.0
 
 
+def test_muon_updates_scanned_layers_as_it_updates_separate_ones():
+  """With scan_layers the blocks' kernels are stacked on a leading axis: Muon must still
+  orthogonalise each block's matrix alone (not the stack as one matrix), so the update of
+  the stacked parameters, unstacked, is the update of the separate blocks."""
+  import tasks  # pylint: disable=import-outside-toplevel
+  from models import transformer  # pylint: disable=import-outside-toplevel
+  config = tiny_config("generation", model=dict(num_decoder_layers=3, num_kv_heads=1,
+                                                activation="swiglu", qk_norm=True),
+                       optim=dict(optimizer="muon", warmup_steps=0, schedule="constant",
+                                  max_grad_norm=0.0))
+  task = tasks.get_task(config)
+  params = task.init_params(jax.random.PRNGKey(0))
+  batch = jax.tree.map(lambda x: jnp.asarray(x[0]),
+                       task.eval_dataset("eval", batch_size=8, num_devices=1)[0])
+  grads = jax.grad(lambda p: task.loss(p, batch, None, False)["loss"])(params)
+  tx = optimizers.make_optimizer(config)
+  separate, _ = tx.update(grads, tx.init(params), params)
+  stacked_params = transformer.stack_layers(params)
+  stacked, _ = tx.update(transformer.stack_layers(grads), tx.init(stacked_params),
+                         stacked_params)
+  assert jax.tree.structure(stacked_params) != jax.tree.structure(params)
+  kernel = stacked_params["decoder"]["layers"]["block"]["ffn"]["wi"]["kernel"]
+  assert kernel.shape[0] == 3  # the blocks, stacked
+  for (path, want), got in zip(jax.tree_util.tree_leaves_with_path(separate),
+                               jax.tree.leaves(transformer.unstack_layers(stacked))):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6,
+                               err_msg=jax.tree_util.keystr(path))
+
+
 # ----------------------------------------------------------------------------- the models
 
 

@@ -96,8 +96,10 @@ def make_optimizer(config) -> optax.GradientTransformation:
   Muon (Jordan et al., 2024) updates each hidden weight matrix by the orthogonalised
   (Newton-Schulz) Nesterov momentum of its gradient, at `muon_learning_rate`; every other
   parameter takes AdamW at `learning_rate` (optax.contrib.muon). Both follow the schedule.
-  SGD: heavy-ball momentum `sgd_momentum`, with `weight_decay * w` added to the gradient
-  (L2, biases and norms included, after clipping).
+  `adam_eps` is not passed to it: optax.contrib.muon has one `eps` (1e-8) for its
+  Newton-Schulz normalisation and its Adam part alike, and the since-2017 results were
+  measured with it. SGD: heavy-ball momentum `sgd_momentum`, with `weight_decay * w` added
+  to the gradient (L2, biases and norms included, after clipping).
   """
   o = config.optim
   if o.optimizer not in OPTIMIZERS:
