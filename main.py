@@ -210,9 +210,14 @@ exit status: 0 done; 2 a user error (one line "error: ..."); 3 a non-finite loss
 
 
 def _read_input(path: str):
-  """The lines of --input (a file, or standard input for -)."""
+  """The lines of --input (a file, or standard input for -), read as UTF-8."""
   if path == "-":
-    return sys.stdin.read().splitlines()
+    data = sys.stdin.buffer.read()  # bytes: the text stream's decoding depends on the locale
+    try:
+      return data.decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+      _user_error(f"standard input: cannot read it as UTF-8 text ({e}); convert it first, "
+                  f"e.g. with iconv -f latin1 -t utf-8")
   try:
     with open(path, encoding="utf-8") as f:
       return f.read().splitlines()
@@ -635,6 +640,20 @@ def _refuse_flags_of_other_modes(mode: str) -> None:
                   f"ignore it")
 
 
+def _refuse_text_flags_not_utf8() -> None:
+  """--prompt and --reference arrive as the shell passed their bytes; those that are not
+  UTF-8 reach Python as lone surrogates, which no tokenizer can encode."""
+  for name in ("prompt", "reference"):
+    values = flags.FLAGS[name].value
+    for value in values if isinstance(values, list) else [values] if values else []:
+      try:
+        value.encode("utf-8")
+      except UnicodeEncodeError:
+        shown = value.encode("utf-8", "surrogateescape")
+        _user_error(f"--{name}={shown!r} is not UTF-8 text; give it in UTF-8 (a terminal "
+                    f"or file in another encoding: convert it, e.g. with iconv -t utf-8)")
+
+
 def main(argv):
   if len(argv) > 1:
     _user_error(f"unexpected arguments: {' '.join(argv[1:])} (options are --flags, e.g. "
@@ -642,6 +661,7 @@ def main(argv):
   if not flags.FLAGS.workdir.strip():
     _user_error("--workdir is empty: give the directory of the run (created if missing)")
   _refuse_flags_of_other_modes(flags.FLAGS.mode)
+  _refuse_text_flags_not_utf8()
   _refuse_preset_labels(flags.FLAGS.mode)
   config = _load_config()
   sweep, overrides = _load_sweep()

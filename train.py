@@ -432,8 +432,10 @@ def _close_all(*closables) -> None:
 
 
 def _restore_or_create(config, workdir, task, tx, checkpoints, is_chief):
-  """(host state, data iterator state) of the newest checkpoint, or a fresh state. The
-  checkpoint's model is checked against `config` before config.json is replaced."""
+  """(host state, data iterator state) of the newest checkpoint, or a fresh state.
+  config.json is replaced only once the checkpoint has restored into `config`'s model: a
+  run refused on the way (another model, or one allow_config_change let past the checks
+  whose shapes do not fit) leaves the workdir's config as it was."""
   start_step = checkpoints.latest_step()
   state = steps.create_state(task, tx, config.seed)
   data_state, saved = None, {}
@@ -441,7 +443,6 @@ def _restore_or_create(config, workdir, task, tx, checkpoints, is_chief):
     saved = default.group_flat_config(checkpoints.restore_config(start_step) or {})
     check_same_model(saved, config, checkpoints.directory)
     tokenizers.check_same_tokenizer(saved, task, config, checkpoints.directory)
-  _prepare_workdir(workdir, config, is_chief)
   logging.info("%s", reporting.config_summary(
       config, default.get_config(f"task={config.task}"),
       f"configs/default.py:task={config.task}", os.path.join(workdir, "config.json")))
@@ -457,6 +458,7 @@ def _restore_or_create(config, workdir, task, tx, checkpoints, is_chief):
         config, saved.get("train", {}).get("num_train_steps"), int(state.step))
     if note and is_chief:  # the decay restarts: said once, the run goes on
       logging.warning(note)
+  _prepare_workdir(workdir, config, is_chief)
   return state, data_state
 
 

@@ -35,7 +35,13 @@ def resolve_config(workdir: str, file_config: ml_collections.ConfigDict,
   the workdir with `overrides` ({"group.field": value}, typed by config_flags) applied.
   Raises ConfigError for an unreadable saved config or an override of a model field."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if explicit_file or not os.path.isfile(path):
+  if explicit_file:
+    return file_config
+  if not os.path.isfile(path):
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+      raise ConfigError(f"{workdir} has checkpoints but no {CONFIG_FILE} (the config "
+                        f"training saved there); give the run's --config=FILE and flags")
     return file_config
   config = _saved_config(path)
   _refuse_model_changes(config, overrides, workdir, path)
@@ -51,10 +57,12 @@ def _saved_config(path: str) -> ml_collections.ConfigDict:
   keeps its default; one removed since is dropped); allow_config_change off."""
   try:
     with open(path, encoding="utf-8") as f:
-      saved = default.group_flat_config(json.load(f))
+      saved = json.load(f)
   except (OSError, UnicodeDecodeError, ValueError) as e:
     raise ConfigError(f"cannot read the config saved in {path} ({e}); give the run's "
                       f"--config=FILE and flags, or another --workdir") from e
+  if isinstance(saved, dict):
+    saved = default.group_flat_config(saved)
   if not isinstance(saved, dict) or saved.get("task") not in default.TASKS:
     raise ConfigError(f"the config saved in {path} has no task of {', '.join(default.TASKS)}; "
                       f"give the run's --config=FILE and flags, or another --workdir")

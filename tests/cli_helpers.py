@@ -10,11 +10,18 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*args, stdin=None, cwd=REPO):
-  """`python main.py *args` with one CPU device (the tests' 8 fake devices removed)."""
+  """`python main.py *args` with one CPU device (the tests' 8 fake devices removed);
+  `stdin` text, or bytes passed as they are (its output is then decoded as UTF-8)."""
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   env["XLA_FLAGS"] = cpu_device_flags(0, env.get("XLA_FLAGS", ""))
-  return subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=cwd,
-                        env=env, input=stdin, capture_output=True, text=True, timeout=300)
+  binary = isinstance(stdin, bytes)
+  result = subprocess.run([sys.executable, os.path.join(REPO, "main.py"), *args], cwd=cwd,
+                          env=env, input=stdin, capture_output=True, text=not binary,
+                          timeout=300)
+  if binary:
+    result.stdout = result.stdout.decode("utf-8", "replace")
+    result.stderr = result.stderr.decode("utf-8", "replace")
+  return result
 
 
 def assert_one_error_line(result, *expected):

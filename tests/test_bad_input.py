@@ -87,7 +87,7 @@ class Case:
   args: Sequence[str] = ()  # other arguments
   files: Files = dataclasses.field(default_factory=dict)  # changes to the good files
   config: Optional[str] = None  # --config=... instead of configs/<task>.py
-  stdin: Optional[str] = None
+  stdin: Optional[Union[str, bytes]] = None
   existing_workdir: bool = False  # the workdir exists (empty) before the run
   overrides: bool = True  # False: no --config.<field> flags (a config without the fields)
 
@@ -290,6 +290,11 @@ CASES = [
     Case("decode_input_not_utf8", "translation",
          ("--input={tmp}/input.de", "cannot read it as UTF-8", "0xff"),
          args=["--mode=decode", "--input={tmp}/input.de"]),
+    Case("decode_stdin_not_utf8", "translation",
+         ("standard input: cannot read it as UTF-8", "0xe9"),
+         args=["--mode=decode"], stdin=b"der hund\nsieht \xe9 die katze\n"),
+    Case("prompt_not_utf8", "generation", ("--prompt=", "is not UTF-8 text"),
+         args=["--mode=generate", "--prompt=caf\udce9"]),
     # -- broken data files
     Case("ragged_parallel_files", "translation",
          ("parallel files of different lengths", "{data}/train.de has 64 lines",

@@ -310,7 +310,11 @@ def test_a_model_field_that_differs_from_the_workdir_is_refused(trained, tmp_pat
 
 
 def test_an_incompatible_checkpoint_names_the_differing_parameters(trained, tmp_path):
+  """allow_config_change lets a changed model try the checkpoint: shapes that do not fit
+  are named, and the refused run leaves the workdir's config.json as it was (the
+  message sends the user to it; a run that rewrote it would lock the workdir out)."""
   config, workdir = _copy(trained, tmp_path)
+  before = open(os.path.join(workdir, "config.json"), encoding="utf-8").read()
   config.model.d_model = 48
   config.train.allow_config_change = True
   with pytest.raises(checkpointing.CheckpointError,
@@ -318,6 +322,7 @@ def test_an_incompatible_checkpoint_names_the_differing_parameters(trained, tmp_
                            r"params/.* is float32\[.*32.*\] in the checkpoint, "
                            r"float32\[.*48.*\] in the model"):
     train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  assert open(os.path.join(workdir, "config.json"), encoding="utf-8").read() == before
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage_metadata", "delete_arrays",

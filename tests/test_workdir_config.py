@@ -154,3 +154,22 @@ def test_an_accelerator_preset_without_the_accelerator_says_so_once(tmp_path):
   notes = [line for line in result.stderr.splitlines()
            if "config.accel=gpu, but JAX found no GPU: running on cpu" in line]
   assert len(notes) == 1, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("content", ["", '{"task": "transl', "\x00\x01binary", "null", "[1, 2]",
+                                     '{"task": "poetry"}', None])
+def test_a_damaged_or_missing_config_json_is_named(tmp_path, content):
+  """A workdir's config.json that is empty, cut short, binary, valid JSON of another
+  shape, or of no task this code has, or missing beside checkpoints: a ConfigError (one
+  line from main.py) naming the file and what to give instead, not a traceback and not
+  a silent run on the default config."""
+  from config_checks import ConfigError  # pylint: disable=import-outside-toplevel
+  from configs import default  # pylint: disable=import-outside-toplevel
+  from modes import workdir_config  # pylint: disable=import-outside-toplevel
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints" / "4").mkdir(parents=True)
+  if content is not None:
+    (workdir / "config.json").write_text(content, encoding="utf-8")
+  with pytest.raises(ConfigError, match=r"config.json|config saved in .*config.json") as e:
+    workdir_config.resolve_config(str(workdir), default.get_config(), {}, False)
+  assert "--config=FILE" in str(e.value)
