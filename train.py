@@ -431,6 +431,23 @@ def _close_all(*closables) -> None:
       logging.error("while closing %s: %s", type(item).__name__, e)
 
 
+def _refuse_another_model(config, workdir: str) -> None:
+  """check_same_model against the workdir's config.json when the workdir has checkpoints,
+  before the task is built: building it writes the tokenizer into the workdir, and a run
+  of another task or model must leave that workdir as it found it. The checkpoint's own
+  config is checked again when it is restored (_restore_or_create)."""
+  path, saved_in = os.path.join(workdir, "config.json"), os.path.join(workdir, "checkpoints")
+  if not (os.path.isfile(path) and os.path.isdir(saved_in) and os.listdir(saved_in)):
+    return
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, UnicodeDecodeError, ValueError):
+    return  # unreadable: the checkpoint's copy of the config is checked later
+  if isinstance(saved, dict):
+    check_same_model(saved, config, saved_in)
+
+
 def _restore_or_create(config, workdir, task, tx, checkpoints, is_chief):
   """(host state, data iterator state) of the newest checkpoint, or a fresh state.
   config.json is replaced only once the checkpoint has restored into `config`'s model: a
@@ -482,6 +499,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     lock.acquire()
   try:
     try:  # the training data is checked before anything else is written into the workdir
+      _refuse_another_model(config, workdir)
       devices, task, tx, eval_dataset = open_task(config, workdir, devices)
       train_dataset = task.train_dataset(config.train.batch_size, len(devices),
                                          jax.process_index(), jax.process_count())

@@ -34,7 +34,9 @@ def text_file_path(directory: str, stem: str) -> str:
 
 
 def read_text(path: str) -> str:
-  """The whole text of a plain or gzipped UTF-8 file.
+  """The whole text of a plain or gzipped UTF-8 file, without a leading byte-order mark
+  (Windows editors write one; left in, it would become part of the first line's first
+  word, or of a table's first column name).
 
   Raises DataError naming the file (and, for bad UTF-8, the line) when the file is missing,
   unreadable or not UTF-8.
@@ -48,7 +50,7 @@ def read_text(path: str) -> str:
   except (OSError, EOFError) as e:
     raise DataError(f"{path}: cannot read it ({e})") from e
   try:
-    return raw.decode("utf-8")
+    return raw.decode("utf-8").removeprefix("\ufeff")
   except UnicodeDecodeError as e:
     line = raw[:e.start].count(b"\n") + 1
     raise DataError(f"{path}, line {line}: not valid UTF-8 (byte {raw[e.start]:#04x}); "

@@ -52,12 +52,40 @@ PLOT_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 def read_state(directory: str) -> Dict[str, Any]:
-  """A variant's sweep.json ({} when it has none)."""
+  """A variant's sweep.json ({} when it has none). One that cannot be read, or is not
+  the record this module writes, raises SweepError naming it."""
   path = os.path.join(directory, STATE_FILE)
   if not os.path.exists(path):
     return {}
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  try:
+    with open(path, encoding="utf-8") as f:
+      state = json.load(f)
+    problem = _state_problem(state)
+  except (OSError, UnicodeDecodeError, ValueError) as e:
+    problem = str(e)
+  if problem:
+    raise SweepError(f"{path} is damaged ({problem}); delete it to train this variant "
+                     f"again (its recorded time and result are lost), or put back a copy")
+  return state
+
+
+def _state_problem(state) -> str:
+  """What is wrong with a sweep.json's content ('' if nothing)."""
+  number = (int, float)
+  if not isinstance(state, dict):
+    return f"a JSON {type(state).__name__}, not an object"
+  segments = state.get("segments", [])
+  if not isinstance(segments, list) or not all(
+      isinstance(s, dict) and isinstance(s.get("start"), number)
+      and isinstance(s.get("seconds"), (*number, type(None))) for s in segments):
+    return "'segments' is not a list of {start, seconds}"
+  result = state.get("result")
+  if result is not None and not (isinstance(result, dict)
+                                 and isinstance(result.get("status"), str)
+                                 and isinstance(result.get("metrics", {}), dict)
+                                 and isinstance(result.get("config", {}), dict)):
+    return "'result' is not an object with a status, metrics and config"
+  return ""
 
 
 def _write_state(directory: str, state: Mapping[str, Any]) -> None:

@@ -46,7 +46,7 @@ def download_hint(folder: str) -> str:
 def read_config(folder: str) -> Dict[str, Any]:
   """The folder's config.json, checked to exist and to be a JSON object."""
   if not os.path.isdir(folder):
-    raise PretrainedError(f"config.model.init_from={folder}: no such folder; "
+    raise PretrainedError(f"config.init_from={folder}: no such folder; "
                           f"{download_hint(folder)}")
   path = os.path.join(folder, CONFIG_FILE)
   try:

@@ -309,6 +309,32 @@ def test_a_model_field_that_differs_from_the_workdir_is_refused(trained, tmp_pat
   assert "loss" in modes.evaluate_checkpoint(config, workdir, devices=ONE_DEVICE)
 
 
+def _listing(directory):
+  """path -> (size, mtime) of every file under `directory` but the trainers' lock (each
+  trainer, refused or not, takes it: workdir_lock)."""
+  return {os.path.join(root, name): (os.stat(os.path.join(root, name)).st_size,
+                                     os.stat(os.path.join(root, name)).st_mtime_ns)
+          for root, _, names in os.walk(directory) for name in names
+          if name != workdir_lock.LOCK_FILE}
+
+
+def test_another_task_on_a_trained_workdir_is_refused_before_it_writes(trained, tmp_path,
+                                                                       monkeypatch):
+  """A config of another task (or model) given a workdir with checkpoints is refused
+  from the workdir's config.json before the task is built: building it would write that
+  task's tokenizer into the other run's workdir, and its checks (a vocabulary size) would
+  speak first and advise deleting the other run's files."""
+  _, workdir = _copy(trained, tmp_path)
+  before = _listing(workdir)
+  monkeypatch.setattr(train, "open_task", lambda *a, **k: pytest.fail("the task was built"))
+  for config in (tiny_config("generation"), tiny_config(model=dict(d_model=48))):
+    with pytest.raises(config_checks.ConfigError,
+                       match=r"task: 'translation' there, 'generation' now|"
+                             r"model\.d_model: 32 there, 48 now"):
+      train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  assert _listing(workdir) == before
+
+
 def test_an_incompatible_checkpoint_names_the_differing_parameters(trained, tmp_path):
   """allow_config_change lets a changed model try the checkpoint: shapes that do not fit
   are named, and the refused run leaves the workdir's config.json as it was (the

@@ -113,6 +113,10 @@ def test_plain_file_wins_over_gz_when_both_exist(tmp_path):
   write_text(corpus / "a.txt", "gzipped\n", gz=True)
   assert local_builders.text_file_path(str(corpus), "a.txt") == str(corpus / "a.txt")
   assert local_builders.read_text(str(corpus / "a.txt.gz")) == "gzipped\n"
+  (corpus / "bom.tsv").write_bytes("\ufeffsentence\tlabel\nfine\t1\n".encode("utf-8"))
+  assert local_builders.read_text(str(corpus / "bom.tsv")) == "sentence\tlabel\nfine\t1\n"
+  assert local_builders.read_labeled_rows(str(corpus / "bom.tsv"), "sentence", "label") == [
+      (2, "fine", "1")]
   builder = text_builder(corpus, {"train": ["a.txt"]}, tmp_path / "tfds")
   assert read_splits(builder, ["train"]) == {"train": ["plain\n"]}
 

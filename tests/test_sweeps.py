@@ -310,3 +310,22 @@ def test_since_2017_summary_pairs_seeds_and_calls_small_differences_noise():
   table = summary_module.markdown(summary, {"b": "the better one"})
   assert "| b | the better one | 100 (+0.0%) | 1.9000, 1.9200 | 1.9100 | -0.1000 | better |" \
       in table
+
+
+@pytest.mark.parametrize("content", ["", "{", "[1]", "null", '{"segments": 5}',
+                                     '{"segments": [{"start": "x"}]}', '{"result": 3}',
+                                     '{"result": {"metrics": {}}}'])
+def test_a_damaged_sweep_json_is_named_by_the_report_and_the_sweep(tmp_path, content):
+  """A variant's sweep.json emptied, cut short, or of another shape: --mode=sweep_report
+  (write_comparison) and --mode=sweep (run_sweep, before any training) raise SweepError
+  naming the file and what to do, not a traceback from deep in the comparison."""
+  sweep = Sweep(tiny_config(), [Variant("a"), Variant("b")], name="s")
+  (tmp_path / "a").mkdir()
+  path = tmp_path / "a" / sweeps.STATE_FILE
+  path.write_text(content, encoding="utf-8")
+  for run in (lambda: sweeps.write_comparison(sweep, str(tmp_path), {}),
+              lambda: sweeps.run_sweep(sweep, str(tmp_path), {})):
+    with pytest.raises(SweepError, match=rf"{path} is damaged .*delete it"):
+      run()
+  assert path.read_text(encoding="utf-8") == content
+  assert not (tmp_path / "b").exists()  # nothing trained
