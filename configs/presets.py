@@ -71,6 +71,9 @@ def parse_variant(arg, allowed):
     if allowed[key] is not None and value not in allowed[key]:
       raise VariantError(f"config variant {key}={value!r} is unknown; expected one of "
                          f"{', '.join(allowed[key])}")
+    if key in out and out[key] != value:  # the last would win without a word
+      raise VariantError(f"config variant key {key!r} is given twice ({out[key]!r} and "
+                         f"{value!r}); keep one")
     out[key] = value
   return out
 

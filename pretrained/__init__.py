@@ -70,6 +70,11 @@ def architecture(config: Dict[str, Any], folder: str) -> str:
   for name in names:
     if name in known:
       return name
+  if "task" in config and "model" in config:  # the config.json training writes here
+    raise PretrainedError(
+        f"{folder} is a workdir of this codebase, not a Hugging Face model folder: resume "
+        f"it with --workdir={folder}, start an encoder from it with "
+        f"--config.init_encoder_from={folder}, or export it (--mode=export) first")
   raise PretrainedError(f"{os.path.join(folder, CONFIG_FILE)}: architecture {names} is not "
                         f"one this codebase imports ({', '.join(known)})")
 

@@ -92,6 +92,7 @@ def test_variant_order_and_spaces_do_not_matter():
     ("size=", ["'size='", "key=value"]),
     ("=small", ["'=small'", "key=value"]),
     ("task=translation,size", ["'size'", "key=value"]),
+    ("size=tiny,size=big", ["'size' is given twice", "'tiny'", "'big'"]),
 ])
 def test_parse_variant_errors(arg, names):
   with pytest.raises(presets.VariantError) as info:

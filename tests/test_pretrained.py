@@ -344,8 +344,15 @@ def test_export_refuses_what_the_architecture_cannot_hold(task, fields, named):
 
 
 def test_folder_problems_are_one_line_errors(tmp_path, gpt2_folder):
-  with pytest.raises(pretrained.PretrainedError, match="no such folder.*huggingface-cli"):
+  with pytest.raises(pretrained.PretrainedError,
+                     match=r"config\.init_from=.*absent: no such folder.*huggingface-cli"):
     pretrained.read_config(str(tmp_path / "absent"))
+  ours = tmp_path / "our_workdir"  # what training writes there, not a Hugging Face config
+  ours.mkdir()
+  (ours / "config.json").write_text(tiny_config("generation").to_json())
+  with pytest.raises(pretrained.PretrainedError,
+                     match=r"is a workdir of this codebase.*--workdir=.*init_encoder_from"):
+    pretrained.architecture(pretrained.read_config(str(ours)), str(ours))
   pickled = tmp_path / "pickled"
   pickled.mkdir()
   (pickled / "config.json").write_text(open(os.path.join(gpt2_folder, "config.json")).read())

@@ -166,6 +166,11 @@ def test_sweep_file_errors_name_the_file(tmp_path):
     load_sweep(_write_sweep(tmp_path, "broken", "def get_sweep():\n  return 1 / 0\n"))
   with pytest.raises(SweepError, match="no such file"):
     load_sweep(str(tmp_path / "absent.py"))
+  with pytest.raises(SweepError, match="is a folder; give a sweep file in it"):
+    load_sweep(str(tmp_path))
+  (tmp_path / "notes.txt").write_text(SWEEP_FILE)
+  with pytest.raises(SweepError, match=r"a sweep file is Python \(a \.py file"):
+    load_sweep(str(tmp_path / "notes.txt"))
 
 
 def test_comparison_of_a_partial_sweep(tmp_path):

@@ -107,9 +107,15 @@ class Sweep:
 
 def load_sweep(path: str) -> Sweep:
   """Imports the sweep file at `path`, calls its get_sweep() and checks the result."""
+  if os.path.isdir(path):
+    raise SweepError(f"--sweep={path} is a folder; give a sweep file in it (e.g. "
+                     f"configs/sweeps/table3.py)")
   if not os.path.isfile(path):
     raise SweepError(f"--sweep={path}: no such file")
-  name = os.path.splitext(os.path.basename(path))[0]
+  name, extension = os.path.splitext(os.path.basename(path))
+  if extension != ".py":
+    raise SweepError(f"--sweep={path}: a sweep file is Python (a .py file defining "
+                     f"get_sweep()); see configs/sweeps/")
   try:
     spec = importlib.util.spec_from_file_location(f"_sweep_{name}", path)
     module = importlib.util.module_from_spec(spec)
