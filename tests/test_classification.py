@@ -255,6 +255,12 @@ def test_a_label_outside_the_mapping_names_file_line_and_value(names, label, mes
   with pytest.raises(DataError, match=message):
     labeled_text.map_labels(["pos" if names[0] == "neg" else "1", label], names,
                               "dev.tsv", [6, 7])
+  # Classes read from a workdir's labels.json: the message says so (the data may have been
+  # relabelled since the run was first trained).
+  saved = message.replace(r"\)", "") + r".*the run's classes, saved in run/labels\.json"
+  with pytest.raises(DataError, match=saved):
+    labeled_text.map_labels(["pos" if names[0] == "neg" else "1", label], names,
+                              "dev.tsv", [6, 7], "run/labels.json")
 
 
 def test_one_training_label_or_a_broken_labels_file_is_refused(tmp_path):

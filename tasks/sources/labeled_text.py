@@ -41,6 +41,8 @@ class LabeledText(TextSource):
     super().__init__(config)
     self._rows: Dict[str, Tuple[list, list, list]] = {}
     self._examples: Dict[str, list] = {}
+    # Whether the class names came from the workdir's labels.json (an earlier run's).
+    self._names_saved_before = bool(workdir) and os.path.exists(self.labels_path)
     names = self._label_names_of_run()  # read and checked before anything is written
     if training and workdir:
       # So are the eval split's labels: one outside `names` stops the run before the
@@ -158,7 +160,8 @@ class LabeledText(TextSource):
     split = self.split_name(split)
     _, labels, where = self.rows(split)
     if d.dataset == "files":
-      return map_labels(labels, self.label_names, self._file_of(split), where)
+      saved = self.labels_path if self._names_saved_before else ""
+      return map_labels(labels, self.label_names, self._file_of(split), where, saved)
     ids = []
     for position, label in zip(where, labels):
       if not 0 <= label < len(self.label_names):
@@ -272,9 +275,12 @@ def check_class_sizes(ids: List[int], names: List[str], path: str, lines: List[i
                     ", ".join(words[:10]), classes)
 
 
-def map_labels(labels: List[str], names: List[str], path: str, lines: List[int]) -> List[int]:
+def map_labels(labels: List[str], names: List[str], path: str, lines: List[int],
+               names_from: str = "") -> List[int]:
   """Class ids of raw label strings (integers compared by value when the names are
-  integers); DataError naming the file, line and value of a label that is not a class."""
+  integers); DataError naming the file, line and value of a label that is not a class.
+  `names_from`: where the names were read, when not from this run's training file (the
+  workdir's labels.json: the data may have been relabelled since)."""
   numeric = all(_as_int(n) is not None for n in names)
   ids = {(_as_int(n) if numeric else n): i for i, n in enumerate(names)}
   out = []
@@ -283,8 +289,10 @@ def map_labels(labels: List[str], names: List[str], path: str, lines: List[int])
     if key is None or key not in ids:
       kind = ("does not parse as an integer, as the training labels do" if numeric and key is
               None else "is not one of the training labels")
+      origin = (f"; the run's classes, saved in {names_from} when it was first trained: "
+                f"train a new run to use other labels" if names_from else "")
       raise DataError(f"{path}, line {line}: label {label!r} {kind} "
-                      f"({', '.join(names[:20])}{', ...' if len(names) > 20 else ''})")
+                      f"({', '.join(names[:20])}{', ...' if len(names) > 20 else ''}{origin})")
     out.append(ids[key])
   return out
 
