@@ -385,12 +385,12 @@ def test_muon_updates_scanned_layers_as_it_updates_separate_ones():
   params = task.init_params(jax.random.PRNGKey(0))
   batch = jax.tree.map(lambda x: jnp.asarray(x[0]),
                        task.eval_dataset("eval", batch_size=8, num_devices=1)[0])
-  grads = jax.grad(lambda p: task.loss(p, batch, None, False)["loss"])(params)
+  grads = jax.jit(jax.grad(lambda p: task.loss(p, batch, None, False)["loss"]))(params)
   tx = optimizers.make_optimizer(config)
-  separate, _ = tx.update(grads, tx.init(params), params)
+  update = jax.jit(lambda g, p: tx.update(g, tx.init(p), p)[0])  # one compile per layout
+  separate = update(grads, params)
   stacked_params = transformer.stack_layers(params)
-  stacked, _ = tx.update(transformer.stack_layers(grads), tx.init(stacked_params),
-                         stacked_params)
+  stacked = update(transformer.stack_layers(grads), stacked_params)
   assert jax.tree.structure(stacked_params) != jax.tree.structure(params)
   kernel = stacked_params["decoder"]["layers"]["block"]["ffn"]["wi"]["kernel"]
   assert kernel.shape[0] == 3  # the blocks, stacked
