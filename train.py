@@ -436,8 +436,8 @@ def _refuse_another_model(config, workdir: str) -> None:
   before the task is built: building it writes the tokenizer into the workdir, and a run
   of another task or model must leave that workdir as it found it. The checkpoint's own
   config is checked again when it is restored (_restore_or_create)."""
-  path, saved_in = os.path.join(workdir, "config.json"), os.path.join(workdir, "checkpoints")
-  if not (os.path.isfile(path) and os.path.isdir(saved_in) and os.listdir(saved_in)):
+  path = os.path.join(workdir, "config.json")
+  if not (os.path.isfile(path) and checkpointing.has_checkpoints(workdir)):
     return
   try:
     with open(path, encoding="utf-8") as f:
@@ -445,7 +445,7 @@ def _refuse_another_model(config, workdir: str) -> None:
   except (OSError, UnicodeDecodeError, ValueError):
     return  # unreadable: the checkpoint's copy of the config is checked later
   if isinstance(saved, dict):
-    check_same_model(saved, config, saved_in)
+    check_same_model(saved, config, checkpointing.checkpoint_directory(workdir))
 
 
 def _restore_or_create(config, workdir, task, tx, checkpoints, is_chief):

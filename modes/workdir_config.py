@@ -23,6 +23,7 @@ import ml_collections
 import tasks
 from config_checks import ConfigError
 from configs import default
+from training import checkpointing
 
 CONFIG_FILE = "config.json"  # written by training (train._prepare_workdir)
 
@@ -38,8 +39,7 @@ def resolve_config(workdir: str, file_config: ml_collections.ConfigDict,
   if explicit_file:
     return file_config
   if not os.path.isfile(path):
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if os.path.isdir(checkpoints) and os.listdir(checkpoints):
+    if checkpointing.has_checkpoints(workdir):
       raise ConfigError(f"{workdir} has checkpoints but no {CONFIG_FILE} (the config "
                         f"training saved there); give the run's --config=FILE and flags")
     return file_config

@@ -86,6 +86,12 @@ def checkpoint_directory(workdir: str, subdir: str = "checkpoints") -> str:
   return os.path.abspath(os.path.join(workdir, subdir))
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` has a non-empty checkpoint directory (a run has saved there)."""
+  directory = checkpoint_directory(workdir)
+  return os.path.isdir(directory) and bool(os.listdir(directory))
+
+
 def _cause(error: BaseException, limit: int = 240) -> str:
   """An exception as one short line (tensorstore messages run to kilobytes)."""
   text = " ".join(str(error).split()) or type(error).__name__
