@@ -686,9 +686,9 @@ def main(argv):
   except UserError as e:
     _exit(f"error: {e}", 2)
   except monitors.NonFiniteLossError as e:
-    _exit(f"error: {e}", 3)
+    _exit(f"error: {e}", 3, together=True)  # the loss is the global batch's
   except (preemption.Preempted, preemption.Stopped) as e:
-    _exit(f"stopped: {e}", preemption.EXIT_PREEMPTED)
+    _exit(f"stopped: {e}", preemption.EXIT_PREEMPTED, together=True)  # agreed on a step
 
 
 def _apply_pretrained(config) -> None:
@@ -724,9 +724,10 @@ def _stop_request(mode: str):
   return preemption.StopRequest(interrupt=not several, doing=doing)
 
 
-def _exit(message: str, status: int) -> None:
-  """Prints `message` as the last line and exits at once. The train loop has closed its
-  checkpoints by now; what is skipped is the interpreter's teardown, in which tensorstore
+def _exit(message: str, status: int, together: bool = False) -> None:
+  """Prints `message` as the last line and exits at once; with `together` (an exit every
+  process of a multi-process run takes at the same step), once the others reach theirs.
+  The train loop has closed its checkpoints by now; what is skipped is the interpreter's teardown, in which tensorstore
   callbacks of a failed checkpoint read or write print 'Event loop is closed' tracebacks
   (they can also come earlier, from tensorstore's threads; the message stays last)."""
   logging.flush()
@@ -740,7 +741,24 @@ def _exit(message: str, status: int) -> None:
     os.write(real_stderr, (message + "\n").encode("utf-8", "replace"))
   except OSError:  # the terminal is gone (SIGHUP): the status still says what happened
     pass
+  if together:
+    _leave_the_other_processes()
   os._exit(status)  # pylint: disable=protected-access
+
+
+def _leave_the_other_processes() -> None:
+  """jax.distributed's shutdown, which `os._exit` skips (jax registers it with atexit): a
+  barrier of every process, then process 0 closes the coordination service. Without it,
+  process 0 could exit while another is still between its checkpoint and its exit, and
+  that process's coordination client, finding the service gone, aborts it (SIGABRT,
+  exit -6 instead of 4; seen in CI). Waits at most jax's shutdown timeout (300 s)."""
+  jax = sys.modules.get("jax")
+  if jax is None or not jax.distributed.is_initialized():
+    return
+  try:
+    jax.distributed.shutdown()
+  except Exception:  # pylint: disable=broad-except  # another process is gone: exit anyway
+    pass
 
 
 def run() -> None:

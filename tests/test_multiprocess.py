@@ -52,10 +52,10 @@ def _tiny_flags():
   return [f"--config.{group}.{k}={config[group][k]}" for group, k in fields]
 
 
-def _start(log, cpu_devices, *flags):
+def _start(log, cpu_devices, *flags, env=None):
   """`python main.py *flags` with `cpu_devices` CPU devices, in the background (output to
-  `log`: a pipe nobody reads could fill and stall the process)."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  `log`: a pipe nobody reads could fill and stall the process), in `env` if given."""
+  env = dict(env or os.environ, JAX_PLATFORMS="cpu")
   # not the tests' 8 devices (config.compute.cpu_devices sets them); their other flags
   env["XLA_FLAGS"] = cpu_device_flags(0, env.get("XLA_FLAGS", ""))
   with open(log, "w", encoding="utf-8") as out:
@@ -65,11 +65,23 @@ def _start(log, cpu_devices, *flags):
         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _start_pair(logs, *flags):
+def _start_pair(logs, *flags, env=None):
   """Two processes of two CPU devices each, joined by jax.distributed."""
   port = _free_port()
   return [_start(log, 2, *flags, f"--coordinator_address=localhost:{port}",
-                 "--num_processes=2", f"--process_id={i}") for i, log in enumerate(logs)]
+                 "--num_processes=2", f"--process_id={i}", env=env)
+          for i, log in enumerate(logs)]
+
+
+# Imported by Python at start-up from PYTHONPATH: process 1's os._exit comes 2 s late.
+_LATE_EXIT = """import os, sys, time
+if "--process_id=1" in sys.argv:
+  _exit = os._exit
+  def _late_exit(status):
+    time.sleep(2)
+    _exit(status)
+  os._exit = _late_exit
+"""
 
 
 def _wait(processes, logs):
@@ -204,7 +216,10 @@ def test_two_processes_on_real_files_build_the_tokenizer_once_and_score_the_spli
 def test_a_signal_to_one_process_stops_both_at_one_step_and_both_resume(tmp_path):
   """SIGTERM to process 1 only: both processes agree on the step (at a multiple of
   signal_check_every_steps), save one checkpoint with each process's data position, and
-  exit 4; started again, both restore it and end like an uninterrupted 4-device run."""
+  exit 4; started again, both restore it and end like an uninterrupted 4-device run.
+  Process 1 exits 2 s after process 0 would: without the processes' shutdown barrier
+  (main.py `_exit`), process 0 closes the coordination service first and process 1's
+  client aborts it (SIGABRT, exit -6; once in CI by chance, every time with the delay)."""
   steps = 40
   flags = [*_tiny_flags(), f"--config.train.num_train_steps={steps}",
            "--config.train.checkpoint_every_steps=1000",
@@ -212,7 +227,11 @@ def test_a_signal_to_one_process_stops_both_at_one_step_and_both_resume(tmp_path
            "--config.train.signal_check_every_steps=2"]
   multi, single = str(tmp_path / "multi"), str(tmp_path / "single")
   logs = [str(tmp_path / f"process{i}.log") for i in range(2)]
-  pair = _start_pair(logs, f"--workdir={multi}", *flags)
+  (tmp_path / "late_exit").mkdir()
+  (tmp_path / "late_exit" / "sitecustomize.py").write_text(_LATE_EXIT)
+  late = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(tmp_path / "late_exit"), *filter(None, [os.environ.get("PYTHONPATH")])]))
+  pair = _start_pair(logs, f"--workdir={multi}", *flags, env=late)
   try:
     deadline = time.monotonic() + TIMEOUT
     while not os.path.exists(os.path.join(multi, "metrics.jsonl")) or not _metrics(multi):
