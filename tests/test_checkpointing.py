@@ -433,9 +433,9 @@ def test_a_tokenizer_rebuilt_from_changed_data_is_refused_by_resume_and_eval(tmp
   write_corpus(tmp_path / "corpus")
   config = tiny_config(tmp_path / "corpus", tmp_path / "tfds",
                        train=dict(num_train_steps=10, checkpoint_every_steps=10),
-                       eval=dict(eval_every_steps=10))
+                       eval=dict(eval_every_steps=1000))  # no evaluation is read here
   workdir = str(tmp_path / "run")
-  train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  train.train_and_evaluate(config, workdir, devices=ONE_DEVICE, final_evaluation=False)
   path = os.path.join(workdir, "tokenizer.model")
   with open(path, "rb") as f:
     original = f.read()
@@ -446,7 +446,7 @@ def test_a_tokenizer_rebuilt_from_changed_data_is_refused_by_resume_and_eval(tmp
 
   os.remove(path)  # lost; the same data rebuilds the same tokenizer
   config.train.num_train_steps = 20
-  train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  train.train_and_evaluate(config, workdir, devices=ONE_DEVICE, final_evaluation=False)
   with open(path, "rb") as f:
     assert f.read() == original
 
@@ -465,7 +465,7 @@ def test_a_tokenizer_rebuilt_from_changed_data_is_refused_by_resume_and_eval(tmp
 
   with open(path, "wb") as f:  # the run's own file back: it resumes
     f.write(original)
-  train.train_and_evaluate(config, workdir, devices=ONE_DEVICE)
+  train.train_and_evaluate(config, workdir, devices=ONE_DEVICE, final_evaluation=False)
   reader = checkpointing.Checkpointer.for_reading(workdir)
   assert reader.latest_step() == 30
   reader.close()
