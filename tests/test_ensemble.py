@@ -25,8 +25,9 @@ from tests.test_classification import tiny_config, write_corpus, write_table
 from training import checkpointing
 
 ONE_DEVICE = jax.local_devices()[:1]
+# No evaluation while training: the tests evaluate the members themselves.
 STEPS = dict(train=dict(num_train_steps=40, checkpoint_every_steps=40),
-             eval=dict(eval_every_steps=40))
+             eval=dict(eval_every_steps=1000))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +52,7 @@ def runs(tmp_path_factory):
   dirs = {}
   for name, config in configs.items():
     dirs[name] = str(root / f"run_{name}")
-    train.train_and_evaluate(config, dirs[name], devices=ONE_DEVICE)
+    train.train_and_evaluate(config, dirs[name], devices=ONE_DEVICE, final_evaluation=False)
   return root, corpus, configs, dirs
 
 
