@@ -319,7 +319,7 @@ def test_eval_of_a_long_split_on_two_cpu_devices_passes_on_a_loaded_machine(tmp_
   flags = test_generation.cli_flags(config, tmp_path / "run")
   flags += ["--config.compute.cpu_devices=2", "--config.train.num_train_steps=2",
             "--config.eval.eval_batch_size=8"]
-  result = run_main(*flags)
+  result = run_main(*flags, "--config.eval.num_attention_images=0")  # (training: not read)
   assert result.returncode == 0, result.stderr[-3000:]
   busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
           for _ in range(2 * (os.cpu_count() or 2))]
