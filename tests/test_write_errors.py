@@ -246,7 +246,8 @@ def test_a_full_disk_while_training_writes_metrics_is_one_line_and_resumes(tmp_p
            "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
            "--config.data.max_digits=5", "--config.data.max_input_length=8",
            "--config.data.max_target_length=8", "--config.train.batch_size=16",
-           "--config.eval.num_print_examples=0", "--config.data.num_eval_examples=64"]
+           "--config.eval.num_print_examples=0", "--config.eval.num_attention_images=0",
+           "--config.data.num_eval_examples=64"]
   result = _limited(f"import runpy; sys.argv = ['main.py'] + {flags!r}; "
                     f"runpy.run_path({os.path.join(REPO, 'main.py')!r}, run_name='__main__')",
                     limit)
