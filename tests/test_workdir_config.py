@@ -45,6 +45,7 @@ TRAINING = ["--config.data.dataset=files", "--config.data.language_pair=fr-en",
             "--config.train.num_train_steps=4", "--config.train.checkpoint_every_steps=4",
             "--config.train.log_every_steps=2", "--config.eval.eval_every_steps=100",
             "--config.eval.eval_batch_size=16", "--config.eval.num_print_examples=0",
+            "--config.eval.num_attention_images=0",
             "--config.decode.beam_size=2", "--config.decode.decode_extra_length=4"]
 
 
