@@ -93,16 +93,17 @@ def test_resume_equals_uninterrupted(tmp_path, task):
   config = tiny_config(task, train=dict(num_train_steps=12, checkpoint_every_steps=4),
                        eval=dict(eval_every_steps=100),
                        optim=dict(dropout_rate=0.1, schedule="rsqrt"))
+  # Checkpoints and training losses are compared, not evaluations: none is run.
   straight = str(tmp_path / "straight")
-  train.train_and_evaluate(config, straight, devices=ONE_DEVICE)
+  train.train_and_evaluate(config, straight, devices=ONE_DEVICE, final_evaluation=False)
 
   resumed = str(tmp_path / "resumed")
   first = tiny_config(task, train=dict(num_train_steps=8, checkpoint_every_steps=4),
                       eval=dict(eval_every_steps=100),
                       optim=dict(dropout_rate=0.1, schedule="rsqrt"))
-  train.train_and_evaluate(first, resumed, devices=ONE_DEVICE)
+  train.train_and_evaluate(first, resumed, devices=ONE_DEVICE, final_evaluation=False)
   assert int(restored_state(config, resumed).step) == 8
-  train.train_and_evaluate(config, resumed, devices=ONE_DEVICE)
+  train.train_and_evaluate(config, resumed, devices=ONE_DEVICE, final_evaluation=False)
 
   a, b = restored_state(config, straight), restored_state(config, resumed)
   assert int(a.step) == int(b.step) == 12
@@ -371,12 +372,20 @@ def test_profile_steps_writes_a_trace(tmp_path):
   assert b"train" in traces[0].read_bytes()  # the StepTraceAnnotation of each traced step
 
 
+# main.py's command line for a tiny model on short digit strings (as tiny_config), without
+# the attention maps each evaluation draws by default.
+TINY_FLAGS = ["--config.model.d_model=32", "--config.model.d_ff=64", "--config.model.num_heads=2",
+              "--config.model.num_encoder_layers=1", "--config.model.num_decoder_layers=1",
+              "--config.data.max_digits=5", "--config.data.max_input_length=8",
+              "--config.data.max_target_length=8", "--config.eval.num_attention_images=0"]
+
+
 def test_main_trains_resumes_and_evaluates(tmp_path):
   workdir = str(tmp_path / "run")
   flags = [f"--workdir={workdir}", "--config.train.num_train_steps=6",
            "--config.train.checkpoint_every_steps=3", "--config.train.log_every_steps=3",
-           "--config.model.d_model=32", "--config.model.num_heads=2",
-           "--config.data.num_eval_examples=32"]
+           *TINY_FLAGS, "--config.data.num_eval_examples=32", "--config.train.batch_size=16",
+           "--config.eval.eval_batch_size=32"]
   first = run_main(*flags)
   assert first.returncode == 0, first.stderr[-3000:]
   assert "step 6/6" in first.stderr and "ETA" in first.stderr and "tok/s" in first.stderr
@@ -397,14 +406,13 @@ def test_main_trains_resumes_and_evaluates(tmp_path):
 
 def test_main_splits_the_cpu_into_config_cpu_devices(tmp_path):
   flags = [f"--workdir={tmp_path / 'run'}", "--config.train.num_train_steps=2",
-           "--config.train.log_every_steps=1", "--config.model.d_model=32",
-           "--config.model.num_heads=2", "--config.data.num_eval_examples=32",
-           "--config.train.batch_size=12"]
+           "--config.train.log_every_steps=1", *TINY_FLAGS,
+           "--config.data.num_eval_examples=12", "--config.train.batch_size=12",
+           "--config.eval.eval_batch_size=12"]
   default = run_main(*flags)
   assert default.returncode == 0, default.stderr[-3000:]
   assert "1 local cpu device(s)" in default.stderr
-  split = run_main(*flags, "--config.compute.cpu_devices=3",
-                   "--config.eval.eval_batch_size=12", f"--workdir={tmp_path / 'run3'}")
+  split = run_main(*flags, "--config.compute.cpu_devices=3", f"--workdir={tmp_path / 'run3'}")
   assert split.returncode == 0, split.stderr[-3000:]
   assert "3 local cpu device(s)" in split.stderr
   bad = run_main(*flags, "--config.compute.cpu_devices=-1", f"--workdir={tmp_path / 'bad'}")
