@@ -275,7 +275,8 @@ def test_sentencepiece_model_is_saved_in_the_workdir_and_reused(tmp_path, monkey
                        train=dict(num_train_steps=2, checkpoint_every_steps=2),
                        eval=dict(eval_every_steps=100), decode=dict(beam_size=1))
   workdir = tmp_path / "run"
-  train.train_and_evaluate(config, str(workdir), devices=ONE_DEVICE)
+  # (no final evaluations: eval mode below reads the saved tokenizer)
+  train.train_and_evaluate(config, str(workdir), devices=ONE_DEVICE, final_evaluation=False)
   model = workdir / "tokenizer.model"
   stamp, data = model.stat().st_mtime_ns, model.read_bytes()
   assert tokenizers.load_tokenizer(str(model)).vocab_size == 40
@@ -285,7 +286,7 @@ def test_sentencepiece_model_is_saved_in_the_workdir_and_reused(tmp_path, monkey
   monkeypatch.setattr(tokenizers, "train_sentencepiece", retrain)
   monkeypatch.setattr(tokenizers, "_train", retrain)
   config.train.num_train_steps = 4
-  train.train_and_evaluate(config, str(workdir), devices=ONE_DEVICE)
+  train.train_and_evaluate(config, str(workdir), devices=ONE_DEVICE, final_evaluation=False)
   assert sorted(host_params(config, str(workdir))[1]) == [2, 4]  # it did resume and train
   modes.evaluate_checkpoint(config, str(workdir), devices=ONE_DEVICE, split="test")
   assert model.stat().st_mtime_ns == stamp and model.read_bytes() == data
