@@ -96,8 +96,10 @@ TINY = dict(
                checkpoint_every_steps=60),
     eval=dict(eval_batch_size=32, eval_every_steps=60, num_print_examples=2,
               best_metric="accuracy"),
+    # (no SAM: the SST-2 recipe's second pass a step; seeds 0-3 of the runs below reach
+    # accuracy 1.0 without it)
     optim=dict(learning_rate=3e-3, warmup_steps=10, schedule="cosine", dropout_rate=0.0,
-               attention_dropout_rate=0.0))
+               attention_dropout_rate=0.0, sam_rho=0.0))
 
 
 def tiny_config(corpus_dir, tfds_dir, **overrides):
