@@ -79,7 +79,7 @@ TINY = dict(
     train=dict(batch_size=16, num_train_steps=500, log_every_steps=50,
                checkpoint_every_steps=125, keep_checkpoints=5),
     eval=dict(eval_batch_size=32, eval_every_steps=250, num_decode_batches=1,
-              num_print_examples=2, best_metric="bleu"))
+              num_print_examples=2, best_metric="bleu", num_attention_images=0))
 
 
 def tiny_config(corpus_dir, tfds_dir, **overrides):
