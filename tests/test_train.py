@@ -55,7 +55,7 @@ def test_translation_learns_to_reverse(tmp_path):
                        train=dict(num_train_steps=500, log_every_steps=100,
                                   checkpoint_every_steps=1000),
                        optim=dict(warmup_steps=50, learning_rate=3e-3, schedule="cosine"),
-                       eval=dict(eval_every_steps=1000),
+                       eval=dict(eval_every_steps=1000, num_attention_images=0),
                        data=dict(num_eval_examples=256, max_digits=4))
   metrics = train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
   assert metrics["exact_match"] >= 0.9, metrics
@@ -67,7 +67,7 @@ def test_generation_learns_the_continuation(tmp_path):
                        train=dict(num_train_steps=800, log_every_steps=100,
                                   checkpoint_every_steps=1000),
                        optim=dict(warmup_steps=50, learning_rate=3e-3, schedule="cosine"),
-                       eval=dict(eval_every_steps=1000),
+                       eval=dict(eval_every_steps=1000, num_attention_images=0),
                        data=dict(num_eval_examples=256, max_digits=4, synthetic_task="copy"))
   metrics = train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
   # The digits before the separator are random (log 10 nats each); the copy after it is
@@ -80,7 +80,7 @@ def test_classification_learns_majority(tmp_path):
                        train=dict(num_train_steps=300, log_every_steps=100,
                                   checkpoint_every_steps=1000),
                        optim=dict(warmup_steps=30, learning_rate=3e-3, schedule="cosine"),
-                       eval=dict(eval_every_steps=1000),
+                       eval=dict(eval_every_steps=1000, num_attention_images=0),
                        data=dict(num_eval_examples=256, max_digits=7))
   metrics = train.train_and_evaluate(config, str(tmp_path), devices=ONE_DEVICE)
   assert metrics["accuracy"] >= 0.9, metrics
@@ -116,7 +116,7 @@ def test_eight_devices_match_one_device(tmp_path):
   """Same global batch on 8 devices or 1: the same losses and parameters."""
   assert len(jax.local_devices()) == 8
   config = tiny_config(train=dict(num_train_steps=10, log_every_steps=1, grad_accum_steps=1),
-                       eval=dict(eval_every_steps=100))
+                       eval=dict(eval_every_steps=100, num_attention_images=0))
   one, eight = str(tmp_path / "one"), str(tmp_path / "eight")
   m1 = train.train_and_evaluate(config, one, devices=ONE_DEVICE)
   m8 = train.train_and_evaluate(config, eight, devices=jax.local_devices())
