@@ -56,40 +56,53 @@ def masked_square_loss(model, args):
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: ",".join(
     f"{k}={v[k]}" for k in v if k != "attention_block_size"))
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_remat_and_scan_give_the_plain_loss_and_gradients(family, variant):
-  assert_same_loss_and_gradients(family, {}, variant)
+def test_remat_and_scan_give_the_plain_loss_and_gradients(plain_results, family, variant):
+  assert_same_loss_and_gradients(plain_results, family, {}, variant)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_remat_and_scan_with_the_components_since_2017(family):
-  assert_same_loss_and_gradients(family, SINCE_2017,
+def test_remat_and_scan_with_the_components_since_2017(plain_results, family):
+  assert_same_loss_and_gradients(plain_results, family, SINCE_2017,
                                  dict(scan_layers=True, remat="matmuls", **SINCE_2017))
 
 
 @pytest.mark.parametrize("family", ["encoder_decoder", "classifier"])
-def test_remat_and_scan_with_the_convolution_sublayer(family):
-  assert_same_loss_and_gradients(family, dict(conv_kernel=3),
+def test_remat_and_scan_with_the_convolution_sublayer(plain_results, family):
+  assert_same_loss_and_gradients(plain_results, family, dict(conv_kernel=3),
                                  dict(scan_layers=True, remat="full", conv_kernel=3))
 
 
 @pytest.mark.parametrize("family", ["encoder_decoder", "classifier"])
-def test_remat_and_scan_with_the_recurrent_reading(family):
+def test_remat_and_scan_with_the_recurrent_reading(plain_results, family):
   lstm = dict(encoder_lstm=True, pooling="attention")
-  assert_same_loss_and_gradients(family, lstm, dict(scan_layers=True, remat="full", **lstm))
+  assert_same_loss_and_gradients(plain_results, family, lstm,
+                                 dict(scan_layers=True, remat="full", **lstm))
 
 
-def assert_same_loss_and_gradients(family, plain_fields, variant):
+@pytest.fixture(scope="module")
+def plain_results():
+  """{(family, plain model fields): (params, loss, gradients)} of the plain models, each
+  computed once: the eight variants of a family compare with the same plain model, and
+  only read its results."""
+  return {}
+
+
+def assert_same_loss_and_gradients(plain_results, family, plain_fields, variant):
   cls, fields = FAMILIES[family]
   args = [batch()[f] for f in fields]
-  plain = cls(tiny_model_config(num_encoder_layers=3, num_decoder_layers=3, **plain_fields))
   other = cls(tiny_model_config(num_encoder_layers=3, num_decoder_layers=3, **variant))
-  params = init_params(plain, *args)
+  key = (family, tuple(sorted(plain_fields.items())))
+  if key not in plain_results:
+    plain = cls(tiny_model_config(num_encoder_layers=3, num_decoder_layers=3, **plain_fields))
+    params = init_params(plain, *args)
+    plain_results[key] = (params,) + tuple(
+        jax.value_and_grad(masked_square_loss(plain, args))(params))
+  params, value, grads = plain_results[key]
   scanned = variant.get("scan_layers", False)
   other_params = transformer.stack_layers(params) if scanned else params
   # The converted parameters have exactly the layout the other model initialises.
   assert (jax.tree.structure(jax.eval_shape(other.init, jax.random.PRNGKey(0), *args))
           == jax.tree.structure({"params": other_params}))
-  value, grads = jax.value_and_grad(masked_square_loss(plain, args))(params)
   other_value, other_grads = jax.value_and_grad(masked_square_loss(other, args))(other_params)
   if scanned:
     other_grads = transformer.unstack_layers(other_grads)
