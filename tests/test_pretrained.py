@@ -384,7 +384,7 @@ def test_every_mode_runs_on_an_imported_gpt2(tmp_path, gpt2_folder):
     pytest.skip("the local tiny Shakespeare corpus is absent")
   main = lambda *args: run_main(workdir, *args)  # noqa: E731
   main("--config=configs/generation.py", f"--config.init_from={gpt2_folder}",
-       "--config.train.num_train_steps=4", "--config.eval.eval_every_steps=4",
+       "--config.train.num_train_steps=4", "--config.eval.eval_every_steps=1000",
        "--config.compute.cpu_devices=1", "--config.data.max_target_length=32",
        "--config.eval.num_eval_batches=1", "--config.eval.num_print_examples=0")
   assert "ROMEO:" in main("--mode=generate", "--prompt=ROMEO:",
@@ -403,7 +403,7 @@ def test_an_imported_marian_trains_decodes_and_exports(tmp_path, marian_folder):
     pytest.skip("the local Multi30k corpus is absent")
   run_main(workdir, "--config=configs/translation.py", f"--config.data.data_dir={data}",
            f"--config.init_from={marian_folder}", "--config.train.num_train_steps=2",
-           "--config.eval.eval_every_steps=2", "--config.eval.num_eval_batches=1",
+           "--config.eval.eval_every_steps=1000", "--config.eval.num_eval_batches=1",
            "--config.eval.num_decode_batches=1", "--config.eval.final_decode_batches=1",
            "--config.eval.num_print_examples=0", "--config.data.max_input_length=32",
            "--config.data.max_target_length=32", "--config.eval.eval_batch_size=16")
