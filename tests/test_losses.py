@@ -381,8 +381,9 @@ def test_an_embedding_perturbation_is_a_change_of_the_embedded_tokens(task_name)
   read there (a decoder reads its targets shifted right, 0 first) moved by d_t / (the
   embedding scale). Evaluation (train=False) ignores it."""
   config = default.get_config(f"task={task_name},size=tiny")
-  presets.update_groups(config, dict(
-      model=dict(tie_output=False, scale_embeddings=True),
+  presets.update_groups(config, dict(  # one block: the perturbation enters before any
+      model=dict(tie_output=False, scale_embeddings=True, num_encoder_layers=1,
+                 num_decoder_layers=1),
       optim=dict(dropout_rate=0.0, attention_dropout_rate=0.0, token_dropout=0.0)))
   task = tasks.get_task(config)
   params = task.init_params(jax.random.PRNGKey(0))
@@ -446,8 +447,11 @@ def _padded_batch(task, task_name):
 
 
 def _rdrop_config(task_name, dropout, alpha):
+  """The tiny preset with one block a stack (the losses read the logits; depth is not
+  their subject)."""
   config = default.get_config(f"task={task_name},size=tiny")
-  presets.update_groups(config, dict(optim=dict(
+  presets.update_groups(config, dict(model=dict(num_encoder_layers=1, num_decoder_layers=1),
+                                     optim=dict(
       dropout_rate=dropout, attention_dropout_rate=0.0, token_dropout=0.0, label_smoothing=0.1,
       rdrop_alpha=alpha)))
   return config
