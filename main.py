@@ -727,9 +727,10 @@ def _stop_request(mode: str):
 def _exit(message: str, status: int, together: bool = False) -> None:
   """Prints `message` as the last line and exits at once; with `together` (an exit every
   process of a multi-process run takes at the same step), once the others reach theirs.
-  The train loop has closed its checkpoints by now; what is skipped is the interpreter's teardown, in which tensorstore
-  callbacks of a failed checkpoint read or write print 'Event loop is closed' tracebacks
-  (they can also come earlier, from tensorstore's threads; the message stays last)."""
+  The train loop has closed its checkpoints by now; what is skipped is the interpreter's
+  teardown, in which tensorstore callbacks of a failed checkpoint read or write print
+  'Event loop is closed' tracebacks (they can also come earlier, from tensorstore's
+  threads; the message stays last)."""
   logging.flush()
   sys.stdout.flush()
   sys.stderr.flush()
