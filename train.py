@@ -393,7 +393,8 @@ def _prepare_workdir(workdir: str, config, is_chief: bool) -> None:
   """Writes the workdir's config.json (atomically: a kill never leaves half a file). The
   workdir exists by now: process 0 created it to lock it and tried writing there."""
   if is_chief:
-    files.write_atomically(os.path.join(workdir, "config.json"), config.to_json(indent=2))
+    files.write_atomically(os.path.join(workdir, checkpointing.CONFIG_FILE),
+                           config.to_json(indent=2))
 
 
 def _stop_signal(stop: preemption.StopRequest, step: int, every: int) -> int:
@@ -436,7 +437,7 @@ def _refuse_another_model(config, workdir: str) -> None:
   before the task is built: building it writes the tokenizer into the workdir, and a run
   of another task or model must leave that workdir as it found it. The checkpoint's own
   config is checked again when it is restored (_restore_or_create)."""
-  path = os.path.join(workdir, "config.json")
+  path = os.path.join(workdir, checkpointing.CONFIG_FILE)
   if not (os.path.isfile(path) and checkpointing.has_checkpoints(workdir)):
     return
   try:
@@ -462,7 +463,8 @@ def _restore_or_create(config, workdir, task, tx, checkpoints, is_chief):
     tokenizers.check_same_tokenizer(saved, task, config, checkpoints.directory)
   logging.info("%s", reporting.config_summary(
       config, default.get_config(f"task={config.task}"),
-      f"configs/default.py:task={config.task}", os.path.join(workdir, "config.json")))
+      f"configs/default.py:task={config.task}",
+      os.path.join(workdir, checkpointing.CONFIG_FILE)))
   logging.info("parameters:\n%s", reporting.parameter_table(state.params))
   logging.info("%s", checkpointing.disk_use_line(
       state, config.train.keep_checkpoints, bool(config.eval.best_metric), workdir))

@@ -24,8 +24,7 @@ import tasks
 from config_checks import ConfigError
 from configs import default
 from training import checkpointing
-
-CONFIG_FILE = "config.json"  # written by training (train._prepare_workdir)
+from training.checkpointing import CONFIG_FILE
 
 
 def resolve_config(workdir: str, file_config: ml_collections.ConfigDict,

@@ -86,6 +86,11 @@ def checkpoint_directory(workdir: str, subdir: str = "checkpoints") -> str:
   return os.path.abspath(os.path.join(workdir, subdir))
 
 
+# The config a training run saves in its workdir (train._prepare_workdir), which the
+# modes read back (modes/workdir_config.py).
+CONFIG_FILE = "config.json"
+
+
 def has_checkpoints(workdir: str) -> bool:
   """Whether `workdir` has a non-empty checkpoint directory (a run has saved there)."""
   directory = checkpoint_directory(workdir)
